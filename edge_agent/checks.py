@@ -1,0 +1,170 @@
+"""`edge-agent check`: config, files, permissions, clock, connectivity — each in plain words."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+
+from edge_agent.config import AgentSettings
+from edge_agent.errors import ConnectRefused
+from edge_agent.mqtt import MqttSession
+
+EXPIRY_WARNING: Final = dt.timedelta(days=14)
+TCP_TIMEOUT: Final = 5.0
+# No certificate of ours predates this: a clock before it has never been set.
+CLOCK_FLOOR: Final = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    ok: bool
+    message: str
+
+
+def _when(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def clock_problem(cert: x509.Certificate, now: dt.datetime) -> str | None:
+    """A sentence about the clock or the certificate's dates, or None if all is well."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < CLOCK_FLOOR or now < start - dt.timedelta(days=1):
+        return (
+            f"The system clock reads {_when(now)}, before this device's certificate became valid "
+            f"({_when(start)}): the board has no real-time clock or has not synced its time yet. "
+            "Enable time sync (timedatectl set-ntp true) or set the date; the agent keeps sampling "
+            "and connects by itself once the clock is right."
+        )
+    if now < start:
+        return (
+            f"The system clock ({_when(now)}) is behind: the certificate is valid from {_when(start)}. "
+            "Sync the clock (timedatectl set-ntp true)."
+        )
+    if now >= end:
+        return (
+            f"The device certificate expired on {_when(end)} and cannot renew in band. "
+            "Re-provision the device: make a key and CSR on it and run "
+            "`edge-hub provision --csr FILE DEVICE_ID` on the hub."
+        )
+    return None
+
+
+def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
+    tls = settings.tls
+    findings: list[Finding] = []
+    missing = [(n, p) for n, p in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)) if not p.is_file()]
+    for name, path in missing:
+        findings.append(Finding(f"file {name}", False,
+                                f"{path} does not exist: copy the device bundle's {path.name} there, "
+                                f"or fix tls.{name} in {settings.path}."))
+    if missing:
+        return findings
+    findings.append(_check_key_mode(tls.key))
+    try:
+        ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+        cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+        key = load_pem_private_key(tls.key.read_bytes(), password=None)
+    except PermissionError as exc:
+        why = f"cannot read {exc.filename}: run the check as the agent's user or root."
+        return [*findings, Finding("files", False, why)]
+    except ValueError as exc:
+        why = f"a certificate or key file is not valid PEM ({exc}): copy the bundle again."
+        return [*findings, Finding("files", False, why)]
+    findings.append(_check_identity(settings, ca, cert, key))
+    problem = clock_problem(cert, now)
+    if problem:
+        findings.append(Finding("clock", False, problem))
+    elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
+        findings.append(Finding("clock", True, f"clock looks right; note the certificate expires on "
+                                              f"{_when(cert.not_valid_after_utc)}."))
+    else:
+        findings.append(Finding("clock", True, f"clock reads {_when(now)}; certificate valid until "
+                                              f"{_when(cert.not_valid_after_utc)}."))
+    return findings
+
+
+def _check_key_mode(path: Path) -> Finding:
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return Finding("key permissions", False,
+                       f"{path} is readable by other users (mode {mode:04o}): run `chmod 600 {path}`.")
+    if st.st_uid not in (os.geteuid(), 0):
+        return Finding("key permissions", False,
+                       f"{path} belongs to uid {st.st_uid}, not to the agent's user: chown it.")
+    return Finding("key permissions", True, f"{path} is private (mode {mode:04o}).")
+
+
+def _check_identity(settings: AgentSettings, ca: x509.Certificate, cert: x509.Certificate, key: object) -> Finding:
+    device = settings.config.device_id
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if cn != device:
+        return Finding("identity", False, f"the certificate is for {cn!r} but device_id is {device!r}: "
+                                          "use this device's own bundle.")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return Finding("identity", False, f"{settings.tls.cert} was not issued by the CA in "
+                                          f"{settings.tls.ca}: copy both from the same bundle.")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or (
+        key.public_key().public_numbers() != cert.public_key().public_numbers()  # type: ignore[union-attr]
+    ):
+        return Finding("identity", False, f"{settings.tls.key} does not belong to {settings.tls.cert}: "
+                                          "copy the key made with this certificate (or provision again).")
+    return Finding("identity", True, f"certificate for {device}, issued by the fleet CA, matches its key.")
+
+
+async def check_connectivity(settings: AgentSettings) -> list[Finding]:
+    b = settings.config.broker
+    where = f"{b.host}:{b.port}"
+    try:
+        async with asyncio.timeout(TCP_TIMEOUT):
+            _, writer = await asyncio.open_connection(b.host, b.port)
+        writer.close()
+        await writer.wait_closed()
+    except socket.gaierror:
+        return [Finding("network", False, f"cannot resolve {b.host!r}: check broker.host in {settings.path} and DNS.")]
+    except TimeoutError:
+        return [Finding("network", False, f"no answer from {where} within {TCP_TIMEOUT:.0f} s: a firewall or "
+                                          "a wrong address (broker.host, broker.port).")]
+    except OSError as exc:
+        return [Finding("network", False, f"cannot reach the broker at {where} ({exc.strerror or exc}): "
+                                          "is the hub running, and are broker.host and broker.port right?")]
+    found = [Finding("network", True, f"{where} accepts TCP connections.")]
+    session = MqttSession(client_id=settings.config.device_id, host=b.host, port=b.port,
+                          tls=settings.tls.context(), keepalive=b.keepalive, connect_timeout=b.connect_timeout)
+    try:
+        await session.connect()
+    except ConnectRefused as exc:
+        fix = ("if the device was revoked or re-keyed, provision it again."
+               if exc.auth else "see the reason above.")
+        return [*found, Finding("broker", False, f"the broker at {where} refused the connection: {exc}; {fix}")]
+    await session.close()
+    return [*found, Finding("broker", True, f"connected to {where} with mutual TLS as {settings.config.device_id}.")]
+
+
+async def run_checks(settings: AgentSettings, now: dt.datetime | None = None) -> list[Finding]:
+    now = now or dt.datetime.now(dt.UTC)
+    findings = [Finding("config", True, f"{settings.path} is valid (profile {settings.profile.name}).")]
+    findings += check_files(settings, now)
+    # A wrong clock or a loose key mode still lets us try the network; missing or
+    # mismatched files do not.
+    if all(f.ok for f in findings if f.name not in ("clock", "key permissions")):
+        findings += await check_connectivity(settings)
+    else:
+        findings.append(Finding("broker", False, "not tried: fix the files above first."))
+    return findings

@@ -1,0 +1,93 @@
+"""The agent's configuration (agent.toml plus `--set` overrides), validated once at load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from edge_agent.errors import ConfigError
+from edge_agent.mqtt import TlsIdentity
+from edge_agent.profiles import PROFILE_KEYS, Profile, load_profile
+from edge_agent.protocol import ProtocolError, validate_name
+from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
+
+DEFAULT_CONFIG: Final = Path("/etc/edge-agent/agent.toml")
+
+
+class BrokerConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8883
+    keepalive: Annotated[int, Meta(ge=2, le=3600)] = 30
+    connect_timeout: Annotated[float, Meta(gt=0, le=120)] = 10.0
+
+
+class TlsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ca: str = "ca.crt"
+    cert: str = "device.crt"
+    key: str = "device.key"
+
+
+class StateConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    dir: str = "state"
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device_id: str
+    profile: str
+    broker: BrokerConf
+    region: str = ""
+    tags: dict[str, str] = {}
+    tls: TlsConf = TlsConf()
+    state: StateConf = StateConf()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+CONFIG_KEYS: Final = frozenset(AgentConfig.__struct_fields__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything a run needs: the config, its profile, and absolute paths."""
+
+    path: Path
+    config: AgentConfig
+    profile: Profile
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, value: str) -> Path:
+        """Paths in agent.toml are relative to its folder, so a bundle can be moved whole."""
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else (self.base / candidate)
+
+    @property
+    def tls(self) -> TlsIdentity:
+        t = self.config.tls
+        return TlsIdentity(self.resolve(t.ca), self.resolve(t.cert), self.resolve(t.key))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.config.state.dir)
+
+
+def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
+    raw = read_toml(path)
+    routed = split_overrides(overrides, {"config": set(CONFIG_KEYS), "profile": set(PROFILE_KEYS)})
+    for parts, value in routed["config"]:
+        apply_override(raw, parts, value)
+    config = to_struct(raw, AgentConfig, str(path))
+    try:
+        validate_name(config.device_id)
+        if config.region:
+            validate_name(config.region, "region")
+    except ProtocolError as exc:
+        raise ConfigError(exc.detail, str(path)) from None
+    profile = load_profile(config.profile, routed["profile"])
+    return AgentSettings(path=path.resolve(), config=config, profile=profile)

@@ -1,0 +1,41 @@
+"""The agent's exception root; transient failures are kept apart from fatal ones."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """A configuration or profile that cannot be used; exit code 2. `path` is the file."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class TransientError(AgentError):
+    """Worth retrying: the broker is down, the network is partitioned."""
+
+
+class ConnectRefused(TransientError):
+    """The broker or TLS refused us; `auth` says whether our identity was the reason."""
+
+    def __init__(self, message: str, *, auth: bool) -> None:
+        super().__init__(message)
+        self.auth = auth
+
+
+class ConnectionLost(TransientError):
+    """The MQTT connection dropped while an operation was waiting on it."""
+
+
+class PublishRefused(AgentError):
+    """The broker answered a QoS 1 publish with a failure reason code (e.g. 135)."""
+
+    def __init__(self, topic: str, reason: str, code: int) -> None:
+        super().__init__(f"publish to {topic} refused by the broker: {reason} ({code})")
+        self.topic = topic
+        self.reason = reason
+        self.code = code

@@ -1,0 +1,89 @@
+"""Keep an MQTT session up: connect, run the connected work, back off, repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from edge_agent.errors import ConnectionLost, ConnectRefused, PublishRefused
+from edge_agent.mqtt import MqttSession
+from edge_agent.reconnect import Backoff, LinkState
+
+SessionFactory = Callable[[], MqttSession]
+ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
+
+
+class Link:
+    """Runs `work` on every new connection until it returns or the connection drops.
+
+    Logging policy: the first failure after a good connection is a WARNING, repeats are
+    DEBUG, a refused identity is a WARNING every time (an operator must act on it).
+    """
+
+    def __init__(self, name: str, factory: SessionFactory, work: ConnectedWork,
+                 backoff: Backoff | None = None, logger: logging.Logger | None = None) -> None:
+        self.name = name
+        self._factory = factory
+        self._work = work
+        self.backoff = backoff or Backoff()
+        self._log = logger or logging.getLogger(__name__)
+        self.connected = asyncio.Event()
+        self.session: MqttSession | None = None
+        self.last_error = ""
+        self.connections = 0
+
+    @property
+    def state(self) -> LinkState:
+        return self.backoff.state
+
+    async def run(self) -> None:
+        """Loop forever (until cancelled)."""
+        warned = False
+        while True:
+            self.backoff.connecting()
+            auth = False
+            try:
+                session = self._factory()
+                await session.connect()
+            except ConnectRefused as exc:
+                auth, why = exc.auth, str(exc)
+            else:
+                why = await self._serve(session)
+                warned = False  # a failure after a good connection is news again
+            self.last_error = why
+            delay = self.backoff.lost(time.monotonic(), auth=auth)
+            level = logging.WARNING if (auth or not warned) else logging.DEBUG
+            self._log.log(level, "%s: %s; retrying in %.1f s", self.name, why, delay)
+            warned = True
+            await asyncio.sleep(delay)
+
+    async def _serve(self, session: MqttSession) -> str:
+        self.session = session
+        self.connections += 1
+        self.backoff.connected(time.monotonic())
+        self.connected.set()
+        self._log.info("%s: connected", self.name)
+        try:
+            work = asyncio.create_task(self._work(session), name=f"{self.name}-work")
+            closed = asyncio.create_task(session.wait_closed(), name=f"{self.name}-closed")
+            try:
+                done, _ = await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (work, closed):
+                    task.cancel()
+                await asyncio.gather(work, closed, return_exceptions=True)
+            if work in done and not work.cancelled():
+                exc = work.exception()
+                if isinstance(exc, ConnectionLost | ConnectRefused | PublishRefused):
+                    return str(exc)
+                if exc is not None:
+                    raise exc
+                return "connected work finished"
+            return closed.result() if not closed.cancelled() else "closed"
+        finally:
+            self.connected.clear()
+            self.session = None
+            await session.close()

@@ -1,0 +1,254 @@
+"""`edge-hub`: set up a hub, provision and revoke devices, run the hub, list the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from edge_agent import __version__
+from edge_agent.errors import ConfigError
+from hub.config import DEFAULT_PORT, load_hub
+from hub.errors import HubError, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, required=True, metavar="DIR",
+                   help="the hub directory made by `edge-hub init`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-hub",
+        description="edgefleet regional hub: fleet PKI, managed Mosquitto with mutual TLS, "
+                    "device registry, and the operator's commands.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. "
+               "Listings take --json: one JSON object per line (fields in docs/cli.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser(
+        "init", help="create a hub: fleet CA, keys, broker config, hub.toml",
+        description="Create DIR with the fleet CA (ECDSA P-256), a separate Ed25519 policy-signing key, "
+                    "the broker's server certificate, the hub's client certificate (DIR/pki/hub.crt, "
+                    "hub.key), an empty CRL, the Mosquitto config and ACL, and DIR/hub.toml. Private "
+                    "keys are mode 0600. Refuses to touch an existing hub unless --force.")
+    _dir_arg(init)
+    init.add_argument("--region", required=True, help="region name (A-Z a-z 0-9 _ -, up to 64)")
+    init.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"broker port (default {DEFAULT_PORT})")
+    init.add_argument("--host", default="127.0.0.1",
+                      help="the name or address devices use to reach the broker; it goes into the "
+                           "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1)")
+    init.add_argument("--bind", default=None,
+                      help="listener address of the managed broker (default: --host if it is an "
+                           "address, else 0.0.0.0)")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing hub; its files are moved to DIR/replaced-<time>/ and "
+                           "every certificate it issued stops working")
+
+    prov = sub.add_parser(
+        "provision", help="write device bundles and register the devices",
+        description="Write OUT/<device>/ with agent.toml, ca.crt, device.crt and device.key (0600) for "
+                    "each device, and register it. Re-running is idempotent: a valid bundle keeps its "
+                    "certificate. Device ids: 1 to 64 of A-Z a-z 0-9 _ -.")
+    _dir_arg(prov)
+    prov.add_argument("--out", type=Path, required=True, help="folder that receives one bundle per device")
+    prov.add_argument("--profile", default="generic-linux",
+                      help="firmware profile for devices without one (default generic-linux)")
+    prov.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                      help="tag for every device named here (repeatable)")
+    prov.add_argument("--inventory", type=Path, metavar="CSV",
+                      help="CSV with columns: device id, profile, tags as k=v;k=v (header row optional)")
+    prov.add_argument("--csr", type=Path, metavar="FILE",
+                      help="sign this certificate request (PEM or DER, CN = the device id) made on the "
+                           "device, so its key never leaves it; exactly one DEVICE_ID")
+    prov.add_argument("--reissue", action="store_true",
+                      help="issue new certificates even where the bundle's are still good; re-admits "
+                           "a revoked device")
+    prov.add_argument("devices", nargs="*", metavar="DEVICE_ID")
+
+    rev = sub.add_parser(
+        "revoke", help="lock a device out now",
+        description="Revoke every certificate of DEVICE_ID: the CRL is re-issued, the broker reloaded, "
+                    "and the device's live session closed (within 5 s when the broker runs).")
+    _dir_arg(rev)
+    rev.add_argument("device", metavar="DEVICE_ID")
+
+    run = sub.add_parser(
+        "run", help="run the hub (and the managed Mosquitto) until SIGTERM/SIGINT",
+        description="Start and supervise Mosquitto (restarted if it dies, stopped on exit) unless "
+                    "hub.toml sets broker.mode = \"external\", and run the hub service: presence, CRL "
+                    "upkeep. Logs go to stderr.")
+    _dir_arg(run)
+
+    dev = sub.add_parser("devices", help="list the fleet",
+                         description="One row per registered device: online, last seen, applied policy "
+                                     "version, backlog, dropped readings, certificate expiry.")
+    _dir_arg(dev)
+    dev.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+        "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
+    }
+    try:
+        if args.command == "run":
+            return _run(args)
+        return asyncio.run(commands[args.command](args))
+    except (UsageError, ConfigError) as exc:
+        print(f"edge-hub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HubError as exc:
+        print(f"edge-hub: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+async def _init(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from hub.setup import init_hub
+
+    bind = args.bind
+    if bind is None:
+        try:
+            ipaddress.ip_address(args.host)
+            bind = args.host
+        except ValueError:
+            bind = "0.0.0.0"  # noqa: S104  # a named host: devices reach it from the network
+    paths = await init_hub(args.dir, args.region, port=args.port, host=args.host, bind=bind, force=args.force)
+    print(f"hub for region {args.region} created in {paths.root}")
+    print(f"  fleet CA        {paths.ca_cert}")
+    print(f"  hub identity    {paths.hub_cert}")
+    print(f"  broker          {args.host}:{args.port} (listening on {bind})")
+    print(f"next: edge-hub provision --dir {args.dir} --out BUNDLES DEVICE_ID...; edge-hub run --dir {args.dir}")
+    return EXIT_OK
+
+
+async def _provision(args: argparse.Namespace) -> int:
+    from hub.provision import (
+        DeviceSpec,
+        Provisioner,
+        load_csr,
+        parse_tags,
+        provision_all,
+        read_inventory,
+        validate_specs,
+    )
+    from hub.store import HubStore
+
+    paths, config = load_hub(args.dir)
+    tags = parse_tags(args.tag)
+    specs = [DeviceSpec(d, args.profile, dict(tags)) for d in args.devices]
+    if args.inventory:
+        specs += [DeviceSpec(s.device, s.profile, {**tags, **s.tags})
+                  for s in read_inventory(args.inventory, args.profile)]
+    if not specs:
+        raise UsageError("name at least one DEVICE_ID or give --inventory CSV")
+    if args.csr and len(specs) != 1:
+        raise UsageError("--csr signs one device's request: name exactly one DEVICE_ID")
+    validate_specs(specs)
+    csr = load_csr(args.csr) if args.csr else None
+    store = await HubStore.open(paths.db)
+    try:
+        provisioner = Provisioner(paths, config, store, args.out.resolve(), reissue=args.reissue)
+        if csr is not None:
+            results = {specs[0].device: await provisioner.provision(specs[0], csr)}
+        else:
+            results = await _with_progress(len(specs), lambda advance: provision_all(provisioner, specs, advance))
+    finally:
+        await store.close()
+    counts: dict[str, int] = {}
+    for action in results.values():
+        counts[action] = counts.get(action, 0) + 1
+    summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+    print(f"{len(results)} device bundle(s) in {args.out}: {summary}")
+    return EXIT_OK
+
+
+async def _with_progress(total: int, work: Callable[[Callable[[str], None]], Awaitable[Any]]) -> Any:
+    if not sys.stderr.isatty() or total < 2:
+        return await work(lambda _: None)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("provisioning", total=total)
+        return await work(lambda device: progress.update(task, advance=1, description=device))
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    from hub.revocation import revoke
+    from hub.store import HubStore
+
+    paths, config = load_hub(args.dir)
+    store = await HubStore.open(paths.db)
+    try:
+        report = await revoke(paths, config, store, args.device)
+    finally:
+        await store.close()
+    print(f"revoked {report.device}: {report.certificates} certificate(s) in the CRL")
+    if report.session_closed:
+        print(f"the broker refuses it now and its live session was closed ({report.elapsed:.1f} s)")
+        return EXIT_OK
+    if not report.broker_reloaded:
+        print("the broker is external and no broker.reload_command is set: reload it yourself so it "
+              "re-reads the CRL, then run this command again to close a live session")
+    else:
+        print("the broker is not running or did not confirm: the CRL applies when it (re)starts")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hub.service import run_hub
+
+    paths, config = load_hub(args.dir)
+    asyncio.run(run_hub(paths, config))
+    return EXIT_OK
+
+
+async def _devices(args: argparse.Namespace) -> int:
+    from hub.store import HubStore
+
+    paths, _ = load_hub(args.dir)
+    store = await HubStore.open(paths.db)
+    try:
+        rows = await store.devices()
+    finally:
+        await store.close()
+    if args.json:
+        for row in rows:
+            sys.stdout.write(msgspec.json.encode(row).decode() + "\n")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "profile", "tags", "online", "last seen", "policy", "backlog", "dropped", "cert expires")
+    for r in rows:
+        state = "revoked" if r.revoked else ("yes" if r.online else "no")
+        table.add_row(r.device, r.profile, ",".join(f"{k}={v}" for k, v in r.tags.items()), state,
+                      r.last_seen or "never", _dash(r.policy_version), _dash(r.backlog), _dash(r.dropped),
+                      (r.cert_expires or "-")[:10])
+    Console().print(table)
+    online = sum(r.online for r in rows)
+    print(f"{len(rows)} device(s), {online} online")
+    return EXIT_OK
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,178 @@
+"""The hub's directory layout and hub.toml, validated once at load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import ProtocolError, hub_identity, validate_name
+from edge_agent.settings import read_toml, to_struct, toml_value
+from hub.errors import NotInitialised, UsageError
+
+DEFAULT_PORT: Final = 8883
+
+
+class BrokerConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # "managed": edge-hub run starts and supervises Mosquitto with the files in DIR/broker.
+    # "external": an operator-run broker; edge-hub only connects to it.
+    mode: Literal["managed", "external"] = "managed"
+    host: str = "127.0.0.1"  # the name devices and the hub dial; it is in the server cert
+    port: Annotated[int, Meta(ge=1, le=65535)] = DEFAULT_PORT
+    bind: str = "127.0.0.1"  # managed: the listener address ("0.0.0.0" for every interface)
+    # managed, when started as root: the account Mosquitto drops to ("" = "mosquitto").
+    user: str = ""
+    executable: str = "mosquitto"
+    # Off by default: the agent's outbox and end-to-end acks are the durable queue, not
+    # the broker (whose persistence is a periodic snapshot).
+    persistence: bool = False
+    # external: command that makes the broker reload its CRL (e.g. systemctl reload mosquitto)
+    reload_command: list[str] = []
+
+
+class PkiConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    device_cert_days: Annotated[int, Meta(ge=1, le=3650)] = 90
+    crl_days: Annotated[int, Meta(ge=2, le=365)] = 30
+    # Re-issue the CRL once less than this fraction of its life remains: an expired CRL
+    # makes Mosquitto refuse every client, so never cut it close.
+    crl_renew_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+
+
+class HubConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    keepalive: Annotated[int, Meta(ge=2, le=3600)] = 30
+    # A device is shown offline when its presence says so (Last Will, 1.5 x its keepalive).
+
+
+class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    region: str
+    broker: BrokerConf = BrokerConf()
+    pki: PkiConf = PkiConf()
+    hub: HubConf = HubConf()
+
+    @property
+    def identity(self) -> str:
+        return hub_identity(self.region)
+
+
+@dataclass(frozen=True)
+class HubPaths:
+    """Where everything of one hub lives, under its directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "hub.toml"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "hub.db"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.pki / "ca.key"
+
+    @property
+    def hub_cert(self) -> Path:
+        return self.pki / "hub.crt"
+
+    @property
+    def hub_key(self) -> Path:
+        return self.pki / "hub.key"
+
+    @property
+    def policy_key(self) -> Path:
+        return self.pki / "policy.key"
+
+    @property
+    def policy_pub(self) -> Path:
+        return self.pki / "policy.pub"
+
+    @property
+    def crl(self) -> Path:
+        return self.pki / "crl.pem"
+
+    @property
+    def broker(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.broker / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.broker / "server.key"
+
+    @property
+    def broker_conf(self) -> Path:
+        return self.broker / "mosquitto.conf"
+
+    @property
+    def acl(self) -> Path:
+        return self.broker / "acl"
+
+    @property
+    def broker_data(self) -> Path:
+        return self.broker / "data"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def broker_pid(self) -> Path:
+        return self.run / "mosquitto.pid"
+
+
+def load_hub(directory: Path) -> tuple[HubPaths, HubConfig]:
+    paths = HubPaths(directory.resolve())
+    if not paths.config.is_file():
+        raise NotInitialised(str(directory))
+    try:
+        config = to_struct(read_toml(paths.config), HubConfig, str(paths.config))
+        validate_name(config.region, "region")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except ProtocolError as exc:
+        raise UsageError(f"{paths.config}: {exc.detail}") from None
+    return paths, config
+
+
+def render_hub_toml(config: HubConfig) -> str:
+    b, p = config.broker, config.pki
+    return f"""\
+# edgefleet hub configuration, written by `edge-hub init`. Paths are fixed by the layout of
+# this directory (pki/, broker/, hub.db); see docs/operations.md.
+region = {toml_value(config.region)}
+
+[broker]
+mode = {toml_value(b.mode)}          # "managed": edge-hub run supervises Mosquitto; "external"
+host = {toml_value(b.host)}    # the name devices dial; it is in the broker's certificate
+port = {b.port}
+bind = {toml_value(b.bind)}    # managed listener address; "0.0.0.0" for every interface
+user = {toml_value(b.user)}              # account Mosquitto drops to when started as root ("" = mosquitto)
+executable = {toml_value(b.executable)}
+persistence = {toml_value(b.persistence)}     # the agents' outboxes are the durable queue, not the broker
+reload_command = {toml_value(b.reload_command)}    # external broker: how to make it re-read the CRL
+
+[pki]
+device_cert_days = {p.device_cert_days}
+crl_days = {p.crl_days}
+crl_renew_fraction = {p.crl_renew_fraction}
+
+[hub]
+keepalive = {config.hub.keepalive}
+"""

@@ -1,0 +1,221 @@
+"""The fleet PKI: CA, broker and client certificates, CSR signing, CRL. Pure crypto, no I/O
+beyond the file helpers at the bottom."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hub.errors import UsageError
+
+CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine
+SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)  # the longest browsers accept; habit
+# Issued certificates start a little in the past: a device whose clock is slightly behind
+# the hub must not see a certificate that is "not yet valid".
+BACKDATE: Final = dt.timedelta(minutes=5)
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str, region: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if region:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, region))
+    return x509.Name(attrs)
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The fleet CA: signs every certificate and the CRL."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, region: str) -> Authority:
+        key = new_ec_key()
+        name = _name(f"edgefleet fleet CA {region}", region)
+        now = utcnow()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    @classmethod
+    def load(cls, key_path: Path, cert_path: Path) -> Authority:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise UsageError(f"{key_path} is not an ECDSA CA key")
+        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+
+    def _issue(
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        lifetime: dt.timedelta,
+        eku: x509.ObjectIdentifier,
+        san: list[x509.GeneralName] | None = None,
+    ) -> x509.Certificate:
+        now = utcnow()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(min(now + lifetime, self.cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False,
+                    key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_server(self, hosts: Iterable[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """The broker's certificate, with a SAN entry for every host name and address."""
+        names: list[x509.GeneralName] = []
+        hosts = list(dict.fromkeys(hosts))
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        key = new_ec_key()
+        cert = self._issue(
+            _name(hosts[0]), key.public_key(), SERVER_CERT_LIFETIME,
+            ExtendedKeyUsageOID.SERVER_AUTH, names,
+        )
+        return key, cert
+
+    def issue_client(
+        self, cn: str, lifetime: dt.timedelta,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | None = None,
+    ) -> tuple[ec.EllipticCurvePrivateKey | None, x509.Certificate]:
+        """A client certificate whose CN is the MQTT identity; a new key unless one is given."""
+        key = None
+        if public_key is None:
+            key = new_ec_key()
+            public_key = key.public_key()
+        return key, self._issue(_name(cn), public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
+
+    def sign_request(self, csr: x509.CertificateSigningRequest, cn: str, lifetime: dt.timedelta) -> x509.Certificate:
+        """Sign a device's CSR for identity `cn`; the CSR must be self-signed and name `cn`."""
+        if not csr.is_signature_valid:
+            raise UsageError("the certificate request's signature is invalid: make a new request")
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(names) != 1 or names[0].value != cn:
+            found = names[0].value if names else "no CN"
+            raise UsageError(
+                f"the certificate request names {found!r} but the device is {cn!r}: "
+                f"make the request with CN={cn}"
+            )
+        public_key = csr.public_key()
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            if public_key.curve.name not in ("secp256r1", "secp384r1"):
+                raise UsageError(f"curve {public_key.curve.name} is not accepted: use P-256 or P-384")
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            if public_key.key_size < 2048:
+                raise UsageError(f"RSA {public_key.key_size} is too weak: use P-256 or RSA ≥ 2048")
+        else:
+            raise UsageError("only ECDSA (P-256, P-384) and RSA keys are accepted")
+        return self.issue_client(cn, lifetime, public_key)[1]
+
+    def issue_crl(
+        self, revoked: Iterable[tuple[int, dt.datetime]], lifetime: dt.timedelta,
+    ) -> x509.CertificateRevocationList:
+        now = utcnow()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - BACKDATE)
+            .next_update(now + lifetime)
+        )
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else ""
+    return value if isinstance(value, str) else value.decode()
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_atomic(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Write `data` to `path` with `mode` from its first byte; readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

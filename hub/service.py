@@ -1,0 +1,112 @@
+"""`edge-hub run`: the managed broker (unless external) and the hub's MQTT service."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import time
+from typing import Final
+
+from edge_agent.link import Link
+from edge_agent.mqtt import Message, MqttSession, TlsIdentity
+from edge_agent.protocol import PRESENCE_FILTER, Presence, ProtocolError, decode, parse_topic
+from hub.broker import BrokerSupervisor, write_broker_files
+from hub.config import HubConfig, HubPaths
+from hub.pki import Authority
+from hub.revocation import crl_due, publish_crl
+from hub.store import HubStore
+
+CRL_CHECK_INTERVAL: Final = 3600.0  # the CRL lives for days; hourly checks leave ample margin
+
+log = logging.getLogger("hub")
+
+
+class HubService:
+    """The hub's MQTT side: presence ingest; subscribes again on every connect."""
+
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+        self._paths, self._config, self._store = paths, config, store
+        self.rejects: collections.Counter[str] = collections.Counter()
+        self.link = Link(f"hub {config.identity}", self._session, self._serve, logger=log)
+
+    def _session(self) -> MqttSession:
+        p = self._paths
+        return MqttSession(
+            client_id=self._config.identity, host=self._config.broker.host,
+            port=self._config.broker.port, tls=TlsIdentity(p.ca_cert, p.hub_cert, p.hub_key).context(),
+            keepalive=self._config.hub.keepalive, manual_ack=True,
+        )
+
+    async def run(self) -> None:
+        await self.link.run()
+
+    async def _serve(self, session: MqttSession) -> None:
+        # A durable subscription is not restored after a broker restart (2.0.11), and a
+        # new session has none: subscribe on every connect.
+        await session.subscribe([(PRESENCE_FILTER, 1)])
+        log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
+        while True:
+            message = await session.next_message()
+            await self._handle(message)
+            session.ack(message)  # only after the database has it
+
+    async def _handle(self, message: Message) -> None:
+        try:
+            topic = parse_topic(message.topic)
+            if topic.channel != "presence":
+                raise ProtocolError("bad_topic", f"unexpected topic {message.topic}")
+            if not message.payload:
+                return  # a cleared retained message
+            presence = decode(message.payload, Presence)
+        except ProtocolError as exc:
+            self._reject(exc.reason, f"{message.topic}: {exc.detail}")
+            return
+        if not await self._store.apply_presence(topic.device, presence, time.time()):
+            log.debug("ignored presence of %s (unknown device or stale session)", topic.device)
+            return
+        log.info("device %s is %s", topic.device, presence.state)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejects[reason] += 1
+        level = logging.WARNING if self.rejects[reason] == 1 else logging.DEBUG
+        log.log(level, "rejected (%s, %d so far): %s", reason, self.rejects[reason], detail)
+
+
+async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    """Re-issue the CRL long before its nextUpdate: an expired CRL locks out the whole fleet."""
+    while True:
+        if crl_due(paths, config):
+            ca = Authority.load(paths.ca_key, paths.ca_cert)
+            crl = await publish_crl(paths, config, store, ca)
+            log.info("CRL re-issued; next update %s", crl.next_update_utc)
+        await asyncio.sleep(CRL_CHECK_INTERVAL)
+
+
+async def run_hub(paths: HubPaths, config: HubConfig) -> None:
+    """Run until SIGTERM or SIGINT; stop in reverse order of start."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = await HubStore.open(paths.db)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        if config.broker.mode == "managed":
+            write_broker_files(paths, config)  # fail in words before anything starts
+            tasks.append(asyncio.create_task(BrokerSupervisor(paths, config).run(), name="broker"))
+        tasks.append(asyncio.create_task(keep_crl_fresh(paths, config, store), name="crl"))
+        tasks.append(asyncio.create_task(HubService(paths, config, store).run(), name="hub-service"))
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in done:
+            if task is not stopper and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        log.info("stopping")
+    finally:
+        for task in reversed(tasks):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await store.close()

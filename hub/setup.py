@@ -1,0 +1,81 @@
+"""`edge-hub init`: a new hub directory with its PKI, broker files and hub.toml."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from edge_agent.protocol import ProtocolError, validate_name
+from hub.broker import write_broker_files
+from hub.config import BrokerConf, HubConfig, HubPaths, render_hub_toml
+from hub.errors import UsageError
+from hub.pki import Authority, cert_pem, key_pem, write_atomic
+from hub.store import HubStore
+
+# The hub's own client certificate; in-band renewal of it is the certificate-lifecycle work.
+HUB_CERT_LIFETIME: Final = dt.timedelta(days=397)
+
+
+async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: str, force: bool) -> HubPaths:
+    try:
+        validate_name(region, "region")
+    except ProtocolError as exc:
+        raise UsageError(exc.detail) from None
+    paths = HubPaths(directory.resolve())
+    if paths.config.exists():
+        if not force:
+            raise UsageError(
+                f"{directory} already holds a hub (hub.toml exists). Pass --force to replace it: "
+                "its CA, keys and database are moved aside and every certificate it issued stops working"
+            )
+        _move_aside(paths)
+    paths.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    paths.pki.mkdir(mode=0o711, exist_ok=True)
+    paths.broker.mkdir(mode=0o711, exist_ok=True)
+    config = HubConfig(region=region, broker=BrokerConf(host=host, port=port, bind=bind))
+
+    ca = Authority.create(region)
+    write_atomic(paths.ca_key, key_pem(ca.key), 0o600)
+    write_atomic(paths.ca_cert, cert_pem(ca.cert), 0o644)
+
+    policy_key = Ed25519PrivateKey.generate()
+    write_atomic(paths.policy_key, key_pem(policy_key), 0o600)
+    write_atomic(paths.policy_pub, policy_key.public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
+
+    server_key, server_cert = ca.issue_server([host, "127.0.0.1", "::1", "localhost"])
+    write_atomic(paths.server_key, key_pem(server_key), 0o600)
+    write_atomic(paths.server_cert, cert_pem(server_cert), 0o644)
+
+    hub_key, hub_cert = ca.issue_client(config.identity, HUB_CERT_LIFETIME)
+    assert hub_key is not None
+    write_atomic(paths.hub_key, key_pem(hub_key), 0o600)
+    write_atomic(paths.hub_cert, cert_pem(hub_cert), 0o644)
+
+    crl = ca.issue_crl([], dt.timedelta(days=config.pki.crl_days))
+    write_atomic(paths.crl, crl.public_bytes(Encoding.PEM), 0o644)
+
+    store = await HubStore.open(paths.db)
+    try:
+        await store.record_certificate(hub_cert.serial_number, config.identity, "hub", hub_cert.not_valid_after_utc)
+        await store.record_certificate(server_cert.serial_number, host, "server", server_cert.not_valid_after_utc)
+    finally:
+        await store.close()
+    write_atomic(paths.config, render_hub_toml(config).encode(), 0o644)
+    write_broker_files(paths, config)
+    return paths
+
+
+def _move_aside(paths: HubPaths) -> None:
+    """--force never deletes a hub: its files go to DIR/replaced-<time>/."""
+    aside = paths.root / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir(mode=0o700)
+    for item in (paths.config, paths.db, paths.pki, paths.broker, paths.run,
+                 paths.db.with_name("hub.db-wal"), paths.db.with_name("hub.db-shm")):
+        if item.exists():
+            item.rename(aside / item.name)

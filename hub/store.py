@@ -1,0 +1,255 @@
+"""The hub's SQLite database: device registry, certificates, presence.
+
+One aiosqlite connection per process is the single writer; other processes (the operator
+CLI beside a running hub) wait on SQLite's lock for up to BUSY_TIMEOUT_MS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+import msgspec
+
+from edge_agent.protocol import Presence
+from hub.errors import HubError
+
+BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
+
+log = logging.getLogger(__name__)
+
+# Each entry migrates from version i to i+1; all of one open run in one transaction.
+MIGRATIONS: Final[Sequence[str]] = (
+    """
+    CREATE TABLE devices (
+        device TEXT PRIMARY KEY,
+        profile TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '{}',
+        registered_at REAL NOT NULL,
+        revoked_at REAL,
+        online INTEGER NOT NULL DEFAULT 0,
+        session TEXT,
+        last_seen REAL,
+        agent_version TEXT,
+        policy_version INTEGER,
+        backlog INTEGER,
+        dropped INTEGER
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,          -- hex
+        device TEXT NOT NULL,             -- the certificate's CN
+        purpose TEXT NOT NULL,            -- device | kick | probe
+        issued_at REAL NOT NULL,
+        not_after REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX certificates_device ON certificates(device);
+    """,
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+class StoreError(HubError):
+    pass
+
+
+class DeviceRow(msgspec.Struct, frozen=True):
+    """One line of `edge-hub devices --json`; the field names are a documented contract."""
+
+    device: str
+    profile: str
+    tags: dict[str, str]
+    online: bool
+    last_seen: str | None
+    policy_version: int | None
+    backlog: int | None
+    dropped: int | None
+    cert_expires: str | None
+    revoked: bool
+    agent_version: str | None
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+class HubStore:
+    """Start with `await HubStore.open(path)`, stop with `await store.close()`."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> HubStore:
+        existed = path.exists()
+        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            if not existed:
+                path.chmod(0o600)
+            db.row_factory = aiosqlite.Row
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            async with db.execute("PRAGMA quick_check") as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != "ok":
+                raise StoreError(
+                    f"{path} failed its integrity check ({row[0] if row else 'no answer'}); "
+                    "restore it from a backup (see docs/operations.md)"
+                )
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await cls._migrate(db, path)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db)
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema {version}, newer than this edge-hub ({SCHEMA_VERSION}): upgrade edge-hub"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in MIGRATIONS[version:]:
+                for statement in filter(str.strip, step.split(";")):
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+        log.info("hub database %s migrated from schema %d to %d", path, version, SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # --- registry -------------------------------------------------------------------
+
+    async def register(self, device: str, profile: str, tags: dict[str, str], *, readmit: bool = False) -> None:
+        await self._db.execute(
+            "INSERT INTO devices(device, profile, tags, registered_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device) DO UPDATE SET profile = excluded.profile, tags = excluded.tags, "
+            "revoked_at = CASE WHEN ? THEN NULL ELSE revoked_at END",
+            (device, profile, json.dumps(tags, sort_keys=True), time.time(), readmit),
+        )
+        await self._db.commit()
+
+    async def record_certificate(self, serial: int, device: str, purpose: str, not_after: dt.datetime) -> None:
+        await self._db.execute(
+            "INSERT OR IGNORE INTO certificates(serial, device, purpose, issued_at, not_after) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (format(serial, "x"), device, purpose, time.time(), not_after.timestamp()),
+        )
+        await self._db.commit()
+
+    async def certificate_revoked(self, serial: int) -> bool:
+        async with self._db.execute(
+            "SELECT revoked_at FROM certificates WHERE serial = ?", (format(serial, "x"),)
+        ) as cur:
+            row = await cur.fetchone()
+        return row is not None and row[0] is not None
+
+    async def is_revoked(self, device: str) -> bool:
+        async with self._db.execute("SELECT revoked_at FROM devices WHERE device = ?", (device,)) as cur:
+            row = await cur.fetchone()
+        return row is not None and row[0] is not None
+
+    async def exists(self, device: str) -> bool:
+        async with self._db.execute("SELECT 1 FROM devices WHERE device = ?", (device,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def revoke_device(self, device: str) -> int:
+        """Mark the device and all its certificates revoked; return how many certificates."""
+        now = time.time()
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute(
+                "UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE device = ?", (now, device)
+            )
+            cur = await self._db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE device = ? AND revoked_at IS NULL "
+                "AND purpose = 'device'",
+                (now, device),
+            )
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
+        return cur.rowcount
+
+    async def revoke_serial(self, serial: int) -> None:
+        await self._db.execute(
+            "UPDATE certificates SET revoked_at = COALESCE(revoked_at, ?) WHERE serial = ?",
+            (time.time(), format(serial, "x")),
+        )
+        await self._db.commit()
+
+    async def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
+        """Revoked certificates that have not expired yet (an expired one is refused anyway)."""
+        async with self._db.execute(
+            "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL "
+            "AND not_after > ? ORDER BY revoked_at",
+            (time.time(),),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(int(r[0], 16), dt.datetime.fromtimestamp(r[1], dt.UTC)) for r in rows]
+
+    # --- presence -------------------------------------------------------------------
+
+    async def apply_presence(self, device: str, presence: Presence, now: float) -> bool:
+        """Record a presence message; return False if it was stale or for an unknown device."""
+        async with self._db.execute("SELECT session, online FROM devices WHERE device = ?", (device,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return False
+        if presence.state == "online":
+            await self._db.execute(
+                "UPDATE devices SET online = 1, session = ?, last_seen = ?, agent_version = ? "
+                "WHERE device = ?",
+                (presence.session, now, presence.agent_version, device),
+            )
+        elif row["session"] in (None, presence.session):
+            await self._db.execute(
+                "UPDATE devices SET online = 0, last_seen = ? WHERE device = ?", (now, device)
+            )
+        else:
+            return False  # the Last Will of a connection that a newer one replaced
+        await self._db.commit()
+        return True
+
+    async def devices(self, device: str | None = None) -> list[DeviceRow]:
+        query = (
+            "SELECT d.*, (SELECT MAX(not_after) FROM certificates c WHERE c.device = d.device "
+            "AND c.purpose = 'device' AND c.revoked_at IS NULL) AS cert_expires FROM devices d"
+        )
+        args: tuple[Any, ...] = ()
+        if device is not None:
+            query += " WHERE d.device = ?"
+            args = (device,)
+        async with self._db.execute(query + " ORDER BY d.device", args) as cur:
+            rows = await cur.fetchall()
+        return [
+            DeviceRow(
+                device=r["device"], profile=r["profile"], tags=json.loads(r["tags"]),
+                online=bool(r["online"]) and r["revoked_at"] is None, last_seen=iso(r["last_seen"]),
+                policy_version=r["policy_version"], backlog=r["backlog"], dropped=r["dropped"],
+                cert_expires=iso(r["cert_expires"]), revoked=r["revoked_at"] is not None,
+                agent_version=r["agent_version"],
+            )
+            for r in rows
+        ]
