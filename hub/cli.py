@@ -245,7 +245,8 @@ async def _devices(args: argparse.Namespace) -> int:
         table.add_row(r.device, r.profile, ",".join(f"{k}={v}" for k, v in r.tags.items()), state,
                       r.last_seen or "never", _dash(r.policy_version), _dash(r.backlog), _dash(r.dropped),
                       (r.cert_expires or "-")[:10])
-    Console().print(table)
+    # Piped output (logs, CI) gets a fixed width instead of rich's 80-column fallback.
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
     online = sum(r.online for r in rows)
     print(f"{len(rows)} device(s), {online} online")
     return EXIT_OK

@@ -70,7 +70,8 @@ class Proc:
         return self
 
     async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
             async with self._changed:
                 self.lines.append(raw.decode(errors="replace").rstrip())
@@ -88,7 +89,7 @@ class Proc:
         try:
             async with asyncio.timeout(timeout), self._changed:
                 while (line := found()) is None:
-                    if self.proc is not None and self.proc.returncode is not None and self._reader and self._reader.done():
+                    if self._exited():
                         break
                     await self._changed.wait()
         except TimeoutError:
@@ -97,6 +98,9 @@ class Proc:
             tail = "\n".join(self.lines[-30:])
             raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout} s; last lines:\n{tail}")
         return line
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.returncode is not None and bool(self._reader and self._reader.done())
 
     def mark(self) -> int:
         return len(self.lines)
@@ -153,7 +157,7 @@ class HubDir:
         return TlsIdentity(self.pki / "ca.crt", self.pki / "hub.crt", self.pki / "hub.key")
 
     async def provision(self, out: Path, *devices: str, profile: str = "sim", extra: tuple[str, ...] = ()) -> None:
-        code, stdout, stderr = await run_cli(HUB, "provision", "--dir", str(self.dir), "--out", str(out),
+        code, _, stderr = await run_cli(HUB, "provision", "--dir", str(self.dir), "--out", str(out),
                                              "--profile", profile, *extra, *devices)
         assert code == 0, stderr
 
