@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import secrets
 import signal
 import time
 
+from cryptography import x509
+
 from edge_agent import __version__
+from edge_agent.checks import clock_problem
 from edge_agent.config import AgentSettings
 from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
@@ -53,7 +57,17 @@ class Agent:
             log.debug("message on %s (%d bytes) not handled yet", message.topic, len(message.payload))
 
     async def run(self) -> None:
+        self._warn_about_clock()
         await self.link.run()
+
+    def _warn_about_clock(self) -> None:
+        try:
+            cert = x509.load_pem_x509_certificate(self.settings.tls.cert.read_bytes())
+        except (OSError, ValueError):
+            return  # the connection attempt reports unreadable files in its own words
+        problem = clock_problem(cert, dt.datetime.now(dt.UTC))
+        if problem:
+            log.warning("%s", problem)
 
     async def stop(self) -> None:
         """Leave cleanly: the broker publishes our Last Will, so the hub sees us offline now."""

@@ -6,11 +6,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from edge_agent.errors import ConnectionLost, ConnectRefused, PublishRefused
 from edge_agent.mqtt import MqttSession
 from edge_agent.reconnect import Backoff, LinkState
+
+# A wall-clock jump this large means the clock was just set (NTP on a board without a
+# real-time clock): TLS failures caused by the wrong clock heal then, so retry at once.
+CLOCK_STEP: Final = 60.0
 
 SessionFactory = Callable[[], MqttSession]
 ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
@@ -58,7 +62,17 @@ class Link:
             level = logging.WARNING if (auth or not warned) else logging.DEBUG
             self._log.log(level, "%s: %s; retrying in %.1f s", self.name, why, delay)
             warned = True
-            await asyncio.sleep(delay)
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Back off for `delay`, but end early when the wall clock is stepped."""
+        end = time.monotonic() + delay
+        offset = time.time() - time.monotonic()
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 1.0))
+            if abs(time.time() - time.monotonic() - offset) > CLOCK_STEP:
+                self._log.info("%s: the system clock was stepped; retrying now", self.name)
+                return
 
     async def _serve(self, session: MqttSession) -> str:
         self.session = session
