@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,24 +97,31 @@ class HubStore:
                 path.chmod(0o600)
             db.row_factory = aiosqlite.Row
             await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            async with db.execute("PRAGMA quick_check") as cur:
-                row = await cur.fetchone()
-            if row is None or row[0] != "ok":
-                raise StoreError(
-                    f"{path} failed its integrity check ({row[0] if row else 'no answer'}); "
-                    "restore it from a backup (see docs/operations.md)"
-                )
+            # Read-only checks first: a file we refuse must leave here unchanged.
+            await cls._check_integrity(db, path)
+            version = await cls._schema_version(db, path)
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
             await db.execute("PRAGMA foreign_keys = ON")
-            await cls._migrate(db, path)
+            await cls._migrate(db, path, version)
         except BaseException:
             await db.close()
             raise
         return cls(db)
 
     @staticmethod
-    async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    async def _check_integrity(db: aiosqlite.Connection, path: Path) -> None:
+        advice = "restore it from a backup (see docs/operations.md); the file was left as it is"
+        try:
+            async with db.execute("PRAGMA quick_check") as cur:
+                row = await cur.fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path} is not a readable hub database ({exc}): {advice}") from None
+        if row is None or row[0] != "ok":
+            raise StoreError(f"{path} failed its integrity check ({row[0] if row else 'no answer'}): {advice}")
+
+    @staticmethod
+    async def _schema_version(db: aiosqlite.Connection, path: Path) -> int:
         async with db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
@@ -121,6 +129,10 @@ class HubStore:
             raise StoreError(
                 f"{path} has schema {version}, newer than this edge-hub ({SCHEMA_VERSION}): upgrade edge-hub"
             )
+        return version
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection, path: Path, version: int) -> None:
         if version == SCHEMA_VERSION:
             return
         await db.execute("BEGIN IMMEDIATE")
