@@ -20,6 +20,16 @@ from hub.errors import HubError, UsageError
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
 def _dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", type=Path, required=True, metavar="DIR",
                    help="the hub directory made by `edge-hub init`")
@@ -45,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                     "keys are mode 0600. Refuses to touch an existing hub unless --force.")
     _dir_arg(init)
     init.add_argument("--region", required=True, help="region name (A-Z a-z 0-9 _ -, up to 64)")
-    init.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"broker port (default {DEFAULT_PORT})")
+    init.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"broker port (default {DEFAULT_PORT})")
     init.add_argument("--host", default="127.0.0.1",
                       help="the name or address devices use to reach the broker; it goes into the "
                            "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1)")

@@ -13,6 +13,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes as PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge_agent.errors import ConfigError
@@ -56,8 +57,8 @@ def read_inventory(path: Path, default_profile: str) -> list[DeviceSpec]:
         cells = [c.strip() for c in row]
         if not cells or not cells[0] or cells[0].startswith("#"):
             continue
-        if number == 1 and cells[0].lower() in ("device", "device_id", "id"):
-            continue  # a header row
+        if number == 1 and cells[0].lower().replace(" ", "").replace("_", "") in ("device", "deviceid", "id"):
+            continue  # a header row: "device id", "device_id", "device", "id"
         profile = cells[1] if len(cells) > 1 and cells[1] else default_profile
         raw_tags = [t for t in (cells[2].split(";") if len(cells) > 2 else []) if t.strip()]
         specs.append(DeviceSpec(cells[0], profile, parse_tags(raw_tags, f"{path}:{number}: tag")))
@@ -144,7 +145,10 @@ class Provisioner:
             )
         bundle = self.out / spec.device
         bundle.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if csr is not None:
+        if csr is not None and not self.reissue and await self._reusable(bundle, spec.device, csr.public_key()):
+            cert = None
+            action = "kept"
+        elif csr is not None:
             cert = self.ca.sign_request(csr, spec.device, self.lifetime)
             (bundle / "device.key").unlink(missing_ok=True)
             action = "signed"
@@ -165,14 +169,17 @@ class Provisioner:
         await self.store.register(spec.device, spec.profile, spec.tags, readmit=self.reissue)
         return action
 
-    async def _reusable(self, bundle: Path, device: str) -> bool:
-        """Is the bundle's pair from this CA, for this device, unrevoked, matching and fresh?"""
+    async def _reusable(self, bundle: Path, device: str, public_key: PublicKey | None = None) -> bool:
+        """Is the bundle's certificate from this CA, for this device, unrevoked, fresh, and for
+        `public_key` (a CSR's) or else for the bundle's own device.key?"""
         try:
             cert = x509.load_pem_x509_certificate((bundle / "device.crt").read_bytes())
-            key = load_pem_private_key((bundle / "device.key").read_bytes(), password=None)
+            if public_key is None:
+                key = load_pem_private_key((bundle / "device.key").read_bytes(), password=None)
+                if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+                    return False
+                public_key = key.public_key()
         except (OSError, ValueError):
-            return False
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             return False
         if cert.issuer != self.ca.cert.subject or common_name(cert) != device:
             return False
@@ -180,7 +187,7 @@ class Provisioner:
             cert.verify_directly_issued_by(self.ca.cert)
         except (ValueError, TypeError, InvalidSignature):
             return False
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        if cert.public_key() != public_key:
             return False
         if cert.not_valid_after_utc - utcnow() < RENEW_BEFORE:
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 import time
 from pathlib import Path
 from typing import Final
@@ -11,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.protocol import ProtocolError, validate_name
+from edge_agent.settings import to_struct
 from hub.broker import write_broker_files
-from hub.config import BrokerConf, HubConfig, HubPaths, render_hub_toml
+from hub.config import HubConfig, HubPaths, render_hub_toml
 from hub.errors import UsageError
 from hub.pki import Authority, cert_pem, key_pem, write_atomic
 from hub.store import HubStore
@@ -26,6 +28,10 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
         validate_name(region, "region")
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
+    # Built through validation (msgspec checks bounds on conversion, not on construction),
+    # before anything on disk is touched.
+    config = to_struct({"region": region, "broker": {"host": host, "port": port, "bind": bind}},
+                       HubConfig, "edge-hub init")
     paths = HubPaths(directory.resolve())
     if paths.config.exists():
         if not force:
@@ -37,7 +43,6 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     paths.root.mkdir(mode=0o711, parents=True, exist_ok=True)
     paths.pki.mkdir(mode=0o711, exist_ok=True)
     paths.broker.mkdir(mode=0o711, exist_ok=True)
-    config = HubConfig(region=region, broker=BrokerConf(host=host, port=port, bind=bind))
 
     ca = Authority.create(region)
     write_atomic(paths.ca_key, key_pem(ca.key), 0o600)
@@ -73,8 +78,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
 
 def _move_aside(paths: HubPaths) -> None:
     """--force never deletes a hub: its files go to DIR/replaced-<time>/."""
-    aside = paths.root / f"replaced-{time.strftime('%Y%m%dT%H%M%S')}"
-    aside.mkdir(mode=0o700)
+    aside = Path(tempfile.mkdtemp(prefix=f"replaced-{time.strftime('%Y%m%dT%H%M%S')}-", dir=paths.root))
     for item in (paths.config, paths.db, paths.pki, paths.broker, paths.run,
                  paths.db.with_name("hub.db-wal"), paths.db.with_name("hub.db-shm")):
         if item.exists():
