@@ -85,6 +85,11 @@ def describe_tls_failure(text: str) -> tuple[str, bool]:
         ("bad certificate", "the broker rejected this certificate", True),
         ("certificate unknown", "the broker rejected this certificate", True),
         ("decrypt error", "the broker rejected this certificate", True),
+        # TLS 1.2 has no "certificate required" alert: a missing or unacceptable client
+        # certificate shows up as a bare handshake failure.
+        ("handshake failure",
+         "the broker refused the TLS handshake, usually over a missing or unacceptable client certificate",
+         True),
         ("certificate is not yet valid",
          "the broker's certificate is not yet valid by this machine's clock: is the clock right?",
          False),
@@ -202,8 +207,9 @@ class MqttSession:
         self._teardown("closed by us")
         if self._misc_task is not None:
             self._misc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._misc_task
+            # asyncio.wait, not `await task` under suppress(CancelledError): that would also
+            # swallow a cancellation aimed at our caller (a SIGTERM arriving mid-close).
+            await asyncio.wait([self._misc_task])
             self._misc_task = None
 
     async def wait_closed(self) -> str:

@@ -1,0 +1,52 @@
+"""MqttSession behaviour that needs no broker: cancellation and how TLS refusals are worded."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+
+from edge_agent.errors import ConnectRefused
+from edge_agent.mqtt import MqttSession, describe_tls_failure
+from tests.conftest import free_port
+
+
+async def test_close_does_not_swallow_a_cancellation_of_its_caller() -> None:
+    """A SIGTERM that lands while a session is closing must still stop the daemon."""
+    session = MqttSession(client_id="x", host="127.0.0.1", port=1, tls=ssl.create_default_context())
+    session._misc_task = asyncio.create_task(asyncio.sleep(3600))
+    closing = asyncio.create_task(session.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+
+
+async def test_nobody_listening_is_a_network_error_not_an_identity_error() -> None:
+    session = MqttSession(client_id="x", host="127.0.0.1", port=free_port(), tls=ssl.create_default_context(),
+                          connect_timeout=2.0)
+    with pytest.raises(ConnectRefused) as refused:
+        await session.connect()
+    assert not refused.value.auth
+    assert "cannot reach 127.0.0.1" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("openssl", "words", "auth"),
+    [
+        ("[SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert certificate revoked", "revoked", True),
+        ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", "does not trust the CA", True),
+        ("[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required", "requires a client", True),
+        ("[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] sslv3 alert handshake failure", "client certificate", True),
+        ("certificate verify failed: certificate is not yet valid", "is the clock right", False),
+        ("certificate verify failed: certificate has expired", "is the clock right", False),
+        ("certificate verify failed: unable to get local issuer certificate", "fleet CA", False),
+        ("something nobody anticipated", "something nobody anticipated", False),
+    ],
+)
+def test_tls_failures_are_worded_for_operators(openssl: str, words: str, auth: bool) -> None:
+    sentence, is_auth = describe_tls_failure(openssl)
+    assert words in sentence
+    assert openssl.strip() in sentence  # the raw cause stays visible
+    assert is_auth is auth
