@@ -20,6 +20,11 @@ SessionFactory = Callable[[], MqttSession]
 ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
 
 
+def _clock_offset() -> float:
+    """Wall clock minus monotonic clock: constant unless someone sets the wall clock."""
+    return time.time() - time.monotonic()
+
+
 class Link:
     """Runs `work` on every new connection until it returns or the connection drops.
 
@@ -48,6 +53,9 @@ class Link:
         warned = False
         while True:
             self.backoff.connecting()
+            # Taken before the attempt: a clock step that lands while the attempt fails
+            # must still count as a step during the pause that follows.
+            clock_offset = _clock_offset()
             auth = False
             try:
                 session = self._factory()
@@ -62,15 +70,14 @@ class Link:
             level = logging.WARNING if (auth or not warned) else logging.DEBUG
             self._log.log(level, "%s: %s; retrying in %.1f s", self.name, why, delay)
             warned = True
-            await self._pause(delay)
+            await self._pause(delay, clock_offset)
 
-    async def _pause(self, delay: float) -> None:
+    async def _pause(self, delay: float, clock_offset: float) -> None:
         """Back off for `delay`, but end early when the wall clock is stepped."""
         end = time.monotonic() + delay
-        offset = time.time() - time.monotonic()
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, 1.0))
-            if abs(time.time() - time.monotonic() - offset) > CLOCK_STEP:
+            if abs(_clock_offset() - clock_offset) > CLOCK_STEP:
                 self._log.info("%s: the system clock was stepped; retrying now", self.name)
                 return
 
