@@ -8,6 +8,7 @@ import grp
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -146,6 +147,17 @@ def _allows(st: os.stat_result, uid: int, gids: set[int], user: int, group: int,
     return bool(st.st_mode & other)
 
 
+def broker_executable(name: str) -> str:
+    """Find Mosquitto: on PATH, or in /usr/sbin where Debian puts it (often not on a user's PATH)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise BrokerError(
+            f"cannot find the broker executable {name!r}: install it (apt-get install mosquitto) "
+            "or set broker.executable in hub.toml"
+        )
+    return found
+
+
 def broker_process(paths: HubPaths) -> psutil.Process | None:
     """The managed Mosquitto of this hub, if one runs (the pid file is checked, not trusted)."""
     try:
@@ -211,7 +223,7 @@ class BrokerSupervisor:
 
     async def _run_once(self) -> int:
         self._proc = await asyncio.create_subprocess_exec(
-            self._config.broker.executable, "-c", str(self._paths.broker_conf),
+            broker_executable(self._config.broker.executable), "-c", str(self._paths.broker_conf),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         write_atomic(self._paths.broker_pid, f"{self._proc.pid}\n".encode(), 0o644)

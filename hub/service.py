@@ -12,7 +12,7 @@ from typing import Final
 from edge_agent.link import Link
 from edge_agent.mqtt import Message, MqttSession, TlsIdentity
 from edge_agent.protocol import PRESENCE_FILTER, Presence, ProtocolError, decode, parse_topic
-from hub.broker import BrokerSupervisor, write_broker_files
+from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.pki import Authority
 from hub.revocation import crl_due, publish_crl
@@ -95,6 +95,7 @@ async def run_hub(paths: HubPaths, config: HubConfig) -> None:
     try:
         if config.broker.mode == "managed":
             write_broker_files(paths, config)  # fail in words before anything starts
+            broker_executable(config.broker.executable)
             tasks.append(asyncio.create_task(BrokerSupervisor(paths, config).run(), name="broker"))
         tasks.append(asyncio.create_task(keep_crl_fresh(paths, config, store), name="crl"))
         tasks.append(asyncio.create_task(HubService(paths, config, store).run(), name="hub-service"))

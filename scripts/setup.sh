@@ -8,7 +8,7 @@ extras="${1:-}"
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 need=()
-command -v mosquitto >/dev/null || need+=(mosquitto)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 if [ "$extras" = test ]; then
   command -v faketime >/dev/null || need+=(faketime)

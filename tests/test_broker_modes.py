@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.errors import ConnectionLost
 from edge_agent.protocol import up_topic
+from hub.broker import broker_executable
 from hub.config import HubPaths, load_hub
 from hub.pki import Authority, write_atomic
 from hub.revocation import crl_due
@@ -63,7 +64,7 @@ async def test_external_broker(hub_dir: HubDir, bundles: Path) -> None:
     paths = HubPaths(hub_dir.dir.resolve())
     await hub_dir.provision(bundles, "dev-e", "dev-f")
     # The operator's own Mosquitto, here started by the test with the files init wrote.
-    broker = await Proc("mosquitto", ["mosquitto", "-c", str(paths.broker_conf)]).start()
+    broker = await Proc("mosquitto", [broker_executable("mosquitto"), "-c", str(paths.broker_conf)]).start()
     hub = agent = None
     try:
         await broker.wait_for(r"mosquitto version .* running")
