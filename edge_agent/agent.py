@@ -9,10 +9,8 @@ import secrets
 import signal
 import time
 
-from cryptography import x509
-
 from edge_agent import __version__
-from edge_agent.checks import clock_problem
+from edge_agent.clock import unset_clock_warning
 from edge_agent.config import AgentSettings
 from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
@@ -61,11 +59,9 @@ class Agent:
         await self.link.run()
 
     def _warn_about_clock(self) -> None:
-        try:
-            cert = x509.load_pem_x509_certificate(self.settings.tls.cert.read_bytes())
-        except (OSError, ValueError):
-            return  # the connection attempt reports unreadable files in its own words
-        problem = clock_problem(cert, dt.datetime.now(dt.UTC))
+        # Not the certificate-based check of `edge-agent check`: parsing X.509 here would load
+        # `cryptography` (about 15 MB of RSS) into the daemon for one log line.
+        problem = unset_clock_warning(dt.datetime.now(dt.UTC))
         if problem:
             log.warning("%s", problem)
 

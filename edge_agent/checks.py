@@ -17,14 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
+from edge_agent.clock import CLOCK_FLOOR
 from edge_agent.config import AgentSettings
 from edge_agent.errors import ConnectRefused
 from edge_agent.mqtt import MqttSession
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
-# No certificate of ours predates this: a clock before it has never been set.
-CLOCK_FLOOR: Final = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
