@@ -1,4 +1,8 @@
-"""The agent daemon: presence, and (later) sensing, deciding, buffering and syncing."""
+"""The agent daemon: sense, filter, buffer in the outbox, sync with the hub.
+
+Sensing and buffering never depend on the hub: the sampler and the outbox run from start
+to stop; only the uplink and presence live and die with the MQTT connection.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,61 @@ import logging
 import secrets
 import signal
 import time
+from typing import Final
 
 from edge_agent import __version__
 from edge_agent.clock import unset_clock_warning
 from edge_agent.config import AgentSettings
 from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
-from edge_agent.protocol import Presence, down_filter, encode, presence_topic
+from edge_agent.outbox import Outbox
+from edge_agent.protocol import (
+    ACK,
+    STATUS,
+    Ack,
+    Presence,
+    ProtocolError,
+    Status,
+    down_filter,
+    encode,
+    pack,
+    parse_topic,
+    presence_topic,
+    unpack,
+    up_topic,
+)
+from edge_agent.report import ReportFilter
+from edge_agent.sensors import Reading, Sampler, build_sensors
+from edge_agent.uplink import Uplink, UplinkSettings
+
+STOP_FLUSH_TIMEOUT: Final = 5.0  # a clean stop commits what is buffered; bounded for systemd
 
 log = logging.getLogger("edge_agent")
 
 
 class Agent:
-    """One device. `await Agent(settings).run()` until cancelled or signalled."""
+    """One device. Build with `await Agent.open(settings)`, then `run()`; `close()` at the end."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, outbox: Outbox) -> None:
         self.settings = settings
         self.device = settings.config.device_id
+        self.outbox = outbox
+        up = settings.config.uplink
+        self.uplink = Uplink(self.device, outbox, UplinkSettings(up.batch_max, up.window, up.ack_timeout))
+        self.report = ReportFilter(settings.profile.report)
+        self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take)
         self._session_id = ""
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
+
+    @classmethod
+    async def open(cls, settings: AgentSettings) -> Agent:
+        outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
+        return cls(settings, outbox)
+
+    def _take(self, readings: list[Reading]) -> None:
+        self.outbox.add(self.report.filter(readings))
+
+    # --- the connection ---------------------------------------------------------------
 
     def _presence(self, state: str) -> bytes:
         c = self.settings.config
@@ -42,33 +82,81 @@ class Agent:
         return MqttSession(
             client_id=self.device, host=c.broker.host, port=c.broker.port,
             tls=self.settings.tls.context(), keepalive=c.broker.keepalive,
-            connect_timeout=c.broker.connect_timeout,
+            connect_timeout=c.broker.connect_timeout, max_inflight=c.uplink.window + 4,
             will=Will(presence_topic(self.device), self._presence("offline")),
         )
 
     async def _serve(self, session: MqttSession) -> None:
         await session.subscribe([(down_filter(self.device), 1)])
         await session.publish(presence_topic(self.device), self._presence("online"), qos=1, retain=True)
-        log.info("%s online (profile %s)", self.device, self.settings.config.profile)
+        log.info("%s online (profile %s, backlog %d)", self.device, self.settings.config.profile,
+                 self.outbox.backlog)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.uplink.serve(session), name="uplink")
+            tasks.create_task(self._report_status(session), name="status")
+            tasks.create_task(self._receive(session), name="receive")
+
+    async def _receive(self, session: MqttSession) -> None:
         while True:
             message = await session.next_message()
-            log.debug("message on %s (%d bytes) not handled yet", message.topic, len(message.payload))
+            try:
+                topic = parse_topic(message.topic)
+                if topic.device != self.device or topic.channel != "down":
+                    raise ProtocolError("bad_topic", f"not ours: {message.topic}")
+                if topic.kind == ACK:
+                    self.uplink.on_ack(unpack(message.payload, Ack).through)
+                else:
+                    log.debug("message on %s not handled yet", message.topic)
+            except ProtocolError as exc:
+                log.warning("ignored a message from the hub (%s): %s", exc.reason, exc.detail)
+
+    async def status(self) -> Status:
+        shed = await self.outbox.shed_report()
+        return Status(
+            backlog=self.outbox.backlog, dropped=shed.dropped, dropped_by_metric=shed.by_metric,
+            outbox_bytes=await self.outbox.used_bytes(), corrupt_outboxes=self.outbox.corrupt_outboxes,
+            sensor_failures=dict(self.sampler.failures), ts=time.time(),
+        )
+
+    async def _report_status(self, session: MqttSession) -> None:
+        topic = up_topic(self.device, STATUS)
+        while True:
+            await session.publish(topic, pack(await self.status()), qos=1)
+            await asyncio.sleep(self.settings.config.uplink.status_interval)
+
+    # --- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._warn_about_clock()
-        await self.link.run()
-
-    def _warn_about_clock(self) -> None:
-        # Not the certificate-based check of `edge-agent check`: parsing X.509 here would load
-        # `cryptography` (about 15 MB of RSS) into the daemon for one log line.
+        """Sense, buffer and sync until cancelled."""
         problem = unset_clock_warning(dt.datetime.now(dt.UTC))
         if problem:
+            # Not the certificate-based check of `edge-agent check`: parsing X.509 here would
+            # load `cryptography` (about 15 MB of RSS) into the daemon for one log line.
             log.warning("%s", problem)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.outbox.flusher(), name="outbox")
+            tasks.create_task(self.sampler.run(), name="sampler")
+            tasks.create_task(self._close_windows(), name="aggregation")
+            tasks.create_task(self.link.run(), name="link")
+
+    async def _close_windows(self) -> None:
+        """Aggregation windows close on the clock too, not only when a later reading arrives."""
+        period = self.settings.profile.report.aggregate_s
+        if not period:
+            return
+        while True:
+            await asyncio.sleep(min(period, 1.0))
+            self.outbox.add(self.report.flush(time.time()))
 
     async def stop(self) -> None:
         """Leave cleanly: the broker publishes our Last Will, so the hub sees us offline now."""
         if self.link.session is not None:
             await self.link.session.close(with_will=True)
+
+    async def close(self) -> None:
+        self.outbox.add(self.report.flush())  # partial aggregation windows are kept, not lost
+        async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
+            await self.outbox.close()
 
 
 async def run_agent(settings: AgentSettings) -> None:
@@ -76,13 +164,16 @@ async def run_agent(settings: AgentSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    agent = Agent(settings)
-    task = asyncio.create_task(agent.run(), name="agent")
-    stopper = asyncio.create_task(stop.wait(), name="stop")
-    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if task.done():
-        task.result()  # re-raise what ended it
-    await agent.stop()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    agent = await Agent.open(settings)
+    try:
+        task = asyncio.create_task(agent.run(), name="agent")
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task.done():
+            task.result()  # re-raise what ended it
+        await agent.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await agent.close()

@@ -13,7 +13,7 @@ from msgspec import Meta
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
 from edge_agent.profiles import PROFILE_KEYS, Profile, load_profile
-from edge_agent.protocol import ProtocolError, validate_name
+from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
 
 DEFAULT_CONFIG: Final = Path("/etc/edge-agent/agent.toml")
@@ -36,6 +36,20 @@ class StateConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dir: str = "state"
 
 
+class OutboxConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # "full": a commit survives power loss; "normal": only a crash of the agent (fewer fsyncs).
+    synchronous: Literal["full", "normal"] = "full"
+    # Overrides the profile's budgets.disk_mb when set (MB).
+    quota_mb: Annotated[float, Meta(gt=0)] | None = None
+
+
+class UplinkConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    batch_max: Annotated[int, Meta(ge=1, le=MAX_BATCH_RECORDS)] = 5000
+    window: Annotated[int, Meta(ge=1, le=256)] = 8
+    ack_timeout: Annotated[float, Meta(gt=0, le=3600)] = 15.0
+    status_interval: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_id: str
     profile: str
@@ -44,6 +58,8 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tags: dict[str, str] = {}
     tls: TlsConf = TlsConf()
     state: StateConf = StateConf()
+    outbox: OutboxConf = OutboxConf()
+    uplink: UplinkConf = UplinkConf()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -75,6 +91,11 @@ class AgentSettings:
     @property
     def state_dir(self) -> Path:
         return self.resolve(self.config.state.dir)
+
+    @property
+    def quota_bytes(self) -> int:
+        mb = self.config.outbox.quota_mb or self.profile.budgets.disk_mb
+        return int(mb * 1_000_000)
 
 
 def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:

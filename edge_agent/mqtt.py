@@ -250,6 +250,15 @@ class MqttSession:
         if message.qos and not self._closed.done():
             self._client.ack(message.mid, message.qos)
 
+    def drain(self, limit: int) -> list[Message]:
+        """Messages already received, up to `limit`, without waiting."""
+        out: list[Message] = []
+        while len(out) < limit and not self.messages.empty():
+            out.append(self.messages.get_nowait())
+        if self._reading_paused and self.messages.qsize() < READ_HIGH_WATER // 2:
+            self._resume_reading()
+        return out
+
     async def next_message(self) -> Message:
         message = await self.messages.get()
         if self._reading_paused and self.messages.qsize() < READ_HIGH_WATER // 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -22,6 +24,10 @@ SYSTEM_METRICS: Final = frozenset({
     "cpu_percent", "load1", "load5", "load15", "mem_used_percent", "mem_available_mb",
     "disk_used_percent", "disk_free_mb", "net_bytes_sent", "net_bytes_recv", "cpu_temp",
 })
+# Metric names travel in JSON and hub columns; keep them plain identifiers, as short as an id.
+METRIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
+SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<signals-1>
+THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
 ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record"]
 
 
@@ -47,6 +53,17 @@ class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     units: list[str] = []  # systemd units the "systemd_restart" actuator may restart
 
 
+class ReportSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Report by exception (edge_agent/report.py has the exact semantics)."""
+
+    default_deadband: Annotated[float, Meta(ge=0)] = 0.0  # 0 = send every reading
+    deadband: dict[str, float] = {}  # per-metric overrides, e.g. { sig0 = 0.5 }
+    # A metric that stays inside its deadband is still sent this often, so the hub can tell
+    # "steady" from "stale"; 0 = never.
+    heartbeat_s: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    aggregate_s: Annotated[float, Meta(ge=0, le=86400)] = 0.0  # 0 = off; else one mean per window
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     description: str
@@ -55,6 +72,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     board: str = ""
     sim: SimSpec = SimSpec()
     actuators: ActuatorSpec = ActuatorSpec()
+    report: ReportSpec = ReportSpec()
 
 
 PROFILE_KEYS: Final = frozenset(Profile.__struct_fields__)
@@ -104,9 +122,70 @@ def check_profile(profile: Profile, path: Path) -> None:
                 f"sensors[{index}].metrics: unknown {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(SYSTEM_METRICS))}", where,
             )
+    _check_sensor_overlap(profile, where)
+    _check_report(profile, where)
     if "command" in profile.actuators.allowed and not profile.actuators.commands:
         raise ConfigError("actuators allow \"command\" but list no actuators.commands", where)
     if "systemd_restart" in profile.actuators.allowed and not profile.actuators.units:
         raise ConfigError("actuators allow \"systemd_restart\" but list no actuators.units", where)
     if any(not argv for argv in profile.actuators.commands):
         raise ConfigError("actuators.commands has an empty argv", where)
+
+
+def _check_sensor_overlap(profile: Profile, where: str) -> None:
+    """Two sensors producing one metric would interleave two series under one name."""
+    first_of: dict[str, int] = {}
+    for index, sensor in enumerate(profile.sensors):
+        if sensor.kind != "system":
+            if sensor.kind in first_of:
+                raise ConfigError(
+                    f"sensors[{index}] is a second kind = \"{sensor.kind}\" sensor: it would report the "
+                    f"same metrics as sensors[{first_of[sensor.kind]}]; keep one", where,
+                )
+            first_of[sensor.kind] = index
+            continue
+        for metric in sorted(set(sensor.metrics) or SYSTEM_METRICS):
+            if metric in first_of:
+                raise ConfigError(
+                    f"sensors[{index}] and sensors[{first_of[metric]}] both report {metric}: "
+                    "give each system sensor its own metrics", where,
+                )
+            first_of[metric] = index
+
+
+def produced_metric(profile: Profile, metric: str) -> bool:
+    """Whether some sensor of `profile` can report `metric` (thermal names are only known at run time)."""
+    for sensor in profile.sensors:
+        if sensor.kind == "system" and metric in (set(sensor.metrics) or SYSTEM_METRICS):
+            return True
+        if sensor.kind == "thermal" and metric.startswith(THERMAL_PREFIX):
+            return True
+        # Any sigN, not just N < signals: `--set sim.signals=2` must not break a profile's deadbands.
+        if sensor.kind == "sim" and SIM_METRIC.fullmatch(metric):
+            return True
+    return False
+
+
+def _check_report(profile: Profile, where: str) -> None:
+    report = profile.report
+    if not math.isfinite(report.default_deadband):
+        raise ConfigError("report.default_deadband must be a finite number >= 0", where)
+    for metric, band in report.deadband.items():
+        if not METRIC_PATTERN.fullmatch(metric):
+            raise ConfigError(
+                f"report.deadband: {metric!r} is not a metric name (1 to 64 of A-Z a-z 0-9 _)", where
+            )
+        if not produced_metric(profile, metric):
+            raise ConfigError(
+                f"report.deadband.{metric}: no sensor of this profile reports {metric!r}; "
+                "check the spelling or the sensors' metrics", where,
+            )
+        if not (math.isfinite(band) and band >= 0):
+            raise ConfigError(f"report.deadband.{metric} = {band}: must be a finite number >= 0", where)
+    banded = report.default_deadband > 0 or any(band > 0 for band in report.deadband.values())
+    if banded and 0 < report.heartbeat_s <= report.aggregate_s:
+        raise ConfigError(
+            f"report.heartbeat_s = {report.heartbeat_s} is not longer than report.aggregate_s = "
+            f"{report.aggregate_s}: every window would be sent and the deadband would do nothing; "
+            "raise heartbeat_s or set it to 0", where,
+        )

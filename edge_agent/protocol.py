@@ -7,9 +7,11 @@ anywhere else. Encoding lives here, I/O never does.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Final, Literal, TypeVar
 
 import msgspec
 
@@ -200,3 +202,109 @@ def open_envelope(envelope: SignedEnvelope, trusted: Ed25519PublicKey) -> bytes:
     except InvalidSignature:
         raise ProtocolError("bad_signature", "signature does not match the payload") from None
     return envelope.payload
+
+
+# --- store-and-forward messages (msgpack: compact and fast for large batches) ---------
+
+MAX_SEQ: Final = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
+MAX_BATCH_RECORDS: Final = 20_000  # bounds the hub's work per message whatever the sender claims
+METRIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TELEMETRY: Final = "telemetry"  # up/<kind> and down/<kind> names
+ACK: Final = "ack"
+STATUS: Final = "status"
+
+Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+
+
+class EventRecord(msgspec.Struct, frozen=True, array_like=True):
+    """A decision or audit record: never shed, same sequence space as readings."""
+
+    seq: Seq
+    ts: float
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    body: Annotated[str, msgspec.Meta(max_length=16_384)]  # JSON text
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """Readings and events with sequence numbers in (base, last], oldest first.
+
+    Every sequence number in (base, last] that the batch does not carry was shed on the
+    device (and counted there). `settled` declares everything <= base acknowledged or
+    reported lost, so a hub that has no record of the device can start at base.
+    """
+
+    base: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    last: Seq
+    settled: bool = False
+    names: list[str] = []  # metric names, referenced by index from `metric`
+    seq: list[Seq] = []
+    ts: list[float] = []
+    metric: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    value: list[float] = []
+    events: list[EventRecord] = []
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True):
+    """Hub → device: every record with seq <= through is committed at the hub."""
+
+    through: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """Device → hub, periodically: what the outbox holds and what quota shedding cost."""
+
+    backlog: Annotated[int, msgspec.Meta(ge=0)]
+    dropped: Annotated[int, msgspec.Meta(ge=0)]
+    dropped_by_metric: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    outbox_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    corrupt_outboxes: Annotated[int, msgspec.Meta(ge=0)] = 0  # moved aside since install
+    sensor_failures: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    ts: float = 0.0
+
+
+_packer = msgspec.msgpack.Encoder()
+
+
+def pack(message: msgspec.Struct) -> bytes:
+    data = _packer.encode(message)
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
+    return data
+
+
+def unpack(data: bytes, kind: type[M]) -> M:
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("undecodable", str(exc)) from None
+
+
+def check_batch(batch: Batch) -> int:
+    """Sanity rules a schema cannot express; return the number of records. Raises ProtocolError."""
+    n = len(batch.seq)
+    if not (len(batch.ts) == len(batch.metric) == len(batch.value) == n):
+        raise ProtocolError("invalid", "seq, ts, metric and value differ in length")
+    total = n + len(batch.events)
+    if total > MAX_BATCH_RECORDS:
+        raise ProtocolError("too_many", f"{total} records > {MAX_BATCH_RECORDS}")
+    if batch.last <= batch.base:
+        raise ProtocolError("bad_sequence", f"last {batch.last} <= base {batch.base}")
+    for name in batch.names:
+        if not METRIC_PATTERN.fullmatch(name):
+            raise ProtocolError("bad_metric", f"metric name {name[:80]!r}")
+    if n and max(batch.metric) >= len(batch.names):
+        raise ProtocolError("bad_metric", "metric index outside names")
+    if not all(map(math.isfinite, batch.value)) or not all(map(math.isfinite, batch.ts)):
+        raise ProtocolError("not_finite", "NaN or infinity in a value or timestamp")
+    seqs = sorted([*batch.seq, *(e.seq for e in batch.events)])
+    if seqs and (seqs[0] <= batch.base or seqs[-1] > batch.last):
+        raise ProtocolError("bad_sequence", f"a sequence number outside ({batch.base}, {batch.last}]")
+    if any(a >= b for a, b in itertools.pairwise(seqs)):
+        raise ProtocolError("bad_sequence", "sequence numbers repeat or go backwards")
+    if any(not math.isfinite(e.ts) for e in batch.events):
+        raise ProtocolError("not_finite", "NaN or infinity in an event timestamp")
+    return total

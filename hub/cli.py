@@ -106,7 +106,42 @@ def _parser() -> argparse.ArgumentParser:
                                      "version, backlog, dropped readings, certificate expiry.")
     _dir_arg(dev)
     dev.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    tel = sub.add_parser("telemetry", help="list stored readings",
+                         description="Readings the hub has committed, ordered by device and sequence number. "
+                                     "With --json: one object per line with device, seq, ts (seconds since the "
+                                     "epoch, UTC), metric, value.")
+    _dir_arg(tel)
+    tel.add_argument("--device", metavar="ID", help="only this device")
+    tel.add_argument("--since", metavar="T", type=_since,
+                     help="only readings taken at or after T: an ISO 8601 time (2026-11-21T16:00:00Z), "
+                          "seconds since the epoch, or an age like 90s, 15m, 2h, 7d")
+    tel.add_argument("--metric", metavar="NAME", help="only this metric")
+    tel.add_argument("--limit", type=int, metavar="N", help="at most N readings")
+    tel.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _since(text: str) -> float:
+    """--since: an ISO time, epoch seconds, or an age (90s, 15m, 2h, 7d)."""
+    import datetime as dt
+    import re
+    import time
+
+    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if age:
+        return time.time() - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO 8601, epoch seconds, or an age like 15m"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one line per SQL call drowns the rest
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
+        "telemetry": _telemetry,
     }
     try:
         if args.command == "run":
@@ -259,6 +295,31 @@ async def _devices(args: argparse.Namespace) -> int:
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     online = sum(r.online for r in rows)
     print(f"{len(rows)} device(s), {online} online")
+    return EXIT_OK
+
+
+async def _telemetry(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from hub.store import HubStore
+
+    paths, _ = load_hub(args.dir)
+    store = await HubStore.open(paths.db)
+    out = sys.stdout
+    count = 0
+    try:
+        async for row in store.telemetry(device=args.device, since=args.since, metric=args.metric,
+                                         limit=args.limit):
+            count += 1
+            if args.json:
+                out.write(msgspec.json.encode(row).decode() + "\n")
+            else:
+                when = dt.datetime.fromtimestamp(row.ts, dt.UTC).isoformat(timespec="milliseconds")
+                out.write(f"{row.device}\t{row.seq}\t{when}\t{row.metric}\t{row.value:g}\n")
+    finally:
+        await store.close()
+    if not args.json:
+        print(f"{count} reading(s)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import signal
 import time
 from typing import Final
 
 from edge_agent.link import Link
-from edge_agent.mqtt import Message, MqttSession, TlsIdentity
-from edge_agent.protocol import PRESENCE_FILTER, Presence, ProtocolError, decode, parse_topic
+from edge_agent.mqtt import MqttSession, TlsIdentity
+from edge_agent.protocol import ACK, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
+from hub.ingest import Ingest
 from hub.pki import Authority
 from hub.revocation import crl_due, publish_crl
 from hub.store import HubStore
 
 CRL_CHECK_INTERVAL: Final = 3600.0  # the CRL lives for days; hourly checks leave ample margin
+HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
+# Messages taken per ingest cycle (one transaction): large enough to amortise the commit,
+# small enough that one cycle stays well under a second.
+INGEST_MAX_MESSAGES: Final = 200
 
 log = logging.getLogger("hub")
 
 
 class HubService:
-    """The hub's MQTT side: presence ingest; subscribes again on every connect."""
+    """The hub's MQTT side: presence and telemetry ingest; subscribes again on every connect."""
 
     def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
         self._paths, self._config, self._store = paths, config, store
-        self.rejects: collections.Counter[str] = collections.Counter()
+        self.ingest = Ingest(store)
         self.link = Link(f"hub {config.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
@@ -37,6 +41,9 @@ class HubService:
             client_id=self._config.identity, host=self._config.broker.host,
             port=self._config.broker.port, tls=TlsIdentity(p.ca_cert, p.hub_cert, p.hub_key).context(),
             keepalive=self._config.hub.keepalive, manual_ack=True,
+            # A persistent session: what devices send while the hub restarts waits at the
+            # broker (in memory) instead of waiting for the devices' ack timeouts.
+            clean_start=False, session_expiry=HUB_SESSION_EXPIRY, max_inflight=INGEST_MAX_MESSAGES,
         )
 
     async def run(self) -> None:
@@ -45,33 +52,20 @@ class HubService:
     async def _serve(self, session: MqttSession) -> None:
         # A durable subscription is not restored after a broker restart (2.0.11), and a
         # new session has none: subscribe on every connect.
-        await session.subscribe([(PRESENCE_FILTER, 1)])
+        await session.subscribe([(PRESENCE_FILTER, 1), (UP_FILTER, 1)])
         log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
         while True:
-            message = await session.next_message()
-            await self._handle(message)
-            session.ack(message)  # only after the database has it
-
-    async def _handle(self, message: Message) -> None:
-        try:
-            topic = parse_topic(message.topic)
-            if topic.channel != "presence":
-                raise ProtocolError("bad_topic", f"unexpected topic {message.topic}")
-            if not message.payload:
-                return  # a cleared retained message
-            presence = decode(message.payload, Presence)
-        except ProtocolError as exc:
-            self._reject(exc.reason, f"{message.topic}: {exc.detail}")
-            return
-        if not await self._store.apply_presence(topic.device, presence, time.time()):
-            log.debug("ignored presence of %s (unknown device or stale session)", topic.device)
-            return
-        log.info("device %s is %s", topic.device, presence.state)
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self.rejects[reason] += 1
-        level = logging.WARNING if self.rejects[reason] == 1 else logging.DEBUG
-        log.log(level, "rejected (%s, %d so far): %s", reason, self.rejects[reason], detail)
+            messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
+            result = await self.ingest.process(messages)
+            for message in messages:
+                session.ack(message)  # PUBACK only now that the database has it
+            for device, presence in result.presence:
+                if await self._store.apply_presence(device, presence, time.time()):
+                    log.info("device %s is %s", device, presence.state)
+            if result.acks:
+                await asyncio.gather(*(
+                    session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1) for d, w in result.acks.items()
+                ))
 
 
 async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:

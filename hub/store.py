@@ -11,14 +11,15 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import aiosqlite
 import msgspec
 
-from edge_agent.protocol import Presence
+from edge_agent.protocol import Presence, Status
 from hub.errors import HubError
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
@@ -52,6 +53,27 @@ MIGRATIONS: Final[Sequence[str]] = (
     );
     CREATE INDEX certificates_device ON certificates(device);
     """,
+    """
+    CREATE TABLE telemetry (
+        device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+        metric TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+        kind TEXT NOT NULL, body TEXT NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest (
+        device TEXT PRIMARY KEY,
+        acked_through INTEGER NOT NULL      -- every record <= this is committed here
+    );
+    CREATE TABLE drops (
+        device TEXT NOT NULL, metric TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (device, metric)
+    ) WITHOUT ROWID;
+    CREATE TABLE rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -74,6 +96,28 @@ class DeviceRow(msgspec.Struct, frozen=True):
     cert_expires: str | None
     revoked: bool
     agent_version: str | None
+
+
+class TelemetryRow(msgspec.Struct, frozen=True):
+    """One line of `edge-hub telemetry --json` (a documented contract); ts in epoch seconds."""
+
+    device: str
+    seq: int
+    ts: float
+    metric: str
+    value: float
+
+
+@dataclass
+class IngestWork:
+    """Rows and state from one ingest cycle, committed together."""
+
+    now: float
+    telemetry: list[tuple[str, int, float, str, float]] = field(default_factory=list)
+    events: list[tuple[str, int, float, str, str]] = field(default_factory=list)
+    watermarks: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, Status] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)
 
 
 def iso(ts: float | None) -> str | None:
@@ -243,6 +287,81 @@ class HubStore:
             return False  # the Last Will of a connection that a newer one replaced
         await self._db.commit()
         return True
+
+    # --- ingest ---------------------------------------------------------------------
+
+    async def watermarks(self) -> dict[str, int]:
+        return {d: int(w) async for d, w in self._rows("SELECT device, acked_through FROM ingest")}
+
+    async def registered(self) -> set[str]:
+        return {d async for (d,) in self._rows("SELECT device FROM devices WHERE revoked_at IS NULL")}
+
+    async def commit_ingest(self, work: IngestWork) -> None:
+        """Everything one ingest cycle learned, in one transaction."""
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if work.telemetry:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
+                    work.telemetry,
+                )
+            if work.events:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events
+                )
+            if work.watermarks:
+                await db.executemany(
+                    "INSERT INTO ingest(device, acked_through) VALUES (?, ?) ON CONFLICT(device) "
+                    "DO UPDATE SET acked_through = max(acked_through, excluded.acked_through)",
+                    work.watermarks.items(),
+                )
+            for device, status in work.statuses.items():
+                await db.execute(
+                    "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ? WHERE device = ?",
+                    (status.backlog, status.dropped, work.now, device),
+                )
+                await db.executemany(
+                    "INSERT INTO drops(device, metric, count) VALUES (?, ?, ?) ON CONFLICT(device, metric) "
+                    "DO UPDATE SET count = excluded.count",
+                    [(device, m, c) for m, c in status.dropped_by_metric.items()],
+                )
+            if work.rejects:
+                await db.executemany(
+                    "INSERT INTO rejects(reason, count) VALUES (?, ?) ON CONFLICT(reason) "
+                    "DO UPDATE SET count = count + excluded.count",
+                    work.rejects.items(),
+                )
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+
+    async def telemetry(self, *, device: str | None = None, since: float | None = None,
+                        metric: str | None = None, limit: int | None = None) -> AsyncIterator[TelemetryRow]:
+        clauses, args = [], []
+        for clause, arg in (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric)):
+            if arg is not None:
+                clauses.append(clause)
+                args.append(arg)
+        query = "SELECT device, seq, ts, metric, value FROM telemetry"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY device, seq"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        async with self._db.execute(query, args) as cur:
+            while rows := await cur.fetchmany(10_000):
+                for r in rows:
+                    yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
+
+    async def reject_counts(self) -> dict[str, int]:
+        return {r: int(c) async for r, c in self._rows("SELECT reason, count FROM rejects")}
+
+    async def _rows(self, query: str, args: tuple[Any, ...] = ()) -> AsyncIterator[Any]:
+        async with self._db.execute(query, args) as cur:
+            for row in await cur.fetchall():
+                yield tuple(row)
 
     async def devices(self, device: str | None = None) -> list[DeviceRow]:
         query = (

@@ -1,0 +1,405 @@
+"""The outbox: every reading and event, in SQLite, until the hub acknowledges it.
+
+- One writer. Readings are buffered for at most COMMIT_INTERVAL and committed in one
+  transaction (never one per row: SD cards wear out). Events are committed before
+  `add_event` returns: an audit record must exist before the action it describes.
+- Sequence numbers are assigned here, only grow, and survive restarts: the last one is
+  committed with the rows, and a reservation file (hi/lo) keeps them growing even when a
+  corrupt outbox has to be replaced.
+- Rows are deleted only up to the hub's end-to-end acknowledgment.
+- Over quota, raw telemetry is shed (events never): see `_shed` and docs/store-and-forward.md.
+- A corrupt outbox is moved aside, reported, and a new one started; never deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import aiosqlite
+
+from edge_agent.sensors import Reading
+
+COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
+COMMIT_ROWS: Final = 50_000  # ...or fewer, when this many are waiting (bounds memory at high rates)
+RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
+QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
+SCHEMA_VERSION: Final = 1
+DB_NAME: Final = "outbox.db"
+
+log = logging.getLogger(__name__)
+
+_SCHEMA: Final = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE records (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    metric INTEGER,            -- telemetry: metrics.id; NULL for events
+    value REAL,
+    kind TEXT,                 -- events: the event kind; NULL for telemetry
+    body TEXT
+);
+CREATE TABLE shed (metric TEXT PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+
+class Record(NamedTuple):
+    """A committed row as the uplink reads it."""
+
+    seq: int
+    ts: float
+    metric: str | None
+    value: float | None
+    kind: str | None
+    body: str | None
+
+
+@dataclass
+class ShedReport:
+    dropped: int
+    by_metric: dict[str, int]
+
+
+class OutboxCorrupt(Exception):
+    pass
+
+
+class Outbox:
+    """Start with `await Outbox.open(dir, quota_bytes)`; run `flusher()` as a task; `close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, quota_bytes: int, meta: dict[str, int],
+                 metrics: dict[str, int], rows: int, synchronous: str) -> None:
+        self._db, self.path, self.quota_bytes = db, path, quota_bytes
+        self._metric_ids = metrics
+        self._metric_names = {v: k for k, v in metrics.items()}
+        self._new_metrics: list[tuple[int, str]] = []
+        self.last_seq = meta.get("last_seq", 0)  # committed
+        self._next_seq = self.last_seq + 1
+        self.acked = meta.get("acked", 0)
+        self._reserved = meta.get("reserved", 0)
+        self._thin_floor = meta.get("thin_floor", 0)
+        self.dropped = meta.get("dropped", 0)
+        self.corrupt_outboxes = meta.get("corrupt_outboxes", 0)
+        self.rows = rows
+        self._buffer: list[tuple[int, float, int, float]] = []
+        self._ack_pending: int | None = None
+        self.protect_through = 0  # shedding never touches seq <= this (sent, awaiting ack)
+        self.committed = asyncio.Event()  # set after each commit that added rows
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._synchronous = synchronous
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full") -> Outbox:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = state_dir / DB_NAME
+        moved: tuple[Path, str] | None = None
+        try:
+            db = await cls._connect(path, synchronous)
+        except OutboxCorrupt as exc:
+            moved = (_move_aside(path), str(exc))
+            db = await cls._connect(path, synchronous)
+        try:
+            meta = {k: v async for k, v in _rows(db, "SELECT key, value FROM meta")}
+            metrics = {name: mid async for mid, name in _rows(db, "SELECT id, name FROM metrics")}
+            async with db.execute("SELECT count(*) FROM records") as cur:
+                row = await cur.fetchone()
+            outbox = cls(db, path, quota_bytes, meta, metrics, int(row[0]) if row else 0, synchronous)
+            reserved = _read_reservation(state_dir)
+            if outbox.last_seq < reserved and (moved is not None or outbox.last_seq == 0):
+                # A replaced (or removed) outbox: continue above every number that could have
+                # been committed; the uplink declares everything up to here settled.
+                outbox.last_seq = outbox.acked = reserved
+                outbox._next_seq = reserved + 1
+            outbox._reserved = max(outbox._reserved, reserved)
+            if moved is not None:
+                outbox.corrupt_outboxes += 1
+                log.error("outbox %s was corrupt (%s); moved it to %s and started a new one",
+                          path, moved[1], moved[0])
+                await outbox.add_event("outbox_corrupt", {"moved_to": str(moved[0]), "reason": moved[1],
+                                                          "resumed_after_seq": outbox.last_seq})
+        except BaseException:
+            await db.close()
+            raise
+        return outbox
+
+    @staticmethod
+    async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            async with db.execute("PRAGMA quick_check") as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != "ok":
+                raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit survives power loss too, not only a crash; the WAL is
+            # appended sequentially and commits are at most ten a second.
+            await db.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
+            if version == 0:
+                await db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise OutboxCorrupt(str(exc)) from None
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        await self.flush()
+        await self._db.close()
+
+    # --- writing --------------------------------------------------------------------
+
+    def add(self, readings: Iterable[Reading]) -> None:
+        """Take readings; they are durable at the next commit (within COMMIT_INTERVAL)."""
+        ids = self._metric_ids
+        seq = self._next_seq
+        buffer = self._buffer
+        for metric, ts, value in readings:
+            mid = ids.get(metric)
+            if mid is None:
+                mid = self._intern(metric)
+            buffer.append((seq, ts, mid, value))
+            seq += 1
+        self._next_seq = seq
+        if len(buffer) >= COMMIT_ROWS:
+            self._wake.set()
+
+    def _intern(self, metric: str) -> int:
+        mid = len(self._metric_ids) + 1
+        self._metric_ids[metric] = mid
+        self._metric_names[mid] = metric
+        self._new_metrics.append((mid, metric))
+        return mid
+
+    async def add_event(self, kind: str, body: dict[str, object]) -> int:
+        """Commit an event record now (with everything buffered before it); return its seq."""
+        async with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            text = json.dumps(body, separators=(",", ":"), default=str)
+            await self._commit(event=(seq, time.time(), kind, text))
+        return seq
+
+    def acknowledge(self, through: int) -> None:
+        """The hub has committed everything <= through: delete it at the next commit."""
+        if through > self.acked:
+            self.acked = through
+            self._ack_pending = through
+            self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if self._buffer or self._ack_pending is not None or self._new_metrics:
+                await self._commit()
+
+    async def flusher(self) -> None:
+        """Commit at least every COMMIT_INTERVAL while there is something to commit."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), COMMIT_INTERVAL)
+            self._wake.clear()
+            await self.flush()
+
+    async def _commit(self, event: tuple[int, float, str, str] | None = None) -> None:
+        rows, self._buffer = self._buffer, []
+        metrics, self._new_metrics = self._new_metrics, []
+        ack = self._ack_pending
+        last = max(rows[-1][0] if rows else 0, event[0] if event else 0, self.last_seq)
+        db = self._db
+        before = (self.rows, self.dropped, self._thin_floor)
+        await self._reserve(last)
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            if metrics:
+                await db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", metrics)
+            if rows:
+                await db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", rows)
+            if event:
+                await db.execute("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", event)
+            deleted = 0
+            if ack is not None:
+                cur = await db.execute("DELETE FROM records WHERE seq <= ?", (ack,))
+                deleted = cur.rowcount
+            self.rows += len(rows) + (1 if event else 0) - deleted
+            shed = await self._shed_if_over_quota()
+            await self._set_meta(last_seq=last, acked=self.acked, thin_floor=self._thin_floor,
+                                 dropped=self.dropped, corrupt_outboxes=self.corrupt_outboxes)
+            await db.execute("COMMIT")
+        except BaseException:
+            # Nothing was committed: put everything back so the next commit retries it.
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            self._buffer[:0] = rows
+            self._new_metrics[:0] = metrics
+            self.rows, self.dropped, self._thin_floor = before
+            raise
+        if ack is not None and self._ack_pending == ack:
+            self._ack_pending = None
+        self.last_seq = last
+        if shed:
+            log.warning("outbox over its %.1f MB quota: shed %d telemetry readings (%s)",
+                        self.quota_bytes / 1e6, sum(shed.values()), _summary(shed))
+        if rows or event:
+            self.committed.set()
+
+    async def _reserve(self, last: int) -> None:
+        if last <= self._reserved:
+            return
+        self._reserved = last + RESERVE_STEP
+        await asyncio.to_thread(_write_reservation, self.path.parent, self._reserved)
+
+    async def _set_meta(self, **values: int) -> None:
+        await self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values.items())
+
+    # --- quota ----------------------------------------------------------------------
+
+    async def used_bytes(self) -> int:
+        async with self._db.execute("PRAGMA page_count") as cur:
+            pages = (await cur.fetchone() or (0,))[0]
+        async with self._db.execute("PRAGMA freelist_count") as cur:
+            free = (await cur.fetchone() or (0,))[0]
+        async with self._db.execute("PRAGMA page_size") as cur:
+            size = (await cur.fetchone() or (4096,))[0]
+        return int((pages - free) * size)
+
+    async def _shed_if_over_quota(self) -> dict[str, int]:
+        """Thin old telemetry before dropping it; never events. Runs inside the commit."""
+        used = await self.used_bytes()
+        if used <= self.quota_bytes or self.rows <= 0:
+            return {}
+        per_row = used / self.rows
+        need = max(1, math.ceil((used - self.quota_bytes * QUOTA_TARGET) / per_row))
+        victims = await self._thin(need) or await self._drop_oldest(need)
+        if not victims:
+            log.warning("outbox over quota but holds no telemetry it may shed (events are never shed)")
+            return {}
+        counts = collections.Counter(self._metric_names.get(m, "?") for _, m in victims)
+        await self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in victims])
+        await self._db.executemany(
+            "INSERT INTO shed(metric, count) VALUES (?, ?) "
+            "ON CONFLICT(metric) DO UPDATE SET count = count + excluded.count",
+            counts.items(),
+        )
+        self.rows -= len(victims)
+        self.dropped += len(victims)
+        return dict(counts)
+
+    async def _thin(self, need: int) -> list[tuple[int, int]]:
+        """Every other reading of each metric among the oldest not-yet-thinned telemetry."""
+        floor = max(self._thin_floor, self.protect_through)
+        async with self._db.execute(
+            "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
+            (floor, 2 * need + 1),
+        ) as cur:
+            rows = [(int(s), int(m)) for s, m in await cur.fetchall()]
+        if len(rows) < 2:
+            return []
+        by_metric: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for row in rows:
+            by_metric[row[1]].append(row)
+        victims = [v for group in by_metric.values() for v in group[1::2]]
+        if victims:
+            self._thin_floor = rows[-1][0]
+        return victims
+
+    async def _drop_oldest(self, need: int) -> list[tuple[int, int]]:
+        """Everything left was thinned once already: drop the oldest telemetry outright."""
+        async with self._db.execute(
+            "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
+            (self.protect_through, need),
+        ) as cur:
+            return [(int(s), int(m)) for s, m in await cur.fetchall()]
+
+    async def shed_report(self) -> ShedReport:
+        return ShedReport(self.dropped, {m: c async for m, c in _rows(self._db, "SELECT metric, count FROM shed")})
+
+    # --- reading --------------------------------------------------------------------
+
+    async def read_after(self, after: int, limit: int) -> list[Record]:
+        """Committed records with seq > after, oldest first."""
+        names = self._metric_names
+        async with self._db.execute(
+            "SELECT seq, ts, metric, value, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Record(s, t, names.get(m) if m is not None else None, v, k, b) for s, t, m, v, k, b in rows]
+
+    @property
+    def backlog(self) -> int:
+        """Records not yet acknowledged (committed or waiting to be)."""
+        return self.rows + len(self._buffer)
+
+
+async def _rows(db: aiosqlite.Connection, query: str) -> AsyncIterator[Any]:
+    async with db.execute(query) as cur:
+        for row in await cur.fetchall():
+            yield row
+
+
+def _summary(counts: dict[str, int]) -> str:
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    return ", ".join(f"{m}: {c}" for m, c in top) + (" …" if len(counts) > 5 else "")
+
+
+def _reservation_path(state_dir: Path) -> Path:
+    return state_dir / "outbox.seq-reserve"
+
+
+def _read_reservation(state_dir: Path) -> int:
+    try:
+        return int(_reservation_path(state_dir).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_reservation(state_dir: Path, value: int) -> None:
+    path = _reservation_path(state_dir)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(f"{value}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _move_aside(path: Path) -> Path:
+    """Keep a corrupt outbox for inspection; never delete it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    path.rename(target)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    return target

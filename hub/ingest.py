@@ -1,0 +1,153 @@
+"""Hub ingest: validate batches, store them idempotently, advance per-device watermarks.
+
+The device id always comes from the topic the broker authorised (ACL: a device writes only
+its own topics), never from a payload. A batch is stored whatever its position; the
+cumulative watermark acknowledged to the device advances only across contiguous coverage:
+from the stored watermark through batches whose (base, last] ranges chain onto it.
+
+Single-replica assumption: the watermark cache and the pending ranges live in this
+process. With several hub replicas sharing the ingest (MQTT 5 shared subscriptions) the
+watermark must move to the shared database and be advanced there (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from edge_agent.mqtt import Message
+from edge_agent.protocol import (
+    STATUS,
+    TELEMETRY,
+    Batch,
+    Presence,
+    ProtocolError,
+    Status,
+    Topic,
+    check_batch,
+    decode,
+    parse_topic,
+    unpack,
+)
+from hub.store import HubStore, IngestWork
+
+# Pending (base, last] ranges kept per device while waiting for a gap to close; a device
+# that never closes a gap (its batch lost in flight) resends from the last ack anyway.
+MAX_PENDING_RANGES: Final = 256
+
+log = logging.getLogger("hub.ingest")
+
+
+@dataclass
+class _Device:
+    watermark: int
+    pending: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class CycleResult:
+    acks: dict[str, int]  # device -> cumulative watermark to acknowledge
+    presence: list[tuple[str, Presence]]
+    stored: int
+
+
+class Ingest:
+    def __init__(self, store: HubStore) -> None:
+        self._store = store
+        self._devices: dict[str, _Device] | None = None
+        self._registered: set[str] = set()
+        self.rejects: collections.Counter[str] = collections.Counter()
+        self.records = 0
+
+    async def _load(self) -> dict[str, _Device]:
+        if self._devices is None:
+            self._devices = {d: _Device(w) for d, w in (await self._store.watermarks()).items()}
+            self._registered = await self._store.registered()
+        return self._devices
+
+    async def _known(self, device: str) -> bool:
+        if device not in self._registered:
+            self._registered = await self._store.registered()  # provisioned since we looked
+        return device in self._registered
+
+    async def process(self, messages: list[Message]) -> CycleResult:
+        """Validate and commit one cycle's messages; return what to acknowledge."""
+        devices = await self._load()
+        work = IngestWork(now=time.time())
+        advanced: dict[str, _Device] = {}
+        presence: list[tuple[str, Presence]] = []
+        rejects: collections.Counter[str] = collections.Counter()
+        for message in messages:
+            try:
+                topic = parse_topic(message.topic)
+                if topic.channel == "presence":
+                    if message.payload:  # an empty payload clears a retained message
+                        presence.append((topic.device, decode(message.payload, Presence)))
+                    continue
+                if not await self._known(topic.device):
+                    raise ProtocolError("unknown_device", f"{topic.device} is not registered (or revoked)")
+                self._route(topic, message.payload, devices, advanced, work)
+            except ProtocolError as exc:
+                rejects[exc.reason] += 1
+                self._log_reject(exc.reason, f"{message.topic}: {exc.detail}")
+        work.watermarks = {d: s.watermark for d, s in advanced.items()}
+        work.rejects = dict(rejects)
+        await self._store.commit_ingest(work)
+        # Only now, with the rows durable, does the in-memory state move.
+        devices.update(advanced)
+        self.rejects.update(rejects)
+        stored = len(work.telemetry) + len(work.events)
+        self.records += stored
+        return CycleResult({d: s.watermark for d, s in advanced.items()}, presence, stored)
+
+    def _log_reject(self, reason: str, detail: str) -> None:
+        seen = self.rejects[reason]
+        level = logging.WARNING if seen == 0 else logging.DEBUG
+        log.log(level, "rejected (%s, %d before): %s", reason, seen, detail[:500])
+
+    def _route(self, topic: Topic, payload: bytes, devices: dict[str, _Device],
+               advanced: dict[str, _Device], work: IngestWork) -> None:
+        if topic.channel != "up":
+            raise ProtocolError("bad_topic", "devices publish only on up/ and presence")
+        if topic.kind == TELEMETRY:
+            batch = unpack(payload, Batch)
+            check_batch(batch)
+            self._add_batch(topic.device, batch, devices, advanced, work)
+        elif topic.kind == STATUS:
+            work.statuses[topic.device] = unpack(payload, Status)
+        else:
+            raise ProtocolError("bad_topic", f"unknown kind {topic.kind!r}")
+
+    @staticmethod
+    def _add_batch(device: str, batch: Batch, devices: dict[str, _Device],
+                   advanced: dict[str, _Device], work: IngestWork) -> None:
+        names = batch.names
+        work.telemetry.extend(
+            (device, s, t, names[m], v) for s, t, m, v in zip(batch.seq, batch.ts, batch.metric, batch.value,
+                                                              strict=True)
+        )
+        work.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
+        state = advanced.get(device)
+        if state is None:
+            old = devices.get(device, _Device(0))
+            state = advanced[device] = _Device(old.watermark, list(old.pending))
+        if batch.settled and batch.base > state.watermark:
+            state.watermark = batch.base
+        state.pending.append((batch.base, batch.last))
+        _advance(state)
+
+
+def _advance(state: _Device) -> None:
+    """Move the watermark across every pending range that chains onto it."""
+    state.pending.sort()
+    keep: list[tuple[int, int]] = []
+    for base, last in state.pending:
+        if base <= state.watermark:
+            state.watermark = max(state.watermark, last)
+        else:
+            keep.append((base, last))
+    state.pending = keep[-MAX_PENDING_RANGES:]
+
