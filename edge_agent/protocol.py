@@ -11,7 +11,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -142,26 +142,46 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True):
 
 M = TypeVar("M", bound=msgspec.Struct)
 
-_encoder = msgspec.json.Encoder()
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
 
 
-def encode(message: msgspec.Struct) -> bytes:
-    data = _encoder.encode(message)
+def _encode(encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder, message: msgspec.Struct) -> bytes:
+    data = encoder.encode(message)
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
     return data
 
 
-def decode(data: bytes, kind: type[M]) -> M:
-    """Decode and validate a payload, raising ProtocolError with the reason on any defect."""
+def _decode(module: Any, data: bytes, kind: type[M]) -> M:
+    """Size check, then decode and validate, mapping every defect to a ProtocolError reason."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
-        return msgspec.json.decode(data, type=kind)
+        result: M = module.decode(data, type=kind)
     except msgspec.ValidationError as exc:
         raise ProtocolError("invalid", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("undecodable", str(exc)) from None
+    return result
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON, for small messages people read (presence)."""
+    return _encode(_json_encoder, message)
+
+
+def decode(data: bytes, kind: type[M]) -> M:
+    return _decode(msgspec.json, data, kind)
+
+
+def pack(message: msgspec.Struct) -> bytes:
+    """msgpack, for the data path: compact and fast for large batches."""
+    return _encode(_msgpack_encoder, message)
+
+
+def unpack(data: bytes, kind: type[M]) -> M:
+    return _decode(msgspec.msgpack, data, kind)
 
 
 # --- signing envelope ---------------------------------------------------------------
@@ -260,27 +280,6 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     corrupt_outboxes: Annotated[int, msgspec.Meta(ge=0)] = 0  # moved aside since install
     sensor_failures: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
     ts: float = 0.0
-
-
-_packer = msgspec.msgpack.Encoder()
-
-
-def pack(message: msgspec.Struct) -> bytes:
-    data = _packer.encode(message)
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
-    return data
-
-
-def unpack(data: bytes, kind: type[M]) -> M:
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        return msgspec.msgpack.decode(data, type=kind)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError("invalid", str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError("undecodable", str(exc)) from None
 
 
 def check_batch(batch: Batch) -> int:
