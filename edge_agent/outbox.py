@@ -30,6 +30,7 @@ from typing import Any, Final, NamedTuple
 import aiosqlite
 
 from edge_agent.sensors import Reading
+from edge_agent.sqlite import to_completion
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
 COMMIT_ROWS: Final = 50_000  # ...or fewer, when this many are waiting (bounds memory at high rates)
@@ -138,22 +139,50 @@ class Outbox:
         return outbox
 
     @staticmethod
-    async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(path, isolation_level=None)
+    async def _probe(path: Path) -> int:
+        """Integrity and schema version, read-only: a file we refuse leaves here unchanged
+        (a read-write connection would checkpoint its WAL into it when closed)."""
+        if not path.exists():
+            return 0
+        try:
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.OperationalError:
+            return -1  # cannot probe read-only (no -shm yet): the read-write open checks instead
         try:
             async with db.execute("PRAGMA quick_check") as cur:
                 row = await cur.fetchone()
             if row is None or row[0] != "ok":
                 raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit survives power loss too, not only a crash; the WAL is
-            # appended sequentially and commits are at most ten a second.
-            await db.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise OutboxCorrupt(str(exc)) from None
+        finally:
+            await db.close()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
+        return version
+
+    @classmethod
+    async def _connect(cls, path: Path, synchronous: str) -> aiosqlite.Connection:
+        probed = await cls._probe(path)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            if probed < 0:
+                async with db.execute("PRAGMA quick_check") as cur:
+                    row = await cur.fetchone()
+                if row is None or row[0] != "ok":
+                    raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
             async with db.execute("PRAGMA user_version") as cur:
                 row = await cur.fetchone()
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit survives power loss too, not only a crash; the WAL is
+            # appended sequentially and commits are at most ten a second.
+            await db.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
             if version == 0:
                 await db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
@@ -198,7 +227,7 @@ class Outbox:
             seq = self._next_seq
             self._next_seq += 1
             text = json.dumps(body, separators=(",", ":"), default=str)
-            await self._commit(event=(seq, time.time(), kind, text))
+            await to_completion(self._commit(event=(seq, time.time(), kind, text)))
         return seq
 
     def acknowledge(self, through: int) -> None:
@@ -211,7 +240,7 @@ class Outbox:
     async def flush(self) -> None:
         async with self._lock:
             if self._buffer or self._ack_pending is not None or self._new_metrics:
-                await self._commit()
+                await to_completion(self._commit())
 
     async def flusher(self) -> None:
         """Commit at least every COMMIT_INTERVAL while there is something to commit."""
@@ -290,12 +319,17 @@ class Outbox:
             return {}
         per_row = used / self.rows
         need = max(1, math.ceil((used - self.quota_bytes * QUOTA_TARGET) / per_row))
-        victims = await self._thin(need) or await self._drop_oldest(need)
+        # Thin what the older half still allows; what thinning cannot free comes from dropping
+        # the oldest outright (new data keeps arriving, so "thin everything first" never ends).
+        victims = await self._thin(need)
+        if len(victims) < need:
+            dropped = await self._drop_oldest(need - len(victims))
+            await self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in dropped])
+            victims += dropped
         if not victims:
             log.warning("outbox over quota but holds no telemetry it may shed (events are never shed)")
             return {}
         counts = collections.Counter(self._metric_names.get(m, "?") for _, m in victims)
-        await self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in victims])
         await self._db.executemany(
             "INSERT INTO shed(metric, count) VALUES (?, ?) "
             "ON CONFLICT(metric) DO UPDATE SET count = count + excluded.count",
@@ -306,25 +340,42 @@ class Outbox:
         return dict(counts)
 
     async def _thin(self, need: int) -> list[tuple[int, int]]:
-        """Every other reading of each metric among the oldest not-yet-thinned telemetry."""
+        """Halve the oldest never-thinned telemetry, per metric, within the older half of the
+        outbox; return the removed (seq, metric). Empty when that half is all thinned.
+
+        Deleting every other row would free no page (each page keeps half its rows), so the
+        range is deleted whole (its pages go to the free list) and the kept half is written
+        back with the same sequence numbers, densely, into those pages.
+        """
+        db = self._db
         floor = max(self._thin_floor, self.protect_through)
-        async with self._db.execute(
-            "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
-            (floor, 2 * need + 1),
+        async with db.execute("SELECT seq FROM records ORDER BY seq LIMIT 1 OFFSET ?", (self.rows // 2,)) as cur:
+            row = await cur.fetchone()
+        old_end = int(row[0]) if row else 0
+        async with db.execute(
+            "SELECT seq, ts, metric, value FROM records WHERE seq > ? AND seq <= ? AND metric IS NOT NULL "
+            "ORDER BY seq LIMIT ?",
+            (floor, old_end, 2 * need + 1),
         ) as cur:
-            rows = [(int(s), int(m)) for s, m in await cur.fetchall()]
-        if len(rows) < 2:
+            region = [(int(s), float(t), int(m), float(v)) for s, t, m, v in await cur.fetchall()]
+        if len(region) < 2:
             return []
-        by_metric: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-        for row in rows:
-            by_metric[row[1]].append(row)
-        victims = [v for group in by_metric.values() for v in group[1::2]]
-        if victims:
-            self._thin_floor = rows[-1][0]
-        return victims
+        by_metric: dict[int, list[tuple[int, float, int, float]]] = collections.defaultdict(list)
+        for record in region:
+            by_metric[record[2]].append(record)
+        kept = sorted(r for group in by_metric.values() for r in group[0::2])
+        removed = [(r[0], r[2]) for group in by_metric.values() for r in group[1::2]]
+        if not removed:
+            return []
+        first, last = region[0][0], region[-1][0]
+        # Events inside the range are untouched: only telemetry rows are deleted.
+        await db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? AND metric IS NOT NULL", (first, last))
+        await db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", kept)
+        self._thin_floor = last
+        return removed
 
     async def _drop_oldest(self, need: int) -> list[tuple[int, int]]:
-        """Everything left was thinned once already: drop the oldest telemetry outright."""
+        """The older half is all thinned once: drop the oldest telemetry outright."""
         async with self._db.execute(
             "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
             (self.protect_through, need),

@@ -270,15 +270,19 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     through: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 
 
+# Every counter a device reports is stored in a signed 64-bit SQLite INTEGER.
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     """Device → hub, periodically: what the outbox holds and what quota shedding cost."""
 
-    backlog: Annotated[int, msgspec.Meta(ge=0)]
-    dropped: Annotated[int, msgspec.Meta(ge=0)]
-    dropped_by_metric: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
-    outbox_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
-    corrupt_outboxes: Annotated[int, msgspec.Meta(ge=0)] = 0  # moved aside since install
-    sensor_failures: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    backlog: Count
+    dropped: Count
+    dropped_by_metric: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], Count] = {}
+    outbox_bytes: Count = 0
+    corrupt_outboxes: Count = 0  # moved aside since install
+    sensor_failures: dict[Annotated[str, msgspec.Meta(max_length=64)], Count] = {}
     ts: float = 0.0
 
 

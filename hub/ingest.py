@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -33,6 +34,9 @@ from edge_agent.protocol import (
     unpack,
 )
 from hub.store import HubStore, IngestWork
+
+# Errors of the data, not of the database's health: retried message by message.
+UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
 
 # Pending (base, last] ranges kept per device while waiting for a gap to close; a device
 # that never closes a gap (its batch lost in flight) resends from the last ack anyway.
@@ -74,7 +78,25 @@ class Ingest:
         return device in self._registered
 
     async def process(self, messages: list[Message]) -> CycleResult:
-        """Validate and commit one cycle's messages; return what to acknowledge."""
+        """Validate and commit one cycle's messages; return what to acknowledge.
+
+        A message the database refuses though it passed validation must not take the hub
+        down (it would be redelivered to the restarted hub forever): the cycle is retried
+        one message at a time and only the refused one is rejected.
+        """
+        try:
+            return await self._process(messages)
+        except UNSTORABLE as exc:
+            if len(messages) == 1:
+                self._log_reject("unstorable", f"{messages[0].topic}: {exc}")
+                self.rejects["unstorable"] += 1
+                await self._store.commit_ingest(IngestWork(now=time.time(), rejects={"unstorable": 1}))
+                return CycleResult({}, [], 0)
+        results = [await self.process([m]) for m in messages]
+        return CycleResult({d: w for r in results for d, w in r.acks.items()},
+                           [p for r in results for p in r.presence], sum(r.stored for r in results))
+
+    async def _process(self, messages: list[Message]) -> CycleResult:
         devices = await self._load()
         work = IngestWork(now=time.time())
         advanced: dict[str, _Device] = {}

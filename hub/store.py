@@ -20,6 +20,7 @@ import aiosqlite
 import msgspec
 
 from edge_agent.protocol import Presence, Status
+from edge_agent.sqlite import to_completion
 from hub.errors import HubError
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
@@ -297,10 +298,13 @@ class HubStore:
         return {d async for (d,) in self._rows("SELECT device FROM devices WHERE revoked_at IS NULL")}
 
     async def commit_ingest(self, work: IngestWork) -> None:
-        """Everything one ingest cycle learned, in one transaction."""
+        """Everything one ingest cycle learned, in one transaction that cancellation cannot split."""
+        await to_completion(self._commit_ingest(work))
+
+    async def _commit_ingest(self, work: IngestWork) -> None:
         db = self._db
-        await db.execute("BEGIN IMMEDIATE")
         try:
+            await db.execute("BEGIN IMMEDIATE")
             if work.telemetry:
                 await db.executemany(
                     "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
@@ -334,7 +338,8 @@ class HubStore:
                 )
             await db.commit()
         except BaseException:
-            await db.rollback()
+            if db.in_transaction:
+                await db.rollback()
             raise
 
     async def telemetry(self, *, device: str | None = None, since: float | None = None,

@@ -1,0 +1,25 @@
+"""What the outbox and the hub database share: transactions that cancellation cannot split."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Run a database transaction to its end (committed or rolled back) even if our caller
+    is cancelled meanwhile; then let the cancellation through.
+
+    aiosqlite runs each statement in its own thread: cancelling the awaiting task does not
+    stop a BEGIN or COMMIT already handed over, so cancelling mid-transaction would leave
+    the connection inside a transaction, or believe a committed one failed.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
