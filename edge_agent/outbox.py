@@ -33,7 +33,7 @@ from edge_agent.sensors import Reading
 from edge_agent.sqlite import to_completion
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
-COMMIT_ROWS: Final = 50_000  # ...or fewer, when this many are waiting (bounds memory at high rates)
+COMMIT_ROWS: Final = 50_000  # ...or sooner, once this many wait (a burst is committed early; add() never blocks)
 RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
 QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
 SCHEMA_VERSION: Final = 1
