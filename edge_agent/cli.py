@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosqlite logs every statement with its arguments (whole batches of readings) at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
 
 
 def main(argv: list[str] | None = None) -> int:

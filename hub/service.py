@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
+import sqlite3
 import time
 from typing import Final
 
 from edge_agent.link import Link
-from edge_agent.mqtt import MqttSession, TlsIdentity
+from edge_agent.mqtt import Message, MqttSession, TlsIdentity
 from edge_agent.protocol import ACK, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
-from hub.ingest import Ingest
+from hub.ingest import CycleResult, Ingest
 from hub.pki import Authority
 from hub.revocation import crl_due, publish_crl
 from hub.store import HubStore
 
 CRL_CHECK_INTERVAL: Final = 3600.0  # the CRL lives for days; hourly checks leave ample margin
+DB_RETRY_WAIT: Final = 1.0  # after SQLite's own 10 s busy timeout ran out
 HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
 # Messages taken per ingest cycle (one transaction): large enough to amortise the commit,
 # small enough that one cycle stays well under a second.
@@ -49,6 +52,18 @@ class HubService:
     async def run(self) -> None:
         await self.link.run()
 
+    async def _process(self, messages: list[Message]) -> CycleResult:
+        """Ingest; while the database is locked (an operator's command holding it past the busy
+        timeout) wait and try again: the messages stay unacknowledged, nothing is lost."""
+        for attempt in itertools.count():
+            try:
+                return await self.ingest.process(messages)
+            except sqlite3.OperationalError as exc:
+                log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
+                        "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
+                await asyncio.sleep(DB_RETRY_WAIT)
+        raise AssertionError("unreachable")
+
     async def _serve(self, session: MqttSession) -> None:
         # A durable subscription is not restored after a broker restart (2.0.11), and a
         # new session has none: subscribe on every connect.
@@ -56,7 +71,7 @@ class HubService:
         log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
-            result = await self.ingest.process(messages)
+            result = await self._process(messages)
             for message in messages:
                 session.ack(message)  # PUBACK only now that the database has it
             for device, presence in result.presence:

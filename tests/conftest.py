@@ -24,6 +24,7 @@ from edge_agent.mqtt import MqttSession, TlsIdentity
 BIN = Path(sys.executable).parent
 HUB = str(BIN / "edge-hub")
 AGENT = str(BIN / "edge-agent")
+LINE_LIMIT = 4 * 1024 * 1024  # a debug log line can carry a whole batch
 START_TIMEOUT = 15.0  # hub + broker start on a loaded 2-core CI machine
 
 
@@ -65,6 +66,7 @@ class Proc:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=self.env, start_new_session=True,
+            limit=LINE_LIMIT,
         )
         self._reader = asyncio.create_task(self._read())
         return self
@@ -100,7 +102,8 @@ class Proc:
         return line
 
     def _exited(self) -> bool:
-        return self.proc is not None and self.proc.returncode is not None and bool(self._reader and self._reader.done())
+        """Its output ended (EOF comes before the return code is known)."""
+        return bool(self._reader and self._reader.done())
 
     def mark(self) -> int:
         return len(self.lines)
