@@ -29,6 +29,7 @@ from typing import Any, Final, NamedTuple
 
 import aiosqlite
 
+from edge_agent.protocol import MAX_EVENT_BODY
 from edge_agent.sensors import Reading
 from edge_agent.sqlite import to_completion
 
@@ -227,6 +228,9 @@ class Outbox:
             seq = self._next_seq
             self._next_seq += 1
             text = json.dumps(body, separators=(",", ":"), default=str)
+            if len(text) > MAX_EVENT_BODY:
+                # The hub refuses longer bodies; a truncated record still says what happened.
+                text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
             await to_completion(self._commit(event=(seq, time.time(), kind, text)))
         return seq
 

@@ -227,6 +227,7 @@ def open_envelope(envelope: SignedEnvelope, trusted: Ed25519PublicKey) -> bytes:
 # --- store-and-forward messages (msgpack: compact and fast for large batches) ---------
 
 MAX_SEQ: Final = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
+MAX_EVENT_BODY: Final = 16_384  # characters of an event's JSON body
 MAX_BATCH_RECORDS: Final = 20_000  # bounds the hub's work per message whatever the sender claims
 METRIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TELEMETRY: Final = "telemetry"  # up/<kind> and down/<kind> names
@@ -242,7 +243,7 @@ class EventRecord(msgspec.Struct, frozen=True, array_like=True):
     seq: Seq
     ts: float
     kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    body: Annotated[str, msgspec.Meta(max_length=16_384)]  # JSON text
+    body: Annotated[str, msgspec.Meta(max_length=MAX_EVENT_BODY)]  # JSON text
 
 
 class Batch(msgspec.Struct, frozen=True, kw_only=True):

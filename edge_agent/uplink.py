@@ -91,11 +91,20 @@ class Uplink:
             if len(self._in_flight) >= self.settings.window:
                 await self._wait(self._acked)
                 continue
+            # Read last_seq before the query: everything up to it was committed before the
+            # query ran, so "no rows" below really means those numbers are gone.
+            committed = self.outbox.last_seq
             records = await self.outbox.read_after(cursor, self.settings.batch_max)
-            if not records:
+            if records:
+                batch, payload = encode_batch(cursor, records, settled)
+            elif committed > cursor:
+                # Everything up to `committed` after the cursor was shed: an empty batch covers
+                # the range, so the hub's watermark (and our ack) can move past it.
+                batch = Batch(base=cursor, last=committed, settled=settled)
+                payload = pack(batch)
+            else:
                 await self._wait(self.outbox.committed, self._acked)
                 continue
-            batch, payload = encode_batch(cursor, records, settled)
             # Once sent, a record may be at the hub even if its ack never comes back: shedding
             # must not count it as dropped. Protected until acknowledged, across rewinds.
             self.outbox.protect_through = max(self.outbox.protect_through, batch.last)

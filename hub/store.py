@@ -75,6 +75,10 @@ MIGRATIONS: Final[Sequence[str]] = (
     ) WITHOUT ROWID;
     CREATE TABLE rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
     """,
+    """
+    ALTER TABLE devices ADD COLUMN sensor_failures TEXT;   -- JSON object, as last reported
+    ALTER TABLE devices ADD COLUMN corrupt_outboxes INTEGER;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -97,6 +101,8 @@ class DeviceRow(msgspec.Struct, frozen=True):
     cert_expires: str | None
     revoked: bool
     agent_version: str | None
+    sensor_failures: dict[str, int] | None
+    corrupt_outboxes: int | None
 
 
 class TelemetryRow(msgspec.Struct, frozen=True):
@@ -322,8 +328,10 @@ class HubStore:
                 )
             for device, status in work.statuses.items():
                 await db.execute(
-                    "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ? WHERE device = ?",
-                    (status.backlog, status.dropped, work.now, device),
+                    "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ?, sensor_failures = ?, "
+                    "corrupt_outboxes = ? WHERE device = ?",
+                    (status.backlog, status.dropped, work.now, json.dumps(status.sensor_failures),
+                     status.corrupt_outboxes, device),
                 )
                 await db.executemany(
                     "INSERT INTO drops(device, metric, count) VALUES (?, ?, ?) ON CONFLICT(device, metric) "
@@ -386,6 +394,8 @@ class HubStore:
                 policy_version=r["policy_version"], backlog=r["backlog"], dropped=r["dropped"],
                 cert_expires=iso(r["cert_expires"]), revoked=r["revoked_at"] is not None,
                 agent_version=r["agent_version"],
+                sensor_failures=json.loads(r["sensor_failures"]) if r["sensor_failures"] else None,
+                corrupt_outboxes=r["corrupt_outboxes"],
             )
             for r in rows
         ]

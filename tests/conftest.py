@@ -6,6 +6,7 @@ Waits are driven by log lines the processes print (events), each bounded in time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -115,7 +116,8 @@ class Proc:
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
-            os.kill(self.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # died, not yet reaped
+                os.kill(self.proc.pid, sig)
 
     async def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:
