@@ -261,6 +261,8 @@ class Outbox:
         last = max(rows[-1][0] if rows else 0, event[0] if event else 0, self.last_seq)
         db = self._db
         before = (self.rows, self.dropped, self._thin_floor)
+        log.debug("outbox: committing %d readings%s%s", len(rows), " and an event" if event else "",
+                  f", deleting through {ack}" if ack is not None else "")
         await self._reserve(last)
         try:
             await db.execute("BEGIN IMMEDIATE")

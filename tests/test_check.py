@@ -284,7 +284,7 @@ async def fix_clock_and_wait_online(hub: Proc, agent: Proc, clock: Path, device:
     await hub.wait_for(rf"device {device} is online", timeout=RECONNECT_BOUND, after=mark)
     waited = time.monotonic() - fixed
     assert agent.proc.returncode is None
-    online = await agent.wait_for(rf"{device} online \(profile sim\)")
+    online = await agent.wait_for(rf"{device} online \(profile sim\b")
     assert not online.startswith("1970"), online
     return waited
 

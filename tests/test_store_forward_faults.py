@@ -267,7 +267,7 @@ async def test_agent_sigterm_during_an_outbox_commit(hub_dir: HubDir, hub: Proc,
     readings/s in the tests above hung this way: the cancelled BEGIN or COMMIT still ran.)"""
     await hub_dir.provision(bundles, "dev-t")
     bundle = bundles / "dev-t"
-    # Debug, for aiosqlite's "executing" lines; 80 readings/s keeps those lines short.
+    # Debug, for the outbox's "committing" lines.
     agent = await Proc("agent", agent_argv(bundle, *STREAM, "sim.rate_hz=20", level="debug")).start()
     try:
         await agent.wait_for(r"dev-t online")
@@ -276,7 +276,8 @@ async def test_agent_sigterm_during_an_outbox_commit(hub_dir: HubDir, hub: Proc,
         try:
             mark, hub_mark = agent.mark(), hub.mark()
             lock.execute("BEGIN IMMEDIATE")
-            await agent.wait_for(r"executing .*'BEGIN IMMEDIATE'", after=mark, timeout=2)  # the flusher, held
+            # The flusher's next commit starts (within 0.1 s) and is held in BEGIN IMMEDIATE.
+            await agent.wait_for(r"outbox: committing", after=mark, timeout=2)
             agent.signal(signal.SIGTERM)
             # The agent leaves the broker (its Will: the hub logs it), then cancels its tasks and
             # queues its final commit within milliseconds; nothing logs that moment, so allow 2 s.
