@@ -1,0 +1,352 @@
+"""Allowlisted actuators: what a rule may do on the device, and nothing its profile does not allow.
+
+`Actuators.run` checks the action against the profile's `ActuatorSpec` first; a refused
+action never starts. Commands run from an argv list (never a shell), in their own process
+group, with a timeout that kills the whole group, and with bounded output capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, NamedTuple
+
+from edge_agent.errors import AgentError, ConfigError
+from edge_agent.profiles import ActuatorSpec
+from edge_agent.sensors import SensorError
+
+log = logging.getLogger("edge_agent.actuators")
+
+# Output travels in audit events to the hub; a few KiB explain a failure, more is noise.
+OUTPUT_LIMIT_BYTES: Final = 8 * 1024
+# Read size while draining a command's output; the excess is discarded, never buffered.
+READ_CHUNK_BYTES: Final = 64 * 1024
+# Between SIGTERM and SIGKILL: long enough for a clean exit, short next to a rule's cooldown.
+KILL_GRACE_S: Final = 1.0
+# The sim profile's recorder keeps this many invocations; older ones drop (bounded memory).
+RECORD_LIMIT: Final = 10_000
+DEFAULT_SEVERITY: Final = "warning"
+SEVERITIES: Final = ("info", "warning", "critical")
+# The hub has no terminal to ask on; polkit must fail rather than prompt.
+SYSTEMCTL_ARGS: Final = ("--no-ask-password", "restart")
+
+AlertSink = Callable[[str, str], Awaitable[None]]
+RateSetter = Callable[[str, float], None]
+# Called with (kind, args) after every check passed, right before the action starts. It may
+# be async (an audit write). If it raises, the action does not run and the error propagates.
+StartHook = Callable[[str, Mapping[str, object]], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    ok: bool
+    kind: str
+    detail: str  # one plain sentence for the audit trail and the operator
+    duration_s: float  # from the action's start (after the checks) to its end; 0 if it never started
+    exit_code: int | None = None  # for command and systemd_restart, when the process ended
+    output: str = ""  # stdout and stderr, interleaved, cut at OUTPUT_LIMIT_BYTES with a marker
+    refused: bool = False  # refused by the profile's allowlist; the action never started
+    timed_out: bool = False
+
+
+class Recorder:
+    """The sim profile's test actuator: remembers each `record` invocation as (ts, args)."""
+
+    def __init__(self, limit: int = RECORD_LIMIT, clock: Callable[[], float] = time.time) -> None:
+        self._calls: deque[tuple[float, dict[str, object]]] = deque(maxlen=limit)
+        self._clock = clock
+        self.dropped = 0  # invocations pushed out by the limit
+
+    @property
+    def calls(self) -> list[tuple[float, dict[str, object]]]:
+        return list(self._calls)
+
+    def append(self, args: Mapping[str, object]) -> None:
+        if len(self._calls) == self._calls.maxlen:
+            self.dropped += 1
+        self._calls.append((self._clock(), dict(args)))
+
+
+class _Outcome(NamedTuple):
+    ok: bool
+    detail: str
+    exit_code: int | None = None
+    output: str = ""
+    timed_out: bool = False
+
+
+class _Refused(Exception):
+    """The allowlist says no; the message says what is allowed."""
+
+
+class _BadArgs(Exception):
+    """The action's arguments are malformed; the message says which and how."""
+
+
+Runner = Callable[[float], Awaitable[_Outcome]]
+
+
+class Actuators:
+    """The actuators one profile allows, with the callbacks they drive."""
+
+    def __init__(
+        self,
+        spec: ActuatorSpec,
+        *,
+        set_rate: RateSetter | None = None,
+        alert: AlertSink | None = None,
+        recorder: Recorder | None = None,
+        started: StartHook | None = None,
+    ) -> None:
+        if "set_rate" in spec.allowed and set_rate is None:
+            raise ConfigError("the profile allows set_rate but no sampler was given to change rates")
+        if "alert" in spec.allowed and alert is None:
+            raise ConfigError("the profile allows alert but no way to reach the hub was given")
+        self._spec = spec
+        self._prefixes = [list(prefix) for prefix in spec.commands]
+        self._set_rate = set_rate
+        self._alert = alert
+        self.recorder = recorder if recorder is not None else Recorder()
+        self.started = started
+
+    async def run(
+        self,
+        kind: str,
+        args: Mapping[str, object],
+        *,
+        # The action's own limit, not the caller's: it starts after the checks and the hook, and
+        # an overrun must SIGTERM the process group with a grace and say timed_out, not just cancel.
+        timeout: float,  # noqa: ASYNC109
+        started: StartHook | None = None,
+    ) -> ActionResult:
+        """Run one action; ordinary failures come back as ok=False, never as exceptions.
+
+        `started` (or the hook given at construction) fires once, after the checks, just
+        before the action starts; never for a refused or malformed action.
+        """
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout}")
+        try:
+            runner = self._plan(kind, args)
+        except _Refused as refusal:
+            log.warning("refused %s: %s", kind, refusal)
+            return ActionResult(False, kind, str(refusal), 0.0, refused=True)
+        except _BadArgs as bad:
+            log.warning("bad arguments for %s: %s", kind, bad)
+            return ActionResult(False, kind, str(bad), 0.0)
+        hook = started if started is not None else self.started
+        if hook is not None:
+            pending = hook(kind, args)
+            if pending is not None:
+                await pending
+        begin = time.perf_counter()
+        outcome = await runner(timeout)
+        duration = time.perf_counter() - begin
+        log.debug("%s finished in %.3f s: %s", kind, duration, outcome.detail)
+        return ActionResult(
+            outcome.ok, kind, outcome.detail, duration, outcome.exit_code, outcome.output,
+            timed_out=outcome.timed_out,
+        )
+
+    def _plan(self, kind: str, args: Mapping[str, object]) -> Runner:
+        """Check the action against the allowlist and its arguments; return what will run it."""
+        if kind not in self._spec.allowed:
+            allowed = ", ".join(self._spec.allowed) or "nothing"
+            raise _Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
+        if kind == "command":
+            _only(args, kind, {"argv"})
+            return partial(_run_process, self._allowed_argv(_required(args, "argv")))
+        if kind == "systemd_restart":
+            _only(args, kind, {"unit"})
+            return partial(_restart_unit, self._allowed_unit(_required(args, "unit")))
+        if kind == "set_rate":
+            _only(args, kind, {"sensor", "interval_s"})
+            sensor = _text(args, "sensor")
+            interval = _number(args, "interval_s")
+            return partial(self._change_rate, sensor, interval)
+        if kind == "alert":
+            _only(args, kind, {"message", "severity"})
+            severity = _text(args, "severity") if "severity" in args else DEFAULT_SEVERITY
+            if severity not in SEVERITIES:
+                raise _BadArgs(f"alert severity {severity!r} is not one of {', '.join(SEVERITIES)}.")
+            return partial(self._raise_alert, _text(args, "message"), severity)
+        if kind == "record":
+            fail = args.get("fail", False)
+            if not isinstance(fail, bool):
+                raise _BadArgs("record argument 'fail' must be true or false.")
+            sleep_s = _number(args, "sleep_s") if "sleep_s" in args else 0.0
+            return partial(self._record, args, sleep_s, fail)
+        raise AssertionError(f"profile allows an actuator kind this module does not know: {kind!r}")
+
+    def _allowed_argv(self, argv: object) -> list[str]:
+        if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
+            raise _Refused("argv must be a non-empty list of strings; a shell command line is never run.")
+        words = [str(a) for a in argv]
+        if not any(words[: len(prefix)] == prefix for prefix in self._prefixes):
+            allowed = "; ".join(" ".join(prefix) for prefix in self._prefixes) or "none"
+            raise _Refused(f"command {words[:3]!r} does not start with an allowed prefix: {allowed}.")
+        return words
+
+    def _allowed_unit(self, unit: object) -> str:
+        if not isinstance(unit, str) or unit not in self._spec.units:
+            allowed = ", ".join(self._spec.units) or "none"
+            raise _Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
+        return unit
+
+    async def _change_rate(self, sensor: str, interval: float, within_s: float) -> _Outcome:
+        assert self._set_rate is not None  # checked in __init__ when set_rate is allowed
+        try:
+            self._set_rate(sensor, interval)
+        except SensorError as exc:
+            return _Outcome(False, f"could not change the rate: {exc}")
+        return _Outcome(True, f"sensor {sensor!r} now reads every {interval:g} s.")
+
+    async def _raise_alert(self, message: str, severity: str, within_s: float) -> _Outcome:
+        assert self._alert is not None  # checked in __init__ when alert is allowed
+        try:
+            async with asyncio.timeout(within_s):
+                await self._alert(message, severity)
+        except TimeoutError:
+            return _Outcome(False, f"the alert was not delivered within {within_s:g} s.", timed_out=True)
+        except (AgentError, OSError) as exc:
+            return _Outcome(False, f"the alert could not be raised: {exc}")
+        return _Outcome(True, f"raised a {severity} alert.")
+
+    async def _record(self, args: Mapping[str, object], sleep_s: float, fail: bool, within_s: float) -> _Outcome:
+        """Test actuator: records, then optionally sleeps (bounded by within_s) and fails."""
+        self.recorder.append(args)
+        if sleep_s > within_s:
+            await asyncio.sleep(within_s)
+            return _Outcome(False, f"the recording did not finish within {within_s:g} s.", timed_out=True)
+        if sleep_s > 0:
+            await asyncio.sleep(sleep_s)
+        if fail:
+            return _Outcome(False, "the recording failed because its arguments asked it to.")
+        return _Outcome(True, "recorded.")
+
+
+# --- argument checks --------------------------------------------------------------------
+
+
+def _only(args: Mapping[str, object], kind: str, known: set[str]) -> None:
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise _BadArgs(f"{kind} does not take {', '.join(unknown)}; it takes {', '.join(sorted(known))}.")
+
+
+def _required(args: Mapping[str, object], key: str) -> object:
+    if key not in args:
+        raise _BadArgs(f"argument {key!r} is missing.")
+    return args[key]
+
+
+def _text(args: Mapping[str, object], key: str) -> str:
+    value = _required(args, key)
+    if not isinstance(value, str) or not value:
+        raise _BadArgs(f"argument {key!r} must be a non-empty string, not {value!r}.")
+    return value
+
+
+def _number(args: Mapping[str, object], key: str) -> float:
+    value = _required(args, key)
+    # bool is an int in Python; `true` as a number is a policy mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise _BadArgs(f"argument {key!r} must be a finite number >= 0, not {value!r}.")
+    return float(value)
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+class _Capture:
+    """Keeps the first OUTPUT_LIMIT_BYTES of a stream and counts the rest."""
+
+    def __init__(self) -> None:
+        self.kept = bytearray()
+        self.cut = 0
+
+    async def drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(READ_CHUNK_BYTES):
+            room = max(OUTPUT_LIMIT_BYTES - len(self.kept), 0)
+            self.kept += chunk[:room]
+            self.cut += max(len(chunk) - room, 0)
+
+    def text(self) -> str:
+        text = self.kept.decode("utf-8", errors="replace")
+        if self.cut:
+            text += f"\n[output truncated: {self.cut} more bytes not kept]"
+        return text
+
+
+async def _restart_unit(unit: str, within_s: float) -> _Outcome:
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return _Outcome(False, f"cannot restart {unit}: systemctl is not installed on this host.")
+    return await _run_process([systemctl, *SYSTEMCTL_ARGS, unit], within_s)
+
+
+async def _run_process(argv: Sequence[str], within_s: float) -> _Outcome:
+    """Run argv in its own session; on an overrun or cancellation, kill its whole process group."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )
+    except OSError as exc:  # not found, not executable, out of processes
+        return _Outcome(False, f"could not start {argv[0]}: {exc.strerror or exc}.")
+    assert process.stdout is not None  # stdout=PIPE
+    capture = _Capture()
+    try:
+        async with asyncio.timeout(within_s):
+            # Until EOF: a child that leaves a grandchild holding the pipe has not finished.
+            await capture.drain(process.stdout)
+            await process.wait()
+    except TimeoutError:
+        await _stop_group(process)
+        return _Outcome(
+            False, f"{argv[0]} did not finish within {within_s:g} s and was killed.",
+            process.returncode, capture.text(), timed_out=True,
+        )
+    except asyncio.CancelledError:
+        _signal_group(process.pid, signal.SIGKILL)  # no waiting: the caller is going away
+        raise
+    code = process.returncode
+    if code != 0:
+        return _Outcome(False, f"{argv[0]} exited with code {code}.", code, capture.text())
+    return _Outcome(True, f"{argv[0]} succeeded.", code, capture.text())
+
+
+async def _stop_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the group, give it KILL_GRACE_S, then SIGKILL whatever is left of it."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_GRACE_S):
+                await process.wait()
+    finally:  # also when the caller is cancelled during the grace
+        # The leader may be gone while a grandchild that ignores SIGTERM lives on in the group.
+        _signal_group(process.pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(KILL_GRACE_S):  # a process stuck in the kernel cannot hold us
+            await process.wait()
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    # start_new_session made the child a group leader, so its pid is the group id; Linux does
+    # not reuse a pid while a group still carries it.
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # the whole group has already gone
+    except PermissionError:
+        log.warning("not permitted to send %s to process group %d", signum.name, pgid)
