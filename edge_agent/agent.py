@@ -15,11 +15,13 @@ import time
 from typing import Final
 
 from edge_agent import __version__
+from edge_agent.actuators import Actuators
 from edge_agent.clock import unset_clock_warning
 from edge_agent.config import AgentSettings
 from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
+from edge_agent.policy import Policy
 from edge_agent.protocol import (
     ACK,
     STATUS,
@@ -36,8 +38,10 @@ from edge_agent.protocol import (
     up_topic,
 )
 from edge_agent.report import ReportFilter
+from edge_agent.rules import RuleEngine
 from edge_agent.sensors import Reading, Sampler, build_sensors
 from edge_agent.uplink import Uplink, UplinkSettings
+from edge_agent.windows import ReadingWindows
 
 STOP_FLUSH_TIMEOUT: Final = 5.0  # a clean stop commits what is buffered; bounded for systemd
 
@@ -47,7 +51,7 @@ log = logging.getLogger("edge_agent")
 class Agent:
     """One device. Build with `await Agent.open(settings)`, then `run()`; `close()` at the end."""
 
-    def __init__(self, settings: AgentSettings, outbox: Outbox) -> None:
+    def __init__(self, settings: AgentSettings, outbox: Outbox, policy: Policy | None = None) -> None:
         self.settings = settings
         self.device = settings.config.device_id
         self.outbox = outbox
@@ -55,16 +59,34 @@ class Agent:
         self.uplink = Uplink(self.device, outbox, UplinkSettings(up.batch_max, up.window, up.ack_timeout))
         self.report = ReportFilter(settings.profile.report)
         self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take)
+        self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
+        self.engine: RuleEngine | None = None
+        if policy is not None:
+            keep = {m: 0.0 for rule in policy.rules for m in rule.when.metrics | rule.clear.metrics}
+            for metric, seconds in policy.windows:
+                keep[metric] = max(keep[metric], seconds)  # the longest window of each metric
+            self.engine = RuleEngine(policy, ReadingWindows(keep), self.actuators, outbox,
+                                     hub_reachable=lambda: self.link.connected.is_set())
         self._session_id = ""
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
 
     @classmethod
     async def open(cls, settings: AgentSettings) -> Agent:
+        policy = settings.load_policy()
         outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
-        return cls(settings, outbox)
+        return cls(settings, outbox, policy)
 
     def _take(self, readings: list[Reading]) -> None:
+        arrived = time.perf_counter()
+        if self.engine is not None:
+            try:
+                self.engine.on_readings(readings, arrived)  # raw readings: decide on everything sensed
+            except Exception:  # one bad evaluation must not stop sensing
+                log.exception("the rule engine failed on a reading")
         self.outbox.add(self.report.filter(readings))
+
+    async def _alert(self, message: str, severity: str) -> None:
+        await self.outbox.add_event("alert", {"message": message, "severity": severity})
 
     # --- the connection ---------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from msgspec import Meta
 
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
-from edge_agent.profiles import PROFILE_KEYS, Profile, load_profile
+from edge_agent.policy import Policy, PolicyError, validate_policy
+from edge_agent.profiles import PROFILE_KEYS, Profile, load_profile, produced_metric
 from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
 
@@ -60,6 +61,9 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: StateConf = StateConf()
     outbox: OutboxConf = OutboxConf()
     uplink: UplinkConf = UplinkConf()
+    # A local policy file (rules), relative to this file; signed policies from the hub
+    # replace it once policy distribution exists.
+    policy: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -91,6 +95,26 @@ class AgentSettings:
     @property
     def state_dir(self) -> Path:
         return self.resolve(self.config.state.dir)
+
+    def load_policy(self) -> Policy | None:
+        """The local policy, validated against this profile's metrics and actuators."""
+        if self.config.policy is None:
+            return None
+        path = self.resolve(self.config.policy)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the policy: {exc.strerror}", str(path)) from None
+        try:
+            policy = validate_policy(text, metrics=None, actuators_allowed=self.profile.actuators.allowed)
+        except PolicyError as exc:
+            raise ConfigError(str(exc), str(path)) from None
+        for rule in policy.rules:
+            unknown = sorted(m for m in rule.when.metrics | rule.clear.metrics if not produced_metric(self.profile, m))
+            if unknown:
+                raise ConfigError(f"line {rule.line}: rule {rule.name!r} reads {', '.join(unknown)}, which profile "
+                                  f"{self.profile.name!r} does not produce", str(path))
+        return policy
 
     @property
     def quota_bytes(self) -> int:

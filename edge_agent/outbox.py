@@ -224,15 +224,21 @@ class Outbox:
 
     async def add_event(self, kind: str, body: dict[str, object]) -> int:
         """Commit an event record now (with everything buffered before it); return its seq."""
+        return (await self.add_events([(kind, body)]))[-1]
+
+    async def add_events(self, events: list[tuple[str, dict[str, object]]]) -> list[int]:
+        """Commit event records now, in one transaction; return their seqs."""
         async with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            text = json.dumps(body, separators=(",", ":"), default=str)
-            if len(text) > MAX_EVENT_BODY:
-                # The hub refuses longer bodies; a truncated record still says what happened.
-                text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
-            await to_completion(self._commit(event=(seq, time.time(), kind, text)))
-        return seq
+            rows = []
+            for kind, body in events:
+                text = json.dumps(body, separators=(",", ":"), default=str)
+                if len(text) > MAX_EVENT_BODY:
+                    # The hub refuses longer bodies; a truncated record still says what happened.
+                    text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
+                rows.append((self._next_seq, time.time(), kind, text))
+                self._next_seq += 1
+            await to_completion(self._commit(events=rows))
+        return [r[0] for r in rows]
 
     def acknowledge(self, through: int) -> None:
         """The hub has committed everything <= through: delete it at the next commit."""
@@ -254,14 +260,15 @@ class Outbox:
             self._wake.clear()
             await self.flush()
 
-    async def _commit(self, event: tuple[int, float, str, str] | None = None) -> None:
+    async def _commit(self, events: list[tuple[int, float, str, str]] | None = None) -> None:
         rows, self._buffer = self._buffer, []
         metrics, self._new_metrics = self._new_metrics, []
         ack = self._ack_pending
-        last = max(rows[-1][0] if rows else 0, event[0] if event else 0, self.last_seq)
+        events = events or []
+        last = max(rows[-1][0] if rows else 0, events[-1][0] if events else 0, self.last_seq)
         db = self._db
         before = (self.rows, self.dropped, self._thin_floor)
-        log.debug("outbox: committing %d readings%s%s", len(rows), " and an event" if event else "",
+        log.debug("outbox: committing %d readings%s%s", len(rows), f" and {len(events)} events" if events else "",
                   f", deleting through {ack}" if ack is not None else "")
         await self._reserve(last)
         try:
@@ -270,13 +277,13 @@ class Outbox:
                 await db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", metrics)
             if rows:
                 await db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", rows)
-            if event:
-                await db.execute("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", event)
+            if events:
+                await db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", events)
             deleted = 0
             if ack is not None:
                 cur = await db.execute("DELETE FROM records WHERE seq <= ?", (ack,))
                 deleted = cur.rowcount
-            self.rows += len(rows) + (1 if event else 0) - deleted
+            self.rows += len(rows) + len(events) - deleted
             shed = await self._shed_if_over_quota()
             await self._set_meta(last_seq=last, acked=self.acked, thin_floor=self._thin_floor,
                                  dropped=self.dropped, corrupt_outboxes=self.corrupt_outboxes)
@@ -295,7 +302,7 @@ class Outbox:
         if shed:
             log.warning("outbox over its %.1f MB quota: shed %d telemetry readings (%s)",
                         self.quota_bytes / 1e6, sum(shed.values()), _summary(shed))
-        if rows or event:
+        if rows or events:
             self.committed.set()
 
     async def _reserve(self, last: int) -> None:

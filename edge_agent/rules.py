@@ -1,0 +1,273 @@
+"""The rule engine: local decisions with hysteresis, guardrails and an audit trail.
+
+For each rule of the active policy, on every reading of a metric it reads:
+
+- Idle: when `when` holds, the rule fires (it becomes active).
+- Active: when `clear` holds, it re-arms (hysteresis: noise around the `when` threshold
+  cannot flap the action). While `when` still holds, it fires again only if it has a
+  cooldown and the cooldown has passed since its last action.
+- An action also needs: the rule's cooldown since its last action, the rule's budget
+  (`max_actions` per `per`), the device budget (`limits.max_actions_per_hour`), and, when
+  the hub is unreachable, `offline = "act"` (with "skip" it is skipped and audited).
+- A rule that fires `escalate_after_fires_without_clear` times without its clear condition
+  ever holding, or whose action fails `escalate_after_failures` times in a row, is
+  suspended and escalated to the hub ("break glass") instead of looping.
+- Rules that need a regional lease or an operator's approval ask a Coordinator (the
+  coordination work implements it; until then the default one declines, and says why).
+
+Every decision is an event in the outbox, so it reaches the hub exactly once like any
+reading; the record that an action starts is committed before the actuator starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from edge_agent.actuators import ActionResult, Actuators
+from edge_agent.outbox import Outbox
+from edge_agent.policy import CommandArgs, Policy, RecordArgs, Rule
+from edge_agent.sensors import Reading
+from edge_agent.windows import ReadingWindows
+
+LATENCY_SAMPLES: Final = 10_000  # decision latencies kept for the P4 figures and metrics
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator(Protocol):
+    """The hub's side of leases and approvals (the coordination work implements it)."""
+
+    async def lease(self, rule: Rule) -> tuple[bool, str]: ...  # (granted, token or reason)
+
+    async def approve(self, rule: Rule) -> tuple[bool, str]: ...  # (approved, who or reason)
+
+
+class NoCoordinator:
+    """Until the hub grants leases and approvals, rules that need them do not act."""
+
+    async def lease(self, rule: Rule) -> tuple[bool, str]:
+        return False, "regional leases are not granted by this hub yet"
+
+    async def approve(self, rule: Rule) -> tuple[bool, str]:
+        return False, "operator approvals are not available on this hub yet"
+
+
+@dataclass
+class RuleState:
+    active: bool = False
+    suspended: str | None = None
+    last_action: float = float("-inf")
+    actions: collections.deque[float] = field(default_factory=collections.deque)
+    fires_without_clear: int = 0
+    failures: int = 0
+    busy: bool = False  # an action of this rule is running: never two at once
+
+
+class RuleEngine:
+    def __init__(self, policy: Policy, windows: ReadingWindows, actuators: Actuators, outbox: Outbox, *,
+                 hub_reachable: Callable[[], bool], coordinator: Coordinator | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy, self.windows, self.actuators, self.outbox = policy, windows, actuators, outbox
+        self._hub_reachable = hub_reachable
+        self._coordinator = coordinator or NoCoordinator()
+        self._clock = clock
+        self.states = {rule.name: RuleState() for rule in policy.rules}
+        self._by_metric: dict[str, list[Rule]] = collections.defaultdict(list)
+        for rule in policy.rules:
+            for metric in rule.when.metrics | rule.clear.metrics:
+                self._by_metric[metric].append(rule)
+        self._device_actions: collections.deque[float] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+
+    # --- deciding (synchronous, on the sampler's path) ---------------------------------
+
+    def on_readings(self, readings: list[Reading], arrived: float | None = None) -> None:
+        """Take raw readings (before report-by-exception) and decide; `arrived` is
+        time.perf_counter() when the sample arrived, for the latency figure."""
+        arrived = time.perf_counter() if arrived is None else arrived
+        changed = self.windows.add(readings)
+        rules = {r.name: r for m in changed for r in self._by_metric.get(m, ())}
+        for rule in rules.values():
+            self._decide(rule, arrived)
+
+    def _decide(self, rule: Rule, arrived: float) -> None:
+        st = self.states[rule.name]
+        if st.suspended or st.busy:
+            return
+        now = self._clock()
+        if st.active and rule.clear.evaluate(self.windows) is True:
+            st.active, st.fires_without_clear = False, 0
+            self._spawn(self._audit("rule_cleared", rule, {}))
+            return
+        if rule.when.evaluate(self.windows) is not True:
+            return
+        if st.active:
+            if not rule.cooldown_s or now - st.last_action < rule.cooldown_s:
+                return  # holds still: one action per activation, or one per cooldown
+            st.fires_without_clear += 1
+            limit = self.policy.limits.escalate_after_fires_without_clear
+            if st.fires_without_clear >= limit:
+                self._suspend(rule, "fires_without_clear",
+                              f"fired {st.fires_without_clear} times without its clear condition holding")
+                return
+        st.active = True
+        st.busy = True
+        self._spawn(self._fire(rule, arrived, now, self._snapshot(rule)))
+
+    def _snapshot(self, rule: Rule) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in sorted(rule.when.metrics):
+            latest = self.windows.latest(metric)
+            if latest is not None:
+                out[metric] = latest[1]
+        return out
+
+    # --- acting (asynchronous) ----------------------------------------------------------
+
+    async def _fire(self, rule: Rule, arrived: float, now: float, readings: dict[str, float]) -> None:
+        st = self.states[rule.name]
+        try:
+            why_not = self._why_not(rule, now)
+            if why_not:
+                await self._audit_many([("rule_fired", {"readings": readings}),
+                                        ("action_skipped", {"action": rule.action, "detail": why_not})], rule)
+                return
+            token = await self._coordinate(rule, readings)
+            if token is None:
+                return
+            st.last_action = now
+            st.actions.append(now)
+            self._device_actions.append(now)
+            kind, args, timeout = _actuator_call(rule)
+
+            async def started(_kind: str, _args: object) -> None:
+                body: dict[str, Any] = {"action": rule.action, "args": args}
+                if token:
+                    body["lease_token"] = token
+                # Committed before the actuator starts: it survives a crash between the two.
+                await self._audit_many([("rule_fired", {"readings": readings}), ("action_started", body)], rule)
+                # The decision latency (P4): sample arrival to the actuator starting, which is
+                # now; it includes the durable audit commit, as it must.
+                self.latencies_ms.append((time.perf_counter() - arrived) * 1000)
+
+            result = await self.actuators.run(kind, args, timeout=timeout, started=started)
+            await self._finished(rule, result, readings)
+        finally:
+            st.busy = False
+
+    def _why_not(self, rule: Rule, now: float) -> str | None:
+        st = self.states[rule.name]
+        if now - st.last_action < rule.cooldown_s:
+            return f"within its cooldown of {rule.cooldown_s:g} s"
+        if rule.max_actions is not None:
+            _expire(st.actions, now - rule.per_s)
+            if len(st.actions) >= rule.max_actions:
+                return f"its budget of {rule.max_actions} actions per {rule.per_s:g} s is spent"
+        _expire(self._device_actions, now - 3600)
+        if len(self._device_actions) >= self.policy.limits.max_actions_per_hour:
+            return f"the device's budget of {self.policy.limits.max_actions_per_hour} actions per hour is spent"
+        if not self._hub_reachable() and rule.offline == "skip":
+            return 'the hub is unreachable and the rule says offline = "skip"'
+        return None
+
+    async def _coordinate(self, rule: Rule, readings: dict[str, float]) -> str | None:
+        """'' when no coordination is needed, a lease token, or None when the action may not run."""
+        if not (rule.lease or rule.approval):
+            return ""
+        if not self._hub_reachable():
+            if rule.offline == "act":
+                return ""  # the policy says: act alone when the hub cannot be asked
+            await self._audit_many([("rule_fired", {"readings": readings}), ("action_skipped", {
+                "action": rule.action, "detail": 'needs the hub, which is unreachable; offline = "skip"'})], rule)
+            return None
+        token = ""
+        if rule.approval:
+            ok, who = await self._coordinator.approve(rule)
+            if not ok:
+                await self._refused(rule, readings, f"no approval: {who}")
+                return None
+        if rule.lease:
+            ok, token = await self._coordinator.lease(rule)
+            if not ok:
+                await self._refused(rule, readings, f"no lease {rule.lease.name!r}: {token}")
+                return None
+        return token
+
+    async def _refused(self, rule: Rule, readings: dict[str, float], detail: str) -> None:
+        await self._audit_many([("rule_fired", {"readings": readings}),
+                                ("action_refused", {"action": rule.action, "detail": detail})], rule)
+
+    async def _finished(self, rule: Rule, result: ActionResult, readings: dict[str, float]) -> None:
+        st = self.states[rule.name]
+        body = {"action": rule.action, "detail": result.detail, "exit_code": result.exit_code,
+                "output": result.output, "timed_out": result.timed_out,
+                "duration_ms": round(result.duration_s * 1000, 3)}
+        if result.refused:
+            # The allowlist said no: no action started (the hook did not run).
+            await self._audit_many([("rule_fired", {"readings": readings}), ("action_refused", body)], rule)
+            log.warning("rule %s: action refused: %s", rule.name, result.detail)
+            return
+        await self._audit("action_succeeded" if result.ok else "action_failed", rule, body)
+        if result.ok:
+            st.failures = 0
+            return
+        st.failures += 1
+        log.warning("rule %s: action failed (%d in a row): %s", rule.name, st.failures, result.detail)
+        if st.failures >= self.policy.limits.escalate_after_failures:
+            self._suspend(rule, "repeated_failures", f"its action failed {st.failures} times in a row")
+
+    def _suspend(self, rule: Rule, reason: str, detail: str) -> None:
+        self.states[rule.name].suspended = reason
+        log.error("rule %s suspended and escalated to the hub: %s", rule.name, detail)
+        self._spawn(self._audit("escalation", rule, {"reason": reason, "detail": detail}))
+
+    # --- audit --------------------------------------------------------------------------
+
+    async def _audit(self, kind: str, rule: Rule, body: dict[str, Any]) -> None:
+        await self._audit_many([(kind, body)], rule)
+
+    async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule) -> None:
+        base = {"policy_version": self.policy.version, "rule": rule.name}
+        await self.outbox.add_events([(kind, {**base, **body}) for kind, body in records])
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rule engine task failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for running decisions and actions (tests, and a clean stop)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+
+def _expire(times: collections.deque[float], before: float) -> None:
+    while times and times[0] < before:
+        times.popleft()
+
+
+def _actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
+    """The actuator's own argument shape for a validated rule: (kind, args, timeout)."""
+    args = rule.args
+    if isinstance(args, CommandArgs):
+        return "command", {"argv": list(args.argv)}, args.timeout_s
+    if isinstance(args, RecordArgs):
+        return "record", dict(args.values), ACTION_TIMEOUT
+    return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT
+
+
+ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer
