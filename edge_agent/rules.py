@@ -148,6 +148,7 @@ class RuleEngine:
             st.actions.append(now)
             self._device_actions.append(now)
             kind, args, timeout = _actuator_call(rule)
+            latency: list[float] = []
 
             async def started(_kind: str, _args: object) -> None:
                 body: dict[str, Any] = {"action": rule.action, "args": args}
@@ -157,10 +158,11 @@ class RuleEngine:
                 await self._audit_many([("rule_fired", {"readings": readings}), ("action_started", body)], rule)
                 # The decision latency (P4): sample arrival to the actuator starting, which is
                 # now; it includes the durable audit commit, as it must.
-                self.latencies_ms.append((time.perf_counter() - arrived) * 1000)
+                latency.append((time.perf_counter() - arrived) * 1000)
+                self.latencies_ms.append(latency[0])
 
             result = await self.actuators.run(kind, args, timeout=timeout, started=started)
-            await self._finished(rule, result, readings)
+            await self._finished(rule, result, readings, latency[0] if latency else None)
         finally:
             st.busy = False
 
@@ -206,11 +208,13 @@ class RuleEngine:
         await self._audit_many([("rule_fired", {"readings": readings}),
                                 ("action_refused", {"action": rule.action, "detail": detail})], rule)
 
-    async def _finished(self, rule: Rule, result: ActionResult, readings: dict[str, float]) -> None:
+    async def _finished(self, rule: Rule, result: ActionResult, readings: dict[str, float],
+                        latency_ms: float | None) -> None:
         st = self.states[rule.name]
         body = {"action": rule.action, "detail": result.detail, "exit_code": result.exit_code,
                 "output": result.output, "timed_out": result.timed_out,
-                "duration_ms": round(result.duration_s * 1000, 3)}
+                "duration_ms": round(result.duration_s * 1000, 3),
+                "latency_ms": None if latency_ms is None else round(latency_ms, 3)}
         if result.refused:
             # The allowlist said no: no action started (the hook did not run).
             await self._audit_many([("rule_fired", {"readings": readings}), ("action_refused", body)], rule)
