@@ -18,6 +18,7 @@ from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXPIRY_WARNING_DAYS = 14  # `status` lists device certificates expiring within this many days
 
 
 def _port(text: str) -> int:
@@ -119,6 +120,29 @@ def _parser() -> argparse.ArgumentParser:
     tel.add_argument("--metric", metavar="NAME", help="only this metric")
     tel.add_argument("--limit", type=int, metavar="N", help="at most N readings")
     tel.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    evt = sub.add_parser("events", help="list stored decisions and actions",
+                         description="Events the hub has committed (rule_fired, action_*, escalation, "
+                                     "outbox_corrupt, ...), ordered by device and sequence number. With "
+                                     "--json: one object per line with device, seq, ts (seconds since the "
+                                     "epoch, UTC), kind, policy_version, rule, and the rest of the event "
+                                     "under body.")
+    _dir_arg(evt)
+    evt.add_argument("--device", metavar="ID", help="only this device")
+    evt.add_argument("--kind", metavar="K", help="only this kind (rule_fired, action_failed, escalation, ...)")
+    evt.add_argument("--since", metavar="T", type=_since,
+                     help="only events at or after T: an ISO 8601 time (2026-11-21T16:00:00Z), "
+                          "seconds since the epoch, or an age like 90s, 15m, 2h, 7d")
+    evt.add_argument("--limit", type=int, metavar="N", help="at most N events")
+    evt.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    st = sub.add_parser("status", help="what needs a person, on one screen",
+                        description="Devices online/offline/revoked, the latest escalation per device and "
+                                    "rule, rejected messages by reason, the CRL's next update and "
+                                    "certificates that expire within "
+                                    f"{EXPIRY_WARNING_DAYS} days.")
+    _dir_arg(st)
+    st.add_argument("--json", action="store_true", help="the whole status as one JSON object")
     return parser
 
 
@@ -151,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one line per SQL call drowns the rest
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
-        "telemetry": _telemetry,
+        "telemetry": _telemetry, "events": _events, "status": _status,
     }
     try:
         if args.command == "run":
@@ -321,6 +345,138 @@ async def _telemetry(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{count} reading(s)", file=sys.stderr)
     return EXIT_OK
+
+
+async def _events(args: argparse.Namespace) -> int:
+    from hub.store import HubStore
+
+    paths, _ = load_hub(args.dir)
+    store = await HubStore.open(paths.db)
+    out = sys.stdout
+    count = 0
+    try:
+        async for row in store.events(device=args.device, since=args.since, kind=args.kind, limit=args.limit):
+            count += 1
+            if args.json:
+                out.write(msgspec.json.encode(row).decode() + "\n")
+            else:
+                out.write(f"{_when(row.ts)}\t{row.device}\t{row.seq}\t{row.kind}\t{row.rule or '-'}\t"
+                          f"{_event_detail(row.kind, row.body)}\n")
+    finally:
+        await store.close()
+    if not args.json:
+        print(f"{count} event(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _when(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
+    """One short line for a human: the fields that matter for the kind, else the body itself."""
+    def short(value: object) -> str:
+        return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+    parts: list[str] = []
+    if kind == "rule_fired" and isinstance(body.get("readings"), dict):
+        parts = [f"{k}={short(v)}" for k, v in body["readings"].items()]
+    elif kind.startswith("action_"):
+        parts = [short(body.get("action", "?"))]
+        if kind == "action_started" and body.get("args"):
+            parts.append(short(body["args"]))
+        if body.get("timed_out"):
+            parts.append("timed out")
+        elif body.get("exit_code") is not None:
+            parts.append(f"exit {body['exit_code']}")
+        if body.get("latency_ms") is not None:
+            parts.append(f"{body['latency_ms']} ms")
+        if body.get("detail"):
+            parts.append(short(body["detail"]))
+    elif kind == "escalation":
+        parts = [short(body.get("reason", "?")) + ":", short(body.get("detail", ""))]
+    elif kind == "outbox_corrupt":
+        parts = [short(body.get("reason", "?")), f"moved to {short(body.get('moved_to', '?'))}"]
+    elif body:
+        parts = [short(body)]
+    text = " ".join(p for p in parts if p).replace("\n", " ").replace("\t", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+async def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from hub.store import HubStore
+
+    paths, _ = load_hub(args.dir)
+    store = await HubStore.open(paths.db)
+    try:
+        devices = await store.devices()
+        escalations = await store.latest_escalations()
+        rejects = await store.reject_counts()
+    finally:
+        await store.close()
+    now = time.time()
+    live = [d for d in devices if not d.revoked]
+    offline = [d for d in live if not d.online]
+    expiring = [d for d in live if d.cert_expires is not None
+                and _epoch(d.cert_expires) - now <= EXPIRY_WARNING_DAYS * 86400]
+    crl_next, crl_error = _crl_next_update(paths.crl)
+    report: dict[str, Any] = {
+        "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
+                    "revoked": len(devices) - len(live)},
+        "offline": [{"device": d.device, "last_seen": d.last_seen} for d in offline],
+        "escalations": [{"device": e.device, "rule": e.rule, "reason": e.body.get("reason"),
+                         "detail": e.body.get("detail"), "ts": e.ts, "seq": e.seq,
+                         "policy_version": e.policy_version} for e in escalations],
+        "rejects": dict(sorted(rejects.items())),
+        "crl": {"next_update": crl_next, "overdue": crl_next is not None and _epoch(crl_next) < now,
+                "error": crl_error},
+        "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
+    }
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        return EXIT_OK
+    n = report["devices"]
+    lines = [f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
+    lines += [f"  offline  {d.device}  last seen {d.last_seen or 'never'}" for d in offline]
+    lines.append(f"escalations (latest per device and rule): {len(escalations) or 'none'}")
+    lines += [f"  {_when(e.ts)}  {e.device}  {e.rule or '-'}  {_event_detail(e.kind, e.body)}"
+              for e in escalations]
+    total = sum(rejects.values())
+    lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
+        f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))
+    if crl_error:
+        lines.append(f"CRL: {crl_error}")
+    else:
+        lines.append(f"CRL next update: {crl_next}" + ("  OVERDUE" if report["crl"]["overdue"] else ""))
+    lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
+    lines += [f"  {d.device}  {'expired' if _epoch(d.cert_expires or '') < now else 'expires'} {d.cert_expires}"
+              for d in expiring]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _epoch(iso_time: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso_time).timestamp()
+
+
+def _crl_next_update(path: Path) -> tuple[str | None, str | None]:
+    """The CRL's next update (ISO 8601, UTC), or why it could not be read."""
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return None, f"{path} has no next update"
+    return next_update.isoformat(timespec="seconds"), None
 
 
 def _dash(value: object) -> str:

@@ -115,6 +115,40 @@ class TelemetryRow(msgspec.Struct, frozen=True):
     value: float
 
 
+class EventRow(msgspec.Struct, frozen=True):
+    """One line of `edge-hub events --json` (a documented contract); ts in epoch seconds.
+
+    `policy_version` and `rule` are lifted out of the event's JSON body (null when absent);
+    `body` holds the rest of it.
+    """
+
+    device: str
+    seq: int
+    ts: float
+    kind: str
+    policy_version: int | None
+    rule: str | None
+    body: dict[str, Any]
+
+
+def event_row(device: str, seq: int, ts: float, kind: str, text: str) -> EventRow:
+    """An events-table row as an EventRow; a body that is not a JSON object is kept as {"text": ...}."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"text": text}
+    version = body.pop("policy_version", None)
+    rule = body.pop("rule", None)
+    return EventRow(
+        device, seq, ts, kind,
+        policy_version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+        rule=rule if isinstance(rule, str) else None,
+        body=body,
+    )
+
+
 @dataclass
 class IngestWork:
     """Rows and state from one ingest cycle, committed together."""
@@ -367,6 +401,39 @@ class HubStore:
             while rows := await cur.fetchmany(10_000):
                 for r in rows:
                     yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
+
+    async def events(self, *, device: str | None = None, since: float | None = None,
+                     kind: str | None = None, limit: int | None = None) -> AsyncIterator[EventRow]:
+        """Stored events ordered by device, then seq (the device's own order)."""
+        clauses, args = [], []
+        for clause, arg in (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind)):
+            if arg is not None:
+                clauses.append(clause)
+                args.append(arg)
+        query = "SELECT device, seq, ts, kind, body FROM events"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY device, seq"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        async with self._db.execute(query, args) as cur:
+            while rows := await cur.fetchmany(10_000):
+                for r in rows:
+                    yield event_row(r[0], r[1], r[2], r[3], r[4])
+
+    async def latest_escalations(self) -> list[EventRow]:
+        """The newest `escalation` event of each (device, rule), ordered by device and rule.
+
+        A scan of the events table (there is no index on kind); fine for an operator's command.
+        """
+        query = (
+            "SELECT e.device, e.seq, e.ts, e.kind, e.body FROM events e JOIN ("
+            "  SELECT device, MAX(seq) AS seq FROM events WHERE kind = 'escalation'"
+            "  GROUP BY device, json_extract(CASE WHEN json_valid(body) THEN body END, '$.rule')"
+            ") latest USING (device, seq) ORDER BY e.device, e.seq"
+        )
+        rows = [event_row(*r) async for r in self._rows(query)]
+        return sorted(rows, key=lambda r: (r.device, r.rule or ""))
 
     async def reject_counts(self) -> dict[str, int]:
         return {r: int(c) async for r, c in self._rows("SELECT reason, count FROM rejects")}
