@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides)
+        settings.load_policy()  # a broken policy is a configuration error too (exit 2)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

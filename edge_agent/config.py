@@ -13,7 +13,7 @@ from msgspec import Meta
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
 from edge_agent.policy import Policy, PolicyError, validate_policy
-from edge_agent.profiles import PROFILE_KEYS, Profile, load_profile, produced_metric
+from edge_agent.profiles import PROFILE_KEYS, SYSTEM_METRICS, Profile, load_profile, produced_metric
 from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
 
@@ -106,9 +106,14 @@ class AgentSettings:
         except OSError as exc:
             raise ConfigError(f"cannot read the policy: {exc.strerror}", str(path)) from None
         try:
-            policy = validate_policy(text, metrics=None, actuators_allowed=self.profile.actuators.allowed)
+            policy = validate_policy(text, metrics=known_metrics(self.profile),
+                                     actuators_allowed=self.profile.actuators.allowed)
         except PolicyError as exc:
-            raise ConfigError(str(exc), str(path)) from None
+            message = str(exc)
+            if "unknown metric" in message:
+                produced = sorted(known_metrics(self.profile) or ())
+                message += f"\n  (profile {self.profile.name!r} produces: {', '.join(produced)})"
+            raise ConfigError(message, str(path)) from None
         for rule in policy.rules:
             unknown = sorted(m for m in rule.when.metrics | rule.clear.metrics if not produced_metric(self.profile, m))
             if unknown:
@@ -120,6 +125,20 @@ class AgentSettings:
     def quota_bytes(self) -> int:
         mb = self.config.outbox.quota_mb or self.profile.budgets.disk_mb
         return int(mb * 1_000_000)
+
+
+def known_metrics(profile: Profile) -> set[str] | None:
+    """Every metric the profile can produce, or None when some are only known at run time
+    (thermal zones); then rules are checked with `produced_metric` instead, without a column."""
+    names: set[str] = set()
+    for sensor in profile.sensors:
+        if sensor.kind == "thermal":
+            return None
+        if sensor.kind == "sim":
+            names |= {f"sig{i}" for i in range(profile.sim.signals)}
+        elif sensor.kind == "system":
+            names |= set(sensor.metrics) or set(SYSTEM_METRICS)
+    return names
 
 
 def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:

@@ -101,14 +101,17 @@ class RuleEngine:
 
     def _decide(self, rule: Rule, arrived: float) -> None:
         st = self.states[rule.name]
-        if st.suspended or st.busy:
+        if st.suspended:
             return
         now = self._clock()
-        if st.active and rule.clear.evaluate(self.windows) is True:
+        holds = rule.when.evaluate(self.windows) is True
+        # While `when` holds the rule stays active, whatever `clear` says: a clear window that
+        # lags a rising signal must not re-arm it. A clear is taken even while an action runs.
+        if st.active and not holds and rule.clear.evaluate(self.windows) is True:
             st.active, st.fires_without_clear = False, 0
             self._spawn(self._audit("rule_cleared", rule, {}))
             return
-        if rule.when.evaluate(self.windows) is not True:
+        if not holds or st.busy:
             return
         if st.active:
             if not rule.cooldown_s or now - st.last_action < rule.cooldown_s:
