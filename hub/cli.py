@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -16,6 +16,9 @@ from edge_agent import __version__
 from edge_agent.errors import ConfigError
 from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
+
+if TYPE_CHECKING:
+    from hub.store import EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXPIRY_WARNING_DAYS = 14  # `status` lists device certificates expiring within this many days
@@ -323,31 +326,25 @@ async def _devices(args: argparse.Namespace) -> int:
 
 
 async def _telemetry(args: argparse.Namespace) -> int:
-    import datetime as dt
+    def text(row: TelemetryRow) -> str:
+        return f"{row.device}\t{row.seq}\t{_when(row.ts)}\t{row.metric}\t{row.value:g}"
 
-    from hub.store import HubStore
-
-    paths, _ = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
-    out = sys.stdout
-    count = 0
-    try:
-        async for row in store.telemetry(device=args.device, since=args.since, metric=args.metric,
-                                         limit=args.limit):
-            count += 1
-            if args.json:
-                out.write(msgspec.json.encode(row).decode() + "\n")
-            else:
-                when = dt.datetime.fromtimestamp(row.ts, dt.UTC).isoformat(timespec="milliseconds")
-                out.write(f"{row.device}\t{row.seq}\t{when}\t{row.metric}\t{row.value:g}\n")
-    finally:
-        await store.close()
-    if not args.json:
-        print(f"{count} reading(s)", file=sys.stderr)
-    return EXIT_OK
+    return await _stream(args, "reading(s)", text, lambda store: store.telemetry(
+        device=args.device, since=args.since, metric=args.metric, limit=args.limit))
 
 
 async def _events(args: argparse.Namespace) -> int:
+    def text(row: EventRow) -> str:
+        return (f"{_when(row.ts)}\t{row.device}\t{row.seq}\t{row.kind}\t{row.rule or '-'}\t"
+                f"{_event_detail(row.kind, row.body)}")
+
+    return await _stream(args, "event(s)", text, lambda store: store.events(
+        device=args.device, since=args.since, kind=args.kind, limit=args.limit))
+
+
+async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str],
+                  rows: Callable[[HubStore], AsyncIterator[Any]]) -> int:
+    """Print a listing as it is read: JSON lines, or tab-separated text with a count on stderr."""
     from hub.store import HubStore
 
     paths, _ = load_hub(args.dir)
@@ -355,17 +352,13 @@ async def _events(args: argparse.Namespace) -> int:
     out = sys.stdout
     count = 0
     try:
-        async for row in store.events(device=args.device, since=args.since, kind=args.kind, limit=args.limit):
+        async for row in rows(store):
             count += 1
-            if args.json:
-                out.write(msgspec.json.encode(row).decode() + "\n")
-            else:
-                out.write(f"{_when(row.ts)}\t{row.device}\t{row.seq}\t{row.kind}\t{row.rule or '-'}\t"
-                          f"{_event_detail(row.kind, row.body)}\n")
+            out.write((msgspec.json.encode(row).decode() if args.json else text(row)) + "\n")
     finally:
         await store.close()
     if not args.json:
-        print(f"{count} event(s)", file=sys.stderr)
+        print(f"{count} {noun}", file=sys.stderr)
     return EXIT_OK
 
 

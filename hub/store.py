@@ -386,40 +386,31 @@ class HubStore:
 
     async def telemetry(self, *, device: str | None = None, since: float | None = None,
                         metric: str | None = None, limit: int | None = None) -> AsyncIterator[TelemetryRow]:
-        clauses, args = [], []
-        for clause, arg in (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric)):
-            if arg is not None:
-                clauses.append(clause)
-                args.append(arg)
-        query = "SELECT device, seq, ts, metric, value FROM telemetry"
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        query += " ORDER BY device, seq"
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
-        async with self._db.execute(query, args) as cur:
-            while rows := await cur.fetchmany(10_000):
-                for r in rows:
-                    yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
+        filters = (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric))
+        async for r in self._listing("device, seq, ts, metric, value", "telemetry", filters, limit):
+            yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
 
     async def events(self, *, device: str | None = None, since: float | None = None,
                      kind: str | None = None, limit: int | None = None) -> AsyncIterator[EventRow]:
         """Stored events ordered by device, then seq (the device's own order)."""
-        clauses, args = [], []
-        for clause, arg in (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind)):
-            if arg is not None:
-                clauses.append(clause)
-                args.append(arg)
-        query = "SELECT device, seq, ts, kind, body FROM events"
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
+        filters = (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind))
+        async for r in self._listing("device, seq, ts, kind, body", "events", filters, limit):
+            yield event_row(r[0], r[1], r[2], r[3], r[4])
+
+    async def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
+                       limit: int | None) -> AsyncIterator[Any]:
+        """Rows of a per-device table, filtered, by device and seq, streamed in chunks."""
+        active = [(clause, arg) for clause, arg in filters if arg is not None]
+        query = f"SELECT {columns} FROM {table}"  # noqa: S608  # names are ours; values are bound
+        if active:
+            query += " WHERE " + " AND ".join(clause for clause, _ in active)
         query += " ORDER BY device, seq"
         if limit is not None:
             query += f" LIMIT {int(limit)}"
-        async with self._db.execute(query, args) as cur:
+        async with self._db.execute(query, [arg for _, arg in active]) as cur:
             while rows := await cur.fetchmany(10_000):
-                for r in rows:
-                    yield event_row(r[0], r[1], r[2], r[3], r[4])
+                for row in rows:
+                    yield row
 
     async def latest_escalations(self) -> list[EventRow]:
         """The newest `escalation` event of each (device, rule), ordered by device and rule.
