@@ -159,6 +159,8 @@ class Agent:
             tasks.create_task(self.outbox.flusher(), name="outbox")
             tasks.create_task(self.sampler.run(), name="sampler")
             tasks.create_task(self._close_windows(), name="aggregation")
+            if self.engine is not None:
+                tasks.create_task(self.engine.run(), name="rules")
             tasks.create_task(self.link.run(), name="link")
 
     async def _close_windows(self) -> None:

@@ -37,6 +37,7 @@ from edge_agent.policy import CommandArgs, Policy, RecordArgs, Rule
 from edge_agent.sensors import Reading
 from edge_agent.windows import ReadingWindows
 
+TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
 LATENCY_SAMPLES: Final = 10_000  # decision latencies kept for the P4 figures and metrics
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class RuleState:
     active: bool = False
     suspended: str | None = None
     last_action: float = float("-inf")
+    last_fire: float = float("-inf")  # acted on or skipped: repeats while active are timed from here
     actions: collections.deque[float] = field(default_factory=collections.deque)
     fires_without_clear: int = 0
     failures: int = 0
@@ -99,6 +101,18 @@ class RuleEngine:
         for rule in rules.values():
             self._decide(rule, arrived)
 
+    def tick(self) -> None:
+        """Evaluate every rule, new readings or not: `age(m) > 120` must fire when m goes silent."""
+        arrived = time.perf_counter()
+        for rule in self.policy.rules:
+            self._decide(rule, arrived)
+
+    async def run(self) -> None:
+        """Tick until cancelled."""
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            self.tick()
+
     def _decide(self, rule: Rule, arrived: float) -> None:
         st = self.states[rule.name]
         if st.suspended:
@@ -114,7 +128,7 @@ class RuleEngine:
         if not holds or st.busy:
             return
         if st.active:
-            if not rule.cooldown_s or now - st.last_action < rule.cooldown_s:
+            if not rule.cooldown_s or now - st.last_fire < rule.cooldown_s:
                 return  # holds still: one action per activation, or one per cooldown
             st.fires_without_clear += 1
             limit = self.policy.limits.escalate_after_fires_without_clear
@@ -124,6 +138,7 @@ class RuleEngine:
                 return
         st.active = True
         st.busy = True
+        st.last_fire = now
         self._spawn(self._fire(rule, arrived, now, self._snapshot(rule)))
 
     def _snapshot(self, rule: Rule) -> dict[str, float]:
@@ -223,7 +238,12 @@ class RuleEngine:
             await self._audit_many([("rule_fired", {"readings": readings}), ("action_refused", body)], rule)
             log.warning("rule %s: action refused: %s", rule.name, result.detail)
             return
-        await self._audit("action_succeeded" if result.ok else "action_failed", rule, body)
+        outcome = "action_succeeded" if result.ok else "action_failed"
+        if latency_ms is None:
+            # It failed before starting (bad arguments): no start record was written.
+            await self._audit_many([("rule_fired", {"readings": readings}), (outcome, body)], rule)
+        else:
+            await self._audit(outcome, rule, body)
         if result.ok:
             st.failures = 0
             return

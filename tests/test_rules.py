@@ -487,3 +487,42 @@ async def test_the_start_record_is_committed_before_the_action_runs(rig: RigFact
     for task in list(r.engine._tasks):
         task.cancel()
     await asyncio.gather(*r.engine._tasks, return_exceptions=True)
+
+
+# --- time alone, and skipped repeats -------------------------------------------------------------
+
+
+async def test_a_silent_metric_fires_an_age_rule_on_the_tick(rig: RigFactory) -> None:
+    """`age(m) > N` must fire when m stops arriving: no reading of m will ever trigger it."""
+    r: Rig = await rig(policy(rule("silent", when="age(temp) > 120", clear="age(temp) < 30")))
+    await r.feed("temp", 20.0)
+    r.clock.advance(60.0)
+    r.engine.tick()
+    await r.drain()
+    assert r.calls == []  # 60 s of silence is not enough
+    r.clock.advance(90.0)
+    r.engine.tick()
+    await r.drain()
+    assert r.calls == [{"rule": "silent"}]
+    await r.feed("temp", 21.0)  # it speaks again: the rule clears
+    assert (await r.kinds("silent"))[-1] == "rule_cleared"
+
+
+async def test_skipped_repeats_are_timed_like_acted_ones(rig: RigFactory) -> None:
+    """A repeat skipped (offline, budget) still waits its cooldown: it must not re-fire on every
+    reading and be suspended early for "firing without clear"."""
+    r: Rig = await rig(policy(rule("repeat", offline="skip", extra='cooldown = "10s"'),
+                              limits="escalate_after_fires_without_clear = 4"), online=False)
+    for _ in range(5):  # 3 s apart: the cooldown allows one repeat in these 15 s
+        r.clock.advance(3.0)
+        await r.feed("temp", 80.0)
+    assert len(await r.events("rule_fired", "repeat")) == 2
+    assert r.engine.states["repeat"].suspended is None
+    for _ in range(25):
+        r.clock.advance(3.0)
+        await r.feed("temp", 80.0)
+    fired = await r.events("rule_fired", "repeat")
+    assert len(fired) == 4  # first firing, then 3 repeats: 12 s, 24 s, 36 s after it
+    assert r.engine.states["repeat"].suspended == "fires_without_clear"
+    assert [e["detail"] for e in await r.events("action_skipped")] == [
+        'the hub is unreachable and the rule says offline = "skip"'] * 4
