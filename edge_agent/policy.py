@@ -277,11 +277,11 @@ class _RuleChecker:
         if per is not None and per > MAX_BUDGET_WINDOW_S:
             self.add(section, "per", f"{label}: `per` is longer than the limit of {MAX_BUDGET_WINDOW_S / 86400:g} days")
         if len(self.problems) > before or head is None or when is None or clear is None or args is None \
-                or cooldown is None:
+                or cooldown is None or per is None:
             return None
         return Rule(
             name=head.name, when=when, clear=clear, action=rule.action, args=args,  # type: ignore[arg-type]  # checked in args()
-            offline=rule.offline, cooldown_s=cooldown, max_actions=rule.max_actions, per_s=per or DEFAULT_PER_S,
+            offline=rule.offline, cooldown_s=cooldown, max_actions=rule.max_actions, per_s=per,
             lease=rule.lease, approval=rule.approval, line=section[0] + 1,
         )
 
@@ -346,13 +346,14 @@ class _RuleChecker:
         return args
 
     def duration(self, section: Section, key: str, value: str | float, label: str) -> float | None:
-        if not isinstance(value, str):
-            return float(value)
-        try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.add(section, key, f"{label}: `{key}`: {exc}")
-            return None
+        if isinstance(value, str):
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                self.add(section, key, f"{label}: `{key}`: {exc}")
+                return None
+        else:
+            seconds = float(value)  # a number of seconds; the same checks as a written duration
         if key == "per" and seconds <= 0:
             self.add(section, key, f"{label}: `per` must be longer than 0")
             return None

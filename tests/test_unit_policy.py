@@ -263,3 +263,12 @@ def test_a_validated_policy_is_not_meant_for_the_wire() -> None:
     # The hub signs the text; the structs hold compiled expressions and stay in the process.
     with pytest.raises(TypeError):
         msgspec.json.encode(policy)
+
+
+@pytest.mark.parametrize("per", ["0", "0.0", '"0s"'])
+def test_a_zero_budget_window_is_refused_however_it_is_written(per: str) -> None:
+    text = ('version = 1\n[[rules]]\nname = "r"\nwhen = "x > 1"\nclear = "x < 0"\naction = "record"\n'
+            f'args = {{}}\noffline = "act"\nmax_actions = 2\nper = {per}\n')
+    with pytest.raises(PolicyError) as refused:
+        validate_policy(text, metrics=None, actuators_allowed=None)
+    assert "`per` must be longer than 0" in str(refused.value)
