@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli
-from tests.exactly_once import OutboxState, assert_exactly_once, hub_watermark, outbox_state, wait_drained
+from tests.exactly_once import OutboxState, wait_drained
 from tests.faultproxy import FaultProxy
 from tests.test_store_forward_faults import kill_9, stop_cleanly, wait_until
+from tests.test_store_forward_faults import settle as settle_quietly
 
 pytestmark = pytest.mark.integration
 
@@ -90,25 +91,8 @@ async def settle(hub_dir: HubDir, bundle: Path, *extra: str) -> OutboxState:
     """A quiet run of the stopped device with no rules: it sends what is left (what a clean
     stop committed, or what a killed agent had not yet delivered), drains and stops cleanly;
     then the hub must hold every seq 1..N exactly once, less what the agent shed."""
-    stopped = outbox_state(bundle)
-    quiet = await Proc(f"{bundle.name}-quiet", agent_argv(bundle, *QUIET, NO_RULES, *extra)).start()
-    try:
-        await quiet.wait_for(rf"{bundle.name} online", timeout=RECONNECT_TIMEOUT)
-
-        def drained() -> bool:
-            state = outbox_state(bundle)
-            return (state.last_seq > stopped.last_seq and state.acked >= state.last_seq
-                    and hub_watermark(hub_dir.dir, bundle.name) >= state.last_seq)
-
-        await wait_until(drained, f"{bundle.name} drained after a quiet restart", DRAIN_TIMEOUT)
-        await stop_cleanly(quiet)
-    finally:
-        await quiet.stop()
-    state = outbox_state(bundle)
-    assert state.rows == 0
-    assert state.acked == state.last_seq
-    assert_exactly_once(hub_dir.dir, bundle.name, state.last_seq, state.dropped)
-    return state
+    return await settle_quietly(hub_dir, bundle, agent_argv(bundle, *QUIET, NO_RULES, *extra),
+                                online_timeout=RECONNECT_TIMEOUT)
 
 
 # --- offline = "act" / "skip" during a partition ------------------------------------------------

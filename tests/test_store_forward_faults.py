@@ -24,7 +24,7 @@ import pytest
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import ACK, TELEMETRY, Ack, Batch, EventRecord, down_topic, pack, unpack, up_topic
-from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity
+from tests.conftest import AGENT, HUB, START_TIMEOUT, HubDir, Proc, connect, device_identity
 from tests.exactly_once import (
     OutboxState,
     assert_exactly_once,
@@ -124,12 +124,15 @@ async def finish(hub_dir: HubDir, bundle: Path, agent: Proc) -> OutboxState:
     return await settle(hub_dir, bundle)
 
 
-async def settle(hub_dir: HubDir, bundle: Path) -> OutboxState:
-    """The quiet run of `finish`, then the exactly-once check (the device's agent is stopped)."""
+async def settle(hub_dir: HubDir, bundle: Path, argv: list[str] | None = None,
+                 online_timeout: float = START_TIMEOUT) -> OutboxState:
+    """The quiet run of `finish`, then the exactly-once check (the device's agent is stopped).
+    `argv` replaces the quiet agent's command line (it must keep sampling slowly)."""
     stopped = outbox_state(bundle)
-    quiet = await Proc(f"{bundle.name}-quiet", agent_argv(bundle, *STREAM, *QUIET)).start()
+    argv = argv or agent_argv(bundle, *STREAM, *QUIET)
+    quiet = await Proc(f"{bundle.name}-quiet", argv).start()
     try:
-        await quiet.wait_for(rf"{bundle.name} online")  # its signal handlers are in place by now
+        await quiet.wait_for(rf"{bundle.name} online", timeout=online_timeout)  # signal handlers are set by now
 
         def drained() -> bool:  # its own first samples included, so nothing is left from before
             state = outbox_state(bundle)
