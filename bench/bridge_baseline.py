@@ -69,7 +69,8 @@ def free_port(avoid: tuple[int, ...] = ()) -> int:
 
 
 class Child:
-    """A child process; its stderr lines are kept with the time they were read."""
+    """A child process; its stderr lines (or, with `merge`, its whole output) are kept with
+    the monotonic time they were read. bench/p2_drain.py uses it for the hub and the agent."""
 
     def __init__(self, name: str, argv: list[str]) -> None:
         self.name, self.argv = name, argv
@@ -79,36 +80,37 @@ class Child:
         self._reader: asyncio.Task[None] | None = None
         self.stdout: asyncio.StreamReader | None = None
 
-    async def start(self, stdout: bool = False) -> Child:
+    async def start(self, stdout: bool = False, merge: bool = False) -> Child:
+        """`stdout`: keep stdout as a stream for the caller; `merge`: read stdout and stderr as one."""
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=1 << 20,
+            stdout=asyncio.subprocess.PIPE if stdout or merge else asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.STDOUT if merge else asyncio.subprocess.PIPE,
+            start_new_session=True, limit=1 << 20,
         )
-        self.stdout = self.proc.stdout
-        self._reader = asyncio.create_task(self._read())
+        self.stdout = None if merge else self.proc.stdout
+        self._reader = asyncio.create_task(self._read(self.proc.stdout if merge else self.proc.stderr))
         return self
 
-    async def _read(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
+    async def _read(self, stream: asyncio.StreamReader | None) -> None:
+        assert stream is not None
+        async for raw in stream:
             async with self._changed:
                 self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
                 self._changed.notify_all()
         async with self._changed:
             self._changed.notify_all()
 
+    def first(self, pattern: str, after: int = 0) -> float | None:
+        """The time the first line matching `pattern` (from line `after` on) was read, if yet."""
+        regex = re.compile(pattern)
+        return next((t for t, line in self.lines[after:] if regex.search(line)), None)
+
     async def wait_for(self, pattern: str, within: float = START_TIMEOUT, after: int = 0) -> float:
         """The time the first line matching `pattern` (from line `after` on) was read."""
-        regex = re.compile(pattern)
-
-        def found() -> float | None:
-            return next((t for t, line in self.lines[after:] if regex.search(line)), None)
-
         try:
             async with asyncio.timeout(within), self._changed:
-                while (when := found()) is None:
+                while (when := self.first(pattern, after)) is None:
                     if self._reader is not None and self._reader.done():
                         break
                     await self._changed.wait()
@@ -138,20 +140,24 @@ class Child:
             await asyncio.gather(self._reader, return_exceptions=True)
         return code
 
+    def signal(self, sig: int) -> None:
+        # os.kill, not send_signal: Popen.send_signal polls, reaping the child behind
+        # asyncio's watcher ("Unknown child process pid").
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
     async def stop(self, within: float = 10.0) -> int | None:
         if self.proc is None:
             return None
         if self.proc.returncode is None:
-            # os.kill, not send_signal: Popen.send_signal polls, reaping the child behind
-            # asyncio's watcher ("Unknown child process pid").
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
+            self.signal(signal.SIGCONT)  # a stopped (SIGSTOP) child cannot act on SIGTERM
+            self.signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(within):
                     await self.proc.wait()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
+                self.signal(signal.SIGKILL)
                 await self.proc.wait()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -50,6 +49,7 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bridge_baseline import Child, run_bridge_baseline  # noqa: E402  # one process wrapper for both
 from edge_agent.config import AgentSettings, load_settings  # noqa: E402 - after the path fix above
 from edge_agent.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402
 from edge_agent.profiles import SimSpec  # noqa: E402
@@ -75,86 +75,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class Proc:
-    """A child process; its output lines are kept with the monotonic time they were read."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name, self.argv = name, argv
-        self.lines: list[tuple[float, str]] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._changed = asyncio.Condition()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> Proc:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            async with self._changed:
-                self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip()))
-                self._changed.notify_all()
-        async with self._changed:
-            self._changed.notify_all()
-
-    def first(self, pattern: str) -> float | None:
-        regex = re.compile(pattern)
-        return next((t for t, line in self.lines if regex.search(line)), None)
-
-    async def wait_for(self, pattern: str, within: float = START_TIMEOUT) -> float:
-        """The time the first line matching `pattern` was read."""
-        try:
-            async with asyncio.timeout(within), self._changed:
-                while (when := self.first(pattern)) is None:
-                    if self._reader is not None and self._reader.done():
-                        break
-                    await self._changed.wait()
-        except TimeoutError:
-            when = None
-        if when is None:
-            raise RuntimeError(f"{self.name}: no line matching {pattern!r} within {within} s\n{self.tail()}")
-        return when
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(line for _, line in self.lines[-n:])
-
-    def count(self, pattern: str) -> int:
-        regex = re.compile(pattern)
-        return sum(1 for _, line in self.lines if regex.search(line))
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    async def stop(self, within: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.returncode is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(within):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.signal(signal.SIGKILL)
-                await self.proc.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-        return self.proc.returncode
 
 
 async def run_cli(*argv: str, within: float = 120.0) -> str:
@@ -290,7 +210,7 @@ async def sample_rss(pid: int, peak: list[float]) -> None:
         await asyncio.sleep(RSS_EVERY_S)
 
 
-async def settle_and_check(fleet: Fleet, device: str, agent: Proc) -> dict[str, Any]:
+async def settle_and_check(fleet: Fleet, device: str, agent: Child) -> dict[str, Any]:
     """Pause the agent when all it committed is acknowledged; check exactly-once from the files."""
     bundle = fleet.bundles / device
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -322,16 +242,16 @@ async def run_drain(work: Path, readings: int, limit_s: float, overrides: tuple[
           f"quota {settings.quota_bytes / 1e6:.0f} MB, synchronous={settings.config.outbox.synchronous}), "
           f"written in {backlog['build_s']} s; last seq {last:,}")
     figures: dict[str, Any] = {"readings": readings, "agent_overrides": list(overrides), "backlog": backlog}
-    hub = await Proc("hub", fleet.hub_argv()).start()
-    agent: Proc | None = None
+    hub = await Child("hub", fleet.hub_argv()).start(merge=True)
+    agent: Child | None = None
     watch = Watch(fleet.hub_dir, fleet.bundles / DEVICE)
     peak = [0.0]
     sampler: asyncio.Task[None] | None = None
     try:
-        await hub.wait_for(r"hub ready")
+        await hub.wait_for(r"hub ready", within=START_TIMEOUT)
         load_before = os.getloadavg()[0]
         started = time.monotonic()
-        agent = await Proc("agent", fleet.agent_argv(DEVICE, *overrides)).start()
+        agent = await Child("agent", fleet.agent_argv(DEVICE, *overrides)).start(merge=True)
         sampler = asyncio.create_task(sample_rss(agent.pid, peak))
         at_watermark: float | None = None
         drained: float | None = None
@@ -371,12 +291,11 @@ async def run_drain(work: Path, readings: int, limit_s: float, overrides: tuple[
             sampler.cancel()
         watch.close()
         if agent is not None:
-            await agent.stop()
-        await hub.stop()
+            await agent.stop(within=15.0)
+        await hub.stop(within=15.0)
 
 
 async def run_baseline(work: Path, messages: int) -> dict[str, Any]:
-    from bench.bridge_baseline import run_bridge_baseline  # the other benchmark's module, unchanged
 
     return await run_bridge_baseline(messages, PAYLOAD, work / "bridge")
 
