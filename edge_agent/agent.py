@@ -49,7 +49,7 @@ log = logging.getLogger("edge_agent")
 
 
 class Agent:
-    """One device. Build with `await Agent.open(settings)`, then `run()`; `close()` at the end."""
+    """One device. Build with `await Agent.open(settings, policy)`, then `run()`; `close()` at the end."""
 
     def __init__(self, settings: AgentSettings, outbox: Outbox, policy: Policy | None = None) -> None:
         self.settings = settings
@@ -71,8 +71,8 @@ class Agent:
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
 
     @classmethod
-    async def open(cls, settings: AgentSettings) -> Agent:
-        policy = settings.load_policy()
+    async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
+        """`policy` as validated by `settings.load_policy()` (the CLI does it before start)."""
         outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
         return cls(settings, outbox, policy)
 
@@ -183,12 +183,12 @@ class Agent:
             await self.outbox.close()
 
 
-async def run_agent(settings: AgentSettings) -> None:
+async def run_agent(settings: AgentSettings, policy: Policy | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    agent = await Agent.open(settings)
+    agent = await Agent.open(settings, policy)
     try:
         task = asyncio.create_task(agent.run(), name="agent")
         stopper = asyncio.create_task(stop.wait(), name="stop")

@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
+from edge_agent.policy import Policy
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config, args.overrides)
-        settings.load_policy()  # a broken policy is a configuration error too (exit 2)
+        policy = settings.load_policy()  # a broken policy is a configuration error too (exit 2)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check":
         return _check(settings)
     _logging(args.log_level or settings.config.log_level)
-    return _run(settings)
+    return _run(settings, policy)
 
 
 def _check(settings: AgentSettings) -> int:
@@ -82,7 +83,7 @@ def _check(settings: AgentSettings) -> int:
     return EXIT_OK if all(f.ok for f in findings) else EXIT_FAILURE
 
 
-def _run(settings: AgentSettings) -> int:
+def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.agent import run_agent
 
     try:
@@ -92,7 +93,7 @@ def _run(settings: AgentSettings) -> int:
               f"{settings.path}` for details", file=sys.stderr)
         return EXIT_USAGE
     try:
-        asyncio.run(run_agent(settings))
+        asyncio.run(run_agent(settings, policy))
     except KeyboardInterrupt:
         pass
     except Exception:
