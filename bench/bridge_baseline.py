@@ -48,7 +48,8 @@ from typing import Any
 
 import psutil
 
-from hub.pki import Authority, cert_pem, key_pem, write_atomic
+from edge_agent.files import write_atomic
+from hub.pki import Authority, cert_pem, key_pem
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BRIDGE_CN = "edge-bridge"

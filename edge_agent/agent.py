@@ -7,6 +7,7 @@ to stop; only the uplink and presence live and die with the MQTT connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import secrets
@@ -22,8 +23,10 @@ from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
 from edge_agent.policy import Policy
+from edge_agent.policy_intake import PolicyIntake
 from edge_agent.protocol import (
     ACK,
+    POLICY,
     STATUS,
     Ack,
     Presence,
@@ -38,7 +41,7 @@ from edge_agent.protocol import (
     up_topic,
 )
 from edge_agent.report import ReportFilter
-from edge_agent.rules import RuleEngine
+from edge_agent.rules import TICK_INTERVAL, RuleEngine
 from edge_agent.sensors import Reading, Sampler, build_sensors
 from edge_agent.uplink import Uplink, UplinkSettings
 from edge_agent.windows import ReadingWindows
@@ -60,15 +63,24 @@ class Agent:
         self.report = ReportFilter(settings.profile.report)
         self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take)
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
-        self.engine: RuleEngine | None = None
-        if policy is not None:
-            keep = {m: 0.0 for rule in policy.rules for m in rule.when.metrics | rule.clear.metrics}
-            for metric, seconds in policy.windows:
-                keep[metric] = max(keep[metric], seconds)  # the longest window of each metric
-            self.engine = RuleEngine(policy, ReadingWindows(keep), self.actuators, outbox,
-                                     hub_reachable=lambda: self.link.connected.is_set())
-        self._session_id = ""
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
+        self._session_id = ""
+        self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
+        # The signed policy kept from the hub outranks the local file it was given.
+        self.intake = PolicyIntake(settings, local=policy)
+        self.engine: RuleEngine | None = None
+        self._install(self.intake.load())
+
+    def _install(self, policy: Policy | None) -> None:
+        """Switch the rules over; actions the old engine started finish under its audit."""
+        if policy is None or not policy.rules:
+            self.engine = None
+            return
+        keep = {m: 0.0 for rule in policy.rules for m in rule.when.metrics | rule.clear.metrics}
+        for metric, seconds in policy.windows:
+            keep[metric] = max(keep[metric], seconds)  # the longest window of each metric
+        self.engine = RuleEngine(policy, ReadingWindows(keep), self.actuators, self.outbox,
+                                 hub_reachable=lambda: self.link.connected.is_set())
 
     @classmethod
     async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
@@ -127,10 +139,34 @@ class Agent:
                     raise ProtocolError("bad_topic", f"not ours: {message.topic}")
                 if topic.kind == ACK:
                     self.uplink.on_ack(unpack(message.payload, Ack).through)
+                elif topic.kind == POLICY:
+                    await self.take_policy(message.payload)
                 else:
                     log.debug("message on %s not handled yet", message.topic)
             except ProtocolError as exc:
                 log.warning("ignored a message from the hub (%s): %s", exc.reason, exc.detail)
+
+    async def take_policy(self, payload: bytes) -> None:
+        """A signed policy from the hub: apply it, or keep the one in force and say why not."""
+        # Signature check and validation are CPU work; the sampler keeps its pace meanwhile.
+        outcome = await asyncio.to_thread(self.intake.offer, payload)
+        if outcome.kind == "unchanged":
+            return
+        if outcome.kind == "applied":
+            self._install(outcome.policy)
+            rules = len(outcome.policy.rules) if outcome.policy else 0
+            source = "the local policy file" if outcome.withdrawn else f"{rules} rule(s)"
+            log.info("policy version %d applied: %s", outcome.version, source)
+            await self.outbox.add_event("policy_applied", {
+                "policy_version": outcome.version, "rules": rules, "withdrawn": outcome.withdrawn})
+        elif outcome.refusal is not None and not outcome.repeated:
+            r = outcome.refusal
+            log.warning("policy version %d refused (%s): %s; version %d stays in force",
+                        r.version, r.reason, r.detail, self.intake.version)
+            await self.outbox.add_event("policy_refused", {
+                "policy_version": r.version, "reason": r.reason, "detail": r.detail,
+                "in_force": self.intake.version})
+        self._status_now.set()
 
     async def status(self) -> Status:
         shed = await self.outbox.shed_report()
@@ -138,13 +174,16 @@ class Agent:
             backlog=self.outbox.backlog, dropped=shed.dropped, dropped_by_metric=shed.by_metric,
             outbox_bytes=await self.outbox.used_bytes(), corrupt_outboxes=self.outbox.corrupt_outboxes,
             sensor_failures=dict(self.sampler.failures), ts=time.time(),
+            policy_version=self.intake.version, policy_refused=self.intake.refused,
         )
 
     async def _report_status(self, session: MqttSession) -> None:
         topic = up_topic(self.device, STATUS)
         while True:
+            self._status_now.clear()
             await session.publish(topic, pack(await self.status()), qos=1)
-            await asyncio.sleep(self.settings.config.uplink.status_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_now.wait(), self.settings.config.uplink.status_interval)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -159,9 +198,15 @@ class Agent:
             tasks.create_task(self.outbox.flusher(), name="outbox")
             tasks.create_task(self.sampler.run(), name="sampler")
             tasks.create_task(self._close_windows(), name="aggregation")
-            if self.engine is not None:
-                tasks.create_task(self.engine.run(), name="rules")
+            tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self.link.run(), name="link")
+
+    async def _tick_rules(self) -> None:
+        """Whichever engine is in force is also evaluated on the clock (age() rules, see rules.py)."""
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            if self.engine is not None:
+                self.engine.tick()
 
     async def _close_windows(self) -> None:
         """Aggregation windows close on the clock too, not only when a later reading arrives."""

@@ -12,7 +12,7 @@ from msgspec import Meta
 
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
-from edge_agent.policy import Policy, PolicyError, validate_policy
+from edge_agent.policy import Policy, PolicyError, Problem, validate_policy
 from edge_agent.profiles import PROFILE_KEYS, SYSTEM_METRICS, Profile, load_profile, produced_metric
 from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
@@ -61,9 +61,11 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: StateConf = StateConf()
     outbox: OutboxConf = OutboxConf()
     uplink: UplinkConf = UplinkConf()
-    # A local policy file (rules), relative to this file; signed policies from the hub
-    # replace it once policy distribution exists.
+    # A local policy file (rules), relative to this file: in force until the hub's first
+    # signed policy arrives, and again if the hub withdraws its policies.
     policy: str | None = None
+    # The hub's policy-signing public key (Ed25519, PEM); without it every signed policy is refused.
+    policy_key: str = "policy.pub"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -106,25 +108,42 @@ class AgentSettings:
         except OSError as exc:
             raise ConfigError(f"cannot read the policy: {exc.strerror}", str(path)) from None
         try:
-            policy = validate_policy(text, metrics=known_metrics(self.profile),
-                                     actuators_allowed=self.profile.actuators.allowed)
+            return check_policy(text, self.profile)
         except PolicyError as exc:
-            message = str(exc)
-            if "unknown metric" in message:
-                produced = sorted(known_metrics(self.profile) or ())
-                message += f"\n  (profile {self.profile.name!r} produces: {', '.join(produced)})"
-            raise ConfigError(message, str(path)) from None
-        for rule in policy.rules:
-            unknown = sorted(m for m in rule.when.metrics | rule.clear.metrics if not produced_metric(self.profile, m))
-            if unknown:
-                raise ConfigError(f"line {rule.line}: rule {rule.name!r} reads {', '.join(unknown)}, which profile "
-                                  f"{self.profile.name!r} does not produce", str(path))
-        return policy
+            raise ConfigError(str(exc), str(path)) from None
+
+    @property
+    def policy_key(self) -> Path:
+        return self.resolve(self.config.policy_key)
 
     @property
     def quota_bytes(self) -> int:
         mb = self.config.outbox.quota_mb or self.profile.budgets.disk_mb
         return int(mb * 1_000_000)
+
+
+def check_policy(text: str, profile: Profile) -> Policy:
+    """Every check an agent of `profile` applies to a policy before it runs it (the hub runs
+    the same ones before it signs); raises PolicyError with lines and columns."""
+    try:
+        policy = validate_policy(text, metrics=known_metrics(profile), actuators_allowed=profile.actuators.allowed)
+    except PolicyError as exc:
+        if any("unknown metric" in p.message for p in exc.problems):
+            produced = ", ".join(sorted(known_metrics(profile) or ()))
+            last = exc.problems[-1]
+            exc.problems[-1] = Problem(last.line, last.col, f"{last.message}\n  (profile {profile.name!r} produces: "
+                                                           f"{produced})")
+            raise PolicyError(exc.problems) from None
+        raise
+    problems = []
+    for rule in policy.rules:
+        unknown = sorted(m for m in rule.when.metrics | rule.clear.metrics if not produced_metric(profile, m))
+        if unknown:
+            problems.append(Problem(rule.line, 1, f"rule {rule.name!r} reads {', '.join(unknown)}, which profile "
+                                                  f"{profile.name!r} does not produce"))
+    if problems:
+        raise PolicyError(problems)
+    return policy
 
 
 def known_metrics(profile: Profile) -> set[str] | None:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -29,6 +28,7 @@ from typing import Any, Final, NamedTuple
 
 import aiosqlite
 
+from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_EVENT_BODY
 from edge_agent.sensors import Reading
 from edge_agent.sqlite import to_completion
@@ -439,18 +439,7 @@ def _read_reservation(state_dir: Path) -> int:
 
 
 def _write_reservation(state_dir: Path, value: int) -> None:
-    path = _reservation_path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(f"{value}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(_reservation_path(state_dir), f"{value}\n".encode(), 0o600)
 
 
 def _move_aside(path: Path) -> Path:

@@ -150,10 +150,24 @@ class Rule(msgspec.Struct, frozen=True):
 
 
 class Policy(msgspec.Struct, frozen=True):
-    version: int
+    version: int  # as signed by the hub; a local file's own number; 0 when it has none
     rules: tuple[Rule, ...]
     limits: Limits = Limits()
     target: Target | None = None
+
+    def targets(self, profile: str, region: str, tags: dict[str, str]) -> str | None:
+        """Why a device with these properties is not this policy's target (None: it is)."""
+        t = self.target
+        if t is None:
+            return None
+        if t.profile is not None and t.profile != profile:
+            return f"the policy targets profile {t.profile!r}, this device is {profile!r}"
+        if t.region is not None and t.region != region:
+            return f"the policy targets region {t.region!r}, this device is in {region!r}"
+        for key, value in sorted(t.tags.items()):
+            if tags.get(key) != value:
+                return f"the policy targets {key}={value}, this device has {key}={tags.get(key, '(none)')}"
+        return None
 
     @property
     def windows(self) -> frozenset[tuple[str, float]]:
@@ -206,7 +220,9 @@ _S = TypeVar("_S", bound=msgspec.Struct)
 
 
 class _RawPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    version: Annotated[int, Meta(ge=1)]
+    # Optional: `edge-hub policy push` numbers policies itself (a number here must be higher
+    # than every earlier push); a local policy file's number only labels its audit records.
+    version: Annotated[int, Meta(ge=1)] | None = None
     rules: list[dict[str, Any]] = []
     limits: Limits = Limits()
     target: Target | None = None
@@ -236,7 +252,7 @@ def validate_policy(
     rules = [rule for index, raw_rule in enumerate(doc.rules) if (rule := checker.check(index, raw_rule))]
     if problems:
         raise PolicyError(problems)
-    return Policy(version=doc.version, rules=tuple(rules), limits=doc.limits, target=doc.target)
+    return Policy(version=doc.version or 0, rules=tuple(rules), limits=doc.limits, target=doc.target)
 
 
 class _RuleChecker:

@@ -6,6 +6,7 @@ anywhere else. Encoding lives here, I/O never does.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import math
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 import msgspec
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PROTOCOL_VERSION: Final = 1
 TOPIC_ROOT: Final = "edgefleet/v1"
@@ -28,6 +29,7 @@ NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
 # Domain separation: a signature over a policy can never be replayed as another kind.
 SIGNING_CONTEXT: Final = b"edgefleet-envelope-v1\x00"
+MAX_SEQ: Final = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
 
 
 class ProtocolError(ValueError):
@@ -195,38 +197,91 @@ class SignedEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     signature: bytes
 
 
-# `cryptography` is imported where an envelope is made or opened, not at module import:
-# it costs the agent about 7 MB of RSS that most runs never need (P3).
+# The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): a public key file is these
+# 12 bytes and the 32-byte key, whoever wrote it.
+_ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
+ED25519_KEY_BYTES: Final = 32
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+def ed25519_public_from_pem(data: bytes) -> bytes:
+    """The raw 32-byte key of a PEM Ed25519 public key; raise ProtocolError('bad_key') if it is not one."""
+    text = data.decode("ascii", "replace").strip()
+    header, footer = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+    if not (text.startswith(header) and text.endswith(footer)):
+        raise ProtocolError("bad_key", "not a PEM public key")
+    try:
+        der = base64.b64decode("".join(text[len(header):-len(footer)].split()), validate=True)
+    except ValueError:
+        raise ProtocolError("bad_key", "the PEM body is not base64") from None
+    if len(der) != len(_ED25519_SPKI_PREFIX) + ED25519_KEY_BYTES or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise ProtocolError("bad_key", "not an Ed25519 public key")
+    return der[len(_ED25519_SPKI_PREFIX):]
 
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+
+def key_id(raw_public_key: bytes) -> str:
+    return hashlib.sha256(raw_public_key).hexdigest()[:16]
 
 
 def seal(payload: bytes, signing_key: Ed25519PrivateKey) -> SignedEnvelope:
+    """Sign (the hub's side; `cryptography`)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     signature = signing_key.sign(SIGNING_CONTEXT + payload)
-    return SignedEnvelope(key_id=key_id(signing_key.public_key()), payload=payload, signature=signature)
+    return SignedEnvelope(key_id=key_id(raw), payload=payload, signature=signature)
 
 
-def open_envelope(envelope: SignedEnvelope, trusted: Ed25519PublicKey) -> bytes:
-    """Return the payload if `trusted` signed it; raise ProtocolError('bad_signature') if not."""
-    from cryptography.exceptions import InvalidSignature
+def open_envelope(envelope: SignedEnvelope, trusted: bytes) -> bytes:
+    """Return the payload if the raw Ed25519 key `trusted` signed it, else raise ProtocolError('bad_signature').
+
+    The agent's side, with PyNaCl (imported here, not at module import: only a policy needs it).
+    """
+    from nacl.exceptions import BadSignatureError, CryptoError
+    from nacl.signing import VerifyKey
 
     if envelope.key_id != key_id(trusted):
         raise ProtocolError("bad_signature", f"signed by unknown key {envelope.key_id}")
     try:
-        trusted.verify(envelope.signature, SIGNING_CONTEXT + envelope.payload)
-    except InvalidSignature:
+        VerifyKey(trusted).verify(SIGNING_CONTEXT + envelope.payload, envelope.signature)
+    except (BadSignatureError, CryptoError, ValueError, TypeError):
         raise ProtocolError("bad_signature", "signature does not match the payload") from None
     return envelope.payload
 
 
+# --- signed policies ------------------------------------------------------------------
+
+POLICY: Final = "policy"  # down/policy (retained, signed) and the report fields in Status
+MAX_POLICY_TEXT: Final = 64 * 1024  # characters of policy TOML; far above any real rule set
+MAX_REFUSAL_DETAIL: Final = 2048
+
+
+class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True):
+    """The signed payload of down/policy: one policy version for one device.
+
+    The hub signs one document per device, so a policy cannot be replayed onto another
+    device or profile. `text` None withdraws hub policies: the device returns to its local
+    policy file (a rollback to "no hub policy" still carries a new, higher version).
+    """
+
+    version: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+    device: str
+    profile: str
+    region: str = ""
+    text: Annotated[str, msgspec.Meta(max_length=MAX_POLICY_TEXT)] | None = None
+    issued_at: float = 0.0
+
+
+class PolicyRefusal(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a device refused a policy (0: the version could not be read); reported in Status."""
+
+    version: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    reason: Annotated[str, msgspec.Meta(max_length=64)]
+    detail: Annotated[str, msgspec.Meta(max_length=MAX_REFUSAL_DETAIL)] = ""
+    ts: float = 0.0
+
+
 # --- store-and-forward messages (msgpack: compact and fast for large batches) ---------
 
-MAX_SEQ: Final = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
 MAX_EVENT_BODY: Final = 16_384  # characters of an event's JSON body
 MAX_BATCH_RECORDS: Final = 20_000  # bounds the hub's work per message whatever the sender claims
 METRIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -285,6 +340,8 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     corrupt_outboxes: Count = 0  # moved aside since install
     sensor_failures: dict[Annotated[str, msgspec.Meta(max_length=64)], Count] = {}
     ts: float = 0.0
+    policy_version: Count = 0  # the signed policy in force; 0: none (a local policy file or no rules)
+    policy_refused: PolicyRefusal | None = None  # the latest policy refused, while none newer was applied
 
 
 def check_batch(batch: Batch) -> int:

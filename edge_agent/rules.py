@@ -107,12 +107,6 @@ class RuleEngine:
         for rule in self.policy.rules:
             self._decide(rule, arrived)
 
-    async def run(self) -> None:
-        """Tick until cancelled."""
-        while True:
-            await asyncio.sleep(TICK_INTERVAL)
-            self.tick()
-
     def _decide(self, rule: Rule, arrived: float) -> None:
         st = self.states[rule.name]
         if st.suspended:

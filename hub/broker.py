@@ -18,11 +18,11 @@ from typing import Final
 
 import psutil
 
+from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, acl_rules
 from edge_agent.reconnect import Backoff
 from hub.config import HubConfig, HubPaths
 from hub.errors import BrokerError
-from hub.pki import write_atomic
 
 STOP_GRACE: Final = 5.0  # SIGTERM, then SIGKILL: Mosquitto exits in milliseconds normally
 # A packet a little larger than our largest payload: topic and MQTT headers fit in 4 KiB.

@@ -14,11 +14,12 @@ import msgspec
 
 from edge_agent import __version__
 from edge_agent.errors import ConfigError
+from hub import policy_commands
 from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
 
 if TYPE_CHECKING:
-    from hub.store import EventRow, HubStore, TelemetryRow
+    from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXPIRY_WARNING_DAYS = 14  # `status` lists device certificates expiring within this many days
@@ -139,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     evt.add_argument("--limit", type=int, metavar="N", help="at most N events")
     evt.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    policy_commands.add_parser(sub, _dir_arg)
+
     st = sub.add_parser("status", help="what needs a person, on one screen",
                         description="Devices online/offline/revoked, the latest escalation per device and "
                                     "rule, rejected messages by reason, the CRL's next update and "
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one line per SQL call drowns the rest
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
-        "telemetry": _telemetry, "events": _events, "status": _status,
+        "telemetry": _telemetry, "events": _events, "status": _status, "policy": policy_commands.run,
     }
     try:
         if args.command == "run":
@@ -299,10 +302,10 @@ def _run(args: argparse.Namespace) -> int:
 async def _devices(args: argparse.Namespace) -> int:
     from hub.store import HubStore
 
-    paths, _ = load_hub(args.dir)
+    paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
     try:
-        rows = await store.devices()
+        rows = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
     finally:
         await store.close()
     if args.json:
@@ -316,7 +319,7 @@ async def _devices(args: argparse.Namespace) -> int:
     for r in rows:
         state = "revoked" if r.revoked else ("yes" if r.online else "no")
         table.add_row(r.device, r.profile, ",".join(f"{k}={v}" for k, v in r.tags.items()), state,
-                      r.last_seen or "never", _dash(r.policy_version), _dash(r.backlog), _dash(r.dropped),
+                      r.last_seen or "never", _policy_cell(r), _dash(r.backlog), _dash(r.dropped),
                       (r.cert_expires or "-")[:10])
     # Piped output (logs, CI) gets a fixed width instead of rich's 80-column fallback.
     Console(width=None if sys.stdout.isatty() else 140).print(table)
@@ -470,6 +473,14 @@ def _crl_next_update(path: Path) -> tuple[str | None, str | None]:
     if next_update is None:
         return None, f"{path} has no next update"
     return next_update.isoformat(timespec="seconds"), None
+
+
+def _policy_cell(row: DeviceRow) -> str:
+    """Applied version, and the intended one when they differ ("3→5", "3→5 drifted")."""
+    text = _dash(row.policy_version)
+    if row.policy_intended is not None and row.policy_intended != row.policy_version:
+        text += f"→{row.policy_intended}" + (" drifted" if row.policy_drifted else "")
+    return text
 
 
 def _dash(value: object) -> str:

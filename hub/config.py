@@ -47,11 +47,31 @@ class HubConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A device is shown offline when its presence says so (Last Will, 1.5 x its keepalive).
 
 
+Percent = Annotated[float, Meta(ge=0, le=100)]
+
+
+class RolloutConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Policy rollouts: waves after the canary, and the health gates watched while a wave bakes."""
+
+    bake_s: Annotated[float, Meta(ge=0, le=7 * 86400)] = 600.0  # per wave, unless push --bake says otherwise
+    # Cumulative percentages of the targeted devices after the canary; 100 always comes last.
+    waves: tuple[Annotated[float, Meta(gt=0, le=100)], ...] = (25.0, 50.0)
+    # A gate breaches when the figure, over the devices the rollout has reached, is ABOVE it.
+    max_apply_failure_pct: Percent = 0.0  # devices that refused the new version
+    max_action_failure_pct: Percent = 20.0  # failed actions among actions taken under it
+    min_actions: Annotated[int, Meta(ge=1)] = 3  # actions needed before the failure rate counts
+    max_offline_pct: Percent = 20.0  # devices online when reached, offline since
+    max_escalations: Annotated[int, Meta(ge=0)] = 0  # rules suspended and escalated under it
+    # A device online but off its intended version this long is "drifted" and sent it again.
+    drift_grace_s: Annotated[float, Meta(gt=0, le=86400)] = 120.0
+
+
 class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str
     broker: BrokerConf = BrokerConf()
     pki: PkiConf = PkiConf()
     hub: HubConf = HubConf()
+    rollout: RolloutConf = RolloutConf()
 
     @property
     def identity(self) -> str:
@@ -152,7 +172,7 @@ def load_hub(directory: Path) -> tuple[HubPaths, HubConfig]:
 
 
 def render_hub_toml(config: HubConfig) -> str:
-    b, p = config.broker, config.pki
+    b, p, r = config.broker, config.pki, config.rollout
     return f"""\
 # edgefleet hub configuration, written by `edge-hub init`. Paths are fixed by the layout of
 # this directory (pki/, broker/, hub.db); see docs/operations.md.
@@ -175,4 +195,14 @@ crl_renew_fraction = {p.crl_renew_fraction}
 
 [hub]
 keepalive = {config.hub.keepalive}
+
+[rollout]   # edge-hub policy push: waves, and the health gates that roll a policy back
+bake_s = {r.bake_s:g}              # seconds each wave bakes before the next (push --bake overrides)
+waves = {toml_value([float(w) for w in r.waves])}     # % of targeted devices after the canary; 100 % comes last
+max_apply_failure_pct = {r.max_apply_failure_pct:g}   # roll back when more reached devices refuse it
+max_action_failure_pct = {r.max_action_failure_pct:g}  # ... when more of its actions fail
+min_actions = {r.min_actions}           # (once at least this many actions were taken)
+max_offline_pct = {r.max_offline_pct:g}       # ... when more reached devices go offline
+max_escalations = {r.max_escalations}       # ... when more rules escalate under it
+drift_grace_s = {r.drift_grace_s:g}      # off the intended version this long while online: drifted
 """

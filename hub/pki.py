@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hub.errors import UsageError
+from hub.errors import HubError, UsageError
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine
 SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)  # the longest browsers accept; habit
@@ -203,19 +201,14 @@ def key_pem(key: PrivateKey) -> bytes:
     )
 
 
-def write_atomic(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
-    """Write `data` to `path` with `mode` from its first byte; readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def load_policy_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The hub's policy-signing key (never the CA key); HubError says what is wrong."""
     try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise HubError(f"cannot read the policy-signing key {path}: {exc.strerror}") from None
+    except ValueError:
+        raise HubError(f"{path} is not a PEM private key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise HubError(f"{path} is not an Ed25519 key; policies are signed with Ed25519")
+    return key

@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge_agent.errors import ConfigError
+from edge_agent.files import write_atomic
 from edge_agent.profiles import find_profile, load_profile
 from edge_agent.protocol import ProtocolError, validate_name
 from edge_agent.settings import toml_value
 from hub.config import HubConfig, HubPaths
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, common_name, key_pem, utcnow, write_atomic
+from hub.pki import Authority, cert_pem, common_name, key_pem, utcnow
 from hub.store import HubStore
 
 # A bundle's certificate is kept on a re-run unless it has less than this left.
@@ -98,6 +99,7 @@ def render_agent_toml(spec: DeviceSpec, config: HubConfig, has_key: bool) -> str
 device_id = {toml_value(spec.device)}
 profile = {toml_value(spec.profile)}
 region = {toml_value(config.region)}
+policy_key = "policy.pub"   # the hub's policy-signing key: only policies it signed are applied
 
 [tags]
 {tags}
@@ -164,6 +166,7 @@ class Provisioner:
             write_atomic(bundle / "device.crt", cert_pem(cert), 0o644)
             await self.store.record_certificate(cert.serial_number, spec.device, "device", cert.not_valid_after_utc)
         shutil.copyfile(self.paths.ca_cert, bundle / "ca.crt")
+        shutil.copyfile(self.paths.policy_pub, bundle / "policy.pub")
         has_key = (bundle / "device.key").exists()
         write_atomic(bundle / "agent.toml", render_agent_toml(spec, self.config, has_key).encode(), 0o644)
         await self.store.register(spec.device, spec.profile, spec.tags, readmit=self.reissue)

@@ -25,11 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.errors import ConnectRefused
+from edge_agent.files import write_atomic
 from edge_agent.mqtt import MqttSession, TlsIdentity
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, key_pem, utcnow, write_atomic
+from hub.pki import Authority, cert_pem, key_pem, utcnow
 from hub.store import HubStore
 
 THROWAWAY_LIFETIME: Final = dt.timedelta(minutes=10)  # probe and takeover certs; keys never touch disk for long

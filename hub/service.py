@@ -15,8 +15,9 @@ from edge_agent.mqtt import Message, MqttSession, TlsIdentity
 from edge_agent.protocol import ACK, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
+from hub.distribution import PolicyPublisher
 from hub.ingest import CycleResult, Ingest
-from hub.pki import Authority
+from hub.pki import Authority, load_policy_key
 from hub.revocation import crl_due, publish_crl
 from hub.store import HubStore
 
@@ -36,6 +37,7 @@ class HubService:
     def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
         self._paths, self._config, self._store = paths, config, store
         self.ingest = Ingest(store)
+        self.policies = PolicyPublisher(config, store, load_policy_key(paths.policy_key))
         self.link = Link(f"hub {config.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
@@ -69,6 +71,11 @@ class HubService:
         # new session has none: subscribe on every connect.
         await session.subscribe([(PRESENCE_FILTER, 1), (UP_FILTER, 1)])
         log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._ingest(session), name="ingest")
+            tasks.create_task(self.policies.serve(session), name="policies")
+
+    async def _ingest(self, session: MqttSession) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
             result = await self._process(messages)

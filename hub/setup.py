@@ -11,12 +11,13 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edge_agent.files import write_atomic
 from edge_agent.protocol import ProtocolError, validate_name
 from edge_agent.settings import to_struct
 from hub.broker import write_broker_files
 from hub.config import HubConfig, HubPaths, render_hub_toml
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, key_pem, write_atomic
+from hub.pki import Authority, cert_pem, key_pem
 from hub.store import HubStore
 
 # The hub's own client certificate; in-band renewal of it is the certificate-lifecycle work.

@@ -6,15 +6,16 @@ CLI beside a running hub) wait on SQLite's lock for up to BUSY_TIMEOUT_MS.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiosqlite
 import msgspec
@@ -26,8 +27,10 @@ from hub.errors import HubError
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Each entry migrates from version i to i+1; all of one open run in one transaction.
+# Statements are split on ";", so a comment inside one must not contain a semicolon.
 MIGRATIONS: Final[Sequence[str]] = (
     """
     CREATE TABLE devices (
@@ -79,6 +82,45 @@ MIGRATIONS: Final[Sequence[str]] = (
     ALTER TABLE devices ADD COLUMN sensor_failures TEXT;   -- JSON object, as last reported
     ALTER TABLE devices ADD COLUMN corrupt_outboxes INTEGER;
     """,
+    """
+    ALTER TABLE devices ADD COLUMN policy_refused TEXT;   -- JSON PolicyRefusal, as last reported
+    ALTER TABLE devices ADD COLUMN connected_at REAL;     -- when its current connection came online
+    CREATE INDEX events_kind ON events(kind);
+    CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,      -- only grows, and a rollback is a new version too
+        text TEXT,                        -- NULL: withdraw hub policies (devices go back to local files)
+        sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        origin TEXT NOT NULL              -- the pushed file, or which rollout a rollback undid
+    );
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY,
+        version INTEGER NOT NULL REFERENCES policies(version),
+        selector TEXT NOT NULL,           -- JSON: the push's --target filters
+        waves TEXT NOT NULL,              -- JSON: cumulative percentages, canary first, 100 last
+        bake_s REAL NOT NULL,
+        wave INTEGER NOT NULL,            -- index of the wave reached so far
+        wave_started_at REAL NOT NULL,
+        state TEXT NOT NULL,              -- baking | complete | rolled_back | aborted
+        reason TEXT,                      -- why it was rolled back or aborted
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE rollout_members (
+        rollout INTEGER NOT NULL REFERENCES rollouts(id),
+        device TEXT NOT NULL,
+        rank INTEGER NOT NULL,            -- place in the cohort order (a hash of the device id)
+        wave INTEGER,                     -- the wave that reached it (NULL: not reached)
+        previous INTEGER,                 -- its intended version before the rollout (NULL: none)
+        online_when_reached INTEGER,      -- for the "devices going offline" gate
+        PRIMARY KEY (rollout, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE assignments (
+        device TEXT PRIMARY KEY,
+        version INTEGER NOT NULL REFERENCES policies(version),   -- the intended version
+        assigned_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -96,6 +138,9 @@ class DeviceRow(msgspec.Struct, frozen=True):
     online: bool
     last_seen: str | None
     policy_version: int | None
+    policy_intended: int | None
+    policy_drifted: bool  # online, off the intended version for longer than the grace period
+    policy_refused: dict[str, Any] | None  # the latest refusal, as the device reported it
     backlog: int | None
     dropped: int | None
     cert_expires: str | None
@@ -172,6 +217,9 @@ class HubStore:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # One connection, several tasks (ingest, rollouts): a write from one must never land
+        # inside another's open transaction, or commit it halfway.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> HubStore:
@@ -234,6 +282,27 @@ class HubStore:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def atomically(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `work` in one IMMEDIATE transaction that cancellation cannot split; commit if it returns."""
+        async with self._write_lock:
+            return await to_completion(self._transaction(work))
+
+    async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            result = await work(db)
+            await db.commit()
+        except BaseException:
+            if db.in_transaction:
+                await db.rollback()
+            raise
+        return result
+
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        async with self._db.execute(sql, args) as cur:
+            return list(await cur.fetchall())
 
     # --- registry -------------------------------------------------------------------
 
@@ -310,15 +379,19 @@ class HubStore:
 
     async def apply_presence(self, device: str, presence: Presence, now: float) -> bool:
         """Record a presence message; return False if it was stale or for an unknown device."""
+        async with self._write_lock:
+            return await self._apply_presence(device, presence, now)
+
+    async def _apply_presence(self, device: str, presence: Presence, now: float) -> bool:
         async with self._db.execute("SELECT session, online FROM devices WHERE device = ?", (device,)) as cur:
             row = await cur.fetchone()
         if row is None:
             return False
         if presence.state == "online":
             await self._db.execute(
-                "UPDATE devices SET online = 1, session = ?, last_seen = ?, agent_version = ? "
+                "UPDATE devices SET online = 1, session = ?, last_seen = ?, connected_at = ?, agent_version = ? "
                 "WHERE device = ?",
-                (presence.session, now, presence.agent_version, device),
+                (presence.session, now, now, presence.agent_version, device),
             )
         elif row["session"] in (None, presence.session):
             await self._db.execute(
@@ -339,7 +412,8 @@ class HubStore:
 
     async def commit_ingest(self, work: IngestWork) -> None:
         """Everything one ingest cycle learned, in one transaction that cancellation cannot split."""
-        await to_completion(self._commit_ingest(work))
+        async with self._write_lock:
+            await to_completion(self._commit_ingest(work))
 
     async def _commit_ingest(self, work: IngestWork) -> None:
         db = self._db
@@ -363,9 +437,11 @@ class HubStore:
             for device, status in work.statuses.items():
                 await db.execute(
                     "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ?, sensor_failures = ?, "
-                    "corrupt_outboxes = ? WHERE device = ?",
+                    "corrupt_outboxes = ?, policy_version = ?, policy_refused = ? WHERE device = ?",
                     (status.backlog, status.dropped, work.now, json.dumps(status.sensor_failures),
-                     status.corrupt_outboxes, device),
+                     status.corrupt_outboxes, status.policy_version or None,
+                     msgspec.json.encode(status.policy_refused).decode() if status.policy_refused else None,
+                     device),
                 )
                 await db.executemany(
                     "INSERT INTO drops(device, metric, count) VALUES (?, ?, ?) ON CONFLICT(device, metric) "
@@ -434,10 +510,13 @@ class HubStore:
             for row in await cur.fetchall():
                 yield tuple(row)
 
-    async def devices(self, device: str | None = None) -> list[DeviceRow]:
+    async def devices(self, device: str | None = None, *, drift_grace_s: float = 120.0,
+                      now: float | None = None) -> list[DeviceRow]:
+        now = time.time() if now is None else now
         query = (
             "SELECT d.*, (SELECT MAX(not_after) FROM certificates c WHERE c.device = d.device "
-            "AND c.purpose = 'device' AND c.revoked_at IS NULL) AS cert_expires FROM devices d"
+            "AND c.purpose = 'device' AND c.revoked_at IS NULL) AS cert_expires, "
+            "a.version AS intended, a.assigned_at FROM devices d LEFT JOIN assignments a USING (device)"
         )
         args: tuple[Any, ...] = ()
         if device is not None:
@@ -445,15 +524,31 @@ class HubStore:
             args = (device,)
         async with self._db.execute(query + " ORDER BY d.device", args) as cur:
             rows = await cur.fetchall()
-        return [
-            DeviceRow(
-                device=r["device"], profile=r["profile"], tags=json.loads(r["tags"]),
-                online=bool(r["online"]) and r["revoked_at"] is None, last_seen=iso(r["last_seen"]),
-                policy_version=r["policy_version"], backlog=r["backlog"], dropped=r["dropped"],
-                cert_expires=iso(r["cert_expires"]), revoked=r["revoked_at"] is not None,
-                agent_version=r["agent_version"],
-                sensor_failures=json.loads(r["sensor_failures"]) if r["sensor_failures"] else None,
-                corrupt_outboxes=r["corrupt_outboxes"],
-            )
-            for r in rows
-        ]
+        return [self._device_row(r, now, drift_grace_s) for r in rows]
+
+    @staticmethod
+    def _device_row(r: Any, now: float, drift_grace_s: float) -> DeviceRow:
+        online = bool(r["online"]) and r["revoked_at"] is None
+        off_since = max(r["assigned_at"] or 0.0, r["connected_at"] or 0.0)
+        drifted = (online and r["intended"] is not None and r["policy_version"] != r["intended"]
+                   and now - off_since > drift_grace_s)
+        return DeviceRow(
+            device=r["device"], profile=r["profile"], tags=json.loads(r["tags"]),
+            online=online, last_seen=iso(r["last_seen"]),
+            policy_version=r["policy_version"], policy_intended=r["intended"], policy_drifted=drifted,
+            policy_refused=json.loads(r["policy_refused"]) if r["policy_refused"] else None,
+            backlog=r["backlog"], dropped=r["dropped"],
+            cert_expires=iso(r["cert_expires"]), revoked=r["revoked_at"] is not None,
+            agent_version=r["agent_version"],
+            sensor_failures=json.loads(r["sensor_failures"]) if r["sensor_failures"] else None,
+            corrupt_outboxes=r["corrupt_outboxes"],
+        )
+
+    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: str, body: dict[str, Any]) -> None:
+        """An event of the hub itself (rollouts), in the events table under the hub's identity;
+        call inside `atomically`."""
+        await db.execute(
+            "INSERT INTO events(device, seq, ts, kind, body) VALUES (?, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE device = ?), ?, ?, ?)",
+            (identity, identity, time.time(), kind, json.dumps(body, sort_keys=True)),
+        )

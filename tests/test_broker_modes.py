@@ -14,10 +14,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.errors import ConnectionLost
+from edge_agent.files import write_atomic
 from edge_agent.protocol import up_topic
 from hub.broker import broker_executable
 from hub.config import HubPaths, load_hub
-from hub.pki import Authority, write_atomic
+from hub.pki import Authority
 from hub.revocation import crl_due
 from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
 

@@ -38,7 +38,7 @@ INIT_FILES = (
     "hub.toml",
     "hub.db",
 )
-BUNDLE_FILES = ("agent.toml", "ca.crt", "device.crt", "device.key")
+BUNDLE_FILES = ("agent.toml", "ca.crt", "device.crt", "device.key", "policy.pub")
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -18,6 +19,7 @@ from edge_agent.protocol import (
     decode,
     down_filter,
     down_topic,
+    ed25519_public_from_pem,
     encode,
     hub_identity,
     key_id,
@@ -292,22 +294,53 @@ def policy_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+def raw(key: Ed25519PrivateKey) -> bytes:
+    """The agent's form of the hub's public key (it verifies with PyNaCl, not cryptography)."""
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def pem(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_pem_public_key_file_yields_the_raw_key(policy_key: Ed25519PrivateKey) -> None:
+    assert ed25519_public_from_pem(pem(policy_key)) == raw(policy_key)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"not pem", b"-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----\n",
+])
+def test_what_is_not_a_pem_ed25519_key_is_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        ed25519_public_from_pem(data)
+    assert info.value.reason == "bad_key"
+
+
+def test_an_ec_public_key_is_not_taken_for_an_ed25519_one() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(ProtocolError, match="not an Ed25519 public key"):
+        ed25519_public_from_pem(ec_pem)
+
+
 def test_a_sealed_payload_opens_with_the_signers_key(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b'{"version": 3}', policy_key)
-    assert open_envelope(envelope, policy_key.public_key()) == b'{"version": 3}'
+    assert open_envelope(envelope, raw(policy_key)) == b'{"version": 3}'
 
 
 def test_an_envelope_survives_the_wire(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b"\x00binary\xff policy", policy_key)
     received = decode(encode(envelope), SignedEnvelope)
-    assert open_envelope(received, policy_key.public_key()) == b"\x00binary\xff policy"
+    assert open_envelope(received, raw(policy_key)) == b"\x00binary\xff policy"
 
 
 def test_a_tampered_payload_is_refused(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b'{"version": 3, "max_reboots": 1}', policy_key)
     forged = msgspec.structs.replace(envelope, payload=b'{"version": 3, "max_reboots": 9}')
     with pytest.raises(ProtocolError) as info:
-        open_envelope(forged, policy_key.public_key())
+        open_envelope(forged, raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
@@ -315,29 +348,29 @@ def test_a_tampered_signature_is_refused(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b"policy", policy_key)
     flipped = bytes([envelope.signature[0] ^ 1]) + envelope.signature[1:]
     with pytest.raises(ProtocolError) as info:
-        open_envelope(msgspec.structs.replace(envelope, signature=flipped), policy_key.public_key())
+        open_envelope(msgspec.structs.replace(envelope, signature=flipped), raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
 def test_an_envelope_from_another_key_is_refused(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b"policy", Ed25519PrivateKey.generate())
     with pytest.raises(ProtocolError) as info:
-        open_envelope(envelope, policy_key.public_key())
+        open_envelope(envelope, raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
 def test_another_key_claiming_the_trusted_key_id_is_refused(policy_key: Ed25519PrivateKey) -> None:
     impostor = seal(b"policy", Ed25519PrivateKey.generate())
-    forged = msgspec.structs.replace(impostor, key_id=key_id(policy_key.public_key()))
+    forged = msgspec.structs.replace(impostor, key_id=key_id(raw(policy_key)))
     with pytest.raises(ProtocolError) as info:
-        open_envelope(forged, policy_key.public_key())
+        open_envelope(forged, raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
 def test_a_wrong_key_id_is_refused_even_with_a_good_signature(policy_key: Ed25519PrivateKey) -> None:
     envelope = seal(b"policy", policy_key)
     with pytest.raises(ProtocolError) as info:
-        open_envelope(msgspec.structs.replace(envelope, key_id="0" * 16), policy_key.public_key())
+        open_envelope(msgspec.structs.replace(envelope, key_id="0" * 16), raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
@@ -345,17 +378,17 @@ def test_a_signature_made_outside_the_envelope_context_is_refused(policy_key: Ed
     # Domain separation: a signature the key made over the bare bytes (for some other
     # purpose) must not pass as an envelope signature.
     payload = b"policy"
-    envelope = SignedEnvelope(key_id=key_id(policy_key.public_key()), payload=payload,
+    envelope = SignedEnvelope(key_id=key_id(raw(policy_key)), payload=payload,
                               signature=policy_key.sign(payload))
     with pytest.raises(ProtocolError) as info:
-        open_envelope(envelope, policy_key.public_key())
+        open_envelope(envelope, raw(policy_key))
     assert info.value.reason == "bad_signature"
 
 
 def test_key_ids_differ_between_keys(policy_key: Ed25519PrivateKey) -> None:
     other = Ed25519PrivateKey.generate()
-    assert key_id(policy_key.public_key()) == key_id(policy_key.public_key())
-    assert key_id(policy_key.public_key()) != key_id(other.public_key())
+    assert key_id(raw(policy_key)) == key_id(raw(policy_key))
+    assert key_id(raw(policy_key)) != key_id(raw(other))
 
 
 def test_down_filter_matches_only_that_devices_downlink() -> None:

@@ -1,0 +1,421 @@
+"""Policy rollouts: versions, canary cohorts, waves, health gates, rollback.
+
+All state is in the hub database (policies, rollouts, rollout_members, assignments), so the
+operator's CLI and a running hub act on the same state, and a hub that restarts carries on
+where it stopped. The CLI pushes and takes the operator's decisions (promote, abort,
+rollback); the running hub's `tick` checks the health gates, rolls back by itself on a
+breach and otherwise promotes wave by wave; `hub.service` publishes each device's intended
+version, signed, whenever it differs from what it last sent (and again on drift).
+
+Versions only grow. A rollback is a new version carrying the previous policy's text, so an
+agent's replay check (version must grow) never has to make an exception, and a device that
+was offline through a push and its rollback goes straight to the rollback's version.
+
+Single-replica assumption: every transition is one IMMEDIATE transaction that re-reads the
+state it changes, so two writers (the CLI and the hub, or two hubs on one database file)
+cannot both advance the same wave; with a shared database server the same statements hold.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiosqlite
+
+from edge_agent.policy import Policy
+from hub.config import RolloutConf
+from hub.errors import HubError, UsageError
+from hub.store import HubStore
+
+ACTIVE: Final = "baking"
+FINISHED: Final = ("complete", "rolled_back", "aborted")
+GATED_EVENTS: Final = ("action_succeeded", "action_failed", "escalation")
+
+
+class RolloutError(HubError):
+    """A rollout command that does not fit the current state (exit 1, with what to do)."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    """`--target tag=value` / `--target profile=P`, all of which must hold."""
+
+    profile: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, items: list[str]) -> Selector:
+        profile: str | None = None
+        tags: dict[str, str] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise UsageError(f"--target {item!r}: expected tag=value or profile=NAME")
+            if key == "profile":
+                if profile is not None and profile != value:
+                    raise UsageError(f"--target names two profiles ({profile}, {value}); a device has one")
+                profile = value
+            else:
+                tags[key] = value
+        return cls(profile, tags)
+
+    def matches(self, profile: str, tags: dict[str, str]) -> bool:
+        return (self.profile is None or self.profile == profile) and all(
+            tags.get(k) == v for k, v in self.tags.items())
+
+    def describe(self) -> str:
+        parts = ([f"profile={self.profile}"] if self.profile else []) + [f"{k}={v}" for k, v in self.tags.items()]
+        return ", ".join(parts) or "every device"
+
+    def to_json(self) -> str:
+        return json.dumps({"profile": self.profile, "tags": self.tags}, sort_keys=True)
+
+
+def cohort_rank(device: str) -> int:
+    """A device's place in every cohort: the same devices are always the canaries."""
+    return int.from_bytes(hashlib.sha256(device.encode()).digest()[:8], "big")
+
+
+def wave_plan(canary_pct: float | None, conf: RolloutConf) -> list[float]:
+    """Cumulative percentages: the canary, the configured waves above it, then 100."""
+    if canary_pct is None or canary_pct >= 100:
+        return [100.0]
+    return [canary_pct, *sorted({w for w in conf.waves if canary_pct < w < 100}), 100.0]
+
+
+def reached_count(members: int, pct: float) -> int:
+    """Devices a wave of `pct` % reaches: rounded up, and at least one."""
+    return min(members, max(1, math.ceil(members * pct / 100 - 1e-9)))
+
+
+@dataclass(frozen=True)
+class Pushed:
+    rollout: int
+    version: int
+    targeted: int
+    reached: int
+    waves: list[float]
+
+
+@dataclass
+class Health:
+    """The gates' figures over the devices a rollout has reached so far."""
+
+    reached: int = 0
+    applied: int = 0
+    refused: int = 0
+    waiting: int = 0  # online, neither applied nor refused yet
+    offline: int = 0  # not online now (catch up on reconnect)
+    went_offline: int = 0  # online when reached, offline since
+    actions: int = 0
+    action_failures: int = 0
+    escalations: int = 0
+    refusal_example: str = ""
+    breach: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Enough evidence to promote: someone runs it, and no online device is still pending."""
+        return self.applied >= 1 and self.waiting == 0
+
+
+@dataclass(frozen=True)
+class Transition:
+    rollout: int
+    version: int
+    kind: str  # wave | complete | rolled_back | aborted | promoted
+    message: str
+
+
+# --- pushing ----------------------------------------------------------------------------
+
+
+async def push(store: HubStore, identity: str, region: str, text: str, policy: Policy, *, selector: Selector,
+               canary_pct: float | None, bake_s: float, conf: RolloutConf, origin: str, now: float,
+               checked_profiles: set[str]) -> Pushed:
+    """Record the policy under a new version and reach the first wave, in one transaction.
+
+    `checked_profiles`: the profiles the caller validated the policy against (`check_policy`).
+    """
+    waves = wave_plan(canary_pct, conf)
+
+    async def work(db: aiosqlite.Connection) -> Pushed:
+        active = await _one(db, "SELECT id, version FROM rollouts WHERE state = ?", (ACTIVE,))
+        if active is not None:
+            raise RolloutError(f"rollout {active[0]} (version {active[1]}) is still in progress: wait for it, "
+                               "or run edge-hub policy promote, abort or rollback")
+        latest = (await _one(db, "SELECT MAX(version) FROM policies", ()))[0] or 0
+        if policy.version and policy.version <= latest:
+            raise RolloutError(f"the file says version = {policy.version}, but version {latest} was already "
+                               f"pushed; versions only grow: remove the line to let the hub number it")
+        version = policy.version or latest + 1
+        targeted = targets(list(await (await db.execute(CANDIDATES)).fetchall()), selector, policy, region)
+        if not targeted:
+            raise RolloutError(f"no registered, unrevoked device matches {selector.describe()}"
+                               + (" and the policy's [target]" if policy.target else ""))
+        unchecked = set(targeted.values()) - checked_profiles
+        if unchecked:
+            raise RolloutError(f"devices of profile(s) {', '.join(sorted(unchecked))} were registered while the "
+                               "policy was being checked: push again")
+        await db.execute(
+            "INSERT INTO policies(version, text, sha256, created_at, origin) VALUES (?, ?, ?, ?, ?)",
+            (version, text, hashlib.sha256(text.encode()).hexdigest(), now, origin))
+        cur = await db.execute(
+            "INSERT INTO rollouts(version, selector, waves, bake_s, wave, wave_started_at, state, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            (version, selector.to_json(), json.dumps(waves), bake_s, now, ACTIVE, now, now))
+        rollout = int(cur.lastrowid or 0)
+        ranked = sorted(targeted, key=cohort_rank)
+        await db.executemany(
+            "INSERT INTO rollout_members(rollout, device, rank, previous) "
+            "VALUES (?, ?, ?, (SELECT version FROM assignments WHERE device = ?))",
+            [(rollout, device, rank, device) for rank, device in enumerate(ranked)])
+        reached = await _reach(db, rollout, version, 0, waves[0], now)
+        await store.hub_event(db, identity, "rollout_started", {
+            "policy_version": version, "rollout": rollout, "targeted": len(ranked), "reached": reached,
+            "waves": waves, "bake_s": bake_s, "target": selector.describe(), "origin": origin, "by": _operator()})
+        return Pushed(rollout, version, len(ranked), reached, waves)
+
+    return await store.atomically(work)
+
+
+CANDIDATES: Final = "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL ORDER BY device"
+
+
+def targets(candidates: list[Any], selector: Selector, policy: Policy, region: str) -> dict[str, str]:
+    """device -> profile of the CANDIDATES rows that the selector and the policy's [target] both pick."""
+    picked = {}
+    for device, profile, tags_json in candidates:
+        tags = json.loads(tags_json)
+        if selector.matches(profile, tags) and policy.targets(profile, region, tags) is None:
+            picked[device] = profile
+    return picked
+
+
+async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int, pct: float, now: float) -> int:
+    """Assign `version` to the members a wave of `pct` % reaches; return how many are reached in all."""
+    members = (await _one(db, "SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
+    upto = reached_count(members, pct)
+    await db.execute(
+        "UPDATE rollout_members SET wave = ?, online_when_reached = "
+        "(SELECT online FROM devices d WHERE d.device = rollout_members.device) "
+        "WHERE rollout = ? AND wave IS NULL AND rank < ?", (wave, rollout, upto))
+    await db.execute(
+        "INSERT INTO assignments(device, version, assigned_at) SELECT device, ?, ? FROM rollout_members "
+        "WHERE rollout = ? AND wave = ? ON CONFLICT(device) DO UPDATE SET version = excluded.version, "
+        "assigned_at = excluded.assigned_at", (version, now, rollout, wave))
+    return int(upto)
+
+
+# --- watching and advancing (the running hub, once a second) -----------------------------
+
+
+async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf) -> Health:
+    h = Health()
+    for online, was_online, applied, refused_json in await store.query(
+        "SELECT d.online, m.online_when_reached, d.policy_version, d.policy_refused FROM rollout_members m "
+        "JOIN devices d ON d.device = m.device WHERE m.rollout = ? AND m.wave IS NOT NULL", (rollout,)):
+        h.reached += 1
+        refusal = json.loads(refused_json) if refused_json else None
+        if applied == version:
+            h.applied += 1
+        elif refusal is not None and refusal.get("version") == version:
+            h.refused += 1
+            h.refusal_example = h.refusal_example or f"{refusal.get('reason')}: {refusal.get('detail', '')}"
+        elif online:
+            h.waiting += 1
+        if not online:
+            h.offline += 1
+            h.went_offline += bool(was_online)
+    counts = dict(await store.query(
+        "SELECT kind, COUNT(*) FROM events WHERE kind IN (?, ?, ?) AND device IN "
+        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND "
+        "json_extract(CASE WHEN json_valid(body) THEN body END, '$.policy_version') = ? GROUP BY kind",
+        (*GATED_EVENTS, rollout, version)))
+    h.action_failures = counts.get("action_failed", 0)
+    h.actions = h.action_failures + counts.get("action_succeeded", 0)
+    h.escalations = counts.get("escalation", 0)
+    h.breach = _breach(h, version, conf)
+    return h
+
+
+def _breach(h: Health, version: int, conf: RolloutConf) -> str | None:
+    def pct(part: int) -> float:
+        return 100.0 * part / h.reached if h.reached else 0.0
+
+    if h.refused and pct(h.refused) > conf.max_apply_failure_pct:
+        return (f"{h.refused} of {h.reached} reached devices refused version {version} "
+                f"({pct(h.refused):.0f}% > {conf.max_apply_failure_pct:g}%), e.g. {h.refusal_example}")
+    if h.actions >= conf.min_actions and 100.0 * h.action_failures / h.actions > conf.max_action_failure_pct:
+        return (f"{h.action_failures} of {h.actions} actions under version {version} failed "
+                f"({100.0 * h.action_failures / h.actions:.0f}% > {conf.max_action_failure_pct:g}%)")
+    if h.escalations > conf.max_escalations:
+        return f"{h.escalations} rule(s) escalated under version {version} (more than {conf.max_escalations})"
+    if h.went_offline and pct(h.went_offline) > conf.max_offline_pct:
+        return (f"{h.went_offline} of {h.reached} reached devices went offline after version {version} "
+                f"({pct(h.went_offline):.0f}% > {conf.max_offline_pct:g}%)")
+    return None
+
+
+async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) -> Transition | None:
+    """Roll the active rollout back on a breach; else, once its wave has baked, promote it."""
+    row = await _active(store)
+    if row is None:
+        return None
+    rollout, version, waves_json, bake_s, wave, started = row
+    h = await health(store, rollout, version, conf)
+    if h.breach:
+        return await revert(store, identity, rollout, "rolled_back", f"health gate: {h.breach}", now, automatic=True)
+    if now - started < bake_s or not h.ready:
+        return None
+    waves = json.loads(waves_json)
+
+    async def work(db: aiosqlite.Connection) -> Transition | None:
+        current = await _one(db, "SELECT state, wave FROM rollouts WHERE id = ?", (rollout,))
+        if current is None or tuple(current) != (ACTIVE, wave):
+            return None  # the operator moved it meanwhile
+        if wave + 1 >= len(waves):
+            await _finish(db, rollout, "complete", None, now)
+            message = f"rollout {rollout}: version {version} reached all {h.reached} targeted devices"
+            await store.hub_event(db, identity, "rollout_complete", {
+                "policy_version": version, "rollout": rollout, "reached": h.reached})
+            return Transition(rollout, version, "complete", message)
+        reached = await _reach(db, rollout, version, wave + 1, waves[wave + 1], now)
+        await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ?, updated_at = ? WHERE id = ?",
+                         (wave + 1, now, now, rollout))
+        await store.hub_event(db, identity, "rollout_wave", {
+            "policy_version": version, "rollout": rollout, "wave": wave + 1, "percent": waves[wave + 1],
+            "reached": reached, "healthy": {"applied": h.applied, "actions": h.actions,
+                                            "action_failures": h.action_failures}})
+        return Transition(rollout, version, "wave", f"rollout {rollout}: version {version} healthy after "
+                          f"{bake_s:g} s on {h.applied} device(s); wave {wave + 2} of {len(waves)}: "
+                          f"{waves[wave + 1]:g}% ({reached} devices)")
+
+    return await store.atomically(work)
+
+
+async def _active(store: HubStore) -> tuple[int, int, str, float, int, float] | None:
+    rows = await store.query(
+        "SELECT id, version, waves, bake_s, wave, wave_started_at FROM rollouts WHERE state = ?", (ACTIVE,))
+    return tuple(rows[0]) if rows else None
+
+
+async def _finish(db: aiosqlite.Connection, rollout: int, state: str, reason: str | None, now: float) -> None:
+    await db.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                     (state, reason, now, rollout))
+
+
+# --- the operator's decisions -----------------------------------------------------------
+
+
+async def promote(store: HubStore, identity: str, now: float) -> Transition:
+    """Skip the remaining bake: every targeted device gets the version now."""
+
+    async def work(db: aiosqlite.Connection) -> Transition:
+        row = await _one(db, "SELECT id, version, waves FROM rollouts WHERE state = ?", (ACTIVE,))
+        if row is None:
+            raise RolloutError("no rollout is in progress (edge-hub policy status shows the latest)")
+        rollout, version, waves = row
+        last = len(json.loads(waves)) - 1
+        reached = await _reach(db, rollout, version, last, 100.0, now)
+        await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ? WHERE id = ?", (last, now, rollout))
+        await _finish(db, rollout, "complete", f"promoted by {_operator()}", now)
+        await store.hub_event(db, identity, "rollout_promoted", {
+            "policy_version": version, "rollout": rollout, "reached": reached, "by": _operator()})
+        return Transition(rollout, version, "promoted",
+                          f"rollout {rollout}: version {version} promoted to all {reached} targeted devices")
+
+    return await store.atomically(work)
+
+
+async def abort(store: HubStore, identity: str, now: float) -> Transition:
+    """Stop the rollout in progress and put the devices it reached back on their previous policy."""
+    row = await _active(store)
+    if row is None:
+        raise RolloutError("no rollout is in progress; to undo a finished one use edge-hub policy rollback")
+    return await revert(store, identity, row[0], "aborted", f"aborted by {_operator()}", now)
+
+
+async def rollback(store: HubStore, identity: str, now: float) -> Transition:
+    """Undo the latest rollout, in progress or complete."""
+    rows = await store.query("SELECT id, state FROM rollouts ORDER BY id DESC LIMIT 1")
+    if not rows or rows[0][1] not in (ACTIVE, "complete"):
+        what = f"rollout {rows[0][0]} is already {rows[0][1].replace('_', ' ')}" if rows else "nothing was pushed"
+        raise RolloutError(f"nothing to roll back: {what}")
+    return await revert(store, identity, rows[0][0], "rolled_back", f"rolled back by {_operator()}", now)
+
+
+async def revert(store: HubStore, identity: str, rollout: int, state: str, reason: str, now: float, *,
+                 automatic: bool = False) -> Transition:
+    """Give every device the rollout reached its previous policy again, as a new version each."""
+
+    async def work(db: aiosqlite.Connection) -> Transition:
+        row = await _one(db, "SELECT version, state FROM rollouts WHERE id = ?", (rollout,))
+        if row is None or (row[1] in FINISHED and not (row[1] == "complete" and state == "rolled_back")):
+            raise RolloutError(f"rollout {rollout} is {row[1] if row else 'unknown'}: nothing to undo")
+        version = row[0]
+        groups: dict[int | None, list[str]] = {}
+        for device, previous in await (await db.execute(
+                "SELECT device, previous FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL "
+                "ORDER BY rank", (rollout,))).fetchall():
+            groups.setdefault(previous, []).append(device)
+        latest = (await _one(db, "SELECT MAX(version) FROM policies", ()))[0]
+        replaced: dict[int, int | None] = {}
+        for previous, devices in sorted(groups.items(), key=lambda g: (g[0] is not None, g[0] or 0)):
+            latest += 1
+            text = None if previous is None else (await _one(
+                db, "SELECT text FROM policies WHERE version = ?", (previous,)))[0]
+            back_to = f"version {previous}" if previous is not None else "the devices' local policies"
+            await db.execute(
+                "INSERT INTO policies(version, text, sha256, created_at, origin) VALUES (?, ?, ?, ?, ?)",
+                (latest, text, hashlib.sha256((text or "").encode()).hexdigest(), now,
+                 f"rollback of version {version} (rollout {rollout}) to {back_to}"))
+            await db.executemany("UPDATE assignments SET version = ?, assigned_at = ? WHERE device = ?",
+                                 [(latest, now, d) for d in devices])
+            replaced[latest] = previous
+        await _finish(db, rollout, state, reason, now)
+        await store.hub_event(db, identity, f"rollout_{state}", {
+            "policy_version": version, "rollout": rollout, "reason": reason, "automatic": automatic,
+            "devices": sum(map(len, groups.values())),
+            "replaced_by": [{"version": v, "previous": p} for v, p in replaced.items()]})
+        verb = "rolled back" if state == "rolled_back" else state
+        return Transition(rollout, version, state, f"rollout {rollout}: version {version} {verb} on "
+                          f"{sum(map(len, groups.values()))} device(s) ({reason})")
+
+    return await store.atomically(work)
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+async def recent(store: HubStore, limit: int = 5) -> list[dict[str, Any]]:
+    """The latest rollouts, newest first, as plain data for `policy status`."""
+    out = []
+    for r in await store.query(
+            "SELECT r.id, r.version, r.selector, r.waves, r.bake_s, r.wave, r.wave_started_at, r.state, r.reason, "
+            "r.created_at, r.updated_at, p.origin, (SELECT COUNT(*) FROM rollout_members m WHERE m.rollout = r.id) "
+            "FROM rollouts r JOIN policies p ON p.version = r.version ORDER BY r.id DESC LIMIT ?", (limit,)):
+        selector = json.loads(r[2])
+        out.append({"rollout": r[0], "version": r[1], "state": r[7], "reason": r[8],
+                    "target": Selector(selector.get("profile"), selector.get("tags", {})).describe(),
+                    "waves": json.loads(r[3]), "wave": r[5] + 1, "bake_s": r[4], "wave_started_at": r[6],
+                    "created_at": r[9], "updated_at": r[10], "origin": r[11], "targeted": r[12]})
+    return out
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+async def _one(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> Any:
+    async with db.execute(sql, args) as cur:
+        return await cur.fetchone()
