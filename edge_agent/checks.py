@@ -21,6 +21,7 @@ from edge_agent.clock import CLOCK_FLOOR
 from edge_agent.config import AgentSettings
 from edge_agent.errors import ConnectRefused
 from edge_agent.mqtt import MqttSession
+from edge_agent.protocol import ProtocolError, ed25519_public_from_pem, key_id
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
@@ -127,6 +128,29 @@ def _check_identity(settings: AgentSettings, ca: x509.Certificate, cert: x509.Ce
     return Finding("identity", True, f"certificate for {device}, issued by the fleet CA, matches its key.")
 
 
+def check_policy_key(settings: AgentSettings) -> Finding:
+    """The hub's policy-signing key, and the signed policy the agent would start with."""
+    from edge_agent.policy_intake import PolicyIntake
+
+    path = settings.policy_key
+    try:
+        key = ed25519_public_from_pem(path.read_bytes())
+    except OSError as exc:
+        return Finding("policy key", False, f"cannot read {path} ({exc.strerror}): every policy the hub pushes will "
+                                            "be refused; copy policy.pub from the device's bundle (it is the hub's "
+                                            "DIR/pki/policy.pub).")
+    except ProtocolError as exc:
+        return Finding("policy key", False, f"{path}: {exc.detail}; copy policy.pub from the device's bundle again.")
+    intake = PolicyIntake(settings, local=None)
+    intake.load()
+    running = f"signed policy version {intake.version} is stored" if intake.version else "no signed policy yet"
+    if intake.refused is not None:
+        return Finding("policy key", False, f"the stored policy is not usable ({intake.refused.reason}: "
+                                            f"{intake.refused.detail}); the agent runs its local policy until the "
+                                            "hub sends a new one.")
+    return Finding("policy key", True, f"policies must be signed by key {key_id(key)} ({path}); {running}.")
+
+
 async def check_connectivity(settings: AgentSettings) -> list[Finding]:
     b = settings.config.broker
     where = f"{b.host}:{b.port}"
@@ -160,9 +184,10 @@ async def run_checks(settings: AgentSettings, now: dt.datetime | None = None) ->
     now = now or dt.datetime.now(dt.UTC)
     findings = [Finding("config", True, f"{settings.path} is valid (profile {settings.profile.name}).")]
     findings += check_files(settings, now)
-    # A wrong clock or a loose key mode still lets us try the network; missing or
-    # mismatched files do not.
-    if all(f.ok for f in findings if f.name not in ("clock", "key permissions")):
+    findings.append(check_policy_key(settings))
+    # A wrong clock, a loose key mode or a missing policy key still lets us try the network;
+    # missing or mismatched TLS files do not.
+    if all(f.ok for f in findings if f.name not in ("clock", "key permissions", "policy key")):
         findings += await check_connectivity(settings)
     else:
         findings.append(Finding("broker", False, "not tried: fix the files above first."))

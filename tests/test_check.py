@@ -94,9 +94,29 @@ async def test_healthy_device_all_ok(hub_dir: HubDir, hub: Proc, bundles: Path) 
     report = await check(bundles / "dev-ok" / "agent.toml")
     assert report.code == 0, report
     assert report.failed() == set(), report
-    assert {"config", "key permissions", "identity", "clock", "network", "broker"} <= set(report.findings), report
+    assert {"config", "key permissions", "identity", "clock", "policy key", "network", "broker"} <= \
+        set(report.findings), report
     assert f"127.0.0.1:{hub_dir.port}" in report.findings["broker"][1]
+    assert "no signed policy yet" in report.findings["policy key"][1]
     assert report.err == ""
+
+
+@pytest.mark.parametrize("breakage", ["missing", "not a key"])
+async def test_a_missing_or_broken_policy_key_is_named_and_the_broker_still_tried(
+        hub_dir: HubDir, hub: Proc, bundles: Path, breakage: str) -> None:
+    await hub_dir.provision(bundles, "dev-pk")
+    key = bundles / "dev-pk" / "policy.pub"
+    if breakage == "missing":
+        key.unlink()
+    else:
+        key.write_bytes((bundles / "dev-pk" / "ca.crt").read_bytes())
+    report = await check(bundles / "dev-pk" / "agent.toml")
+    assert report.code == 1, report
+    assert report.failed() == {"policy key"}, report
+    message = report.fail("policy key")
+    assert str(key) in message
+    assert "policy.pub" in message
+    assert report.findings["broker"][0]  # the rest of the device is fine and still checked
 
 
 @needs_faketime
