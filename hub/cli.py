@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="what needs a person, on one screen",
                         description="Devices online/offline/revoked, the latest escalation per device and "
-                                    "rule, rejected messages by reason, the CRL's next update and "
+                                    "rule, rejected messages by reason, the latest policy rollout, devices "
+                                    "off their intended policy (drifted), the CRL's next update and "
                                     "certificates that expire within "
                                     f"{EXPIRY_WARNING_DAYS} days.")
     _dir_arg(st)
@@ -404,14 +405,17 @@ def _event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
 async def _status(args: argparse.Namespace) -> int:
     import time
 
+    from hub import rollout
     from hub.store import HubStore
 
-    paths, _ = load_hub(args.dir)
+    paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
     try:
-        devices = await store.devices()
+        devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
         escalations = await store.latest_escalations()
         rejects = await store.reject_counts()
+        recent = await rollout.recent(store, limit=1)
+        latest = recent[0] if recent else None
     finally:
         await store.close()
     now = time.time()
@@ -431,6 +435,9 @@ async def _status(args: argparse.Namespace) -> int:
         "crl": {"next_update": crl_next, "overdue": crl_next is not None and _epoch(crl_next) < now,
                 "error": crl_error},
         "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
+        "rollout": latest,
+        "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
+                            "refused": d.policy_refused} for d in live if d.policy_drifted],
     }
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
@@ -448,6 +455,14 @@ async def _status(args: argparse.Namespace) -> int:
         lines.append(f"CRL: {crl_error}")
     else:
         lines.append(f"CRL next update: {crl_next}" + ("  OVERDUE" if report["crl"]["overdue"] else ""))
+    if latest is not None:
+        reason = f" ({latest['reason']})" if latest["reason"] else ""
+        lines.append(f"latest policy rollout: {latest['rollout']}, version {latest['version']}, "
+                     f"{latest['state'].replace('_', ' ')}{reason}")
+    drifted = report["policy_drifted"]
+    lines.append(f"devices off their intended policy (drifted): {len(drifted) or 'none'}")
+    lines += [f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"
+              + (f"; refused it: {d['refused'].get('reason')}" if d["refused"] else "") for d in drifted]
     lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
     lines += [f"  {d.device}  {'expired' if _epoch(d.cert_expires or '') < now else 'expires'} {d.cert_expires}"
               for d in expiring]
