@@ -20,6 +20,10 @@ SessionFactory = Callable[[], MqttSession]
 ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
 
 
+# What ends one connection but not the link: reconnect and carry on.
+SESSION_ENDED: Final = (ConnectionLost, ConnectRefused, PublishRefused)
+
+
 def _clock_offset() -> float:
     """Wall clock minus monotonic clock: constant unless someone sets the wall clock."""
     return time.time() - time.monotonic()
@@ -98,7 +102,12 @@ class Link:
                 await asyncio.gather(work, closed, return_exceptions=True)
             if work in done and not work.cancelled():
                 exc = work.exception()
-                if isinstance(exc, ConnectionLost | ConnectRefused | PublishRefused):
+                if isinstance(exc, BaseExceptionGroup):  # the work's own TaskGroup
+                    lost, other = exc.split(SESSION_ENDED)
+                    if other is not None:
+                        raise other
+                    exc = _first_leaf(lost) if lost is not None else None
+                if isinstance(exc, SESSION_ENDED):
                     return str(exc)
                 if exc is not None:
                     raise exc
@@ -108,3 +117,9 @@ class Link:
             self.connected.clear()
             self.session = None
             await session.close()
+
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Final
 
+from edge_agent.link import SESSION_ENDED
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import POLICY, PolicyDocument, down_topic, pack, seal
 from hub import rollout
@@ -49,6 +50,10 @@ class PolicyPublisher:
                 await self.publish_due(session, sent, now)
             except sqlite3.OperationalError as exc:  # the operator's CLI holds the database: next tick
                 log.warning("hub database unavailable for rollouts (%s); trying again", exc)
+            except SESSION_ENDED:
+                raise
+            except Exception:  # a rollout bug must not take the ingest down with it
+                log.exception("policy distribution failed; trying again in %.0f s", TICK_INTERVAL)
             await asyncio.sleep(TICK_INTERVAL)
 
     async def publish_due(self, session: MqttSession, sent: dict[str, tuple[int, float]], now: float) -> int:
