@@ -154,6 +154,7 @@ class Policy(msgspec.Struct, frozen=True):
     rules: tuple[Rule, ...]
     limits: Limits = Limits()
     target: Target | None = None
+    signed: bool = False  # from the hub (verified); False: a local policy file
 
     def targets(self, profile: str, region: str, tags: dict[str, str]) -> str | None:
         """Why a device with these properties is not this policy's target (None: it is)."""

@@ -65,7 +65,10 @@ class PolicyIntake:
         self.local = local
         self.stored = settings.state_dir / STORED_NAME
         self.key_path = settings.policy_key
-        self.version = 0  # the signed version in force; 0: none yet
+        self.version = 0  # the signed version in force; 0: none (the local policy runs)
+        # No version below this is ever applied: the stored one, even when it no longer passes
+        # its checks here (a replayed older version must not get in through that gap).
+        self.floor = 0
         self.refused: PolicyRefusal | None = None  # the latest refusal newer than what is in force
 
     def load(self) -> Policy | None:
@@ -75,22 +78,23 @@ class PolicyIntake:
         except FileNotFoundError:
             return self.local
         try:
-            doc, policy = self._check(data, floor=0)
+            doc, policy = self._check(data)
         except Refused as exc:
             # Still the floor for replays when its signature was good: a stored v7 that this
-            # profile no longer accepts must not let a replayed v5 in.
-            self.version = max(self.version, exc.refusal.version if exc.refusal.reason != "bad_signature" else 0)
+            # profile no longer accepts must not let a replayed v5 in. Not in force, though.
+            if exc.refusal.reason != "bad_signature":
+                self.floor = max(self.floor, exc.refusal.version)
             self.refused = exc.refusal
             log.error("the stored policy %s is not usable (%s: %s); running the local policy instead",
                       self.stored, exc.refusal.reason, exc.refusal.detail)
             return self.local
-        self.version = doc.version
+        self.version = self.floor = doc.version
         return policy
 
     def offer(self, payload: bytes) -> Outcome:
         """Check a down/policy payload; on success it is stored and in force from now on."""
         try:
-            doc, policy = self._check(payload, floor=self.version)
+            doc, policy = self._check(payload)
             if doc.version == self.version:
                 return Outcome("unchanged", doc.version)
             try:
@@ -102,19 +106,20 @@ class PolicyIntake:
                 == (exc.refusal.version, exc.refusal.reason, exc.refusal.detail)
             self.refused = exc.refusal
             return Outcome("refused", exc.refusal.version, refusal=exc.refusal, repeated=repeated)
-        self.version = doc.version
+        self.version = self.floor = doc.version
         if self.refused is not None and self.refused.version <= doc.version:
             self.refused = None
         return Outcome("applied", doc.version, policy=policy, withdrawn=doc.text is None)
 
-    def _check(self, payload: bytes, floor: int) -> tuple[PolicyDocument, Policy | None]:
+    def _check(self, payload: bytes) -> tuple[PolicyDocument, Policy | None]:
         try:
             trusted = ed25519_public_from_pem(self.key_path.read_bytes())
         except OSError as exc:
-            raise Refused(0, "no_policy_key", f"cannot read the hub's policy key {self.key_path}: {exc.strerror}; "
-                                              "re-run edge-hub provision for this device to get policy.pub") from None
+            raise Refused(_claimed_version(payload), "no_policy_key",
+                          f"cannot read the hub's policy key {self.key_path}: {exc.strerror}; "
+                          "re-run edge-hub provision for this device to get policy.pub") from None
         except ProtocolError as exc:
-            raise Refused(0, "no_policy_key", f"{self.key_path}: {exc.detail}") from None
+            raise Refused(_claimed_version(payload), "no_policy_key", f"{self.key_path}: {exc.detail}") from None
         try:
             envelope = unpack(payload, SignedEnvelope)
         except ProtocolError as exc:
@@ -134,10 +139,10 @@ class PolicyIntake:
                           f"signed for profile {doc.profile!r}, this device runs {self.profile.name!r}")
         if doc.region and self.region and doc.region != self.region:
             raise Refused(doc.version, "wrong_region", f"signed for region {doc.region!r}, this is {self.region!r}")
-        if doc.version < floor:
+        if doc.version < self.floor:
             raise Refused(doc.version, "stale_version",
-                          f"version {doc.version} is older than version {floor} in force (a replay?)")
-        if doc.version == floor:
+                          f"version {doc.version} is older than version {self.floor}, the latest accepted (a replay?)")
+        if doc.version == self.version:
             return doc, None  # the one in force, sent again: nothing to check or change
         if doc.text is None:
             return doc, self.local
@@ -148,4 +153,13 @@ class PolicyIntake:
         why_not = policy.targets(self.profile.name, self.region, self.tags)
         if why_not:
             raise Refused(doc.version, "not_targeted", why_not)
-        return doc, msgspec.structs.replace(policy, version=doc.version)
+        return doc, msgspec.structs.replace(policy, version=doc.version, signed=True)
+
+
+def _claimed_version(payload: bytes) -> int:
+    """The version a policy says it is, unverified: only to tell the hub which push a device
+    without a usable policy key refused; never used to decide anything here."""
+    try:
+        return unpack(unpack(payload, SignedEnvelope).payload, PolicyDocument).version
+    except ProtocolError:
+        return 0

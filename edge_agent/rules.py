@@ -257,7 +257,9 @@ class RuleEngine:
         await self._audit_many([(kind, body)], rule)
 
     async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule) -> None:
-        base = {"policy_version": self.policy.version, "rule": rule.name}
+        base: dict[str, Any] = {"policy_version": self.policy.version, "rule": rule.name}
+        if not self.policy.signed:
+            base["policy_local"] = True  # a local file's number: never mistaken for the hub's version
         await self.outbox.add_events([(kind, {**base, **body}) for kind, body in records])
 
     def _spawn(self, work: Any) -> None:

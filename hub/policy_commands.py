@@ -20,7 +20,7 @@ from hub.config import load_hub
 from hub.errors import UsageError
 
 if TYPE_CHECKING:
-    from hub.store import HubStore
+    from hub.store import DeviceRow, HubStore
 
 EXIT_OK, EXIT_INVALID = 0, 2
 
@@ -221,14 +221,23 @@ async def _status(args: argparse.Namespace) -> int:
         "active": active, "rollouts": recent, "versions": versions,
         "drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended}
                     for d in live if d.policy_drifted],
-        "refused": [{"device": d.device, **(d.policy_refused or {})} for d in live
-                    if d.policy_refused and (d.policy_refused.get("version") or 0) > (d.policy_version or 0)],
+        # Refusals not superseded: of a newer version, or of one it could not even read (version 0).
+        "refused": [{"device": d.device, **(d.policy_refused or {})} for d in live if _unresolved(d)],
     }
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
         return EXIT_OK
     print("\n".join(_status_lines(report)))
     return EXIT_OK
+
+
+def _unresolved(device: DeviceRow) -> bool:
+    """A refusal not superseded: of a version newer than the one applied, or of one it could not
+    even read (version 0: its policy key is missing, or the signature did not check)."""
+    if device.policy_refused is None:
+        return False
+    refused = device.policy_refused.get("version") or 0
+    return refused == 0 or refused > (device.policy_version or 0)
 
 
 def _status_lines(report: dict[str, Any]) -> list[str]:

@@ -179,7 +179,8 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
         reached = await _reach(db, rollout, version, 0, waves[0], now)
         await store.hub_event(db, identity, "rollout_started", {
             "policy_version": version, "rollout": rollout, "targeted": len(ranked), "reached": reached,
-            "waves": waves, "bake_s": bake_s, "target": selector.describe(), "origin": origin, "by": _operator()})
+            "waves": waves, "bake_s": bake_s, "target": selector.describe(), "origin": origin,
+            "by": _operator()}, ts=now)
         return Pushed(rollout, version, len(ranked), reached, waves)
 
     return await store.atomically(work)
@@ -203,9 +204,9 @@ async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int
     members = (await _one(db, "SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
     upto = reached_count(members, pct)
     await db.execute(
-        "UPDATE rollout_members SET wave = ?, online_when_reached = "
+        "UPDATE rollout_members SET wave = ?, reached_at = ?, online_when_reached = "
         "(SELECT online FROM devices d WHERE d.device = rollout_members.device) "
-        "WHERE rollout = ? AND wave IS NULL AND rank < ?", (wave, rollout, upto))
+        "WHERE rollout = ? AND wave IS NULL AND rank < ?", (wave, now, rollout, upto))
     await db.execute(
         "INSERT INTO assignments(device, version, assigned_at) SELECT device, ?, ? FROM rollout_members "
         "WHERE rollout = ? AND wave = ? ON CONFLICT(device) DO UPDATE SET version = excluded.version, "
@@ -218,14 +219,15 @@ async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int
 
 async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf) -> Health:
     h = Health()
-    for online, was_online, applied, refused_json in await store.query(
-        "SELECT d.online, m.online_when_reached, d.policy_version, d.policy_refused FROM rollout_members m "
-        "JOIN devices d ON d.device = m.device WHERE m.rollout = ? AND m.wave IS NOT NULL", (rollout,)):
+    for online, was_online, reached_at, applied, refused_json in await store.query(
+        "SELECT d.online, m.online_when_reached, m.reached_at, d.policy_version, d.policy_refused "
+        "FROM rollout_members m JOIN devices d ON d.device = m.device WHERE m.rollout = ? AND m.wave IS NOT NULL",
+        (rollout,)):
         h.reached += 1
         refusal = json.loads(refused_json) if refused_json else None
         if applied == version:
             h.applied += 1
-        elif refusal is not None and refusal.get("version") == version:
+        elif refusal is not None and _refuses(refusal, version, reached_at):
             h.refused += 1
             h.refusal_example = h.refusal_example or f"{refusal.get('reason')}: {refusal.get('detail', '')}"
         elif online:
@@ -235,14 +237,23 @@ async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf)
             h.went_offline += bool(was_online)
     counts = dict(await store.query(
         "SELECT kind, COUNT(*) FROM events WHERE kind IN (?, ?, ?) AND device IN "
-        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND "
-        "json_extract(CASE WHEN json_valid(body) THEN body END, '$.policy_version') = ? GROUP BY kind",
+        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND json_valid(body) AND "
+        "json_extract(body, '$.policy_version') = ? AND json_extract(body, '$.policy_local') IS NULL GROUP BY kind",
         (*GATED_EVENTS, rollout, version)))
     h.action_failures = counts.get("action_failed", 0)
     h.actions = h.action_failures + counts.get("action_succeeded", 0)
     h.escalations = counts.get("escalation", 0)
     h.breach = _breach(h, version, conf)
     return h
+
+
+def _refuses(refusal: dict[str, Any], version: int, reached_at: float | None) -> bool:
+    """A refusal of this version; one the device could not tie to a version (a signature it could
+    not check) counts when it came after the rollout reached the device (device clock)."""
+    if refusal.get("version") == version:
+        return True
+    ts = refusal.get("ts")
+    return refusal.get("version") == 0 and isinstance(ts, int | float) and ts >= (reached_at or 0.0)
 
 
 def _breach(h: Health, version: int, conf: RolloutConf) -> str | None:
@@ -284,7 +295,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
             await _finish(db, rollout, "complete", None, now)
             message = f"rollout {rollout}: version {version} reached all {h.reached} targeted devices"
             await store.hub_event(db, identity, "rollout_complete", {
-                "policy_version": version, "rollout": rollout, "reached": h.reached})
+                "policy_version": version, "rollout": rollout, "reached": h.reached}, ts=now)
             return Transition(rollout, version, "complete", message)
         reached = await _reach(db, rollout, version, wave + 1, waves[wave + 1], now)
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ?, updated_at = ? WHERE id = ?",
@@ -292,7 +303,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
         await store.hub_event(db, identity, "rollout_wave", {
             "policy_version": version, "rollout": rollout, "wave": wave + 1, "percent": waves[wave + 1],
             "reached": reached, "healthy": {"applied": h.applied, "actions": h.actions,
-                                            "action_failures": h.action_failures}})
+                                            "action_failures": h.action_failures}}, ts=now)
         return Transition(rollout, version, "wave", f"rollout {rollout}: version {version} healthy after "
                           f"{bake_s:g} s on {h.applied} device(s); wave {wave + 2} of {len(waves)}: "
                           f"{waves[wave + 1]:g}% ({reached} devices)")
@@ -327,7 +338,7 @@ async def promote(store: HubStore, identity: str, now: float) -> Transition:
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ? WHERE id = ?", (last, now, rollout))
         await _finish(db, rollout, "complete", f"promoted by {_operator()}", now)
         await store.hub_event(db, identity, "rollout_promoted", {
-            "policy_version": version, "rollout": rollout, "reached": reached, "by": _operator()})
+            "policy_version": version, "rollout": rollout, "reached": reached, "by": _operator()}, ts=now)
         return Transition(rollout, version, "promoted",
                           f"rollout {rollout}: version {version} promoted to all {reached} targeted devices")
 
@@ -383,7 +394,7 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
         await store.hub_event(db, identity, f"rollout_{state}", {
             "policy_version": version, "rollout": rollout, "reason": reason, "automatic": automatic,
             "devices": sum(map(len, groups.values())),
-            "replaced_by": [{"version": v, "previous": p} for v, p in replaced.items()]})
+            "replaced_by": [{"version": v, "previous": p} for v, p in replaced.items()]}, ts=now)
         verb = "rolled back" if state == "rolled_back" else state
         return Transition(rollout, version, state, f"rollout {rollout}: version {version} {verb} on "
                           f"{sum(map(len, groups.values()))} device(s) ({reason})")

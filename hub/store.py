@@ -113,6 +113,7 @@ MIGRATIONS: Final[Sequence[str]] = (
         wave INTEGER,                     -- the wave that reached it (NULL: not reached)
         previous INTEGER,                 -- its intended version before the rollout (NULL: none)
         online_when_reached INTEGER,      -- for the "devices going offline" gate
+        reached_at REAL,                  -- when its wave reached it
         PRIMARY KEY (rollout, device)
     ) WITHOUT ROWID;
     CREATE TABLE assignments (
@@ -544,11 +545,12 @@ class HubStore:
             corrupt_outboxes=r["corrupt_outboxes"],
         )
 
-    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: str, body: dict[str, Any]) -> None:
+    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: str, body: dict[str, Any],
+                        ts: float | None = None) -> None:
         """An event of the hub itself (rollouts), in the events table under the hub's identity;
         call inside `atomically`."""
         await db.execute(
             "INSERT INTO events(device, seq, ts, kind, body) VALUES (?, "
             "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE device = ?), ?, ?, ?)",
-            (identity, identity, time.time(), kind, json.dumps(body, sort_keys=True)),
+            (identity, identity, time.time() if ts is None else ts, kind, json.dumps(body, sort_keys=True)),
         )
