@@ -1,8 +1,8 @@
 """The local fleet demo: a hub with its managed Mosquitto and simulated devices.
 
 Runs the real commands an operator would (edge-hub init / provision / run / devices /
-revoke, edge-agent run), prints what happens, and exits 0 when every step did what it
-should. Usage: python scripts/fleet_demo.py [--devices N] [--keep DIR]
+policy push / revoke, edge-agent run), prints what happens, and exits 0 when every step
+did what it should. Usage: python scripts/fleet_demo.py [--devices N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +61,34 @@ def wait_until(what: str, check: Callable[[], bool]) -> float:
             raise SystemExit(f"demo: gave up waiting for {what} after {STEP_TIMEOUT:.0f} s")
         time.sleep(0.1)
     return time.monotonic() - started
+
+
+GOOD_POLICY = """\
+# Record once each time sig0 rises above 0 (and re-arm when it falls below -0.5).
+[[rules]]
+name = "sig0-high"
+when = "sig0 > 0"
+clear = "sig0 < -0.5"
+action = "record"
+args = { note = "sig0 went high" }
+offline = "act"
+"""
+BAD_POLICY = """\
+# Broken on purpose: set_rate of a sensor that does not exist fails every second.
+[[rules]]
+name = "broken"
+when = "sig0 > -1000"
+clear = "sig0 < -2000"
+action = "set_rate"
+args = { sensor = "no-such-sensor", interval_s = 1 }
+cooldown = "1s"
+offline = "act"
+"""
+
+
+def latest_rollout(hub_dir: Path) -> dict[str, object]:
+    status = json.loads(cli("policy", "status", "--dir", str(hub_dir), "--json"))
+    return dict(status["rollouts"][0]) if status["rollouts"] else {}
 
 
 def main() -> int:
@@ -125,6 +153,31 @@ def main() -> int:
         spawn(crashed, [AGENT, "run", "--config", str(bundles / crashed / "agent.toml"), *agent_args])
         took = wait_until(f"{crashed} back", lambda: fleet(hub_dir)[crashed]["online"] is True)
         print(f"{crashed} restarted and back online after {took:.1f} s")
+
+        say("policy rollout: signed per device, a canary cohort first, then growing waves")
+        policies = root / "policies"
+        policies.mkdir(exist_ok=True)
+        (policies / "good.toml").write_text(GOOD_POLICY)
+        (policies / "bad.toml").write_text(BAD_POLICY)
+        print(cli("policy", "push", "--dir", str(hub_dir), str(policies / "good.toml"),
+                  "--canary", "20", "--bake", "1s").splitlines()[0])
+        took = wait_until("the rollout to complete", lambda: latest_rollout(hub_dir).get("state") == "complete")
+        good = latest_rollout(hub_dir)["version"]
+        on_good = sum(r["policy_version"] == good for r in fleet(hub_dir).values())
+        print(f"version {good} reached {on_good} of {len(devices)} devices through the waves in {took:.1f} s")
+        say("a bad policy (its action fails): the health gates roll it back by themselves")
+        print(cli("policy", "push", "--dir", str(hub_dir), str(policies / "bad.toml"),
+                  "--canary", "20", "--bake", "60s").splitlines()[0])
+        took = wait_until("the automatic rollback", lambda: latest_rollout(hub_dir).get("state") == "rolled_back")
+        bad = latest_rollout(hub_dir)
+        saw_bad = [d for d in devices if f"policy version {bad['version']} applied" in
+                   (logs / f"{d}.log").read_text(errors="replace")]
+        print(f"version {bad['version']} rolled back after {took:.1f} s: {bad['reason']}")
+        print(f"devices that ever ran it: {len(saw_bad)} (the canary {', '.join(saw_bad)}); "
+              f"the other {len(devices) - len(saw_bad)} never received it")
+        if len(saw_bad) != 1:
+            print("demo: FAILED — the bad policy went beyond its canary", file=sys.stderr)
+            return 1
 
         revoked = devices[-1]
         say(f"edge-hub revoke {revoked}: CRL re-issued, broker reloaded, live session closed")
