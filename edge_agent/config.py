@@ -128,11 +128,12 @@ def check_policy(text: str, profile: Profile) -> Policy:
     try:
         policy = validate_policy(text, metrics=known_metrics(profile), actuators_allowed=profile.actuators.allowed)
     except PolicyError as exc:
-        if any("unknown metric" in p.message for p in exc.problems):
+        at = [i for i, p in enumerate(exc.problems) if "unknown metric" in p.message]
+        if at:  # the hint goes under the last unknown-metric problem, not whatever came last
             produced = ", ".join(sorted(known_metrics(profile) or ()))
-            last = exc.problems[-1]
-            exc.problems[-1] = Problem(last.line, last.col, f"{last.message}\n  (profile {profile.name!r} produces: "
-                                                           f"{produced})")
+            p = exc.problems[at[-1]]
+            exc.problems[at[-1]] = Problem(p.line, p.col, f"{p.message}\n  (profile {profile.name!r} produces: "
+                                                               f"{produced})")
             raise PolicyError(exc.problems) from None
         raise
     problems = []
