@@ -128,6 +128,7 @@ class Actuators:
         # an overrun must SIGTERM the process group with a grace and say timed_out, not just cancel.
         timeout: float,  # noqa: ASYNC109
         started: StartHook | None = None,
+        env: Mapping[str, str] | None = None,  # extra environment for a command (the lease's fencing token)
     ) -> ActionResult:
         """Run one action; ordinary failures come back as ok=False, never as exceptions.
 
@@ -137,7 +138,7 @@ class Actuators:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout}")
         try:
-            runner = self._plan(kind, args)
+            runner = self._plan(kind, args, env)
         except _Refused as refusal:
             log.warning("refused %s: %s", kind, refusal)
             return ActionResult(False, kind, str(refusal), 0.0, refused=True)
@@ -158,14 +159,22 @@ class Actuators:
             timed_out=outcome.timed_out,
         )
 
-    def _plan(self, kind: str, args: Mapping[str, object]) -> Runner:
+    def check(self, kind: str, args: Mapping[str, object]) -> str | None:
+        """Why this action could not run here (the allowlist, its arguments), or None if it could."""
+        try:
+            self._plan(kind, args)
+        except (_Refused, _BadArgs) as exc:
+            return str(exc)
+        return None
+
+    def _plan(self, kind: str, args: Mapping[str, object], env: Mapping[str, str] | None = None) -> Runner:
         """Check the action against the allowlist and its arguments; return what will run it."""
         if kind not in self._spec.allowed:
             allowed = ", ".join(self._spec.allowed) or "nothing"
             raise _Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
         if kind == "command":
             _only(args, kind, {"argv"})
-            return partial(_run_process, self._allowed_argv(_required(args, "argv")))
+            return partial(_run_process, self._allowed_argv(_required(args, "argv")), env=env)
         if kind == "systemd_restart":
             _only(args, kind, {"unit"})
             return partial(_restart_unit, self._allowed_unit(_required(args, "unit")))
@@ -295,12 +304,13 @@ async def _restart_unit(unit: str, within_s: float) -> _Outcome:
     return await _run_process([systemctl, *SYSTEMCTL_ARGS, unit], within_s)
 
 
-async def _run_process(argv: Sequence[str], within_s: float) -> _Outcome:
+async def _run_process(argv: Sequence[str], within_s: float, env: Mapping[str, str] | None = None) -> _Outcome:
     """Run argv in its own session; on an overrun or cancellation, kill its whole process group."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
     except OSError as exc:  # not found, not executable, out of processes
         return _Outcome(False, f"could not start {argv[0]}: {exc.strerror or exc}.")

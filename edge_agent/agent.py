@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import secrets
 import signal
 import time
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 from edge_agent import __version__
 from edge_agent.actuators import Actuators
 from edge_agent.clock import unset_clock_warning
 from edge_agent.config import AgentSettings
+from edge_agent.coordination import HubCoordinator, bid_score
+from edge_agent.errors import ConnectionLost, TransientError
 from edge_agent.link import Link
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
@@ -26,18 +30,27 @@ from edge_agent.policy import Policy
 from edge_agent.policy_intake import PolicyIntake
 from edge_agent.protocol import (
     ACK,
+    COORD,
     POLICY,
     STATUS,
     Ack,
+    Bid,
+    CoordDown,
+    CoordUp,
     Presence,
     ProtocolError,
     Status,
+    TaskAward,
+    TaskDone,
+    TaskOffer,
     down_filter,
     encode,
     pack,
+    pack_coord,
     parse_topic,
     presence_topic,
     unpack,
+    unpack_down,
     up_topic,
 )
 from edge_agent.report import ReportFilter
@@ -66,6 +79,8 @@ class Agent:
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
         self._session_id = ""
         self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
+        self.coordinator = HubCoordinator(self._send_coord)
+        self._tasks: set[asyncio.Task[None]] = set()  # bids and awarded tasks in progress
         # The signed policy kept from the hub outranks the local file it was given.
         self.intake = PolicyIntake(settings, local=policy)
         self.engine: RuleEngine | None = None
@@ -80,7 +95,7 @@ class Agent:
         for metric, seconds in policy.windows:
             keep[metric] = max(keep[metric], seconds)  # the longest window of each metric
         self.engine = RuleEngine(policy, ReadingWindows(keep), self.actuators, self.outbox,
-                                 hub_reachable=lambda: self.link.connected.is_set())
+                                 hub_reachable=lambda: self.link.connected.is_set(), coordinator=self.coordinator)
 
     @classmethod
     async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
@@ -125,6 +140,7 @@ class Agent:
         await session.publish(presence_topic(self.device), self._presence("online"), qos=1, retain=True)
         log.info("%s online (profile %s, backlog %d)", self.device, self.settings.config.profile,
                  self.outbox.backlog)
+        await self.coordinator.on_connected()  # leases and approvals still waited for: ask again
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.uplink.serve(session), name="uplink")
             tasks.create_task(self._report_status(session), name="status")
@@ -141,10 +157,74 @@ class Agent:
                     self.uplink.on_ack(unpack(message.payload, Ack).through)
                 elif topic.kind == POLICY:
                     await self.take_policy(message.payload)
+                elif topic.kind == COORD:
+                    await self._coordination(unpack_down(message.payload))
                 else:
                     log.debug("message on %s not handled yet", message.topic)
             except ProtocolError as exc:
                 log.warning("ignored a message from the hub (%s): %s", exc.reason, exc.detail)
+
+    # --- coordination: leases and approvals (the rule engine's), tasks (ours) -------------
+
+    async def _send_coord(self, message: CoordUp) -> None:
+        session = self.link.session
+        if session is None or not self.link.connected.is_set():
+            raise ConnectionLost("not connected to the hub")
+        await session.publish(up_topic(self.device, COORD), pack_coord(message), qos=1)
+
+    async def _coordination(self, message: CoordDown) -> None:
+        if isinstance(message, TaskOffer):
+            self._spawn(self._bid(message))
+        elif isinstance(message, TaskAward):
+            self._spawn(self._run_task(message))
+        else:
+            await self.coordinator.on_message(message)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _task_args(self, kind: str, args_json: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            args = json.loads(args_json)
+        except ValueError:
+            return {}, "its arguments are not JSON"
+        if not isinstance(args, dict):
+            return {}, "its arguments are not a JSON object"
+        return args, self.actuators.check(kind, args)
+
+    async def _bid(self, offer: TaskOffer) -> None:
+        _, why_not = self._task_args(offer.kind, offer.args)
+        if why_not:
+            bid = Bid(task=offer.task, able=False, detail=why_not)
+        else:
+            score, figures = bid_score(self.settings.profile, self.device, self.settings.state_dir,
+                                       self.outbox.backlog)
+            bid = Bid(task=offer.task, able=True, score=score, detail=figures)
+        log.info("task %d (%s): %s", offer.task, offer.kind,
+                 f"bid {bid.score:.3f} ({bid.detail})" if bid.able else f"cannot: {bid.detail}")
+        with contextlib.suppress(TransientError):
+            await self._send_coord(bid)
+
+    async def _run_task(self, award: TaskAward) -> None:
+        args, why_not = self._task_args(award.kind, award.args)
+        base = {"task": award.task, "attempt": award.attempt, "action": award.kind}
+        if why_not:
+            done = TaskDone(task=award.task, attempt=award.attempt, ok=False, refused=True, detail=why_not)
+            await self.outbox.add_event("task_refused", {**base, "detail": why_not})
+        else:
+            async def started(_kind: str, _args: object) -> None:
+                await self.outbox.add_event("task_started", {**base, "args": args})
+
+            result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
+            done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
+                            detail=result.detail[:1000], exit_code=result.exit_code)
+            await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
+                                                      "exit_code": result.exit_code, "output": result.output})
+        log.info("task %d: %s", award.task, "done" if done.ok else f"not done: {done.detail}")
+        with contextlib.suppress(TransientError):  # the hub times the award out and moves on
+            await self._send_coord(done)
 
     async def take_policy(self, payload: bytes) -> None:
         """A signed policy from the hub: apply it, or keep the one in force and say why not."""

@@ -71,6 +71,8 @@ SYSTEMD_UNIT: Final = re.compile(r"[A-Za-z0-9_.@:\\][A-Za-z0-9_.@:\\-]{0,255}")
 MAX_BUDGET_WINDOW_S: Final = 7 * 86400.0  # action times are kept for the window; a week is plenty
 MAX_COMMAND_TIMEOUT_S: Final = 3600.0  # a command that needs longer is a job, not a reaction
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
+DEFAULT_APPROVAL_TIMEOUT_S: Final = 600.0  # an unanswered approval request counts as denied after this
+MAX_APPROVAL_TIMEOUT_S: Final = 86400.0
 DEFAULT_PER_S: Final = 3600.0  # max_actions without `per` counts per hour, like the device budget
 _REQUIRED: Final = {
     "name": "a unique name, 1 to 64 of A-Z a-z 0-9 _ -",
@@ -119,7 +121,8 @@ _ARGS: Final[dict[str, type[msgspec.Struct]]] = {
 
 class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    limit: Count  # how many devices may hold it at once (the coordination issue enforces it)
+    limit: Count  # how many devices of the region may hold it at once
+    wait_s: Annotated[float, Meta(gt=0, le=86400)] = 300.0  # queued longer than this: give up (audited)
 
 
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -146,6 +149,7 @@ class Rule(msgspec.Struct, frozen=True):
     per_s: float = DEFAULT_PER_S
     lease: Lease | None = None
     approval: bool = False
+    approval_timeout_s: float = DEFAULT_APPROVAL_TIMEOUT_S
     line: int = 0  # where the rule starts in the policy text, for messages and audit
 
 
@@ -214,6 +218,7 @@ class _RawRule(msgspec.Struct, frozen=True):
     per: DurationValue | None = None
     lease: Lease | None = None
     approval: bool = False
+    approval_timeout: DurationValue | None = None
 
 
 _RULE_KEYS: Final = frozenset(_RuleHead.__struct_fields__ + _RawRule.__struct_fields__)
@@ -291,15 +296,22 @@ class _RuleChecker:
         per = DEFAULT_PER_S if rule.per is None else self.duration(section, "per", rule.per, label)
         if rule.per is not None and rule.max_actions is None:
             self.add(section, "per", f"{label}: `per` needs `max_actions` (at most max_actions per window)")
+        approval_timeout = DEFAULT_APPROVAL_TIMEOUT_S if rule.approval_timeout is None else \
+            self.duration(section, "approval_timeout", rule.approval_timeout, label)
+        if rule.approval_timeout is not None and not rule.approval:
+            self.add(section, "approval_timeout", f"{label}: `approval_timeout` needs `approval = true`")
+        if approval_timeout is not None and not 0 < approval_timeout <= MAX_APPROVAL_TIMEOUT_S:
+            self.add(section, "approval_timeout", f"{label}: `approval_timeout` must be more than 0 and at most "
+                                                  f"{MAX_APPROVAL_TIMEOUT_S / 3600:g} hours")
         if per is not None and per > MAX_BUDGET_WINDOW_S:
             self.add(section, "per", f"{label}: `per` is longer than the limit of {MAX_BUDGET_WINDOW_S / 86400:g} days")
         if len(self.problems) > before or head is None or when is None or clear is None or args is None \
-                or cooldown is None or per is None:
+                or cooldown is None or per is None or approval_timeout is None:
             return None
         return Rule(
             name=head.name, when=when, clear=clear, action=rule.action, args=args,  # type: ignore[arg-type]  # checked in args()
             offline=rule.offline, cooldown_s=cooldown, max_actions=rule.max_actions, per_s=per,
-            lease=rule.lease, approval=rule.approval, line=section[0] + 1,
+            lease=rule.lease, approval=rule.approval, approval_timeout_s=approval_timeout, line=section[0] + 1,
         )
 
     def convert(self, section: Section, label: str, raw: dict[str, Any], kind: type[_S]) -> _S | None:

@@ -45,6 +45,9 @@ class SensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signals: Annotated[int, Meta(ge=1, le=10_000)] = 4
     rate_hz: Annotated[float, Meta(gt=0, le=10_000)] = 1.0
+    # The simulated battery level (0..1) that task bids weigh in; unset: one per device,
+    # from a hash of its id (a fleet with a spread of levels).
+    battery: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
 class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -369,3 +369,113 @@ def check_batch(batch: Batch) -> int:
     if any(not math.isfinite(e.ts) for e in batch.events):
         raise ProtocolError("not_finite", "NaN or infinity in an event timestamp")
     return total
+
+
+# --- regional coordination: leases, approvals, tasks (msgspec tagged unions, msgpack) ----
+
+COORD: Final = "coord"  # up/coord (device → hub) and down/coord (hub → device)
+RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+LeaseName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Detail = Annotated[str, msgspec.Meta(max_length=MAX_REFUSAL_DETAIL)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+
+
+class LeaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag="lease"):
+    """Ask for a place among the `limit` holders of `name`; sent again (same id) after a reconnect."""
+
+    id: RequestId
+    name: LeaseName
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    ttl_s: Seconds  # the hub takes the lease back after this, whatever happened to the holder
+    rule: str = ""
+    policy_version: Count = 0
+
+
+class LeaseRelease(msgspec.Struct, frozen=True, kw_only=True, tag="release"):
+    """Done (or no longer waiting: then `token` is 0 and the request leaves the queue)."""
+
+    id: RequestId
+    name: LeaseName
+    token: Count = 0
+
+
+class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag="approval"):
+    id: RequestId
+    rule: str
+    action: str
+    args: Detail = "{}"  # JSON, for the operator to read
+    policy_version: Count = 0
+    expires_s: Seconds  # unanswered this long: treated as denied
+
+
+class Bid(msgspec.Struct, frozen=True, kw_only=True, tag="bid"):
+    """An answer to a TaskOffer: a score (higher is better), or `able` False with the reason."""
+
+    task: Count
+    able: bool
+    score: float = 0.0
+    detail: Detail = ""
+
+
+class TaskDone(msgspec.Struct, frozen=True, kw_only=True, tag="task_done"):
+    task: Count
+    attempt: Count
+    ok: bool
+    refused: bool = False  # the device turned the award down; nothing ran
+    detail: Detail = ""
+    exit_code: int | None = None
+
+
+CoordUp = LeaseRequest | LeaseRelease | ApprovalRequest | Bid | TaskDone
+
+
+class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True, tag="grant"):
+    id: RequestId
+    name: LeaseName
+    token: Count  # the fencing token: only grows, per lease name, across hub restarts
+    expires_in_s: Seconds
+
+
+class LeaseQueued(msgspec.Struct, frozen=True, kw_only=True, tag="queued"):
+    id: RequestId
+    name: LeaseName
+    position: Count  # 1: next in line
+
+
+class ApprovalDecision(msgspec.Struct, frozen=True, kw_only=True, tag="decision"):
+    id: RequestId
+    approved: bool
+    by: Detail = ""  # who decided ("expired" when nobody did in time)
+    reason: Detail = ""
+
+
+class TaskOffer(msgspec.Struct, frozen=True, kw_only=True, tag="offer"):
+    task: Count
+    kind: Annotated[str, msgspec.Meta(max_length=64)]
+    args: Detail = "{}"  # JSON object: the actuator's arguments
+    bid_by: float  # epoch seconds: bids after this are not considered
+
+
+class TaskAward(msgspec.Struct, frozen=True, kw_only=True, tag="award"):
+    task: Count
+    attempt: Count  # only grows per task: a late answer to an older award is told apart
+    kind: Annotated[str, msgspec.Meta(max_length=64)]
+    args: Detail = "{}"
+    timeout_s: Seconds
+
+
+CoordDown = LeaseGrant | LeaseQueued | ApprovalDecision | TaskOffer | TaskAward
+
+
+def pack_coord(message: CoordUp | CoordDown) -> bytes:
+    return _encode(_msgpack_encoder, message)
+
+
+def unpack_up(data: bytes) -> CoordUp:
+    result: CoordUp = _decode(msgspec.msgpack, data, CoordUp)  # type: ignore[arg-type]  # a Union, not a class
+    return result
+
+
+def unpack_down(data: bytes) -> CoordDown:
+    result: CoordDown = _decode(msgspec.msgpack, data, CoordDown)  # type: ignore[arg-type]  # a Union, not a class
+    return result

@@ -50,6 +50,8 @@ class Coordinator(Protocol):
 
     async def approve(self, rule: Rule) -> tuple[bool, str]: ...  # (approved, who or reason)
 
+    async def release(self, rule: Rule, token: str) -> None: ...  # the action is over
+
 
 class NoCoordinator:
     """Until the hub grants leases and approvals, rules that need them do not act."""
@@ -59,6 +61,9 @@ class NoCoordinator:
 
     async def approve(self, rule: Rule) -> tuple[bool, str]:
         return False, "operator approvals are not available on this hub yet"
+
+    async def release(self, rule: Rule, token: str) -> None:
+        return None
 
 
 @dataclass
@@ -153,19 +158,30 @@ class RuleEngine:
                 await self._audit_many([("rule_fired", {"readings": readings}),
                                         ("action_skipped", {"action": rule.action, "detail": why_not})], rule)
                 return
-            token = await self._coordinate(rule, readings)
-            if token is None:
+            granted = await self._coordinate(rule, readings)
+            if granted is None:
                 return
+            token, approved_by = granted
             st.last_action = now
             st.actions.append(now)
             self._device_actions.append(now)
-            kind, args, timeout = _actuator_call(rule)
+            kind, args, timeout = actuator_call(rule)
+            env: dict[str, str] = {}
+            if token:
+                # The fencing token travels into the action: a command sees it in its environment,
+                # a record keeps it; whatever the action talks to can refuse an older token.
+                env["EDGEFLEET_LEASE_TOKEN"] = token
+                if kind == "record":
+                    args = {**args, "lease_token": int(token)}
             latency: list[float] = []
 
             async def started(_kind: str, _args: object) -> None:
                 body: dict[str, Any] = {"action": rule.action, "args": args}
                 if token:
-                    body["lease_token"] = token
+                    body["lease"] = rule.lease.name if rule.lease else None
+                    body["lease_token"] = int(token)
+                if approved_by:
+                    body["approved_by"] = approved_by
                 # Committed before the actuator starts: it survives a crash between the two.
                 await self._audit_many([("rule_fired", {"readings": readings}), ("action_started", body)], rule)
                 # The decision latency (P4): sample arrival to the actuator starting, which is
@@ -173,7 +189,11 @@ class RuleEngine:
                 latency.append((time.perf_counter() - arrived) * 1000)
                 self.latencies_ms.append(latency[0])
 
-            result = await self.actuators.run(kind, args, timeout=timeout, started=started)
+            try:
+                result = await self.actuators.run(kind, args, timeout=timeout, started=started, env=env)
+            finally:
+                if token:
+                    await self._coordinator.release(rule, token)
             await self._finished(rule, result, readings, latency[0] if latency else None)
         finally:
             st.busy = False
@@ -193,17 +213,22 @@ class RuleEngine:
             return 'the hub is unreachable and the rule says offline = "skip"'
         return None
 
-    async def _coordinate(self, rule: Rule, readings: dict[str, float]) -> str | None:
-        """'' when no coordination is needed, a lease token, or None when the action may not run."""
+    async def _coordinate(self, rule: Rule, readings: dict[str, float]) -> tuple[str, str] | None:
+        """(lease token, approved by), '' for what is not needed; None when the action may not run."""
         if not (rule.lease or rule.approval):
-            return ""
+            return "", ""
         if not self._hub_reachable():
             if rule.offline == "act":
-                return ""  # the policy says: act alone when the hub cannot be asked
+                # The policy says: act alone when the hub cannot be asked. Audited as such.
+                await self._audit("coordination_skipped", rule, {
+                    "detail": 'the hub is unreachable and the rule says offline = "act": acting without '
+                              + " and ".join(w for w, on in (("a lease", rule.lease), ("an approval", rule.approval))
+                                             if on)})
+                return "", ""
             await self._audit_many([("rule_fired", {"readings": readings}), ("action_skipped", {
                 "action": rule.action, "detail": 'needs the hub, which is unreachable; offline = "skip"'})], rule)
             return None
-        token = ""
+        token = who = ""
         if rule.approval:
             ok, who = await self._coordinator.approve(rule)
             if not ok:
@@ -214,7 +239,7 @@ class RuleEngine:
             if not ok:
                 await self._refused(rule, readings, f"no lease {rule.lease.name!r}: {token}")
                 return None
-        return token
+        return token, who
 
     async def _refused(self, rule: Rule, readings: dict[str, float], detail: str) -> None:
         await self._audit_many([("rule_fired", {"readings": readings}),
@@ -283,7 +308,7 @@ def _expire(times: collections.deque[float], before: float) -> None:
         times.popleft()
 
 
-def _actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
+def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
     """The actuator's own argument shape for a validated rule: (kind, args, timeout)."""
     args = rule.args
     if isinstance(args, CommandArgs):

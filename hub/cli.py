@@ -14,7 +14,7 @@ import msgspec
 
 from edge_agent import __version__
 from edge_agent.errors import ConfigError
-from hub import policy_commands
+from hub import coordination_commands, policy_commands
 from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
 
@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     evt.add_argument("--json", action="store_true", help="one JSON object per line")
 
     policy_commands.add_parser(sub, _dir_arg)
+    coordination_commands.add_parsers(sub, _dir_arg)
 
     st = sub.add_parser("status", help="what needs a person, on one screen",
                         description="Devices online/offline/revoked, the latest escalation per device and "
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
         "telemetry": _telemetry, "events": _events, "status": _status, "policy": policy_commands.run,
+        "leases": coordination_commands.run, "approvals": coordination_commands.run,
+        "task": coordination_commands.run, "tasks": coordination_commands.run,
     }
     try:
         if args.command == "run":

@@ -21,9 +21,11 @@ from typing import Final
 
 from edge_agent.mqtt import Message
 from edge_agent.protocol import (
+    COORD,
     STATUS,
     TELEMETRY,
     Batch,
+    CoordUp,
     Presence,
     ProtocolError,
     Status,
@@ -32,6 +34,7 @@ from edge_agent.protocol import (
     decode,
     parse_topic,
     unpack,
+    unpack_up,
 )
 from hub.store import HubStore, IngestWork
 
@@ -56,6 +59,7 @@ class CycleResult:
     acks: dict[str, int]  # device -> cumulative watermark to acknowledge
     presence: list[tuple[str, Presence]]
     stored: int
+    coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.coordination
 
 
 class Ingest:
@@ -94,13 +98,15 @@ class Ingest:
                 return CycleResult({}, [], 0)
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
-                           [p for r in results for p in r.presence], sum(r.stored for r in results))
+                           [p for r in results for p in r.presence], sum(r.stored for r in results),
+                           [c for r in results for c in r.coord])
 
     async def _process(self, messages: list[Message]) -> CycleResult:
         devices = await self._load()
         work = IngestWork(now=time.time())
         advanced: dict[str, _Device] = {}
         presence: list[tuple[str, Presence]] = []
+        coord: list[tuple[str, CoordUp]] = []
         rejects: collections.Counter[str] = collections.Counter()
         for message in messages:
             try:
@@ -111,6 +117,9 @@ class Ingest:
                     continue
                 if not await self._known(topic.device):
                     raise ProtocolError("unknown_device", f"{topic.device} is not registered (or revoked)")
+                if topic.channel == "up" and topic.kind == COORD:
+                    coord.append((topic.device, unpack_up(message.payload)))
+                    continue
                 self._route(topic, message.payload, devices, advanced, work)
             except ProtocolError as exc:
                 rejects[exc.reason] += 1
@@ -123,7 +132,7 @@ class Ingest:
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult({d: s.watermark for d, s in advanced.items()}, presence, stored)
+        return CycleResult({d: s.watermark for d, s in advanced.items()}, presence, stored, coord)
 
     def _log_reject(self, reason: str, detail: str) -> None:
         seen = self.rejects[reason]

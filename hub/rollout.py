@@ -30,7 +30,7 @@ import aiosqlite
 from edge_agent.policy import Policy
 from hub.config import RolloutConf
 from hub.errors import HubError, UsageError
-from hub.store import HubStore
+from hub.store import HubStore, fetch_one
 
 ACTIVE: Final = "baking"
 FINISHED: Final = ("complete", "rolled_back", "aborted")
@@ -146,11 +146,11 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
     waves = wave_plan(canary_pct, conf)
 
     async def work(db: aiosqlite.Connection) -> Pushed:
-        active = await _one(db, "SELECT id, version FROM rollouts WHERE state = ?", (ACTIVE,))
+        active = await fetch_one(db, "SELECT id, version FROM rollouts WHERE state = ?", (ACTIVE,))
         if active is not None:
             raise RolloutError(f"rollout {active[0]} (version {active[1]}) is still in progress: wait for it, "
                                "or run edge-hub policy promote, abort or rollback")
-        latest = (await _one(db, "SELECT MAX(version) FROM policies", ()))[0] or 0
+        latest = (await fetch_one(db, "SELECT MAX(version) FROM policies", ()))[0] or 0
         if policy.version and policy.version <= latest:
             raise RolloutError(f"the file says version = {policy.version}, but version {latest} was already "
                                f"pushed; versions only grow: remove the line to let the hub number it")
@@ -201,7 +201,7 @@ def targets(candidates: list[Any], selector: Selector, policy: Policy, region: s
 
 async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int, pct: float, now: float) -> int:
     """Assign `version` to the members a wave of `pct` % reaches; return how many are reached in all."""
-    members = (await _one(db, "SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
+    members = (await fetch_one(db, "SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
     upto = reached_count(members, pct)
     await db.execute(
         "UPDATE rollout_members SET wave = ?, reached_at = ?, online_when_reached = "
@@ -288,7 +288,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
     waves = json.loads(waves_json)
 
     async def work(db: aiosqlite.Connection) -> Transition | None:
-        current = await _one(db, "SELECT state, wave FROM rollouts WHERE id = ?", (rollout,))
+        current = await fetch_one(db, "SELECT state, wave FROM rollouts WHERE id = ?", (rollout,))
         if current is None or tuple(current) != (ACTIVE, wave):
             return None  # the operator moved it meanwhile
         if wave + 1 >= len(waves):
@@ -329,7 +329,7 @@ async def promote(store: HubStore, identity: str, now: float) -> Transition:
     """Skip the remaining bake: every targeted device gets the version now."""
 
     async def work(db: aiosqlite.Connection) -> Transition:
-        row = await _one(db, "SELECT id, version, waves FROM rollouts WHERE state = ?", (ACTIVE,))
+        row = await fetch_one(db, "SELECT id, version, waves FROM rollouts WHERE state = ?", (ACTIVE,))
         if row is None:
             raise RolloutError("no rollout is in progress (edge-hub policy status shows the latest)")
         rollout, version, waves = row
@@ -367,7 +367,7 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
     """Give every device the rollout reached its previous policy again, as a new version each."""
 
     async def work(db: aiosqlite.Connection) -> Transition:
-        row = await _one(db, "SELECT version, state FROM rollouts WHERE id = ?", (rollout,))
+        row = await fetch_one(db, "SELECT version, state FROM rollouts WHERE id = ?", (rollout,))
         if row is None or (row[1] in FINISHED and not (row[1] == "complete" and state == "rolled_back")):
             raise RolloutError(f"rollout {rollout} is {row[1] if row else 'unknown'}: nothing to undo")
         version = row[0]
@@ -376,11 +376,11 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
                 "SELECT device, previous FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL "
                 "ORDER BY rank", (rollout,))).fetchall():
             groups.setdefault(previous, []).append(device)
-        latest = (await _one(db, "SELECT MAX(version) FROM policies", ()))[0]
+        latest = (await fetch_one(db, "SELECT MAX(version) FROM policies", ()))[0]
         replaced: dict[int, int | None] = {}
         for previous, devices in sorted(groups.items(), key=lambda g: (g[0] is not None, g[0] or 0)):
             latest += 1
-            text = None if previous is None else (await _one(
+            text = None if previous is None else (await fetch_one(
                 db, "SELECT text FROM policies WHERE version = ?", (previous,)))[0]
             back_to = f"version {previous}" if previous is not None else "the devices' local policies"
             await db.execute(
@@ -425,8 +425,3 @@ def _operator() -> str:
         return getpass.getuser()
     except (OSError, KeyError):
         return "unknown"
-
-
-async def _one(db: aiosqlite.Connection, sql: str, args: tuple[Any, ...]) -> Any:
-    async with db.execute(sql, args) as cur:
-        return await cur.fetchone()

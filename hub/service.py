@@ -10,11 +10,12 @@ import sqlite3
 import time
 from typing import Final
 
-from edge_agent.link import Link
+from edge_agent.link import SESSION_ENDED, Link
 from edge_agent.mqtt import Message, MqttSession, TlsIdentity
-from edge_agent.protocol import ACK, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack
+from edge_agent.protocol import ACK, COORD, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack, pack_coord
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
+from hub.coordination import Coordination, Replies
 from hub.distribution import PolicyPublisher
 from hub.ingest import CycleResult, Ingest
 from hub.pki import Authority, load_policy_key
@@ -27,6 +28,7 @@ HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue whil
 # Messages taken per ingest cycle (one transaction): large enough to amortise the commit,
 # small enough that one cycle stays well under a second.
 INGEST_MAX_MESSAGES: Final = 200
+COORDINATION_TICK: Final = 0.5  # lease expiries and task timeouts are seen within this
 
 log = logging.getLogger("hub")
 
@@ -38,6 +40,7 @@ class HubService:
         self._paths, self._config, self._store = paths, config, store
         self.ingest = Ingest(store)
         self.policies = PolicyPublisher(config, store, load_policy_key(paths.policy_key))
+        self.coordination = Coordination(store, config.identity)
         self.link = Link(f"hub {config.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
@@ -54,12 +57,14 @@ class HubService:
     async def run(self) -> None:
         await self.link.run()
 
-    async def _process(self, messages: list[Message]) -> CycleResult:
-        """Ingest; while the database is locked (an operator's command holding it past the busy
-        timeout) wait and try again: the messages stay unacknowledged, nothing is lost."""
+    async def _process(self, messages: list[Message]) -> tuple[CycleResult, Replies]:
+        """Ingest, then the cycle's coordination requests; while the database is locked (an
+        operator's command holding it past the busy timeout) wait and try again: the messages
+        stay unacknowledged, nothing is lost, and handling a request twice answers the same."""
         for attempt in itertools.count():
             try:
-                return await self.ingest.process(messages)
+                result = await self.ingest.process(messages)
+                return result, await self.coordination.handle(result.coord)
             except sqlite3.OperationalError as exc:
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
                         "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
@@ -74,13 +79,35 @@ class HubService:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._ingest(session), name="ingest")
             tasks.create_task(self.policies.serve(session), name="policies")
+            tasks.create_task(self._coordinate(session), name="coordination")
+
+    async def _coordinate(self, session: MqttSession) -> None:
+        """Lease expiries, approval decisions and task phases, twice a second."""
+        while True:
+            try:
+                await self._reply(session, await self.coordination.tick())
+            except sqlite3.OperationalError as exc:
+                log.warning("hub database unavailable for coordination (%s); trying again", exc)
+            except SESSION_ENDED:
+                raise
+            except Exception:  # a coordination bug must not take the ingest down with it
+                log.exception("coordination failed; trying again")
+            await asyncio.sleep(COORDINATION_TICK)
+
+    async def _reply(self, session: MqttSession, replies: Replies) -> None:
+        for note in replies.notes:
+            log.info("%s", note)
+        if replies.messages:
+            await asyncio.gather(*(session.publish(down_topic(d, COORD), pack_coord(m), qos=1)
+                                   for d, m in replies.messages))
 
     async def _ingest(self, session: MqttSession) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
-            result = await self._process(messages)
+            result, replies = await self._process(messages)
             for message in messages:
                 session.ack(message)  # PUBACK only now that the database has it
+            await self._reply(session, replies)
             for device, presence in result.presence:
                 if await self._store.apply_presence(device, presence, time.time()):
                     log.info("device %s is %s", device, presence.state)

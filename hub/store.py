@@ -122,6 +122,54 @@ MIGRATIONS: Final[Sequence[str]] = (
         assigned_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        last_token INTEGER NOT NULL       -- the fencing token of the latest grant, only grows
+    );
+    CREATE TABLE lease_holders (
+        device TEXT NOT NULL, request TEXT NOT NULL, name TEXT NOT NULL,
+        token INTEGER NOT NULL, lim INTEGER NOT NULL, rule TEXT, policy_version INTEGER,
+        granted_at REAL NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (device, request)
+    );
+    CREATE INDEX lease_holders_name ON lease_holders(name);
+    CREATE TABLE lease_queue (
+        qid INTEGER PRIMARY KEY,          -- first come, first served
+        name TEXT NOT NULL, device TEXT NOT NULL, request TEXT NOT NULL,
+        lim INTEGER NOT NULL, ttl_s REAL NOT NULL, rule TEXT, policy_version INTEGER,
+        requested_at REAL NOT NULL,
+        UNIQUE (device, request)
+    );
+    CREATE INDEX lease_queue_name ON lease_queue(name, qid);
+    CREATE TABLE approvals (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL, request TEXT NOT NULL,
+        rule TEXT NOT NULL, action TEXT NOT NULL, args TEXT NOT NULL, policy_version INTEGER,
+        requested_at REAL NOT NULL, expires_at REAL NOT NULL,
+        state TEXT NOT NULL,              -- pending | approved | denied | expired
+        decided_by TEXT, decided_at REAL, reason TEXT,
+        sent INTEGER NOT NULL DEFAULT 0,  -- the decision was published to the device
+        UNIQUE (device, request)
+    );
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL, args TEXT NOT NULL, target TEXT NOT NULL,
+        deadline REAL, timeout_s REAL NOT NULL,
+        state TEXT NOT NULL,              -- new | bidding | awarded | done | failed
+        offered TEXT,                     -- JSON list of the devices it was offered to
+        bid_by REAL, attempt INTEGER NOT NULL, awarded_to TEXT, award_expires REAL,
+        result TEXT, reason TEXT,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL
+    );
+    CREATE TABLE bids (
+        task INTEGER NOT NULL, device TEXT NOT NULL,
+        able INTEGER NOT NULL, score REAL NOT NULL, detail TEXT, at REAL NOT NULL,
+        outcome TEXT,                     -- awarded | succeeded | failed | refused | timeout
+        result TEXT,
+        PRIMARY KEY (task, device)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -554,3 +602,14 @@ class HubStore:
             "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE device = ?), ?, ?, ?)",
             (identity, identity, time.time() if ts is None else ts, kind, json.dumps(body, sort_keys=True)),
         )
+
+
+async def fetch_one(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> Any:
+    """One row (or None) inside a transaction of `HubStore.atomically`."""
+    async with db.execute(sql, args) as cur:
+        return await cur.fetchone()
+
+
+async def fetch_all(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    async with db.execute(sql, args) as cur:
+        return list(await cur.fetchall())

@@ -234,7 +234,7 @@ def test_schema_problems_name_the_key_and_its_line() -> None:
     line, col, message = only_problem("version = 1\n" + rule(approval="  approve = true"))
     assert (line, col) == (9, 3)
     assert "unknown key `approve`" in message
-    assert "rule keys are: action, approval, args" in message
+    assert "rule keys are: action, approval, approval_timeout, args" in message
     line, col, message = only_problem("version = 1\n" + rule("has space"))
     assert (line, col) == (3, 1)
     assert "rule name 'has space' is not allowed" in message

@@ -1,0 +1,338 @@
+"""Regional coordination: leases with fencing tokens, operator approvals, tasks by bidding.
+
+The state is in the hub database and every change is one transaction, committed before the
+reply that announces it is published: a hub that restarts (or is killed) finds every holder,
+queued request, pending approval and task where it was, and never grants a lease twice. A
+device's requests carry its own ids and are sent again after a reconnect, so handling one
+twice changes nothing and answers the same.
+
+- Leases: at most `limit` holders per name (the smallest limit any holder or the next in line
+  asked for), the rest queue first come first served; every grant takes the next fencing token
+  of that name. A holder releases when done; a lease whose holder vanished expires at its TTL;
+  a queued request of a device that went offline is dropped when its turn comes.
+- Approvals: pending until `edge-hub approvals approve|deny ID`, or expired (= denied).
+- Tasks (contract net): offered to the online devices a selector picks; they bid; the best
+  bid is awarded; a refusal, a failure or a silent award goes to the next bid; no bid left
+  ends the task failed with the reason.
+
+Single-replica assumption: the transactions re-read what they change, so the CLI and the
+hub can act together; two hub replicas would each publish their own replies (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiosqlite
+
+from edge_agent.protocol import (
+    ApprovalDecision,
+    ApprovalRequest,
+    Bid,
+    CoordDown,
+    CoordUp,
+    LeaseGrant,
+    LeaseQueued,
+    LeaseRelease,
+    LeaseRequest,
+    TaskAward,
+    TaskDone,
+    TaskOffer,
+)
+from hub.errors import HubError
+from hub.store import HubStore, fetch_all, fetch_one
+
+BID_WINDOW_S: Final = 2.0  # how long a task waits for bids (less when every device answered)
+DEFAULT_TASK_TIMEOUT_S: Final = 60.0  # an awarded device that says nothing this long loses the award
+FINAL: Final = ("done", "failed")
+
+log = logging.getLogger("hub.coordination")
+
+Outbox = list[tuple[str, CoordDown]]  # (device, message) to publish on its down/coord
+
+
+class CoordinationError(HubError):
+    """An operator command that does not fit the state (exit 1, with what to do)."""
+
+
+@dataclass
+class Replies:
+    messages: Outbox = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # log lines for the hub's log
+
+
+class Coordination:
+    def __init__(self, store: HubStore, identity: str) -> None:
+        self._store, self._identity = store, identity
+
+    # --- device messages (from the ingest cycle) -------------------------------------
+
+    async def handle(self, requests: list[tuple[str, CoordUp]], now: float | None = None) -> Replies:
+        """Apply one cycle's coordination messages in one transaction; return the replies."""
+        now = time.time() if now is None else now
+        if not requests:
+            return Replies()
+
+        async def work(db: aiosqlite.Connection) -> Replies:
+            out = Replies()
+            touched: set[str] = set()
+            asked: set[tuple[str, str]] = set()
+            for device, message in requests:
+                if isinstance(message, LeaseRequest):
+                    await self._lease(db, device, message, now, out)
+                    touched.add(message.name)
+                    asked.add((device, message.id))
+                elif isinstance(message, LeaseRelease):
+                    await self._release(db, device, message, now, out)
+                    touched.add(message.name)
+                elif isinstance(message, ApprovalRequest):
+                    await self._approval(db, device, message, now, out)
+                elif isinstance(message, Bid):
+                    await self._bid(db, device, message, now)
+                elif isinstance(message, TaskDone):
+                    await self._task_done(db, device, message, now, out)
+            for name in sorted(touched):
+                await self._promote(db, name, now, out)
+                # Only those who asked now hear their place (all of them on every change
+                # would be quadratic in the queue's length).
+                for position, (device, request) in enumerate(await fetch_all(
+                        db, "SELECT device, request FROM lease_queue WHERE name = ? ORDER BY qid", (name,)), start=1):
+                    if (device, request) in asked:
+                        out.messages.append((device, LeaseQueued(id=request, name=name, position=position)))
+            return out
+
+        return await self._store.atomically(work)
+
+    async def _lease(self, db: aiosqlite.Connection, device: str, req: LeaseRequest, now: float,
+                     out: Replies) -> None:
+        held = await fetch_one(db, "SELECT token, expires_at FROM lease_holders WHERE device = ? AND request = ?",
+                          (device, req.id))
+        if held is not None:  # asked again (a reconnect): the same answer
+            out.messages.append((device, LeaseGrant(id=req.id, name=req.name, token=held[0],
+                                                    expires_in_s=max(held[1] - now, 0.001))))
+            return
+        await db.execute(
+            "INSERT OR IGNORE INTO lease_queue(name, device, request, lim, ttl_s, rule, policy_version, "
+            "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (req.name, device, req.id, req.limit, req.ttl_s, req.rule, req.policy_version, now))
+        # _promote grants it now if there is room; otherwise it is told its place.
+        out.notes.append(f"lease {req.name}: {device} asks (limit {req.limit})")
+
+    async def _release(self, db: aiosqlite.Connection, device: str, rel: LeaseRelease, now: float,
+                       out: Replies) -> None:
+        cur = await db.execute("DELETE FROM lease_holders WHERE device = ? AND request = ? AND name = ?",
+                               (device, rel.id, rel.name))
+        if cur.rowcount:
+            out.notes.append(f"lease {rel.name}: {device} released token {rel.token}")
+        await db.execute("DELETE FROM lease_queue WHERE device = ? AND request = ?", (device, rel.id))
+
+    async def _promote(self, db: aiosqlite.Connection, name: str, now: float, out: Replies) -> None:
+        """Grant to the head of the queue while there is room."""
+        while True:
+            head = await fetch_one(db, "SELECT q.qid, q.device, q.request, q.lim, q.ttl_s, q.rule, q.policy_version, "
+                                  "COALESCE(d.online, 0) FROM lease_queue q LEFT JOIN devices d ON d.device = q.device "
+                                  "WHERE q.name = ? ORDER BY q.qid LIMIT 1", (name,))
+            if head is None:
+                break
+            qid, device, request, limit, ttl_s, rule, version, online = head
+            if not online:  # it cannot use a grant now; it asks again when it is back
+                await db.execute("DELETE FROM lease_queue WHERE qid = ?", (qid,))
+                continue
+            holders, cap = await fetch_one(db, "SELECT COUNT(*), MIN(lim) FROM lease_holders WHERE name = ?", (name,))
+            if holders >= min(limit, cap or limit):
+                break
+            token = (await fetch_one(db, "INSERT INTO leases(name, last_token) VALUES (?, 1) ON CONFLICT(name) "
+                                    "DO UPDATE SET last_token = last_token + 1 RETURNING last_token", (name,)))[0]
+            await db.execute("DELETE FROM lease_queue WHERE qid = ?", (qid,))
+            await db.execute(
+                "INSERT INTO lease_holders(name, device, request, token, lim, rule, policy_version, granted_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, device, request, token, limit, rule, version, now, now + ttl_s))
+            out.messages.append((device, LeaseGrant(id=request, name=name, token=token, expires_in_s=ttl_s)))
+            out.notes.append(f"lease {name}: granted to {device}, token {token}")
+
+    async def _approval(self, db: aiosqlite.Connection, device: str, req: ApprovalRequest, now: float,
+                        out: Replies) -> None:
+        row = await fetch_one(
+            db, "SELECT id, state, decided_by, reason FROM approvals WHERE device = ? AND request = ?",
+            (device, req.id))
+        if row is None:
+            cur = await db.execute(
+                "INSERT INTO approvals(device, request, rule, action, args, policy_version, requested_at, "
+                "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (device, req.id, req.rule, req.action, req.args, req.policy_version, now, now + req.expires_s))
+            out.notes.append(f"approval {cur.lastrowid}: {device} asks to run {req.action} for rule {req.rule}; "
+                             f"edge-hub approvals approve|deny {cur.lastrowid}")
+        elif row[1] != "pending":  # decided while it was away: tell it again
+            out.messages.append((device, _decision(req.id, row[1], row[2], row[3])))
+
+    async def _bid(self, db: aiosqlite.Connection, device: str, bid: Bid, now: float) -> None:
+        await db.execute(
+            "INSERT INTO bids(task, device, able, score, detail, at) SELECT ?, ?, ?, ?, ?, ? "
+            "WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'bidding') "
+            "ON CONFLICT(task, device) DO NOTHING",
+            (bid.task, device, bid.able, bid.score, bid.detail, now, bid.task))
+
+    async def _task_done(self, db: aiosqlite.Connection, device: str, done: TaskDone, now: float,
+                         out: Replies) -> None:
+        task = await fetch_one(db, "SELECT state, attempt, awarded_to, kind FROM tasks WHERE id = ?", (done.task,))
+        if task is None or task[0] != "awarded" or task[1] != done.attempt or task[2] != device:
+            return  # late news of an earlier award: already handed on
+        outcome = "succeeded" if done.ok else ("refused" if done.refused else "failed")
+        await db.execute("UPDATE bids SET outcome = ?, result = ? WHERE task = ? AND device = ?",
+                         (outcome, done.detail, done.task, device))
+        if done.ok:
+            await self._finish_task(db, done.task, "done", None, now, out,
+                                    {"device": device, "detail": done.detail, "exit_code": done.exit_code})
+        else:
+            out.notes.append(f"task {done.task}: {device} {outcome} ({done.detail}); offering it to the next bidder")
+            await self._award_next(db, done.task, now, out)
+
+    # --- time: expiries, decisions, task phases (the hub, twice a second) ----------------
+
+    async def tick(self, now: float | None = None) -> Replies:
+        now = time.time() if now is None else now
+
+        async def work(db: aiosqlite.Connection) -> Replies:
+            out = Replies()
+            for name, device, token in await fetch_all(
+                    db, "SELECT name, device, token FROM lease_holders WHERE expires_at <= ?", (now,)):
+                await db.execute("DELETE FROM lease_holders WHERE name = ? AND token = ?", (name, token))
+                await self._store.hub_event(db, self._identity, "lease_expired", {
+                    "lease": name, "device": device, "token": token}, ts=now)
+                out.notes.append(f"lease {name}: token {token} of {device} expired (no release before its TTL)")
+                await self._promote(db, name, now, out)
+            for approval_id, device in await fetch_all(
+                    db, "SELECT id, device FROM approvals WHERE state = 'pending' AND expires_at <= ?", (now,)):
+                await db.execute("UPDATE approvals SET state = 'expired', decided_by = 'expired', decided_at = ?, "
+                                 "reason = 'nobody decided in time' WHERE id = ?", (now, approval_id))
+                await self._store.hub_event(db, self._identity, "approval_expired", {
+                    "approval": approval_id, "device": device, "by": "expired"}, ts=now)
+                out.notes.append(f"approval {approval_id} of {device} expired: treated as denied")
+            for approval_id, device, request, state, by, reason in await fetch_all(
+                    db, "SELECT id, device, request, state, decided_by, reason FROM approvals "
+                        "WHERE state != 'pending' AND sent = 0", ()):
+                out.messages.append((device, _decision(request, state, by, reason)))
+                await db.execute("UPDATE approvals SET sent = 1 WHERE id = ?", (approval_id,))
+            await self._tasks(db, now, out)
+            return out
+
+        return await self._store.atomically(work)
+
+    async def _tasks(self, db: aiosqlite.Connection, now: float, out: Replies) -> None:
+        for task, state, deadline, bid_by, award_expires, offered in await fetch_all(
+                db, "SELECT id, state, deadline, bid_by, award_expires, offered FROM tasks "
+                    "WHERE state NOT IN ('done', 'failed')", ()):
+            if deadline is not None and now >= deadline:
+                await self._finish_task(db, task, "failed", "its deadline passed", now, out)
+            elif state == "new":
+                await self._offer(db, task, now, out)
+            elif state == "bidding":
+                answered = (await fetch_one(db, "SELECT COUNT(*) FROM bids WHERE task = ?", (task,)))[0]
+                if now >= bid_by or answered >= len(json.loads(offered or "[]")):
+                    await self._award_next(db, task, now, out)
+            elif state == "awarded" and now >= award_expires:
+                device = (await fetch_one(db, "SELECT awarded_to FROM tasks WHERE id = ?", (task,)))[0]
+                await db.execute("UPDATE bids SET outcome = 'timeout', result = 'no answer in time' "
+                                 "WHERE task = ? AND device = ?", (task, device))
+                out.notes.append(f"task {task}: {device} did not answer in time; offering it to the next bidder")
+                await self._award_next(db, task, now, out)
+
+    async def _offer(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
+        kind, args, target, deadline = await fetch_one(
+            db, "SELECT kind, args, target, deadline FROM tasks WHERE id = ?", (task,))
+        want = json.loads(target)
+        devices = [d for d, profile, tags in await fetch_all(
+            db, "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL AND online = 1 "
+                "ORDER BY device", ())
+            if (want.get("profile") in (None, profile))
+            and all(json.loads(tags).get(k) == v for k, v in want.get("tags", {}).items())]
+        bid_by = min(now + BID_WINDOW_S, deadline if deadline is not None else float("inf"))
+        await db.execute("UPDATE tasks SET state = 'bidding', bid_by = ?, offered = ?, updated_at = ? WHERE id = ?",
+                         (bid_by, json.dumps(devices), now, task))
+        out.messages += [(d, TaskOffer(task=task, kind=kind, args=args, bid_by=bid_by)) for d in devices]
+        out.notes.append(f"task {task} ({kind}): offered to {len(devices)} online device(s)")
+
+    async def _award_next(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
+        best = await fetch_one(db, "SELECT device, score FROM bids WHERE task = ? AND able AND outcome IS NULL "
+                              "ORDER BY score DESC, device LIMIT 1", (task,))
+        if best is None:
+            await self._finish_task(db, task, "failed", await _why_nobody(db, task), now, out)
+            return
+        device, score = best
+        kind, args, attempt, timeout_s, deadline = await fetch_one(
+            db, "SELECT kind, args, attempt, timeout_s, deadline FROM tasks WHERE id = ?", (task,))
+        expires = min(now + timeout_s, deadline if deadline is not None else float("inf"))
+        await db.execute("UPDATE bids SET outcome = 'awarded' WHERE task = ? AND device = ?", (task, device))
+        await db.execute("UPDATE tasks SET state = 'awarded', attempt = ?, awarded_to = ?, award_expires = ?, "
+                         "updated_at = ? WHERE id = ?", (attempt + 1, device, expires, now, task))
+        out.messages.append((device, TaskAward(task=task, attempt=attempt + 1, kind=kind, args=args,
+                                               timeout_s=max(expires - now, 0.001))))
+        out.notes.append(f"task {task}: awarded to {device} (score {score:.3f}), attempt {attempt + 1}")
+
+    async def _finish_task(self, db: aiosqlite.Connection, task: int, state: str, reason: str | None, now: float,
+                           out: Replies, result: dict[str, Any] | None = None) -> None:
+        await db.execute("UPDATE tasks SET state = ?, reason = ?, result = ?, updated_at = ? WHERE id = ?",
+                         (state, reason, json.dumps(result) if result else None, now, task))
+        await self._store.hub_event(db, self._identity, f"task_{state}", {
+            "task": task, "reason": reason, **(result or {})}, ts=now)
+        out.notes.append(f"task {task}: {state}" + (f" ({reason})" if reason else "") +
+                         (f" on {result['device']}" if result else ""))
+
+    # --- the operator's side (CLI) ----------------------------------------------------
+
+    async def offer_task(self, kind: str, args: dict[str, Any], target: dict[str, Any], deadline: float | None,
+                         timeout_s: float, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+
+        async def work(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "INSERT INTO tasks(kind, args, target, deadline, timeout_s, state, attempt, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'new', 0, ?, ?)",
+                (kind, json.dumps(args), json.dumps(target), deadline, timeout_s, now, now))
+            task = int(cur.lastrowid or 0)
+            await self._store.hub_event(db, self._identity, "task_offered", {
+                "task": task, "kind": kind, "args": args, "target": target, "deadline": deadline}, ts=now)
+            return task
+
+        return await self._store.atomically(work)
+
+    async def decide(self, approval: int, approved: bool, by: str, reason: str, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+
+        async def work(db: aiosqlite.Connection) -> str:
+            row = await fetch_one(db, "SELECT state, device, rule, action FROM approvals WHERE id = ?", (approval,))
+            if row is None:
+                raise CoordinationError(f"no approval request {approval} (edge-hub approvals list shows them)")
+            if row[0] != "pending":
+                raise CoordinationError(f"approval {approval} is already {row[0]}")
+            state = "approved" if approved else "denied"
+            await db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, reason = ?, sent = 0 "
+                             "WHERE id = ?", (state, by, now, reason, approval))
+            await self._store.hub_event(db, self._identity, f"approval_{state}", {
+                "approval": approval, "device": row[1], "rule": row[2], "action": row[3], "by": by,
+                "reason": reason}, ts=now)
+            return f"approval {approval} ({row[3]} on {row[1]}, rule {row[2]}): {state} by {by}"
+
+        return await self._store.atomically(work)
+
+
+def _decision(request: str, state: str, by: str | None, reason: str | None) -> ApprovalDecision:
+    return ApprovalDecision(id=request, approved=state == "approved", by=by or "", reason=reason or state)
+
+
+async def _why_nobody(db: aiosqlite.Connection, task: int) -> str:
+    bids = await fetch_all(db, "SELECT device, able, detail, outcome, result FROM bids WHERE task = ? ORDER BY device",
+                      (task,))
+    offered = (await fetch_one(db, "SELECT offered FROM tasks WHERE id = ?", (task,)))[0]
+    if not json.loads(offered or "[]"):
+        return "no online device matches the target"
+    able = [b for b in bids if b[1]]
+    if not able:
+        declines = "; ".join(f"{d}: {detail}" for d, _, detail, _, _ in bids) or "no device answered"
+        return f"no device can do it ({declines})"
+    return "every bidder failed: " + "; ".join(f"{d} {outcome}: {result}" for d, _, _, outcome, result in able)
