@@ -419,6 +419,8 @@ async def _status(args: argparse.Namespace) -> int:
         rejects = await store.reject_counts()
         recent = await rollout.recent(store, limit=1)
         latest = recent[0] if recent else None
+        pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
+                                    "WHERE state = 'pending' ORDER BY id")
     finally:
         await store.close()
     now = time.time()
@@ -439,6 +441,8 @@ async def _status(args: argparse.Namespace) -> int:
                 "error": crl_error},
         "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
         "rollout": latest,
+        "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
+                              for a in pending],
         "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
                             "refused": d.policy_refused} for d in live if d.policy_drifted],
     }
@@ -462,6 +466,9 @@ async def _status(args: argparse.Namespace) -> int:
         reason = f" ({latest['reason']})" if latest["reason"] else ""
         lines.append(f"latest policy rollout: {latest['rollout']}, version {latest['version']}, "
                      f"{latest['state'].replace('_', ' ')}{reason}")
+    lines.append(f"approvals pending: {len(pending) or 'none'}")
+    lines += [f"  {a[0]:>5}  {a[1]}  rule {a[2]}: {a[3]}  expires {_when(a[4])}  "
+              f"(edge-hub approvals approve|deny {a[0]})" for a in pending]
     drifted = report["policy_drifted"]
     lines.append(f"devices off their intended policy (drifted): {len(drifted) or 'none'}")
     lines += [f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"
