@@ -22,7 +22,7 @@ from typing import Final
 
 import psutil
 
-from edge_agent.errors import TransientError
+from edge_agent.errors import PublishRefused, TransientError
 from edge_agent.policy import Rule
 from edge_agent.profiles import Profile
 from edge_agent.protocol import (
@@ -110,7 +110,8 @@ class HubCoordinator:
 
     async def on_message(self, message: CoordDown) -> None:
         if isinstance(message, LeaseQueued):
-            self.positions[message.id] = message.position
+            if message.id in self._waiting:
+                self.positions[message.id] = message.position
             return
         if not isinstance(message, LeaseGrant | ApprovalDecision):
             return
@@ -127,6 +128,8 @@ class HubCoordinator:
             await self._send(message)
         except TransientError as exc:
             log.debug("coordination message not sent now (%s); it is sent again on reconnect", exc)
+        except PublishRefused as exc:  # the broker said no: a reconnect will not change that
+            log.warning("coordination message refused by the broker: %s", exc)
 
 
 def _args_text(rule: Rule) -> str:

@@ -218,16 +218,12 @@ class RuleEngine:
         if not (rule.lease or rule.approval):
             return "", ""
         if not self._hub_reachable():
-            if rule.offline == "act":
-                # The policy says: act alone when the hub cannot be asked. Audited as such.
-                await self._audit("coordination_skipped", rule, {
-                    "detail": 'the hub is unreachable and the rule says offline = "act": acting without '
-                              + " and ".join(w for w, on in (("a lease", rule.lease), ("an approval", rule.approval))
-                                             if on)})
-                return "", ""
-            await self._audit_many([("rule_fired", {"readings": readings}), ("action_skipped", {
-                "action": rule.action, "detail": 'needs the hub, which is unreachable; offline = "skip"'})], rule)
-            return None
+            # offline = "skip" never gets here (_why_not skipped it): the policy says act alone
+            # when the hub cannot be asked. Audited as such.
+            without = " and ".join(w for w, on in (("a lease", rule.lease), ("an approval", rule.approval)) if on)
+            await self._audit("coordination_skipped", rule, {
+                "detail": f'the hub is unreachable and the rule says offline = "act": acting without {without}'})
+            return "", ""
         token = who = ""
         if rule.approval:
             ok, who = await self._coordinator.approve(rule)

@@ -4,7 +4,8 @@ The state is in the hub database and every change is one transaction, committed 
 reply that announces it is published: a hub that restarts (or is killed) finds every holder,
 queued request, pending approval and task where it was, and never grants a lease twice. A
 device's requests carry its own ids and are sent again after a reconnect, so handling one
-twice changes nothing and answers the same.
+twice while it is open changes nothing and answers the same (a repeat that arrives after
+its release is a new request: the device hands back a grant it no longer waits for).
 
 - Leases: at most `limit` holders per name (the smallest limit any holder or the next in line
   asked for), the rest queue first come first served; every grant takes the next fencing token
@@ -172,10 +173,12 @@ class Coordination:
 
     async def _bid(self, db: aiosqlite.Connection, device: str, bid: Bid, now: float) -> None:
         await db.execute(
+            # Only from a device it was offered to, and only while bids are taken.
             "INSERT INTO bids(task, device, able, score, detail, at) SELECT ?, ?, ?, ?, ?, ? "
-            "WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'bidding') "
+            "WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.id = ? AND t.state = 'bidding' AND t.bid_by >= ? "
+            "AND EXISTS (SELECT 1 FROM json_each(t.offered) WHERE value = ?)) "
             "ON CONFLICT(task, device) DO NOTHING",
-            (bid.task, device, bid.able, bid.score, bid.detail, now, bid.task))
+            (bid.task, device, bid.able, bid.score, bid.detail, now, bid.task, now, device))
 
     async def _task_done(self, db: aiosqlite.Connection, device: str, done: TaskDone, now: float,
                          out: Replies) -> None:
@@ -258,6 +261,10 @@ class Coordination:
         out.notes.append(f"task {task} ({kind}): offered to {len(devices)} online device(s)")
 
     async def _award_next(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
+        deadline = (await fetch_one(db, "SELECT deadline FROM tasks WHERE id = ?", (task,)))[0]
+        if deadline is not None and now >= deadline:
+            await self._finish_task(db, task, "failed", "its deadline passed", now, out)
+            return
         best = await fetch_one(db, "SELECT device, score FROM bids WHERE task = ? AND able AND outcome IS NULL "
                               "ORDER BY score DESC, device LIMIT 1", (task,))
         if best is None:

@@ -64,6 +64,9 @@ class HubService:
         for attempt in itertools.count():
             try:
                 result = await self.ingest.process(messages)
+                # Presence first: a device that reconnects sends "online" and, at once, its open
+                # coordination requests; they must find it online.
+                await self._apply_presence(result)
                 return result, await self.coordination.handle(result.coord)
             except sqlite3.OperationalError as exc:
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
@@ -94,6 +97,12 @@ class HubService:
                 log.exception("coordination failed; trying again")
             await asyncio.sleep(COORDINATION_TICK)
 
+    async def _apply_presence(self, result: CycleResult) -> None:
+        while result.presence:  # each applied once, also when a later step is retried
+            device, presence = result.presence.pop(0)
+            if await self._store.apply_presence(device, presence, time.time()):
+                log.info("device %s is %s", device, presence.state)
+
     async def _reply(self, session: MqttSession, replies: Replies) -> None:
         for note in replies.notes:
             log.info("%s", note)
@@ -108,9 +117,6 @@ class HubService:
             for message in messages:
                 session.ack(message)  # PUBACK only now that the database has it
             await self._reply(session, replies)
-            for device, presence in result.presence:
-                if await self._store.apply_presence(device, presence, time.time()):
-                    log.info("device %s is %s", device, presence.state)
             if result.acks:
                 await asyncio.gather(*(
                     session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1) for d, w in result.acks.items()
