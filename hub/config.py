@@ -61,6 +61,9 @@ class RolloutConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_action_failure_pct: Percent = 20.0  # failed actions among actions taken under it
     min_actions: Annotated[int, Meta(ge=1)] = 3  # actions needed before the failure rate counts
     max_offline_pct: Percent = 20.0  # devices online when reached, offline since
+    # ... for at least this long: a hub restart restarts its managed broker, and every device
+    # is offline for a moment; that is not the policy's doing.
+    offline_grace_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
     max_escalations: Annotated[int, Meta(ge=0)] = 0  # rules suspended and escalated under it
     # A device online but off its intended version this long is "drifted" and sent it again.
     drift_grace_s: Annotated[float, Meta(gt=0, le=86400)] = 120.0
@@ -203,6 +206,7 @@ max_apply_failure_pct = {r.max_apply_failure_pct:g}   # roll back when more reac
 max_action_failure_pct = {r.max_action_failure_pct:g}  # ... when more of its actions fail
 min_actions = {r.min_actions}           # (once at least this many actions were taken)
 max_offline_pct = {r.max_offline_pct:g}       # ... when more reached devices go offline
+offline_grace_s = {r.offline_grace_s:g}       # (and stay offline at least this long)
 max_escalations = {r.max_escalations}       # ... when more rules escalate under it
 drift_grace_s = {r.drift_grace_s:g}      # off the intended version this long while online: drifted
 """

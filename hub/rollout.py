@@ -22,6 +22,7 @@ import getpass
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -217,10 +218,11 @@ async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int
 # --- watching and advancing (the running hub, once a second) -----------------------------
 
 
-async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf) -> Health:
+async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf, now: float | None = None) -> Health:
+    now = time.time() if now is None else now
     h = Health()
-    for online, was_online, reached_at, applied, refused_json in await store.query(
-        "SELECT d.online, m.online_when_reached, m.reached_at, d.policy_version, d.policy_refused "
+    for online, was_online, reached_at, applied, refused_json, last_seen in await store.query(
+        "SELECT d.online, m.online_when_reached, m.reached_at, d.policy_version, d.policy_refused, d.last_seen "
         "FROM rollout_members m JOIN devices d ON d.device = m.device WHERE m.rollout = ? AND m.wave IS NOT NULL",
         (rollout,)):
         h.reached += 1
@@ -234,7 +236,7 @@ async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf)
             h.waiting += 1
         if not online:
             h.offline += 1
-            h.went_offline += bool(was_online)
+            h.went_offline += bool(was_online) and now - (last_seen or 0.0) >= conf.offline_grace_s
     counts = dict(await store.query(
         "SELECT kind, COUNT(*) FROM events WHERE kind IN (?, ?, ?) AND device IN "
         "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND json_valid(body) AND "
@@ -280,7 +282,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
     if row is None:
         return None
     rollout, version, waves_json, bake_s, wave, started = row
-    h = await health(store, rollout, version, conf)
+    h = await health(store, rollout, version, conf, now)
     if h.breach:
         return await revert(store, identity, rollout, "rolled_back", f"health gate: {h.breach}", now, automatic=True)
     if now - started < bake_s or not h.ready:
