@@ -448,7 +448,7 @@ async def test_provision_from_a_csr(
     assert code == 0, err
     bundle = bundles / "dev-csr"
     assert not (bundle / "device.key").exists()
-    assert sorted(p.name for p in bundle.iterdir()) == ["agent.toml", "ca.crt", "device.crt"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["agent.toml", "ca.crt", "device.crt", "policy.pub"]
     device = cert(bundle / "device.crt")
     assert cn(device) == "dev-csr"
     assert spki(device.public_key()) == spki(key.public_key())
