@@ -80,7 +80,8 @@ class Agent:
         self._session_id = ""
         self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
         self.coordinator = HubCoordinator(self._send_coord)
-        self._tasks: set[asyncio.Task[None]] = set()  # bids and awarded tasks in progress
+        self._tasks: set[asyncio.Task[None]] = set()  # policies being applied, bids, awarded tasks
+        self._policy_lock = asyncio.Lock()
         # The signed policy kept from the hub outranks the local file it was given.
         self.intake = PolicyIntake(settings, local=policy)
         self.engine: RuleEngine | None = None
@@ -227,7 +228,21 @@ class Agent:
             await self._send_coord(done)
 
     async def take_policy(self, payload: bytes) -> None:
-        """A signed policy from the hub: apply it, or keep the one in force and say why not."""
+        """A signed policy from the hub: apply it, or keep the one in force and say why not.
+
+        The work belongs to the agent, not to the connection: a disconnect in the middle must
+        not leave a policy stored (and reported) but not installed, or installed but unaudited.
+        """
+        task = asyncio.get_running_loop().create_task(self._take_policy(payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _take_policy(self, payload: bytes) -> None:
+        async with self._policy_lock:  # one at a time, in the order received
+            await self._apply_policy(payload)
+
+    async def _apply_policy(self, payload: bytes) -> None:
         # Signature check and validation are CPU work; the sampler keeps its pace meanwhile.
         outcome = await asyncio.to_thread(self.intake.offer, payload)
         if outcome.kind == "unchanged":

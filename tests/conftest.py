@@ -176,12 +176,23 @@ async def hub_dir(workdir: Path) -> HubDir:
     return hub
 
 
-@pytest.fixture
-async def hub(hub_dir: HubDir) -> AsyncIterator[Proc]:
-    """`edge-hub run` with its managed Mosquitto, ready to serve."""
+async def start_hub(hub_dir: HubDir) -> Proc:
+    """`edge-hub -v run` on hub_dir (the broker's own log lines are shown too), ready to serve;
+    stopped again if it never gets there."""
     proc = await Proc("hub", [HUB, "-v", "run", "--dir", str(hub_dir.dir)]).start()
     try:
         await proc.wait_for(r"hub ready")
+    except BaseException:
+        await proc.stop()
+        raise
+    return proc
+
+
+@pytest.fixture
+async def hub(hub_dir: HubDir) -> AsyncIterator[Proc]:
+    """`edge-hub run` with its managed Mosquitto, ready to serve."""
+    proc = await start_hub(hub_dir)
+    try:
         yield proc
     finally:
         await proc.stop()

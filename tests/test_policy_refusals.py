@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import POLICY, PolicyDocument, SignedEnvelope, down_topic, pack, seal, unpack
-from tests.conftest import HUB, START_TIMEOUT, HubDir, Proc, connect, run_cli, start_agent
+from tests.conftest import HUB, START_TIMEOUT, HubDir, Proc, connect, run_cli, start_agent, start_hub
 
 pytestmark = pytest.mark.integration
 
@@ -125,16 +125,6 @@ async def hub_events(hub_dir: HubDir, kind: str, device: str = DEVICE) -> list[d
 
 async def push(hub_dir: HubDir, path: Path) -> None:
     await hub_cli(hub_dir, "policy", "push", str(path))
-
-
-async def start_hub(hub_dir: HubDir) -> Proc:
-    proc = await Proc("hub", [HUB, "-v", "run", "--dir", str(hub_dir.dir)]).start()
-    try:
-        await proc.wait_for(r"hub ready")
-    except BaseException:
-        await proc.stop()
-        raise
-    return proc
 
 
 @contextlib.asynccontextmanager

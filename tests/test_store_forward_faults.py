@@ -24,7 +24,8 @@ import pytest
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import ACK, TELEMETRY, Ack, Batch, EventRecord, down_topic, pack, unpack, up_topic
-from tests.conftest import AGENT, HUB, START_TIMEOUT, HubDir, Proc, connect, device_identity
+from tests.conftest import AGENT, START_TIMEOUT, HubDir, Proc, connect, device_identity
+from tests.conftest import start_hub as conftest_start_hub
 from tests.exactly_once import (
     OutboxState,
     assert_exactly_once,
@@ -64,13 +65,7 @@ async def start_hub(hub_dir: HubDir, *, persistence: bool = False) -> Proc:
         text = config.read_text()
         assert "persistence = false" in text
         config.write_text(text.replace("persistence = false", "persistence = true", 1))
-    proc = await Proc("hub", [HUB, "-v", "run", "--dir", str(hub_dir.dir)]).start()
-    try:
-        await proc.wait_for(r"hub ready")
-    except BaseException:
-        await proc.stop()
-        raise
-    return proc
+    return await conftest_start_hub(hub_dir)
 
 
 def broker_pid(hub_dir: HubDir) -> int:
