@@ -138,6 +138,7 @@ class MqttSession:
         self._client.tls_set_context(tls)
         self._client.connect_timeout = connect_timeout
         self._client.max_inflight_messages_set(max_inflight)
+        self._max_inflight = max_inflight
         if will is not None:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._connack: asyncio.Future[None] = self._loop.create_future()
@@ -166,6 +167,8 @@ class MqttSession:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self._session_expiry:
             props.SessionExpiryInterval = self._session_expiry
+        # How many unacknowledged QoS 1 messages the broker may send us (else it starts at 20).
+        props.ReceiveMaximum = self._max_inflight
         call = partial(
             self._client.connect, self._host, self._port, self._keepalive,
             clean_start=self._clean_start, properties=props,
@@ -291,6 +294,9 @@ class MqttSession:
         if self._closed.done():
             return
         self._sock = sock
+        # Small packets (PUBACKs, acks, lease requests) must not wait for Nagle's delayed ACK.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop.add_reader(sock, self._read)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -84,6 +84,9 @@ def render_conf(paths: HubPaths, config: HubConfig, account: BrokerAccount | Non
         "log_type notice",
         "log_type information",
         "connection_messages true",
+        # Nagle's algorithm holds small writes back for a delayed ACK (~40 ms each): acks,
+        # lease grants and PUBACKs are all small writes that someone waits for.
+        "set_tcp_nodelay true",
         f"max_packet_size {MAX_PACKET_BYTES}",
         f"max_queued_messages {MAX_QUEUED}",
         "max_keepalive 3600",

@@ -82,12 +82,15 @@ class Coordination:
             out = Replies()
             touched: set[str] = set()
             asked: set[tuple[str, str]] = set()
+            leases: list[tuple[str, LeaseRequest]] = []
             for device, message in requests:
                 if isinstance(message, LeaseRequest):
-                    await self._lease(db, device, message, now, out)
+                    leases.append((device, message))
                     touched.add(message.name)
                     asked.add((device, message.id))
                 elif isinstance(message, LeaseRelease):
+                    await self._queue(db, leases, now, out)  # in arrival order with the releases
+                    leases = []
                     await self._release(db, device, message, now, out)
                     touched.add(message.name)
                 elif isinstance(message, ApprovalRequest):
@@ -96,6 +99,7 @@ class Coordination:
                     await self._bid(db, device, message, now)
                 elif isinstance(message, TaskDone):
                     await self._task_done(db, device, message, now, out)
+            await self._queue(db, leases, now, out)
             for name in sorted(touched):
                 await self._promote(db, name, now, out)
                 # Only those who asked now hear their place (all of them on every change
@@ -108,20 +112,31 @@ class Coordination:
 
         return await self._store.atomically(work)
 
-    async def _lease(self, db: aiosqlite.Connection, device: str, req: LeaseRequest, now: float,
+    async def _queue(self, db: aiosqlite.Connection, leases: list[tuple[str, LeaseRequest]], now: float,
                      out: Replies) -> None:
-        held = await fetch_one(db, "SELECT token, expires_at FROM lease_holders WHERE device = ? AND request = ?",
-                          (device, req.id))
-        if held is not None:  # asked again (a reconnect): the same answer
-            out.messages.append((device, LeaseGrant(id=req.id, name=req.name, token=held[0],
-                                                    expires_in_s=max(held[1] - now, 0.001))))
+        """Queue a cycle's lease requests, a few statements for all of them (a burst of hundreds
+        is one cycle); `_promote` then grants what fits, and the rest hear their place."""
+        if not leases:
             return
-        await db.execute(
+        names = sorted({req.name for _, req in leases})
+        held = {(d, r): (token, expires) for d, r, token, expires in await fetch_all(
+            db, f"SELECT device, request, token, expires_at FROM lease_holders WHERE name IN "  # noqa: S608  # placeholders only
+                f"({', '.join('?' * len(names))})", names)}
+        fresh = []
+        for device, req in leases:
+            grant = held.get((device, req.id))
+            if grant is not None:  # asked again (a reconnect): the same answer
+                out.messages.append((device, LeaseGrant(id=req.id, name=req.name, token=grant[0],
+                                                        expires_in_s=max(grant[1] - now, 0.001))))
+            else:
+                fresh.append((req.name, device, req.id, req.limit, req.ttl_s, req.rule, req.policy_version, now))
+        await db.executemany(
             "INSERT OR IGNORE INTO lease_queue(name, device, request, lim, ttl_s, rule, policy_version, "
-            "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (req.name, device, req.id, req.limit, req.ttl_s, req.rule, req.policy_version, now))
-        # _promote grants it now if there is room; otherwise it is told its place.
-        out.notes.append(f"lease {req.name}: {device} asks (limit {req.limit})")
+            "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", fresh)
+        for name in names:
+            asking = sorted({d for d, req in leases if req.name == name})
+            shown = ", ".join(asking[:5]) + (f" and {len(asking) - 5} more" if len(asking) > 5 else "")
+            out.notes.append(f"lease {name}: {shown} ask")
 
     async def _release(self, db: aiosqlite.Connection, device: str, rel: LeaseRelease, now: float,
                        out: Replies) -> None:

@@ -79,16 +79,18 @@ class HubService:
         # new session has none: subscribe on every connect.
         await session.subscribe([(PRESENCE_FILTER, 1), (UP_FILTER, 1)])
         log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
+        outgoing: asyncio.Queue[Replies] = asyncio.Queue()
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._ingest(session), name="ingest")
+            tasks.create_task(self._ingest(session, outgoing), name="ingest")
             tasks.create_task(self.policies.serve(session), name="policies")
-            tasks.create_task(self._coordinate(session), name="coordination")
+            tasks.create_task(self._coordinate(session, outgoing), name="coordination")
+            tasks.create_task(self._send_replies(session, outgoing), name="replies")
 
-    async def _coordinate(self, session: MqttSession) -> None:
+    async def _coordinate(self, session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
         """Lease expiries, approval decisions and task phases, twice a second."""
         while True:
             try:
-                await self._reply(session, await self.coordination.tick())
+                outgoing.put_nowait(await self.coordination.tick())
             except sqlite3.OperationalError as exc:
                 log.warning("hub database unavailable for coordination (%s); trying again", exc)
             except SESSION_ENDED:
@@ -103,20 +105,29 @@ class HubService:
             if await self._store.apply_presence(device, presence, time.time()):
                 log.info("device %s is %s", device, presence.state)
 
-    async def _reply(self, session: MqttSession, replies: Replies) -> None:
-        for note in replies.notes:
-            log.info("%s", note)
-        if replies.messages:
-            await asyncio.gather(*(session.publish(down_topic(d, COORD), pack_coord(m), qos=1)
-                                   for d, m in replies.messages))
+    @staticmethod
+    async def _send_replies(session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
+        """Coordination replies, in order, apart from the ingest loop: it takes the next messages
+        instead of waiting for these PUBACKs. The state they announce is already committed; a
+        reply lost with the connection is asked for again (devices re-send open requests)."""
+        while True:
+            replies = await outgoing.get()
+            try:
+                for note in replies.notes:
+                    log.info("%s", note)
+                if replies.messages:
+                    await asyncio.gather(*(session.publish(down_topic(d, COORD), pack_coord(m), qos=1)
+                                           for d, m in replies.messages))
+            finally:
+                outgoing.task_done()
 
-    async def _ingest(self, session: MqttSession) -> None:
+    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
             result, replies = await self._process(messages)
             for message in messages:
                 session.ack(message)  # PUBACK only now that the database has it
-            await self._reply(session, replies)
+            outgoing.put_nowait(replies)
             if result.acks:
                 await asyncio.gather(*(
                     session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1) for d, w in result.acks.items()

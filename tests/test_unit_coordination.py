@@ -799,8 +799,10 @@ class FakeSession:
         raise AssertionError("unreachable")
 
     async def one_cycle(self, service: HubService) -> None:
-        """Run the hub's ingest loop until it has handled the batch, then stop it."""
-        task = asyncio.create_task(service._ingest(self))  # type: ignore[arg-type]
+        """Run the hub's ingest loop until it has handled the batch, then stop it; the replies it
+        queued go out through the hub's own reply sender."""
+        outgoing: asyncio.Queue[Replies] = asyncio.Queue()
+        task = asyncio.create_task(service._ingest(self, outgoing))  # type: ignore[arg-type]
         try:
             async with asyncio.timeout(5):
                 await self.idle.wait()
@@ -808,6 +810,14 @@ class FakeSession:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+        sender = asyncio.create_task(HubService._send_replies(self, outgoing))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(5):
+                await outgoing.join()
+        finally:
+            sender.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sender
 
     def drain(self, limit: int) -> list[Message]:
         out, self._messages = self._messages[:limit], self._messages[limit:]
