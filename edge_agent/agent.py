@@ -89,6 +89,7 @@ class Agent:
 
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""
+        self.coordinator.policy_version = policy.version if policy is not None else 0
         if policy is None or not policy.rules:
             self.engine = None
             return

@@ -59,12 +59,14 @@ class HubCoordinator:
         self._waiting: dict[str, _Waiting] = {}
         self._held: dict[tuple[str, int], str] = {}  # (lease name, fencing token) -> request id
         self.positions: dict[str, int] = {}  # lease request id -> place in the hub's queue
+        self.policy_version = 0  # of the rules asking; the agent sets it when it installs a policy
 
     async def lease(self, rule: Rule) -> tuple[bool, str]:
         assert rule.lease is not None
         timeout = actuator_call(rule)[2]
         request = LeaseRequest(id=secrets.token_hex(8), name=rule.lease.name, limit=rule.lease.limit,
-                               ttl_s=timeout + LEASE_TTL_MARGIN_S, rule=rule.name)
+                               ttl_s=timeout + LEASE_TTL_MARGIN_S, rule=rule.name,
+                               policy_version=self.policy_version)
         answer = await self._ask(request, rule.lease.wait_s)
         if isinstance(answer, LeaseGrant):
             self._held[(answer.name, answer.token)] = request.id
@@ -85,7 +87,8 @@ class HubCoordinator:
 
     async def approve(self, rule: Rule) -> tuple[bool, str]:
         request = ApprovalRequest(id=secrets.token_hex(8), rule=rule.name, action=rule.action,
-                                  args=_args_text(rule), expires_s=rule.approval_timeout_s)
+                                  args=_args_text(rule), expires_s=rule.approval_timeout_s,
+                                  policy_version=self.policy_version)
         answer = await self._ask(request, rule.approval_timeout_s + APPROVAL_MARGIN_S)
         if isinstance(answer, ApprovalDecision):
             return answer.approved, answer.by if answer.approved else f"{answer.reason} ({answer.by})"

@@ -191,10 +191,10 @@ class RuleEngine:
 
             try:
                 result = await self.actuators.run(kind, args, timeout=timeout, started=started, env=env)
+                await self._finished(rule, result, readings, latency[0] if latency else None)
             finally:
-                if token:
+                if token:  # after the outcome is audited: the audit never shows more holders than the limit
                     await self._coordinator.release(rule, token)
-            await self._finished(rule, result, readings, latency[0] if latency else None)
         finally:
             st.busy = False
 
