@@ -24,6 +24,7 @@ from edge_agent.config import AgentSettings
 from edge_agent.coordination import HubCoordinator, bid_score
 from edge_agent.errors import ConnectionLost, TransientError
 from edge_agent.link import Link
+from edge_agent.metrics import serve_agent_metrics
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
 from edge_agent.policy import Policy
@@ -296,6 +297,9 @@ class Agent:
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self.link.run(), name="link")
+            m = self.settings.config.metrics
+            if m.port:
+                tasks.create_task(serve_agent_metrics(self, m.listen, m.port), name="metrics")
 
     async def _tick_rules(self) -> None:
         """Whichever engine is in force is also evaluated on the clock (age() rules, see rules.py)."""

@@ -51,6 +51,13 @@ class UplinkConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status_interval: Annotated[float, Meta(gt=0, le=3600)] = 10.0
 
 
+class MetricsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus text exposition of this agent (edge_agent/metrics.py): loopback only, off by default."""
+
+    listen: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_id: str
     profile: str
@@ -61,6 +68,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: StateConf = StateConf()
     outbox: OutboxConf = OutboxConf()
     uplink: UplinkConf = UplinkConf()
+    metrics: MetricsConf = MetricsConf()
     # A local policy file (rules), relative to this file: in force until the hub's first
     # signed policy arrives, and again if the hub withdraws its policies.
     policy: str | None = None
@@ -173,5 +181,9 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
             validate_name(config.region, "region")
     except ProtocolError as exc:
         raise ConfigError(exc.detail, str(path)) from None
+    if config.metrics.port:
+        from edge_agent.metrics import loopback
+
+        loopback(config.metrics.listen)  # a device's metrics never leave it
     profile = load_profile(config.profile, routed["profile"])
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

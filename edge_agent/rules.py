@@ -38,6 +38,7 @@ from edge_agent.sensors import Reading
 from edge_agent.windows import ReadingWindows
 
 TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
+OUTCOMES: Final = ("action_succeeded", "action_failed", "action_refused", "action_skipped")
 LATENCY_SAMPLES: Final = 10_000  # decision latencies kept for the P4 figures and metrics
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class RuleEngine:
         self._device_actions: collections.deque[float] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+        self.outcomes: collections.Counter[str] = collections.Counter()  # succeeded, failed, refused, skipped
 
     # --- deciding (synchronous, on the sampler's path) ---------------------------------
 
@@ -278,6 +280,9 @@ class RuleEngine:
         await self._audit_many([(kind, body)], rule)
 
     async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule) -> None:
+        for kind, _ in records:
+            if kind in OUTCOMES:
+                self.outcomes[kind.removeprefix("action_")] += 1
         base: dict[str, Any] = {"policy_version": self.policy.version, "rule": rule.name}
         if not self.policy.signed:
             base["policy_local"] = True  # a local file's number: never mistaken for the hub's version

@@ -69,12 +69,20 @@ class RolloutConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     drift_grace_s: Annotated[float, Meta(gt=0, le=86400)] = 120.0
 
 
+class MetricsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus text exposition of the hub's state (hub/metrics.py); port 0 turns it off."""
+
+    listen: str = "127.0.0.1"  # "0.0.0.0" to let a Prometheus elsewhere scrape it
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9464
+
+
 class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str
     broker: BrokerConf = BrokerConf()
     pki: PkiConf = PkiConf()
     hub: HubConf = HubConf()
     rollout: RolloutConf = RolloutConf()
+    metrics: MetricsConf = MetricsConf()
 
     @property
     def identity(self) -> str:
@@ -209,4 +217,8 @@ max_offline_pct = {r.max_offline_pct:g}       # ... when more reached devices go
 offline_grace_s = {r.offline_grace_s:g}       # (and stay offline at least this long)
 max_escalations = {r.max_escalations}       # ... when more rules escalate under it
 drift_grace_s = {r.drift_grace_s:g}      # off the intended version this long while online: drifted
+
+[metrics]   # Prometheus text exposition at http://LISTEN:PORT/metrics (docs/operations.md)
+listen = {toml_value(config.metrics.listen)}
+port = {config.metrics.port}              # 0 turns it off
 """

@@ -18,6 +18,7 @@ from hub.config import HubConfig, HubPaths
 from hub.coordination import Coordination, Replies
 from hub.distribution import PolicyPublisher
 from hub.ingest import CycleResult, Ingest
+from hub.metrics import MetricsError, serve_metrics
 from hub.pki import Authority, load_policy_key
 from hub.revocation import crl_due, publish_crl
 from hub.store import HubStore
@@ -144,6 +145,16 @@ async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) ->
         await asyncio.sleep(CRL_CHECK_INTERVAL)
 
 
+async def _metrics(paths: HubPaths, config: HubConfig) -> None:
+    """The metrics endpoint; if its port cannot be had, the hub goes on without it and says so."""
+    try:
+        await serve_metrics(paths.db, config.metrics.listen, config.metrics.port, config.region,
+                            drift_grace_s=config.rollout.drift_grace_s)
+    except MetricsError as exc:
+        log.error("no metrics endpoint: %s", exc)
+        await asyncio.Event().wait()  # the hub's other work goes on
+
+
 async def run_hub(paths: HubPaths, config: HubConfig) -> None:
     """Run until SIGTERM or SIGINT; stop in reverse order of start."""
     loop = asyncio.get_running_loop()
@@ -158,6 +169,8 @@ async def run_hub(paths: HubPaths, config: HubConfig) -> None:
             broker_executable(config.broker.executable)
             tasks.append(asyncio.create_task(BrokerSupervisor(paths, config).run(), name="broker"))
         tasks.append(asyncio.create_task(keep_crl_fresh(paths, config, store), name="crl"))
+        if config.metrics.port:  # (serve_metrics returns at once for port 0, which would end the hub)
+            tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(HubService(paths, config, store).run(), name="hub-service"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -165,6 +165,7 @@ class HubDir:
     dir: Path
     port: int
     region: str = "test"
+    metrics_port: int = 0
 
     @property
     def pki(self) -> Path:
@@ -173,6 +174,14 @@ class HubDir:
     @property
     def identity(self) -> TlsIdentity:
         return TlsIdentity(self.pki / "ca.crt", self.pki / "hub.crt", self.pki / "hub.key")
+
+    def set_metrics_port(self, port: int) -> None:
+        config = self.dir / "hub.toml"
+        text = config.read_text()
+        section = text.index("[metrics]")
+        head, tail = text[:section], text[section:]
+        config.write_text(head + re.sub(r"(?m)^port = \d+", f"port = {port}", tail, count=1))
+        self.metrics_port = port
 
     async def provision(self, out: Path, *devices: str, profile: str = "sim", extra: tuple[str, ...] = ()) -> None:
         code, _, stderr = await run_cli(HUB, "provision", "--dir", str(self.dir), "--out", str(out),
@@ -186,6 +195,7 @@ async def hub_dir(workdir: Path) -> HubDir:
     code, _, err = await run_cli(HUB, "init", "--dir", str(hub.dir), "--region", hub.region,
                                  "--port", str(hub.port), "--host", "127.0.0.1")
     assert code == 0, err
+    hub.set_metrics_port(free_port())  # not the fixed default: hubs of several tests may run at once
     return hub
 
 
