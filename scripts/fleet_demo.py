@@ -1,6 +1,6 @@
 """The local fleet demo: a hub with its managed Mosquitto and simulated devices.
 
-Runs the real commands an operator would (edge-hub init / provision / run / devices /
+Runs the real commands an operator would (edge-hub init / provision / run / devices / events /
 policy push / revoke, edge-agent run), prints what happens, and exits 0 when every step
 did what it should. Usage: python scripts/fleet_demo.py [--devices N] [--keep DIR]
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the demo runs from a checkout: share the tests' exactly-once check
@@ -37,7 +39,18 @@ def say(text: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range: while the hub is down in the partition,
+    a device's reconnect could otherwise take the broker's port as its source port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        candidate = random.randrange(10_000, max(low, 10_001))  # noqa: S311 - a port to try, not a secret
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    with socket.socket() as s:  # a machine with a very wide ephemeral range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -54,6 +67,19 @@ def fleet(hub_dir: Path) -> dict[str, dict[str, object]]:
     return {str(r["device"]): r for r in rows}
 
 
+def events(hub_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """What `edge-hub events --kind KIND --json` shows: the devices' audit trail at the hub."""
+    out = cli("events", "--dir", str(hub_dir), "--kind", kind, "--json")
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def actions(hub_dir: Path, *, version: int | None = None, action: str | None = None) -> list[dict[str, Any]]:
+    """Actions that succeeded, optionally under a signed policy version and of one kind."""
+    return [e for e in events(hub_dir, "action_succeeded")
+            if (version is None or e["policy_version"] == version)
+            and (action is None or e["body"]["action"] == action)]
+
+
 def wait_until(what: str, check: Callable[[], bool]) -> float:
     started = time.monotonic()
     while not check():
@@ -63,14 +89,34 @@ def wait_until(what: str, check: Callable[[], bool]) -> float:
     return time.monotonic() - started
 
 
-GOOD_POLICY = """\
-# Record once each time sig0 rises above 0 (and re-arm when it falls below -0.5).
+# The sim's noise is +-0.05 around a slow sine: a reading this far from its 200 ms average
+# is a "spike" every few seconds on every device, and the clear condition re-arms the rule.
+SPIKE_WHEN = "abs(sig0 - avg(sig0, 200ms)) > 0.045"
+SPIKE_CLEAR = "abs(sig0 - avg(sig0, 200ms)) < 0.005"
+LOCAL_POLICY = f"""\
+# The local policy in every demo bundle: in force until the hub's first signed policy arrives.
+[limits]
+max_actions_per_hour = 3600   # the demo's rule acts every few seconds; the default budget is 60
+
 [[rules]]
-name = "sig0-high"
-when = "sig0 > 0"
-clear = "sig0 < -0.5"
+name = "sig0-spike"
+when = "{SPIKE_WHEN}"
+clear = "{SPIKE_CLEAR}"
 action = "record"
-args = { note = "sig0 went high" }
+args = {{ note = "sig0 spike" }}
+offline = "act"               # keep deciding while the hub is unreachable
+"""
+GOOD_POLICY = f"""\
+# The same decision, signed by the hub for the whole fleet: a spike now raises an alert.
+[limits]
+max_actions_per_hour = 3600
+
+[[rules]]
+name = "sig0-spike"
+when = "{SPIKE_WHEN}"
+clear = "{SPIKE_CLEAR}"
+action = "alert"
+args = {{ message = "sig0 spike", severity = "info" }}
 offline = "act"
 """
 BAD_POLICY = """\
@@ -86,9 +132,24 @@ offline = "act"
 """
 
 
-def latest_rollout(hub_dir: Path) -> dict[str, object]:
+def latest_rollout(hub_dir: Path) -> dict[str, Any]:
     status = json.loads(cli("policy", "status", "--dir", str(hub_dir), "--json"))
     return dict(status["rollouts"][0]) if status["rollouts"] else {}
+
+
+def show_local_decisions(hub_dir: Path, devices: list[str]) -> None:
+    """Wait until every device has acted on its local rule; show one decision and the latencies."""
+    took = wait_until("a decision from every device", lambda: {e["device"] for e in actions(hub_dir)} >= set(devices))
+    local = actions(hub_dir)
+    first = min(local, key=lambda e: e["ts"])
+    fired = max((e for e in events(hub_dir, "rule_fired")  # the firing that led to this action
+                 if e["device"] == first["device"] and e["seq"] < first["seq"]), key=lambda e: e["seq"])
+    readings = ", ".join(f"{k}={v:.3f}" for k, v in fired["body"]["readings"].items())
+    print(f"{first['device']} decided on its own: rule {first['rule']} fired at {readings} and ran "
+          f"{first['body']['action']} {first['body']['latency_ms']:.1f} ms after the sample arrived")
+    latencies = sorted(e["body"]["latency_ms"] for e in local)
+    print(f"every device decided within {took:.1f} s; decision latency median "
+          f"{latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms (edge-hub events)")
 
 
 def main() -> int:
@@ -117,12 +178,20 @@ def main() -> int:
         say(f"edge-hub provision: {len(devices)} device bundles (profile sim)")
         print(cli("provision", "--dir", str(hub_dir), "--out", str(bundles), "--profile", "sim",
                   "--tag", "site=demo-lab", *devices).strip())
+        for device in devices:
+            (bundles / device / "policy.toml").write_text(LOCAL_POLICY)
+        print(f"each bundle also holds a local policy.toml: rule sig0-spike, when {SPIKE_WHEN} → record")
 
         say("edge-hub run: managed Mosquitto with mutual TLS, and the hub service")
         spawn("hub", [HUB, "run", "--dir", str(hub_dir)])
+        # Devices that publish before the hub has subscribed wait out a resend (15 s) for their
+        # first acknowledgment: in the field the hub is up long before its devices, so here too.
+        took = wait_until("the hub to subscribe", lambda: "hub ready" in (logs / "hub.log").read_text(errors="replace"))
+        print(f"hub ready after {took:.1f} s")
         say("edge-agent run: every device connects with its own certificate")
         agent_args = ["--set", "broker.keepalive=5", "--set", f"sim.rate_hz={RATE_HZ}",
-                      "--set", "report.default_deadband=0", "--set", "uplink.status_interval=1"]
+                      "--set", "report.default_deadband=0", "--set", "uplink.status_interval=1",
+                      "--set", "policy=policy.toml"]
         for device in devices:
             spawn(device, [AGENT, "run", "--config", str(bundles / device / "agent.toml"), *agent_args])
         took = wait_until("every device online", lambda: all(r["online"] for r in fleet(hub_dir).values()))
@@ -133,17 +202,25 @@ def main() -> int:
         took = wait_until("readings at the hub", lambda: all(hub_seqs(hub_dir, d) for d in devices))
         print(f"readings arriving from every device after {took:.1f} s")
 
+        say("a local decision: each device runs its rule on its own readings; the hub only hears of it")
+        show_local_decisions(hub_dir, devices)
+
         say(f"partition: the hub and its broker go away for {PARTITION_S:.0f} s; devices keep buffering")
         procs["hub"].terminate()
         procs["hub"].wait(timeout=30)
+        hub_gone = time.time()
         time.sleep(PARTITION_S)  # the partition itself: devices sample and buffer meanwhile
         states = {d: outbox_state(bundles / d) for d in devices}
+        hub_back = time.time()
         print(f"{sum(s.rows for s in states.values())} readings waiting in the devices' outboxes")
         spawn("hub", [HUB, "run", "--dir", str(hub_dir)])
         # Drained: everything buffered during the partition is acknowledged (the stream goes on).
         took = wait_until("the backlog to drain",
                           lambda: all(outbox_state(bundles / d).acked >= s.last_seq for d, s in states.items()))
         print(f"link back: backlog drained and acknowledged in {took:.1f} s")
+        offline = [e for e in actions(hub_dir) if hub_gone <= e["ts"] <= hub_back]
+        print(f"{len(offline)} actions decided on {len({e['device'] for e in offline})} devices while the hub "
+              "was away (offline = \"act\"); their audit reached it afterwards")
 
         crashed = devices[0]
         say(f"kill -9 {crashed}: the broker publishes its Last Will")
@@ -165,6 +242,10 @@ def main() -> int:
         good = latest_rollout(hub_dir)["version"]
         on_good = sum(r["policy_version"] == good for r in fleet(hub_dir).values())
         print(f"version {good} reached {on_good} of {len(devices)} devices through the waves in {took:.1f} s")
+        wait_until(f"an alert under version {good}", lambda: bool(actions(hub_dir, version=good, action="alert")))
+        alerted = actions(hub_dir, version=good, action="alert")
+        print(f"under version {good} a spike raises an alert instead of a record: {len(alerted)} so far, "
+              f"from {len({e['device'] for e in alerted})} devices")
         say("a bad policy (its action fails): the health gates roll it back by themselves")
         print(cli("policy", "push", "--dir", str(hub_dir), str(policies / "bad.toml"),
                   "--canary", "20", "--bake", "60s").splitlines()[0])
@@ -197,6 +278,9 @@ def main() -> int:
               f"(sent on the next start); lost: {lost}; duplicated: {duplicated}")
         rows = fleet(hub_dir)
         print(f"devices registered: {len(rows)}; revoked: 1 ({revoked}); mutual TLS everywhere")
+        decided = actions(hub_dir)
+        print(f"decisions audited at the hub: {len(decided)} actions ({len(offline)} while it was away), "
+              "in the readings' exactly-once sequence")
         if lost or duplicated:
             print("demo: FAILED — readings were lost or duplicated", file=sys.stderr)
             return 1
