@@ -1,4 +1,4 @@
-"""`edge-agent`: run the daemon, or check a device's setup."""
+"""`edge-agent`: run the daemon, check a device's setup, or show its status."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_agent import __version__
+from edge_agent import __version__, logfmt
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
 from edge_agent.policy import Policy
@@ -50,12 +50,20 @@ def _parser() -> argparse.ArgumentParser:
                                        "with its fix. Exit 0 when all is well, 1 when a check failed, 2 "
                                        "when the configuration itself is broken.")
     with_config(check)
+
+    status = sub.add_parser("status", help="show the queue, acknowledgments, policy and recent errors",
+                            description="Read-only, also while the agent runs: whether the agent runs, the "
+                                        "outbox's queue and the hub's last acknowledgment, the policy in force, "
+                                        "and error events the hub has not acknowledged yet. Exit 0 when the "
+                                        "device looks healthy, 1 when something needs attention, 2 when the "
+                                        "configuration is broken.")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md)")
     return parser
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), handlers=[logfmt.handler(sys.stderr)])  # docs/cli.md "Logs"
     # aiosqlite logs every statement with its arguments (whole batches of readings) at DEBUG.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
 
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check":
         return _check(settings)
+    if args.command == "status":
+        return _status(settings, policy, as_json=args.json)
     _logging(args.log_level or settings.config.log_level)
     return _run(settings, policy)
 
@@ -81,6 +91,16 @@ def _check(settings: AgentSettings) -> int:
     for f in findings:
         print(f"{'ok  ' if f.ok else 'FAIL'}  {f.name}: {f.message}")
     return EXIT_OK if all(f.ok for f in findings) else EXIT_FAILURE
+
+
+def _status(settings: AgentSettings, policy: Policy | None, *, as_json: bool) -> int:
+    import msgspec
+
+    from edge_agent.status import collect, render
+
+    report = collect(settings, policy)
+    print(msgspec.json.encode(report).decode() if as_json else render(report))
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 def _run(settings: AgentSettings, policy: Policy | None) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from edge_agent import __version__
+from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
 from hub import coordination_commands, policy_commands
 from hub.config import DEFAULT_PORT, load_hub
@@ -178,8 +178,8 @@ def _since(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[logfmt.handler(sys.stderr)])  # docs/cli.md "Logs"
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one line per SQL call drowns the rest
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,

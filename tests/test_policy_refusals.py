@@ -253,13 +253,14 @@ async def assert_refused(fleet: Fleet, payload: bytes, *, version: int, reason: 
     stored = fleet.stored.read_bytes()
     mark = fleet.agent.mark()
     await inject(fleet, payload)
-    await fleet.agent.wait_for(rf"; version {in_force} stays in force$", timeout=ARRIVAL, after=mark)
+    await fleet.agent.wait_for(rf"; version {in_force} stays in force\"$", timeout=ARRIVAL, after=mark)
     log = "\n".join(fleet.agent.lines[mark:])
-    said = re.search(rf"policy version (\d+) refused \((\w+)\): (.*?); version {in_force} stays in force$", log,
+    said = re.search(rf"policy version (\d+) refused \((\w+)\): (.*?); version {in_force} stays in force\"$", log,
                      re.S | re.M)
     assert said is not None, log
     assert (int(said[1]), said[2]) == (version, reason), said[0]
-    assert re.search(detail, said[3]), f"{said[3]!r} does not match {detail!r}"
+    said_detail = re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], said[3])  # logfmt-escaped in the line
+    assert re.search(detail, said_detail), f"{said_detail!r} does not match {detail!r}"
     assert not re.search(r"policy version \d+ applied", log)
     assert fleet.stored.read_bytes() == stored, "a refused policy must not replace the stored one"
 
@@ -269,7 +270,7 @@ async def assert_refused(fleet: Fleet, payload: bytes, *, version: int, reason: 
         return row if (refused.get("reason"), refused.get("version")) == (reason, version) else None
 
     row = await poll(reported, f"{DEVICE} reporting its {reason} refusal in edge-hub devices --json")
-    assert row["policy_refused"]["detail"] == said[3]
+    assert row["policy_refused"]["detail"] == said_detail
     assert row["policy_version"] == in_force
     assert row["online"]
 
@@ -278,7 +279,7 @@ async def assert_refused(fleet: Fleet, payload: bytes, *, version: int, reason: 
                      if e["body"].get("reason") == reason and e["policy_version"] == version), None)
 
     refusal = await poll(event, f"the policy_refused ({reason}) event of {DEVICE} at the hub")
-    assert refusal["body"] == {"reason": reason, "detail": said[3], "in_force": in_force}
+    assert refusal["body"] == {"reason": reason, "detail": said_detail, "in_force": in_force}
 
     await running(fleet, in_force, rule, after_seq=refusal["seq"])  # its rules still act, under the old version
     assert fleet.agent.proc is not None
@@ -422,7 +423,7 @@ async def test_device_without_policy_key_drifts_until_the_key_is_back(hub_dir: H
         # The version is the one the envelope claims (unverified: it only tells the hub which push).
         await agent.wait_for(r"policy version 1 refused \(no_policy_key\): cannot read the hub's policy key "
                              r".*policy\.pub: No such file or directory; re-run edge-hub provision for this device "
-                             r"to get policy\.pub; version 0 stays in force$")
+                             r"to get policy\.pub; version 0 stays in force\"$")
         await hub.wait_for(rf"device {DEVICE} drifted: on version None, intended 1 for \d+ s; sending it again",
                            timeout=WAIT)
 

@@ -229,7 +229,7 @@ async def test_bad_canary_rolled_back_automatically(hub_dir: HubDir, hub: Proc, 
         await agents[canary].wait_for(rf"policy version {bad} applied", timeout=APPLY_TIMEOUT, after=marks[canary])
         line = await hub.wait_for(rf"rollout {r2}: version {bad} rolled back", after=hub_mark,
                                   timeout=ROLLBACK_TIMEOUT)
-        assert " WARNING " in line, line
+        assert " level=warning " in line, line
         assert "health gate" in line, line
         back = bad + 1
         await agents[canary].wait_for(rf"policy version {back} applied: 1 rule", timeout=APPLY_TIMEOUT,

@@ -369,7 +369,7 @@ async def test_a_full_quota_sheds_telemetry_and_the_hub_misses_exactly_the_dropp
     agent = await start_agent(bundle / "agent.toml", *STREAM, "sim.rate_hz=500", quota,
                               f"broker.port={free_port()}", name="dev-q")
     try:
-        await agent.wait_for(r"ERROR .*outbox .* was corrupt")
+        await agent.wait_for(r"level=error .*outbox .* was corrupt")
         await wait_until(lambda: outbox_state(bundle).dropped >= 5000, "the outbox shed 5,000 readings", timeout=60)
         assert hub_watermark(hub_dir.dir, "dev-q") == 0
         assert await agent.stop() == 0
@@ -410,7 +410,7 @@ async def test_a_corrupt_outbox_at_start_up_is_moved_aside_and_reported_to_the_h
     agent = await start_agent(bundle / "agent.toml", *STREAM, name="dev-c")
     try:
         line = await agent.wait_for(r"outbox .* was corrupt")
-        assert " ERROR " in line
+        assert " level=error " in line
         await agent.wait_for(r"dev-c online")
         await wait_until(lambda: bool(events(hub_dir, "dev-c")), "the hub has the outbox_corrupt event")
         [(seq, kind, body)] = events(hub_dir, "dev-c")
@@ -524,7 +524,7 @@ async def test_a_failing_sensor_does_not_stop_the_agent(
         await agent.stop()
     metrics = {m for _, m, _ in telemetry(hub_dir, "dev-t")}
     assert metrics == {"load1", "mem_used_percent"}
-    warnings = [line for line in agent.lines if "WARNING" in line and "sensor thermal failed" in line]
+    warnings = [line for line in agent.lines if "level=warning" in line and "sensor thermal failed" in line]
     if broken:
         assert status.sensor_failures["thermal"] >= 2
         assert len(warnings) == 1, warnings  # the first failure; repeats are DEBUG
