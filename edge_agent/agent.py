@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Final
 
 from edge_agent import __version__
@@ -56,6 +57,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.report import ReportFilter
 from edge_agent.rules import TICK_INTERVAL, RuleEngine
+from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from edge_agent.sensors import Reading, Sampler, build_sensors
 from edge_agent.uplink import Uplink, UplinkSettings
 from edge_agent.windows import ReadingWindows
@@ -87,6 +89,12 @@ class Agent:
         self.intake = PolicyIntake(settings, local=policy)
         self.engine: RuleEngine | None = None
         self._install(self.intake.load())
+        self.watchdog = Watchdog.from_environment(status=self._systemd_status)
+
+    def _systemd_status(self) -> str:
+        """What `systemctl status edge-agent` shows, refreshed with every watchdog ping."""
+        link = "connected to the hub" if self.link.connected.is_set() else "not connected to the hub"
+        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}"
 
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""
@@ -292,18 +300,22 @@ class Agent:
             # load `cryptography` (about 15 MB of RSS) into the daemon for one log line.
             log.warning("%s", problem)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.outbox.flusher(), name="outbox")
-            tasks.create_task(self.sampler.run(), name="sampler")
+            tasks.create_task(self.outbox.flusher(partial(self.watchdog.beat, "outbox")), name="outbox")
+            tasks.create_task(self.sampler.run(partial(self.watchdog.beat, "sampler")), name="sampler")
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self.link.run(), name="link")
+            tasks.create_task(self.watchdog.run(), name="watchdog")
             m = self.settings.config.metrics
             if m.port:
                 tasks.create_task(serve_agent_metrics(self, m.listen, m.port), name="metrics")
+            await asyncio.sleep(0)  # every task took its first step: the link's first connect attempt started
+            notify(READY)
 
     async def _tick_rules(self) -> None:
         """Whichever engine is in force is also evaluated on the clock (age() rules, see rules.py)."""
         while True:
+            self.watchdog.beat("rules")
             await asyncio.sleep(TICK_INTERVAL)
             if self.engine is not None:
                 self.engine.tick()
@@ -341,6 +353,7 @@ async def run_agent(settings: AgentSettings, policy: Policy | None) -> None:
         stopper.cancel()
         if task.done():
             task.result()  # re-raise what ended it
+        notify(STOPPING)
         await agent.stop()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

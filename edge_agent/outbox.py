@@ -21,7 +21,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -252,9 +252,10 @@ class Outbox:
             if self._buffer or self._ack_pending is not None or self._new_metrics:
                 await to_completion(self._commit())
 
-    async def flusher(self) -> None:
-        """Commit at least every COMMIT_INTERVAL while there is something to commit."""
+    async def flusher(self, beat: Callable[[], None] = lambda: None) -> None:
+        """Commit at least every COMMIT_INTERVAL while there is something to commit; `beat` each turn."""
         while True:
+            beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), COMMIT_INTERVAL)
             self._wake.clear()

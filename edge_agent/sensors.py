@@ -44,6 +44,8 @@ SIM_STEP_ODDS: Final = 8  # one segment in this many is stepped
 SIM_STEP: Final = 3.0
 # Longest interval a rule may set: a day, like SensorSpec.interval_s.
 MAX_INTERVAL_S: Final = 86400.0
+# The sampler turns at least this often, also between slow sensors: the watchdog sees it alive.
+TURN_MAX_S: Final = 1.0
 # A read slower than this holds up decisions on the loop (P4 wants p99 <= 5 ms end to end).
 SLOW_READ_S: Final = 0.05
 
@@ -317,17 +319,18 @@ class Sampler:
         sensor.interval = seconds
         self._wake.set()
 
-    async def run(self) -> None:
-        """Sample until cancelled."""
+    async def run(self, beat: Callable[[], None] = lambda: None) -> None:
+        """Sample until cancelled; `beat` at every turn (at least every TURN_MAX_S)."""
         loop = asyncio.get_running_loop()
         self._due = dict.fromkeys(self._sensors, loop.time())
         try:
             while True:
+                beat()
                 deadline = min(self._due.values())
                 if deadline > loop.time():
                     self._wake.clear()
                     try:
-                        async with asyncio.timeout_at(deadline):
+                        async with asyncio.timeout_at(min(deadline, loop.time() + TURN_MAX_S)):
                             await self._wake.wait()  # set_interval may move the deadline
                     except TimeoutError:
                         pass

@@ -21,6 +21,7 @@ import psutil
 from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, acl_rules
 from edge_agent.reconnect import Backoff
+from edge_agent.sdnotify import child_environment
 from hub.config import HubConfig, HubPaths
 from hub.errors import BrokerError
 
@@ -228,6 +229,7 @@ class BrokerSupervisor:
         self._proc = await asyncio.create_subprocess_exec(
             broker_executable(self._config.broker.executable), "-c", str(self._paths.broker_conf),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=child_environment(),  # Mosquitto's own READY=1 is not the hub's
         )
         write_atomic(self._paths.broker_pid, f"{self._proc.pid}\n".encode(), 0o644)
         assert self._proc.stderr is not None

@@ -13,6 +13,7 @@ from typing import Final
 from edge_agent.link import SESSION_ENDED, Link
 from edge_agent.mqtt import Message, MqttSession, TlsIdentity
 from edge_agent.protocol import ACK, COORD, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack, pack_coord
+from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.coordination import Coordination, Replies
@@ -37,8 +38,9 @@ log = logging.getLogger("hub")
 class HubService:
     """The hub's MQTT side: presence and telemetry ingest; subscribes again on every connect."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore, watchdog: Watchdog | None = None) -> None:
         self._paths, self._config, self._store = paths, config, store
+        self.watchdog = watchdog if watchdog is not None else Watchdog(None)
         self.ingest = Ingest(store)
         self.policies = PolicyPublisher(config, store, load_policy_key(paths.policy_key))
         self.coordination = Coordination(store, config.identity)
@@ -72,6 +74,7 @@ class HubService:
             except sqlite3.OperationalError as exc:
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
                         "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
+                self.watchdog.beat("ingest")  # an operator's command holds the database: not a hang
                 await asyncio.sleep(DB_RETRY_WAIT)
         raise AssertionError("unreachable")
 
@@ -91,7 +94,8 @@ class HubService:
         """Lease expiries, approval decisions and task phases, twice a second."""
         while True:
             try:
-                outgoing.put_nowait(await self.coordination.tick())
+                with self.watchdog.busy("coordination"):
+                    outgoing.put_nowait(await self.coordination.tick())
             except sqlite3.OperationalError as exc:
                 log.warning("hub database unavailable for coordination (%s); trying again", exc)
             except SESSION_ENDED:
@@ -125,14 +129,16 @@ class HubService:
     async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
-            result, replies = await self._process(messages)
-            for message in messages:
-                session.ack(message)  # PUBACK only now that the database has it
-            outgoing.put_nowait(replies)
-            if result.acks:
-                await asyncio.gather(*(
-                    session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1) for d, w in result.acks.items()
-                ))
+            with self.watchdog.busy("ingest"):  # waiting for messages is not watched; a cycle is
+                result, replies = await self._process(messages)
+                for message in messages:
+                    session.ack(message)  # PUBACK only now that the database has it
+                outgoing.put_nowait(replies)
+                if result.acks:
+                    await asyncio.gather(*(
+                        session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1)
+                        for d, w in result.acks.items()
+                    ))
 
 
 async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
@@ -155,6 +161,14 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
         await asyncio.Event().wait()  # the hub's other work goes on
 
 
+async def _announce_ready(supervisor: BrokerSupervisor | None) -> None:
+    """READY=1 once devices can connect: the managed broker is running (an external one is not ours)."""
+    if supervisor is not None:
+        await supervisor.started.wait()
+    notify(READY)
+    await asyncio.Event().wait()  # stays, like every task here, until run_hub cancels it
+
+
 async def run_hub(paths: HubPaths, config: HubConfig) -> None:
     """Run until SIGTERM or SIGINT; stop in reverse order of start."""
     loop = asyncio.get_running_loop()
@@ -163,18 +177,24 @@ async def run_hub(paths: HubPaths, config: HubConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     store = await HubStore.open(paths.db)
     tasks: list[asyncio.Task[None]] = []
+    service = HubService(paths, config, store, Watchdog.from_environment())
+    supervisor = None
     try:
+        tasks.append(asyncio.create_task(service.watchdog.run(), name="watchdog"))
         if config.broker.mode == "managed":
             write_broker_files(paths, config)  # fail in words before anything starts
             broker_executable(config.broker.executable)
-            tasks.append(asyncio.create_task(BrokerSupervisor(paths, config).run(), name="broker"))
+            supervisor = BrokerSupervisor(paths, config)
+            tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
         tasks.append(asyncio.create_task(keep_crl_fresh(paths, config, store), name="crl"))
         if config.metrics.port:  # (serve_metrics returns at once for port 0, which would end the hub)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
-        tasks.append(asyncio.create_task(HubService(paths, config, store).run(), name="hub-service"))
+        tasks.append(asyncio.create_task(service.run(), name="hub-service"))
+        tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        notify(STOPPING)
         for task in done:
             if task is not stopper and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]

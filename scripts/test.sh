@@ -3,6 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# tests/test_systemd_units.py runs `systemd-analyze verify` on the units; containers lack systemd.
+if ! command -v systemd-analyze >/dev/null; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "test: installing systemd (for systemd-analyze)" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -385,8 +385,8 @@ async def test_last_good_policy_survives_restart_and_kill_9(hub_dir: HubDir, hub
             assert "policy version" not in said, said  # nothing came from the hub: it is down
             assert f"{DEVICE} online" not in said, said
 
+        mark = fleet.agent.mark()  # before the hub starts: the agent may be online before start_hub returns
         second_hub = fleet.hub = await start_hub(hub_dir)
-        mark = fleet.agent.mark()
         # The agent has been backing off since it started (hub down): a few seconds at most here.
         await fleet.agent.wait_for(rf"{DEVICE} online", after=mark, timeout=RECONNECT)
         await assert_refused(fleet, v1, version=1, reason="stale_version", detail=STALE_V1, in_force=2, rule="r2")

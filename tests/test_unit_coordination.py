@@ -42,6 +42,7 @@ from edge_agent.protocol import (
     unpack_up,
     up_topic,
 )
+from edge_agent.sdnotify import Watchdog
 from hub.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
 from hub.ingest import Ingest
 from hub.service import HubService
@@ -838,6 +839,7 @@ async def test_a_request_resent_with_the_reconnect_presence_is_answered(hub: Hub
     await hub.offline("a", T0)  # its Last Will, when the connection dropped
     service = HubService.__new__(HubService)
     service._store, service.ingest, service.coordination = hub.store, Ingest(hub.store), hub.coord
+    service.watchdog = Watchdog(None)
     session = FakeSession([
         Message(presence_topic("a"), encode(Presence(state="online", session="s2")), 1, True, 1),
         Message(up_topic("a", COORD), pack_coord(req("ra")), 1, False, 2),
@@ -854,6 +856,7 @@ async def test_the_ingest_cycle_answers_a_request_of_an_online_device(hub: Hub) 
     await hub.device("a")
     service = HubService.__new__(HubService)
     service._store, service.ingest, service.coordination = hub.store, Ingest(hub.store), hub.coord
+    service.watchdog = Watchdog(None)
     session = FakeSession([Message(up_topic("a", COORD), pack_coord(req("ra")), 1, False, 2)])
     await session.one_cycle(service)
     assert session.published == [(down_topic("a", COORD), LeaseGrant(id="ra", name="L", token=1, expires_in_s=TTL))]
