@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +242,35 @@ async def connect(identity: TlsIdentity, port: int, client_id: str, **kwargs: ob
                           keepalive=10, connect_timeout=5.0, **kwargs)  # type: ignore[arg-type]
     await session.connect()
     return session
+
+
+@contextlib.asynccontextmanager
+async def hub_tap(hub_dir: HubDir, hub: Proc, topics: Sequence[str] = ()) -> AsyncIterator[MqttSession]:
+    """A session with the hub's identity (to read what the hub reads, or publish what only the
+    hub may publish), subscribed to `topics` at QoS 1.
+
+    The broker forces the client id to the certificate CN (use_username_as_clientid), so a
+    second connection with hub.crt takes over the running hub service's session whatever
+    client id it asks for. So the hub service is paused (SIGSTOP) while the tap is open; its
+    broker keeps running, and the broker's log reaches the test through the paused service:
+    read it after the tap. On resuming, the service finds its session gone and reconnects
+    (subscribing and publishing every intended policy again); the tap waits for that. What
+    devices sent meanwhile is lost with the hub's session and resent after their ack timeout.
+
+    A SIGTERM (a fixture's teardown) that lands while the service is closing its lost session
+    is swallowed by MqttSession.close() and the hub never exits (product bug, reported): do
+    not leave the hub in that window.
+    """
+    hub.signal(signal.SIGSTOP)
+    try:
+        session = await connect(hub_dir.identity, hub_dir.port, f"hub.{hub_dir.region}")
+        try:
+            if topics:
+                await session.subscribe([(topic, 1) for topic in topics])
+            yield session
+        finally:
+            await session.close()
+    finally:
+        mark = hub.mark()
+        hub.signal(signal.SIGCONT)
+        await hub.wait_for(r"hub ready", after=mark)

@@ -6,14 +6,13 @@ the operator sees it in `edge-hub devices --json` and `edge-hub events`. Its rul
 acting under the version in force, which the audit events at the hub show.
 
 Crafted messages are sent as the hub would: a second MQTT session with the hub's identity
-publishes on the device's down/policy topic (see `as_hub` for why the hub is paused then).
+publishes on the device's down/policy topic (see `conftest.hub_tap` for why the hub is paused then).
 Every wait is bounded and driven by a log line, or by polling the hub's CLI to a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -30,9 +29,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import POLICY, PolicyDocument, SignedEnvelope, down_topic, pack, seal, unpack
-from tests.conftest import HUB, START_TIMEOUT, HubDir, Proc, connect, run_cli, start_agent, start_hub
+from tests.conftest import HUB, START_TIMEOUT, HubDir, Proc, hub_tap, run_cli, start_agent, start_hub
 
 pytestmark = pytest.mark.integration
 
@@ -127,39 +125,14 @@ async def push(hub_dir: HubDir, path: Path) -> None:
     await hub_cli(hub_dir, "policy", "push", str(path))
 
 
-@contextlib.asynccontextmanager
-async def as_hub(hub_dir: HubDir, hub: Proc) -> AsyncIterator[MqttSession]:
-    """An MQTT session with the hub's identity, to publish what only the hub may publish.
-
-    The broker takes the client id from the certificate CN (use_username_as_clientid), so
-    whatever client id is asked for ("hub.test-injector" here), this connection takes over
-    the running hub's session. The hub service is therefore paused (SIGSTOP, its broker keeps
-    running) while the session is open, then resumed; it reconnects, subscribes again and
-    publishes every intended policy again (retained), which the agent takes as "unchanged".
-    What the agent sent meanwhile is lost with the hub's session and resent after its ack
-    timeout (uplink.ack_timeout in FAST).
-    """
-    hub.signal(signal.SIGSTOP)
-    try:
-        session = await connect(hub_dir.identity, hub_dir.port, f"hub.{hub_dir.region}-injector")
-        try:
-            yield session
-        finally:
-            await session.close()
-    finally:
-        mark = hub.mark()
-        hub.signal(signal.SIGCONT)
-        await hub.wait_for(r"hub ready", after=mark)
-
-
 async def inject(fleet: Fleet, payload: bytes) -> None:
-    async with as_hub(fleet.hub_dir, fleet.hub) as session, asyncio.timeout(ARRIVAL):
+    async with hub_tap(fleet.hub_dir, fleet.hub) as session, asyncio.timeout(ARRIVAL):
         await session.publish(down_topic(DEVICE, POLICY), payload, qos=1, retain=False)
 
 
 async def retained_policy(fleet: Fleet) -> bytes:
     """The signed policy the broker holds (retained) for DEVICE, exactly as a device gets it."""
-    async with as_hub(fleet.hub_dir, fleet.hub) as session, asyncio.timeout(ARRIVAL):
+    async with hub_tap(fleet.hub_dir, fleet.hub) as session, asyncio.timeout(ARRIVAL):
         await session.subscribe([(down_topic(DEVICE, POLICY), 1)])
         message = await session.next_message()
     assert message.retain

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import json
 import math
 import os
-import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ import msgspec
 import pytest
 
 from edge_agent.errors import PublishRefused
-from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import (
     MAX_BATCH_RECORDS,
     MAX_PAYLOAD_BYTES,
@@ -43,7 +40,7 @@ from edge_agent.protocol import (
     unpack,
     up_topic,
 )
-from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity, free_port, run_cli, start_agent
+from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity, free_port, hub_tap, run_cli, start_agent
 from tests.exactly_once import OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
 
 pytestmark = pytest.mark.integration
@@ -475,27 +472,6 @@ async def can_fake_sysfs(probe: Path) -> bool:
     return code == 0
 
 
-@contextlib.asynccontextmanager
-async def status_tap(hub_dir: HubDir, hub: Proc, device: str) -> AsyncIterator[MqttSession]:
-    """A session with the hub's identity subscribed to the device's status messages.
-
-    The broker makes the client id the certificate CN, so this session takes over the hub
-    service's: the service is paused (SIGSTOP) meanwhile, and reconnects when resumed.
-    """
-    hub.signal(signal.SIGSTOP)
-    try:
-        session = await connect(hub_dir.identity, hub_dir.port, f"hub.{hub_dir.region}")
-        try:
-            await session.subscribe([(up_topic(device, STATUS), 1)])
-            yield session
-        finally:
-            await session.close()
-    finally:
-        mark = hub.mark()
-        hub.signal(signal.SIGCONT)
-        await hub.wait_for(r"hub ready", after=mark)
-
-
 @pytest.mark.parametrize("broken", [True, False], ids=["broken_zone", "no_zones"])
 async def test_a_failing_sensor_does_not_stop_the_agent(
     hub_dir: HubDir, hub: Proc, bundles: Path, workdir: Path, broken: bool,
@@ -516,7 +492,7 @@ async def test_a_failing_sensor_does_not_stop_the_agent(
             await agent.wait_for(r"sensor thermal failed again")
         await wait_until(lambda: sum(m == "load1" for _, m, _ in telemetry(hub_dir, "dev-t")) >= 6,
                          "six load1 readings at the hub")
-        async with status_tap(hub_dir, hub, "dev-t") as tap, asyncio.timeout(SETTLE):
+        async with hub_tap(hub_dir, hub, [up_topic("dev-t", STATUS)]) as tap, asyncio.timeout(SETTLE):
             status = unpack((await tap.next_message()).payload, Status)
         assert agent.proc is not None
         assert agent.proc.returncode is None, "the agent stopped"
