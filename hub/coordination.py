@@ -45,6 +45,7 @@ from edge_agent.protocol import (
     TaskOffer,
 )
 from hub.errors import HubError
+from hub.rollout import Selector
 from hub.store import HubStore, fetch_all, fetch_one
 
 BID_WINDOW_S: Final = 2.0  # how long a task waits for bids (less when every device answered)
@@ -263,12 +264,11 @@ class Coordination:
     async def _offer(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
         kind, args, target, deadline = await fetch_one(
             db, "SELECT kind, args, target, deadline FROM tasks WHERE id = ?", (task,))
-        want = json.loads(target)
+        want = Selector.from_json(target)
         devices = [d for d, profile, tags in await fetch_all(
             db, "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL AND online = 1 "
                 "ORDER BY device", ())
-            if (want.get("profile") in (None, profile))
-            and all(json.loads(tags).get(k) == v for k, v in want.get("tags", {}).items())]
+            if want.matches(profile, json.loads(tags))]
         bid_by = min(now + BID_WINDOW_S, deadline if deadline is not None else float("inf"))
         await db.execute("UPDATE tasks SET state = 'bidding', bid_by = ?, offered = ?, updated_at = ? WHERE id = ?",
                          (bid_by, json.dumps(devices), now, task))

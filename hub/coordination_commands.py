@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 import json
 import sys
 import time
@@ -15,7 +14,8 @@ import msgspec
 
 from hub.config import load_hub
 from hub.errors import UsageError
-from hub.policy_commands import _duration
+from hub.policy_commands import duration_arg
+from hub.rollout import Selector, operator_name
 from hub.store import HubStore
 
 EXIT_OK = 0
@@ -56,9 +56,9 @@ def add_parsers(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) ->
                        help='the actuator\'s arguments as a JSON object, e.g. \'{"argv": ["/usr/bin/true"]}\'')
     offer.add_argument("--target", action="append", default=[], metavar="KEY=VALUE",
                        help="only devices with this tag, or profile=NAME (repeatable)")
-    offer.add_argument("--deadline", type=_duration, metavar="DURATION",
+    offer.add_argument("--deadline", type=duration_arg, metavar="DURATION",
                        help="fail the task if not done within this, e.g. 5m (default: none)")
-    offer.add_argument("--timeout", type=_duration, default=60.0, metavar="DURATION",
+    offer.add_argument("--timeout", type=duration_arg, default=60.0, metavar="DURATION",
                        help="how long an awarded device has before the next bid gets it (default 60s)")
 
     tasks = sub.add_parser("tasks", help="offered tasks and their outcome")
@@ -81,19 +81,12 @@ async def run(args: argparse.Namespace) -> int:
             return await _offer(coordination, args)
         if args.approvals_command == "list":
             return await _approvals(store, args)
-        by = _operator()
+        by = operator_name()
         print(await coordination.decide(args.id, args.approvals_command == "approve", by, args.reason))
         print("the running hub tells the device within a second")
         return EXIT_OK
     finally:
         await store.close()
-
-
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return "unknown"
 
 
 def _emit(rows: list[dict[str, Any]], as_json: bool, text: Callable[[dict[str, Any]], str], empty: str) -> None:
@@ -150,8 +143,6 @@ async def _approvals(store: HubStore, args: argparse.Namespace) -> int:
 
 
 async def _offer(coordination: Any, args: argparse.Namespace) -> int:
-    from hub.rollout import Selector
-
     try:
         task_args = json.loads(args.args)
     except ValueError as exc:

@@ -58,7 +58,7 @@ def add_parser(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) -> 
                       help="only devices with this tag, or profile=NAME (repeatable; all must hold); "
                            "default every device")
     push.add_argument("--canary", type=_percent, metavar="PCT", help="percent of the targeted devices to go first")
-    push.add_argument("--bake", type=_duration, metavar="DURATION",
+    push.add_argument("--bake", type=duration_arg, metavar="DURATION",
                       help="how long each wave is watched before the next, e.g. 90s, 10m "
                            "(default: hub.toml rollout.bake_s with --canary, 0 without)")
 
@@ -87,7 +87,7 @@ def _percent(text: str) -> float:
     return value
 
 
-def _duration(text: str) -> float:
+def duration_arg(text: str) -> float:
     try:
         return float(text)
     except ValueError:

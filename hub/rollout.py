@@ -77,6 +77,12 @@ class Selector:
     def to_json(self) -> str:
         return json.dumps({"profile": self.profile, "tags": self.tags}, sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> Selector:
+        """As stored by `to_json` (rollouts) or written as {"profile", "tags"} (tasks)."""
+        data = json.loads(text)
+        return cls(data.get("profile"), dict(data.get("tags", {})))
+
 
 def cohort_rank(device: str) -> int:
     """A device's place in every cohort: the same devices are always the canaries."""
@@ -181,7 +187,7 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
         await store.hub_event(db, identity, "rollout_started", {
             "policy_version": version, "rollout": rollout, "targeted": len(ranked), "reached": reached,
             "waves": waves, "bake_s": bake_s, "target": selector.describe(), "origin": origin,
-            "by": _operator()}, ts=now)
+            "by": operator_name()}, ts=now)
         return Pushed(rollout, version, len(ranked), reached, waves)
 
     return await store.atomically(work)
@@ -338,9 +344,9 @@ async def promote(store: HubStore, identity: str, now: float) -> Transition:
         last = len(json.loads(waves)) - 1
         reached = await _reach(db, rollout, version, last, 100.0, now)
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ? WHERE id = ?", (last, now, rollout))
-        await _finish(db, rollout, "complete", f"promoted by {_operator()}", now)
+        await _finish(db, rollout, "complete", f"promoted by {operator_name()}", now)
         await store.hub_event(db, identity, "rollout_promoted", {
-            "policy_version": version, "rollout": rollout, "reached": reached, "by": _operator()}, ts=now)
+            "policy_version": version, "rollout": rollout, "reached": reached, "by": operator_name()}, ts=now)
         return Transition(rollout, version, "promoted",
                           f"rollout {rollout}: version {version} promoted to all {reached} targeted devices")
 
@@ -352,7 +358,7 @@ async def abort(store: HubStore, identity: str, now: float) -> Transition:
     row = await _active(store)
     if row is None:
         raise RolloutError("no rollout is in progress; to undo a finished one use edge-hub policy rollback")
-    return await revert(store, identity, row[0], "aborted", f"aborted by {_operator()}", now)
+    return await revert(store, identity, row[0], "aborted", f"aborted by {operator_name()}", now)
 
 
 async def rollback(store: HubStore, identity: str, now: float) -> Transition:
@@ -361,7 +367,7 @@ async def rollback(store: HubStore, identity: str, now: float) -> Transition:
     if not rows or rows[0][1] not in (ACTIVE, "complete"):
         what = f"rollout {rows[0][0]} is already {rows[0][1].replace('_', ' ')}" if rows else "nothing was pushed"
         raise RolloutError(f"nothing to roll back: {what}")
-    return await revert(store, identity, rows[0][0], "rolled_back", f"rolled back by {_operator()}", now)
+    return await revert(store, identity, rows[0][0], "rolled_back", f"rolled back by {operator_name()}", now)
 
 
 async def revert(store: HubStore, identity: str, rollout: int, state: str, reason: str, now: float, *,
@@ -414,15 +420,15 @@ async def recent(store: HubStore, limit: int = 5) -> list[dict[str, Any]]:
             "SELECT r.id, r.version, r.selector, r.waves, r.bake_s, r.wave, r.wave_started_at, r.state, r.reason, "
             "r.created_at, r.updated_at, p.origin, (SELECT COUNT(*) FROM rollout_members m WHERE m.rollout = r.id) "
             "FROM rollouts r JOIN policies p ON p.version = r.version ORDER BY r.id DESC LIMIT ?", (limit,)):
-        selector = json.loads(r[2])
         out.append({"rollout": r[0], "version": r[1], "state": r[7], "reason": r[8],
-                    "target": Selector(selector.get("profile"), selector.get("tags", {})).describe(),
+                    "target": Selector.from_json(r[2]).describe(),
                     "waves": json.loads(r[3]), "wave": r[5] + 1, "bake_s": r[4], "wave_started_at": r[6],
                     "created_at": r[9], "updated_at": r[10], "origin": r[11], "targeted": r[12]})
     return out
 
 
-def _operator() -> str:
+def operator_name() -> str:
+    """Who runs this command, for the audit of operator decisions."""
     try:
         return getpass.getuser()
     except (OSError, KeyError):
