@@ -39,7 +39,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ import psutil
 
 from edge_agent.files import write_atomic
 from hub.pki import Authority, cert_pem, key_pem
+from tests.net import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BRIDGE_CN = "edge-bridge"
@@ -58,15 +58,6 @@ TOPIC = f"bench/{BRIDGE_CN}/data"
 START_TIMEOUT = 15.0
 STALL = 20.0  # no message at the subscriber for this long: what is missing is lost
 MB = 1024 * 1024
-
-
-def free_port(avoid: tuple[int, ...] = ()) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in avoid:
-            return port
 
 
 class Child:

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from edge_agent.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402
 from edge_agent.profiles import SimSpec  # noqa: E402
 from edge_agent.sensors import SimSensor, device_seed  # noqa: E402
 from tests.exactly_once import assert_exactly_once, hub_watermark, outbox_state  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 BIN: Final = Path(sys.executable).parent  # the venv's bin: edge-hub and edge-agent live beside python
 HUB: Final = str(BIN / "edge-hub")
@@ -69,12 +69,6 @@ RSS_EVERY_S: Final = 0.5
 SETTLE_TIMEOUT: Final = 30.0  # for the exactly-once pause: live readings must be acknowledged too
 MB: Final = 1024 * 1024
 DEVICE: Final = "bench-01"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run_cli(*argv: str, within: float = 120.0) -> str:
@@ -278,7 +272,7 @@ async def run_drain(work: Path, readings: int, limit_s: float, overrides: tuple[
             "agent_peak_rss_mb": round(peak[0], 1),
             "cpu_s_during_drain": cpu,
             "load_average_before": round(load_before, 2),
-            "agent_warnings": agent.count(r" (WARNING|ERROR) "),
+            "agent_warnings": agent.count(r"level=(warning|error) "),
         })
         if drained:
             figures.update(await settle_and_check(fleet, DEVICE, agent))

@@ -38,9 +38,11 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.p2_drain import Proc, build_backlog, free_port, make_fleet, make_workdir  # noqa: E402
+from bench.bridge_baseline import Child  # noqa: E402
+from bench.p2_drain import build_backlog, make_fleet, make_workdir  # noqa: E402
 from edge_agent.config import load_settings  # noqa: E402
 from tests.exactly_once import outbox_state  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 TARGET_MB: Final = 40.0  # SPEC P3: RSS
 # "No growth", made measurable: a slope this small is under 150 MB a day, and in a short run
@@ -96,7 +98,7 @@ def summary(series: list[tuple[float, float]]) -> dict[str, float]:
 async def run(seconds: float, interval: float, readings: int, keep: bool) -> dict[str, Any]:
     work = make_workdir("p3-memory-")
     steady_dev, backlog_dev = "mem-steady", "mem-backlog"
-    procs: list[Proc] = []
+    procs: list[Child] = []
     try:
         fleet = await make_fleet(work, [steady_dev, backlog_dev])
         dead_port = free_port()  # nothing listens here: the backlog device's hub is down
@@ -105,12 +107,12 @@ async def run(seconds: float, interval: float, readings: int, keep: bool) -> dic
         backlog = await build_backlog(settings, readings)
         print(f"backlog device: {readings:,} readings on disk ({backlog['file_mb']} MB), broker port {dead_port} "
               f"(nothing listens)")
-        hub = await Proc("hub", fleet.hub_argv()).start()
+        hub = await Child("hub", fleet.hub_argv()).start()
         procs.append(hub)
         await hub.wait_for(r"hub ready")
-        floor = await Proc("floor", [sys.executable, "-c", FLOOR_CODE]).start()
-        steady = await Proc("steady", fleet.agent_argv(steady_dev, RATE)).start()
-        held = await Proc("backlog", fleet.agent_argv(backlog_dev, *backlog_sets)).start()
+        floor = await Child("floor", [sys.executable, "-c", FLOOR_CODE]).start()
+        steady = await Child("steady", fleet.agent_argv(steady_dev, RATE)).start()
+        held = await Child("backlog", fleet.agent_argv(backlog_dev, *backlog_sets)).start()
         procs += [floor, steady, held]
         await steady.wait_for(r": connected")
         load_before = os.getloadavg()[0]
@@ -144,8 +146,8 @@ async def run(seconds: float, interval: float, readings: int, keep: bool) -> dic
             "steady_outbox": {"last_seq": steady_state.last_seq, "acked": steady_state.acked},
             "backlog_outbox": {"rows": backlog_state.rows, "acked": backlog_state.acked},
             "backlog_connected": held.count(r": connected"),
-            "agent_warnings": {"steady": steady.count(r" (WARNING|ERROR) "),
-                               "backlog": held.count(r" (WARNING|ERROR) ")},
+            "agent_warnings": {"steady": steady.count(r"level=(warning|error) "),
+                               "backlog": held.count(r"level=(warning|error) ")},
         }
     finally:
         for proc in reversed(procs):

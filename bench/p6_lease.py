@@ -540,7 +540,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             d.session.handler = _ignore
         await asyncio.sleep(0.5)  # the last releases reach the hub
         await hub.stop(within=30.0)
-        result["hub_warnings"] = [line for _, line in hub.lines if " WARNING " in line or " ERROR " in line][:10]
+        result["hub_warnings"] = [line for _, line in hub.lines
+                                  if "level=warning " in line or "level=error " in line][:10]
         db_state = hub_lease_state(paths.db)
         result["hub_db"] = db_state
         check_db(lease, db_state)

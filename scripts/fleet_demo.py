@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the demo runs from a checkout: share the tests' exactly-once check
 
 from tests.exactly_once import account, hub_seqs, outbox_state  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RATE_HZ = 25  # per signal; 4 signals per sim device
@@ -36,23 +35,6 @@ STEP_TIMEOUT = 30.0  # generous for a loaded 2-core machine; a healthy run takes
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range: while the hub is down in the partition,
-    a device's reconnect could otherwise take the broker's port as its source port."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(100):
-        candidate = random.randrange(10_000, max(low, 10_001))  # noqa: S311 - a port to try, not a secret
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    with socket.socket() as s:  # a machine with a very wide ephemeral range
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(*args: str) -> str:

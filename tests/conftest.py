@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -22,30 +20,13 @@ from pathlib import Path
 import pytest
 
 from edge_agent.mqtt import MqttSession, TlsIdentity
+from tests.net import free_port
 
 BIN = Path(sys.executable).parent
 HUB = str(BIN / "edge-hub")
 AGENT = str(BIN / "edge-agent")
 LINE_LIMIT = 4 * 1024 * 1024  # a debug log line can carry a whole batch
 START_TIMEOUT = 15.0  # hub + broker start on a loaded 2-core CI machine
-
-
-def free_port() -> int:
-    """A free port to listen on, below the kernel's ephemeral range: a port the kernel hands
-    out (bind to 0) lies inside it, and any outgoing connection on the machine (fifty agents,
-    a restarting fleet) may take it as its source port before the broker binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(100):
-        port = random.randrange(10_000, max(low, 10_001))
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # a machine with a very wide ephemeral range
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
