@@ -2,12 +2,13 @@
 
 The device id always comes from the topic the broker authorised (ACL: a device writes only
 its own topics), never from a payload. A batch is stored whatever its position; the
-cumulative watermark acknowledged to the device advances only across contiguous coverage:
-from the stored watermark through batches whose (base, last] ranges chain onto it.
+cumulative watermark acknowledged to the device advances only across contiguous coverage
+(hub/watermarks.py), in the same transaction as the rows.
 
-Single-replica assumption: the watermark cache and the pending ranges live in this
-process. With several hub replicas sharing the ingest (MQTT 5 shared subscriptions) the
-watermark must move to the shared database and be advanced there (docs/scaling.md).
+Nothing here is kept between cycles but the list of registered devices: the watermarks and
+the ranges waiting beyond a gap are in the database, so hub replicas that share the ingest
+(an MQTT 5 shared subscription hands each message to one of them) acknowledge correctly
+whichever of them stored a device's earlier batches (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -41,17 +42,7 @@ from hub.store import HubStore, IngestWork
 # Errors of the data, not of the database's health: retried message by message.
 UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
 
-# Pending (base, last] ranges kept per device while waiting for a gap to close; a device
-# that never closes a gap (its batch lost in flight) resends from the last ack anyway.
-MAX_PENDING_RANGES: Final = 256
-
 log = logging.getLogger("hub.ingest")
-
-
-@dataclass
-class _Device:
-    watermark: int
-    pending: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,16 +56,9 @@ class CycleResult:
 class Ingest:
     def __init__(self, store: HubStore) -> None:
         self._store = store
-        self._devices: dict[str, _Device] | None = None
         self._registered: set[str] = set()
         self.rejects: collections.Counter[str] = collections.Counter()
         self.records = 0
-
-    async def _load(self) -> dict[str, _Device]:
-        if self._devices is None:
-            self._devices = {d: _Device(w) for d, w in (await self._store.watermarks()).items()}
-            self._registered = await self._store.registered()
-        return self._devices
 
     async def _known(self, device: str) -> bool:
         if device not in self._registered:
@@ -102,9 +86,7 @@ class Ingest:
                            [c for r in results for c in r.coord])
 
     async def _process(self, messages: list[Message]) -> CycleResult:
-        devices = await self._load()
-        work = IngestWork(now=time.time())
-        advanced: dict[str, _Device] = {}
+        work = IngestWork(now=time.time(), messages=len(messages))
         presence: list[tuple[str, Presence]] = []
         coord: list[tuple[str, CoordUp]] = []
         rejects: collections.Counter[str] = collections.Counter()
@@ -120,65 +102,40 @@ class Ingest:
                 if topic.channel == "up" and topic.kind == COORD:
                     coord.append((topic.device, unpack_up(message.payload)))
                     continue
-                self._route(topic, message.payload, devices, advanced, work)
+                self._route(topic, message.payload, work)
             except ProtocolError as exc:
                 rejects[exc.reason] += 1
                 self._log_reject(exc.reason, f"{message.topic}: {exc.detail}")
-        work.watermarks = {d: s.watermark for d, s in advanced.items()}
         work.rejects = dict(rejects)
-        await self._store.commit_ingest(work)
-        # Only now, with the rows durable, does the in-memory state move.
-        devices.update(advanced)
+        acks = await self._store.commit_ingest(work)
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult({d: s.watermark for d, s in advanced.items()}, presence, stored, coord)
+        return CycleResult(acks, presence, stored, coord)
 
     def _log_reject(self, reason: str, detail: str) -> None:
         seen = self.rejects[reason]
         level = logging.WARNING if seen == 0 else logging.DEBUG
         log.log(level, "rejected (%s, %d before): %s", reason, seen, detail[:500])
 
-    def _route(self, topic: Topic, payload: bytes, devices: dict[str, _Device],
-               advanced: dict[str, _Device], work: IngestWork) -> None:
+    def _route(self, topic: Topic, payload: bytes, work: IngestWork) -> None:
         if topic.channel != "up":
             raise ProtocolError("bad_topic", "devices publish only on up/ and presence")
         if topic.kind == TELEMETRY:
             batch = unpack(payload, Batch)
             check_batch(batch)
-            self._add_batch(topic.device, batch, devices, advanced, work)
+            self._add_batch(topic.device, batch, work)
         elif topic.kind == STATUS:
             work.statuses[topic.device] = unpack(payload, Status)
         else:
             raise ProtocolError("bad_topic", f"unknown kind {topic.kind!r}")
 
     @staticmethod
-    def _add_batch(device: str, batch: Batch, devices: dict[str, _Device],
-                   advanced: dict[str, _Device], work: IngestWork) -> None:
+    def _add_batch(device: str, batch: Batch, work: IngestWork) -> None:
         names = batch.names
         work.telemetry.extend(
             (device, s, t, names[m], v) for s, t, m, v in zip(batch.seq, batch.ts, batch.metric, batch.value,
                                                               strict=True)
         )
         work.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
-        state = advanced.get(device)
-        if state is None:
-            old = devices.get(device, _Device(0))
-            state = advanced[device] = _Device(old.watermark, list(old.pending))
-        if batch.settled and batch.base > state.watermark:
-            state.watermark = batch.base
-        state.pending.append((batch.base, batch.last))
-        _advance(state)
-
-
-def _advance(state: _Device) -> None:
-    """Move the watermark across every pending range that chains onto it."""
-    state.pending.sort()
-    keep: list[tuple[int, int]] = []
-    for base, last in state.pending:
-        if base <= state.watermark:
-            state.watermark = max(state.watermark, last)
-        else:
-            keep.append((base, last))
-    state.pending = keep[-MAX_PENDING_RANGES:]
-
+        work.ranges.setdefault(device, []).append((batch.base, batch.last, batch.settled))

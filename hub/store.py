@@ -23,8 +23,10 @@ import msgspec
 from edge_agent.protocol import Presence, Status
 from edge_agent.sqlite import to_completion
 from hub.errors import HubError
+from hub.watermarks import Coverage
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
+INGEST_MINUTES_KEPT: Final = 24 * 60  # the per-minute ingest counts behind the status's ingest rate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,6 +172,20 @@ MIGRATIONS: Final[Sequence[str]] = (
         PRIMARY KEY (task, device)
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE ingest_ranges (           -- batches stored beyond a gap in a device's coverage
+        device TEXT NOT NULL, base INTEGER NOT NULL, last INTEGER NOT NULL,
+        PRIMARY KEY (device, base, last)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_minutes (          -- what the ingest committed, per minute of the hub clock
+        minute INTEGER PRIMARY KEY,        -- epoch seconds // 60
+        records INTEGER NOT NULL, messages INTEGER NOT NULL
+    );
+    CREATE TABLE leadership (              -- which replica runs the region-wide loops (hub/leadership.py)
+        role TEXT PRIMARY KEY,
+        holder TEXT NOT NULL, since REAL NOT NULL, expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -250,9 +266,10 @@ class IngestWork:
     now: float
     telemetry: list[tuple[str, int, float, str, float]] = field(default_factory=list)
     events: list[tuple[str, int, float, str, str]] = field(default_factory=list)
-    watermarks: dict[str, int] = field(default_factory=dict)
+    ranges: dict[str, list[tuple[int, int, bool]]] = field(default_factory=dict)  # (base, last, settled)
     statuses: dict[str, Status] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)
+    messages: int = 0  # the MQTT messages they came in
 
 
 def iso(ts: float | None) -> str | None:
@@ -459,12 +476,15 @@ class HubStore:
     async def registered(self) -> set[str]:
         return {d async for (d,) in self._rows("SELECT device FROM devices WHERE revoked_at IS NULL")}
 
-    async def commit_ingest(self, work: IngestWork) -> None:
-        """Everything one ingest cycle learned, in one transaction that cancellation cannot split."""
-        async with self._write_lock:
-            await to_completion(self._commit_ingest(work))
+    async def commit_ingest(self, work: IngestWork) -> dict[str, int]:
+        """Everything one ingest cycle learned, in one transaction that cancellation cannot split.
 
-    async def _commit_ingest(self, work: IngestWork) -> None:
+        Returns the watermark of every device that sent a batch: what to acknowledge to it.
+        """
+        async with self._write_lock:
+            return await to_completion(self._commit_ingest(work))
+
+    async def _commit_ingest(self, work: IngestWork) -> dict[str, int]:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -477,12 +497,14 @@ class HubStore:
                 await db.executemany(
                     "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events
                 )
-            if work.watermarks:
-                await db.executemany(
-                    "INSERT INTO ingest(device, acked_through) VALUES (?, ?) ON CONFLICT(device) "
-                    "DO UPDATE SET acked_through = max(acked_through, excluded.acked_through)",
-                    work.watermarks.items(),
-                )
+            marks = await self._advance_watermarks(db, work.ranges) if work.ranges else {}
+            if work.messages:
+                minute = int(work.now // 60)
+                await db.execute(
+                    "INSERT INTO ingest_minutes(minute, records, messages) VALUES (?, ?, ?) ON CONFLICT(minute) "
+                    "DO UPDATE SET records = records + excluded.records, messages = messages + excluded.messages",
+                    (minute, len(work.telemetry) + len(work.events), work.messages))
+                await db.execute("DELETE FROM ingest_minutes WHERE minute < ?", (minute - INGEST_MINUTES_KEPT,))
             for device, status in work.statuses.items():
                 await db.execute(
                     "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ?, sensor_failures = ?, "
@@ -508,6 +530,33 @@ class HubStore:
             if db.in_transaction:
                 await db.rollback()
             raise
+        return marks
+
+    @staticmethod
+    async def _advance_watermarks(db: aiosqlite.Connection,
+                                  ranges: dict[str, list[tuple[int, int, bool]]]) -> dict[str, int]:
+        """Move each device's watermark across what this cycle and earlier ones (of any replica) stored."""
+        devices = json.dumps(sorted(ranges))
+        coverage = {d: Coverage(0) for d in ranges}
+        for device, mark in await fetch_all(
+                db, "SELECT device, acked_through FROM ingest WHERE device IN (SELECT value FROM json_each(?))",
+                (devices,)):
+            coverage[device].watermark = int(mark)
+        for device, base, last in await fetch_all(
+                db, "SELECT device, base, last FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))",
+                (devices,)):
+            coverage[device].pending.append((int(base), int(last)))
+        for device, batches in ranges.items():
+            for base, last, settled in batches:
+                coverage[device].add(base, last, settled)
+        await db.executemany(
+            "INSERT INTO ingest(device, acked_through) VALUES (?, ?) ON CONFLICT(device) "
+            "DO UPDATE SET acked_through = max(acked_through, excluded.acked_through)",
+            [(d, c.watermark) for d, c in coverage.items()])
+        await db.execute("DELETE FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))", (devices,))
+        await db.executemany("INSERT INTO ingest_ranges(device, base, last) VALUES (?, ?, ?)",
+                             [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
+        return {d: c.watermark for d, c in coverage.items()}
 
     async def telemetry(self, *, device: str | None = None, since: float | None = None,
                         metric: str | None = None, limit: int | None = None) -> AsyncIterator[TelemetryRow]:

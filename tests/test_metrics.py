@@ -114,7 +114,7 @@ async def hub_state(tmp_path: Path) -> AsyncIterator[HubStore]:
                     ("live-2", 9, T0 - 2990, "action_refused", action("g", None, "no approval: denied by ops")),
                     ("gone", 1, T0 - 50, "action_succeeded", action("h", 1.5))],
             # live-2's seq 9 arrived above a gap: stored, not yet acknowledged.
-            watermarks={"live-1": 7, "live-2": 2, "gone": 1},
+            ranges={"live-1": [(0, 7, False)], "live-2": [(0, 2, False)], "gone": [(0, 1, False)]},
             statuses={"live-1": Status(backlog=5, dropped=3, dropped_by_metric={"sig0": 2, "sig1": 1},
                                        sensor_failures={"sim": 4}, policy_version=2),
                       "live-2": Status(backlog=0, dropped=0, policy_version=1)},
@@ -230,7 +230,7 @@ async def test_action_counts_are_kept_between_scrapes_and_never_counted_twice(tm
             now=T0, events=[("live-2", 5, T0, "action_failed", action("i", 12.0)),
                             ("live-2", 12, T0, "action_succeeded", action("j", 2.0)),
                             ("live-1", 8, T0, "action_succeeded", action("k", 1.0))],
-            watermarks={"live-2": 9, "live-1": 8}))
+            ranges={"live-2": [(2, 9, False)], "live-1": [(7, 8, False)]}))
         second = scrape()
         assert second[("live-2", "failed")] == 1
         assert second[("live-2", "succeeded")] == 2  # seq 2 (settled before), seq 12 (above the gap)
