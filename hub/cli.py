@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-EXPIRY_WARNING_DAYS = 14  # `status` lists device certificates expiring within this many days
 
 
 def _port(text: str) -> int:
@@ -143,11 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
 
-    st = sub.add_parser("status", help="what needs a person, on one screen",
-                        description="Devices online/offline/revoked, the latest escalation per device and "
-                                    "rule, rejected messages by reason, the latest policy rollout, devices "
-                                    "off their intended policy (drifted), the CRL's next update and "
-                                    "certificates that expire within "
+    from hub.status import EXPIRY_WARNING_DAYS
+
+    st = sub.add_parser("status", help="the region's figures and what needs a person, on one screen",
+                        description="Figures: telemetry coverage, ingest rate, device backlogs, action "
+                                    "success rate and decision latency, devices on their intended policy, "
+                                    "lease waits (the metrics endpoint's figures). Then what needs a person: "
+                                    "offline devices, the latest escalation per device and rule, rejected "
+                                    "messages by reason, the CRL's next update, the broker's certificate, "
+                                    "the latest policy rollout, pending approvals, devices off their intended "
+                                    "policy (drifted), and certificates that expire within "
                                     f"{EXPIRY_WARNING_DAYS} days.")
     _dir_arg(st)
     st.add_argument("--json", action="store_true", help="the whole status as one JSON object")
@@ -334,7 +338,7 @@ async def _devices(args: argparse.Namespace) -> int:
 
 async def _telemetry(args: argparse.Namespace) -> int:
     def text(row: TelemetryRow) -> str:
-        return f"{row.device}\t{row.seq}\t{_when(row.ts)}\t{row.metric}\t{row.value:g}"
+        return f"{row.device}\t{row.seq}\t{when(row.ts)}\t{row.metric}\t{row.value:g}"
 
     return await _stream(args, "reading(s)", text, lambda store: store.telemetry(
         device=args.device, since=args.since, metric=args.metric, limit=args.limit))
@@ -342,8 +346,8 @@ async def _telemetry(args: argparse.Namespace) -> int:
 
 async def _events(args: argparse.Namespace) -> int:
     def text(row: EventRow) -> str:
-        return (f"{_when(row.ts)}\t{row.device}\t{row.seq}\t{row.kind}\t{row.rule or '-'}\t"
-                f"{_event_detail(row.kind, row.body)}")
+        return (f"{when(row.ts)}\t{row.device}\t{row.seq}\t{row.kind}\t{row.rule or '-'}\t"
+                f"{event_detail(row.kind, row.body)}")
 
     return await _stream(args, "event(s)", text, lambda store: store.events(
         device=args.device, since=args.since, kind=args.kind, limit=args.limit))
@@ -369,13 +373,13 @@ async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str
     return EXIT_OK
 
 
-def _when(ts: float) -> str:
+def when(ts: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
+def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
     """One short line for a human: the fields that matter for the kind, else the body itself."""
     def short(value: object) -> str:
         return value if isinstance(value, str) else msgspec.json.encode(value).decode()
@@ -406,98 +410,15 @@ def _event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    import time
-
-    from hub import rollout
-    from hub.store import HubStore
+    from hub import status
 
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
-    try:
-        devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
-        escalations = await store.latest_escalations()
-        rejects = await store.reject_counts()
-        recent = await rollout.recent(store, limit=1)
-        latest = recent[0] if recent else None
-        pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
-                                    "WHERE state = 'pending' ORDER BY id")
-    finally:
-        await store.close()
-    now = time.time()
-    live = [d for d in devices if not d.revoked]
-    offline = [d for d in live if not d.online]
-    expiring = [d for d in live if d.cert_expires is not None
-                and _epoch(d.cert_expires) - now <= EXPIRY_WARNING_DAYS * 86400]
-    crl_next, crl_error = _crl_next_update(paths.crl)
-    report: dict[str, Any] = {
-        "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
-                    "revoked": len(devices) - len(live)},
-        "offline": [{"device": d.device, "last_seen": d.last_seen} for d in offline],
-        "escalations": [{"device": e.device, "rule": e.rule, "reason": e.body.get("reason"),
-                         "detail": e.body.get("detail"), "ts": e.ts, "seq": e.seq,
-                         "policy_version": e.policy_version} for e in escalations],
-        "rejects": dict(sorted(rejects.items())),
-        "crl": {"next_update": crl_next, "overdue": crl_next is not None and _epoch(crl_next) < now,
-                "error": crl_error},
-        "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
-        "rollout": latest,
-        "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
-                              for a in pending],
-        "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
-                            "refused": d.policy_refused} for d in live if d.policy_drifted],
-    }
+    current = await status.build(paths, config)
     if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-        return EXIT_OK
-    n = report["devices"]
-    lines = [f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
-    lines += [f"  offline  {d.device}  last seen {d.last_seen or 'never'}" for d in offline]
-    lines.append(f"escalations (latest per device and rule): {len(escalations) or 'none'}")
-    lines += [f"  {_when(e.ts)}  {e.device}  {e.rule or '-'}  {_event_detail(e.kind, e.body)}"
-              for e in escalations]
-    total = sum(rejects.values())
-    lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
-        f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))
-    if crl_error:
-        lines.append(f"CRL: {crl_error}")
+        sys.stdout.write(msgspec.json.encode(current.report).decode() + "\n")
     else:
-        lines.append(f"CRL next update: {crl_next}" + ("  OVERDUE" if report["crl"]["overdue"] else ""))
-    if latest is not None:
-        reason = f" ({latest['reason']})" if latest["reason"] else ""
-        lines.append(f"latest policy rollout: {latest['rollout']}, version {latest['version']}, "
-                     f"{latest['state'].replace('_', ' ')}{reason}")
-    lines.append(f"approvals pending: {len(pending) or 'none'}")
-    lines += [f"  {a[0]:>5}  {a[1]}  rule {a[2]}: {a[3]}  expires {_when(a[4])}  "
-              f"(edge-hub approvals approve|deny {a[0]})" for a in pending]
-    drifted = report["policy_drifted"]
-    lines.append(f"devices off their intended policy (drifted): {len(drifted) or 'none'}")
-    lines += [f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"
-              + (f"; refused it: {d['refused'].get('reason')}" if d["refused"] else "") for d in drifted]
-    lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
-    lines += [f"  {d.device}  {'expired' if _epoch(d.cert_expires or '') < now else 'expires'} {d.cert_expires}"
-              for d in expiring]
-    print("\n".join(lines))
+        print(status.render(current))
     return EXIT_OK
-
-
-def _epoch(iso_time: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(iso_time).timestamp()
-
-
-def _crl_next_update(path: Path) -> tuple[str | None, str | None]:
-    """The CRL's next update (ISO 8601, UTC), or why it could not be read."""
-    from cryptography import x509
-
-    try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        return None, f"cannot read {path}: {exc}"
-    next_update = crl.next_update_utc
-    if next_update is None:
-        return None, f"{path} has no next update"
-    return next_update.isoformat(timespec="seconds"), None
 
 
 def _policy_cell(row: DeviceRow) -> str:

@@ -8,7 +8,9 @@ Prometheus does the arithmetic over time:
 
 - ingest rate: `sum(rate(edgefleet_ingest_acked_records_total[5m]))`, records a second. The
   counter is each device's acknowledged watermark: readings and events committed, plus any
-  sequence numbers the device shed by quota (`edgefleet_device_readings_shed_total`).
+  sequence numbers the device shed by quota (`edgefleet_device_readings_shed_total`). The hub
+  also counts what it commits per minute: `edgefleet_ingest_records_per_second` is that rate
+  over the last few minutes, for a glance without Prometheus (`edge-hub status`).
 - action success rate: `sum(rate(edgefleet_actions_total{outcome="succeeded"}[1h]))
   / sum(rate(edgefleet_actions_total{outcome=~"succeeded|failed"}[1h]))`.
 - decision latency: `histogram_quantile(0.99, sum by (le) (rate(edgefleet_decision_latency_seconds_bucket[15m])))`,
@@ -48,6 +50,7 @@ from hub.errors import HubError
 
 DEFAULT_LISTEN: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464  # hub.toml [metrics] port; 0 turns the endpoint off
+INGEST_RATE_MINUTES: Final = 5  # the ingest rate gauges average over the last 4 to 5 minutes
 COVERAGE_WINDOW_S: Final = 300.0  # "has data": a reading taken in the last five minutes is at the hub
 # A WAL reader waits only for a checkpoint or a recovery; longer than this and the scrape gets a 503.
 READ_TIMEOUT_S: Final = 5.0
@@ -125,7 +128,7 @@ class HubCollector(Collector):
 
     def _families(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
         yield from self._fleet(db, now)
-        yield from self._ingest(db)
+        yield from self._ingest(db, now)
         yield from self._actions(db)
         yield from self._leases(db, now)
 
@@ -193,8 +196,17 @@ class HubCollector(Collector):
 
     # --- ingest -------------------------------------------------------------------------------
 
-    def _ingest(self, db: sqlite3.Connection) -> Iterator[Metric]:
+    def _ingest(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
         f = _Families(self._region)
+        start = (now // 60 - INGEST_RATE_MINUTES + 1) * 60  # whole minutes, the current one so far
+        records, messages = db.execute("SELECT COALESCE(SUM(records), 0), COALESCE(SUM(messages), 0) "
+                                       "FROM ingest_minutes WHERE minute >= ?", (int(start // 60),)).fetchone()
+        span = max(now - start, 1.0)
+        yield f.gauge("ingest_records_per_second", f"Records the hub (all its replicas) committed a second, over the "
+                      f"last {INGEST_RATE_MINUTES - 1} to {INGEST_RATE_MINUTES} minutes of the hub clock.",
+                      value=records / span)
+        yield f.gauge("ingest_messages_per_second", "MQTT messages the hub took in a second, over the same window.",
+                      value=messages / span)
         acked = f.counter("ingest_acked_records", "Records the hub committed and acknowledged, by device (its "
                           "watermark: readings, events and numbers the device shed); rate() is the ingest rate.")
         for device, through in db.execute(

@@ -9,8 +9,9 @@ from typing import Any
 
 import aiosqlite
 
-from edge_agent.protocol import ApprovalRequest, Presence, Status
+from edge_agent.protocol import ApprovalRequest, LeaseRequest, Presence, Status
 from hub.coordination import Coordination
+from hub.status import LIST_LINES, _capped
 from hub.store import HubStore, IngestWork
 from tests.conftest import HUB, HubDir, run_cli
 
@@ -59,3 +60,59 @@ async def test_status_flags_offline_drifted_pending_approval_and_expiring_certif
     assert "asker  rule reflash: command" in out
     assert "edge-hub approvals approve|deny" in out
     assert "old-cert  expires" in out
+
+
+async def test_status_figures_match_the_hub_state(hub_dir: HubDir) -> None:
+    """Coverage, ingest rate, action success rate, decision latency, policy and lease waits,
+    as the screen and --json show them, against what was put in the database."""
+    now = time.time()
+    store = await HubStore.open(hub_dir.dir / "hub.db")
+    try:
+        for device in ("a", "b", "c", "quiet"):
+            await store.register(device, "sim", {})
+            await store.apply_presence(device, Presence(state="online", session="s1"), now - 60)
+        telemetry = [(d, s, now - 30 + s, "m", float(s)) for d in ("a", "b", "c") for s in range(1, 11)]
+        telemetry.append(("quiet", 1, now - 3600, "m", 1.0))  # its newest reading is an hour old
+        events = [("a", 11, now, "action_succeeded", json.dumps({"rule": "r", "latency_ms": 2.0})),
+                  ("a", 12, now, "action_succeeded", json.dumps({"rule": "r", "latency_ms": 3.0})),
+                  ("b", 11, now, "action_succeeded", json.dumps({"rule": "r", "latency_ms": 4.0})),
+                  ("b", 12, now, "action_failed", json.dumps({"rule": "r", "latency_ms": 40.0, "detail": "exit 1"}))]
+        ranges = {"a": [(0, 12, False)], "b": [(0, 12, False)], "c": [(0, 10, False)], "quiet": [(0, 1, False)]}
+        await store.commit_ingest(IngestWork(now=now, telemetry=telemetry, events=events, ranges=ranges, messages=7,
+                                             statuses={
+            "a": Status(backlog=120, dropped=0), "b": Status(backlog=30, dropped=0)}))
+        coordination = Coordination(store, "hub.test")
+        await coordination.handle([(d, LeaseRequest(id=f"q-{d}", name="pump", limit=1, ttl_s=60))
+                                   for d in ("a", "b", "c")], now - 5)
+    finally:
+        await store.close()
+
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert code == 0, err
+    figures: dict[str, Any] = json.loads(out)["figures"]
+    assert figures["coverage"] == {"covered": 3, "registered": 4, "window_s": 300.0, "ratio": 0.75}
+    records = len(telemetry) + len(events)
+    assert records / 300 <= figures["ingest"]["records_per_s"] <= records / 240  # the last 4 to 5 minutes
+    assert 7 / 300 <= figures["ingest"]["messages_per_s"] <= 7 / 240
+    assert figures["backlog"] == {"readings": 150, "shed": 0}
+    actions = figures["actions"]
+    assert (actions["succeeded"], actions["failed"], actions["success_ratio"]) == (3, 1, 0.75)
+    assert actions["decision_latency_p99_bound_s"] == 0.05  # the bucket that holds the 40 ms decision
+    assert figures["leases"]["held"] == 1
+    assert figures["leases"]["waiting"] == 2
+    assert figures["leases"]["longest_wait_s"] >= 5
+
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
+    assert code == 0, err
+    assert "telemetry coverage: 3/4 devices (75%)" in out
+    assert "actions: 3 succeeded, 1 failed, 75.0% success" in out
+    assert "decision latency p99 <= 50 ms" in out
+    assert "leases: 1 held, 2 waiting" in out
+
+
+def test_a_long_list_keeps_the_screen_one_screen() -> None:
+    lines = [f"  offline  d{i}" for i in range(LIST_LINES + 5)]
+    shown = _capped(lines, "edge-hub devices")
+    assert len(shown) == LIST_LINES
+    assert shown[-1] == "  ... and 6 more (edge-hub devices, or --json)"
+    assert _capped(lines[:LIST_LINES], "x") == lines[:LIST_LINES]

@@ -1,0 +1,236 @@
+"""`edge-hub status`: the region's figures and everything that needs a person, on one screen.
+
+The figures are the metrics endpoint's (hub/metrics.py HubCollector, one read of the
+database), so the screen and Prometheus never disagree on what a number means.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from hub import rollout
+from hub.config import HubConfig, HubPaths
+from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
+from hub.store import EventRow, HubStore
+
+LIST_LINES: Final = 10  # per list on the screen; --json has them all
+EXPIRY_WARNING_DAYS: Final = 14  # certificates (devices' and the broker's) listed this long before they expire
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The metrics samples of one collect(), by family name and labels."""
+
+    samples: dict[str, list[tuple[dict[str, str], float]]]
+
+    @classmethod
+    def collect(cls, collector: HubCollector) -> Figures:
+        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in collector.collect():
+            for sample in family.samples:
+                samples.setdefault(sample.name.removeprefix("edgefleet_"), []).append((sample.labels, sample.value))
+        return cls(samples)
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for sample_labels, v in self.samples.get(name, [])
+                   if all(sample_labels.get(k) == want for k, want in labels.items()))
+
+    def largest(self, name: str) -> float:
+        return max((v for _, v in self.samples.get(name, [])), default=0.0)
+
+    def quantile_bound(self, name: str, q: float) -> float | None:
+        """The smallest histogram bucket bound holding the q quantile (None without observations)."""
+        buckets = sorted((float(labels["le"]), v) for labels, v in self.samples.get(f"{name}_bucket", []))
+        count = self.total(f"{name}_count")
+        if not count:
+            return None
+        return next(bound for bound, cumulative in buckets if cumulative >= q * count)
+
+
+def summarize(figures: Figures) -> dict[str, Any]:
+    registered = figures.total("devices_registered")
+    covered = figures.total("telemetry_covered_devices")
+    succeeded, failed = figures.total("actions_total", outcome="succeeded"), figures.total("actions_total",
+                                                                                         outcome="failed")
+    p99 = figures.quantile_bound("decision_latency_seconds", 0.99)
+    return {
+        "coverage": {"covered": int(covered), "registered": int(registered), "window_s": COVERAGE_WINDOW_S,
+                     "ratio": covered / registered if registered else None},
+        "ingest": {"records_per_s": figures.total("ingest_records_per_second"),
+                   "messages_per_s": figures.total("ingest_messages_per_second"),
+                   "window_minutes": INGEST_RATE_MINUTES,
+                   "rejected": int(figures.total("ingest_rejects_total"))},
+        "backlog": {"readings": int(figures.total("device_backlog")),
+                    "shed": int(figures.total("device_readings_shed_total"))},
+        "actions": {"succeeded": int(succeeded), "failed": int(failed),
+                    "refused": int(figures.total("actions_total", outcome="refused")),
+                    "skipped": int(figures.total("actions_total", outcome="skipped")),
+                    "success_ratio": succeeded / (succeeded + failed) if succeeded + failed else None,
+                    "refused_for_coordination": int(figures.total("coordination_refusals_total")),
+                    "decision_latency_p99_bound_s": None if p99 is None or p99 == float("inf") else p99},
+        "policy": {"assigned": int(figures.total("policy_devices_assigned")),
+                   "on_intended": int(figures.total("policy_devices_on_intended"))},
+        "leases": {"held": int(figures.total("lease_holders")), "waiting": int(figures.total("lease_queued")),
+                   "longest_wait_s": figures.largest("lease_longest_wait_seconds"),
+                   "expired_at_ttl": int(figures.total("lease_expiries_total"))},
+    }
+
+
+@dataclass(frozen=True)
+class Status:
+    report: dict[str, Any]  # JSON-able: the contract of `edge-hub status --json`
+    escalations: list[EventRow]  # the same events as rows, for the screen's short detail
+    now: float
+
+
+async def build(paths: HubPaths, config: HubConfig, now: float | None = None) -> Status:
+    """The whole status, read in one go."""
+    now = time.time() if now is None else now
+    store = await HubStore.open(paths.db)
+    try:
+        devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
+        escalations = await store.latest_escalations()
+        recent = await rollout.recent(store, limit=1)
+        pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
+                                    "WHERE state = 'pending' ORDER BY id")
+    finally:
+        await store.close()
+    figures = Figures.collect(HubCollector(paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s,
+                                           clock=lambda: now))
+    live = [d for d in devices if not d.revoked]
+    offline = [d for d in live if not d.online]
+    expiring = [d for d in live if d.cert_expires is not None
+                and epoch(d.cert_expires) - now <= EXPIRY_WARNING_DAYS * 86400]
+    crl_next, crl_error = crl_next_update(paths.crl)
+    server_expires, server_error = certificate_expiry(paths.server_cert)
+    rejects = {s[0]["reason"]: int(s[1]) for s in figures.samples.get("ingest_rejects_total", [])}
+    return Status({
+        "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
+                    "revoked": len(devices) - len(live)},
+        "figures": summarize(figures),
+        "offline": [{"device": d.device, "last_seen": d.last_seen} for d in offline],
+        "escalations": [_escalation(e) for e in escalations],
+        "rejects": dict(sorted(rejects.items())),
+        "crl": {"next_update": crl_next, "overdue": crl_next is not None and epoch(crl_next) < now,
+                "error": crl_error},
+        "server_certificate": {"expires": server_expires, "error": server_error,
+                               "expiring": server_expires is not None
+                               and epoch(server_expires) - now <= EXPIRY_WARNING_DAYS * 86400},
+        "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
+        "rollout": recent[0] if recent else None,
+        "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
+                              for a in pending],
+        "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
+                            "refused": d.policy_refused} for d in live if d.policy_drifted],
+    }, escalations, now)
+
+
+def _escalation(e: EventRow) -> dict[str, Any]:
+    return {"device": e.device, "rule": e.rule, "reason": e.body.get("reason"), "detail": e.body.get("detail"),
+            "ts": e.ts, "seq": e.seq, "policy_version": e.policy_version}
+
+
+def render(status: Status) -> str:
+    """The one screen: the figures first, then what needs a person."""
+    from hub.cli import event_detail, when  # the listing commands' formats
+
+    report, escalations, now = status.report, status.escalations, status.now
+    n, f = report["devices"], report["figures"]
+    lines = [f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
+    lines += _figure_lines(f)
+    lines.append("needs a person:")
+    lines += _capped([f"  offline  {d['device']}  last seen {d['last_seen'] or 'never'}" for d in report["offline"]],
+                     "edge-hub devices")
+    lines.append(f"escalations (latest per device and rule): {len(escalations) or 'none'}")
+    lines += _capped([f"  {when(e.ts)}  {e.device}  {e.rule or '-'}  {event_detail(e.kind, e.body)}"
+                      for e in escalations], "edge-hub events --kind escalation")
+    total = sum(report["rejects"].values())
+    lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
+        f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))
+    crl = report["crl"]
+    lines.append(f"CRL: {crl['error']}" if crl["error"] else
+                 f"CRL next update: {crl['next_update']}" + ("  OVERDUE" if crl["overdue"] else ""))
+    server = report["server_certificate"]
+    lines.append(f"broker certificate: {server['error']}" if server["error"] else
+                 f"broker certificate expires {server['expires']}" + ("  SOON" if server["expiring"] else ""))
+    latest = report["rollout"]
+    if latest is not None:
+        reason = f" ({latest['reason']})" if latest["reason"] else ""
+        lines.append(f"latest policy rollout: {latest['rollout']}, version {latest['version']}, "
+                     f"{latest['state'].replace('_', ' ')}{reason}")
+    pending = report["approvals_pending"]
+    lines.append(f"approvals pending: {len(pending) or 'none'}")
+    lines += _capped([f"  {a['id']:>5}  {a['device']}  rule {a['rule']}: {a['action']}  expires "
+                      f"{when(a['expires_at'])}  (edge-hub approvals approve|deny {a['id']})" for a in pending],
+                     "edge-hub approvals")
+    drifted = report["policy_drifted"]
+    lines.append(f"devices off their intended policy (drifted): {len(drifted) or 'none'}")
+    lines += _capped([f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"
+                      + (f"; refused it: {d['refused'].get('reason')}" if d["refused"] else "") for d in drifted],
+                     "edge-hub policy status")
+    expiring = report["cert_expiring"]
+    lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
+    lines += _capped([f"  {d['device']}  {'expired' if epoch(d['cert_expires']) < now else 'expires'} "
+                      f"{d['cert_expires']}" for d in expiring], "edge-hub devices")
+    return "\n".join(lines)
+
+
+def _capped(lines: list[str], where: str) -> list[str]:
+    """At most LIST_LINES of a list, then where to see the rest: the screen stays one screen."""
+    if len(lines) <= LIST_LINES:
+        return lines
+    return [*lines[:LIST_LINES - 1], f"  ... and {len(lines) - LIST_LINES + 1} more ({where}, or --json)"]
+
+
+def _figure_lines(f: dict[str, Any]) -> list[str]:
+    cov, ing, act, pol, lease = f["coverage"], f["ingest"], f["actions"], f["policy"], f["leases"]
+    ratio = f" ({cov['ratio']:.0%})" if cov["ratio"] is not None else ""
+    success = f", {act['success_ratio']:.1%} success" if act["success_ratio"] is not None else ""
+    p99 = act["decision_latency_p99_bound_s"]
+    return [
+        f"telemetry coverage: {cov['covered']}/{cov['registered']} devices{ratio} with a reading taken "
+        f"in the last {cov['window_s']:g} s",
+        f"ingest: {ing['records_per_s']:,.0f} records/s, {ing['messages_per_s']:,.1f} messages/s "
+        f"(last {ing['window_minutes'] - 1}-{ing['window_minutes']} min); device backlogs "
+        f"{f['backlog']['readings']:,} readings, {f['backlog']['shed']:,} shed",
+        f"actions: {act['succeeded']} succeeded, {act['failed']} failed{success}, {act['refused']} refused "
+        f"({act['refused_for_coordination']} for a lease or an approval), {act['skipped']} skipped"
+        + (f"; decision latency p99 <= {p99 * 1000:g} ms" if p99 is not None else ""),
+        f"policy: {pol['on_intended']} of {pol['assigned']} assigned devices on their intended version",
+        f"leases: {lease['held']} held, {lease['waiting']} waiting"
+        + (f" (longest {lease['longest_wait_s']:.1f} s)" if lease["waiting"] else "")
+        + f", {lease['expired_at_ttl']} taken back at their TTL",
+    ]
+
+
+def epoch(iso_time: str) -> float:
+    return dt.datetime.fromisoformat(iso_time).timestamp()
+
+
+def crl_next_update(path: Path) -> tuple[str | None, str | None]:
+    """The CRL's next update (ISO 8601, UTC), or why it could not be read."""
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return None, f"{path} has no next update"
+    return next_update.isoformat(timespec="seconds"), None
+
+
+def certificate_expiry(path: Path) -> tuple[str | None, str | None]:
+    """A PEM certificate's notAfter (ISO 8601, UTC), or why it could not be read."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+    return cert.not_valid_after_utc.isoformat(timespec="seconds"), None
