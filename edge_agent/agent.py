@@ -24,6 +24,7 @@ from edge_agent.clock import unset_clock_warning
 from edge_agent.config import AgentSettings
 from edge_agent.coordination import HubCoordinator, bid_score
 from edge_agent.errors import ConnectionLost, TransientError
+from edge_agent.identity import IdentityFiles
 from edge_agent.link import Link
 from edge_agent.metrics import serve_agent_metrics
 from edge_agent.mqtt import MqttSession, Will
@@ -32,6 +33,7 @@ from edge_agent.policy import Policy
 from edge_agent.policy_intake import PolicyIntake
 from edge_agent.protocol import (
     ACK,
+    CERT,
     COORD,
     POLICY,
     STATUS,
@@ -52,9 +54,11 @@ from edge_agent.protocol import (
     parse_topic,
     presence_topic,
     unpack,
+    unpack_cert_reply,
     unpack_down,
     up_topic,
 )
+from edge_agent.renewal import Renewal
 from edge_agent.report import ReportFilter
 from edge_agent.rules import TICK_INTERVAL, RuleEngine
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
@@ -79,7 +83,10 @@ class Agent:
         self.report = ReportFilter(settings.profile.report)
         self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take)
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
-        self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log)
+        self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
+                         on_refused=lambda exc: self.renewal.on_refused(exc))
+        self.renewal = Renewal(self.device, IdentityFiles(settings.tls, settings.state_dir), self.link,
+                               audit=lambda kind, body: self._spawn(self._record(kind, body)))
         self._session_id = ""
         self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
         self.coordinator = HubCoordinator(self._send_coord)
@@ -126,6 +133,9 @@ class Agent:
     async def _alert(self, message: str, severity: str) -> None:
         await self.outbox.add_event("alert", {"message": message, "severity": severity})
 
+    async def _record(self, kind: str, body: dict[str, object]) -> None:
+        await self.outbox.add_event(kind, body)
+
     # --- the connection ---------------------------------------------------------------
 
     def _presence(self, state: str) -> bytes:
@@ -141,7 +151,8 @@ class Agent:
         self._session_id = secrets.token_hex(8)
         return MqttSession(
             client_id=self.device, host=c.broker.host, port=c.broker.port,
-            tls=self.settings.tls.context(), keepalive=c.broker.keepalive,
+            # Chosen per connection: a renewed certificate is tried, and promoted, or dropped.
+            tls=self.renewal.credential().tls.context(), keepalive=c.broker.keepalive,
             connect_timeout=c.broker.connect_timeout, max_inflight=c.uplink.window + 4,
             will=Will(presence_topic(self.device), self._presence("offline")),
         )
@@ -151,6 +162,7 @@ class Agent:
         await session.publish(presence_topic(self.device), self._presence("online"), qos=1, retain=True)
         log.info("%s online (profile %s, backlog %d)", self.device, self.settings.config.profile,
                  self.outbox.backlog)
+        self.renewal.on_connected()  # the session works: a renewed certificate becomes the current one
         await self.coordinator.on_connected()  # leases and approvals still waited for: ask again
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.uplink.serve(session), name="uplink")
@@ -170,6 +182,8 @@ class Agent:
                     await self.take_policy(message.payload)
                 elif topic.kind == COORD:
                     await self._coordination(unpack_down(message.payload))
+                elif topic.kind == CERT:
+                    self.renewal.on_reply(unpack_cert_reply(message.payload))
                 else:
                     log.debug("message on %s not handled yet", message.topic)
             except ProtocolError as exc:
@@ -305,6 +319,7 @@ class Agent:
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self.link.run(), name="link")
+            tasks.create_task(self.renewal.run(), name="renewal")
             tasks.create_task(self.watchdog.run(), name="watchdog")
             m = self.settings.config.metrics
             if m.port:

@@ -20,8 +20,10 @@ from cryptography.x509.oid import NameOID
 from edge_agent.clock import CLOCK_FLOOR
 from edge_agent.config import AgentSettings
 from edge_agent.errors import ConnectRefused
-from edge_agent.mqtt import MqttSession
+from edge_agent.identity import Credential, IdentityFiles
+from edge_agent.mqtt import MqttSession, TlsIdentity
 from edge_agent.protocol import ProtocolError, ed25519_public_from_pem, key_id
+from edge_agent.renewal import RENEW_AT
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
@@ -55,17 +57,24 @@ def clock_problem(cert: x509.Certificate, now: dt.datetime) -> str | None:
         )
     if now >= end:
         return (
-            f"The device certificate expired on {_when(end)} and cannot renew in band. "
-            "Re-provision the device: make a key and CSR on it and run "
-            "`edge-hub provision --csr FILE DEVICE_ID` on the hub."
+            f"The device certificate expired on {_when(end)} and cannot renew in band (that needs a connection). "
+            "Re-provision the device: make a key and CSR on it (`openssl req -new -newkey ec -pkeyopt "
+            "ec_paramgen_curve:P-256 -nodes -keyout KEY -subj /CN=DEVICE_ID -out DEVICE_ID.csr`, KEY being tls.key "
+            "of agent.toml), run `edge-hub provision --csr DEVICE_ID.csr --dir DIR --out OUT DEVICE_ID` on the hub, "
+            "put the bundle's device.crt at tls.cert and restart the agent (docs/security.md, Certificate lifecycle)."
         )
     return None
 
 
 def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
-    tls = settings.tls
+    """The bundle's files, and the identity the agent would connect with (maybe one it renewed)."""
+    bundle = settings.tls
+    files = IdentityFiles(bundle, settings.state_dir)
+    current = files.current()
+    # The pair the agent connects with; when none is usable, the bundle's, to say what is wrong with it.
+    tls = current.tls if current is not None else bundle
     findings: list[Finding] = []
-    missing = [(n, p) for n, p in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)) if not p.is_file()]
+    missing = [(n, p) for n, p in (("ca", bundle.ca), ("cert", bundle.cert), ("key", bundle.key)) if not p.is_file()]
     for name, path in missing:
         findings.append(Finding(f"file {name}", False,
                                 f"{path} does not exist: copy the device bundle's {path.name} there, "
@@ -83,7 +92,8 @@ def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
     except ValueError as exc:
         why = f"a certificate or key file is not valid PEM ({exc}): copy the bundle again."
         return [*findings, Finding("files", False, why)]
-    findings.append(_check_identity(settings, ca, cert, key))
+    findings.append(_check_identity(settings, tls, ca, cert, key))
+    findings.append(_renewal(files, current, now))
     problem = clock_problem(cert, now)
     if problem:
         findings.append(Finding("clock", False, problem))
@@ -108,7 +118,28 @@ def _check_key_mode(path: Path) -> Finding:
     return Finding("key permissions", True, f"{path} is private (mode {mode:04o}).")
 
 
-def _check_identity(settings: AgentSettings, ca: x509.Certificate, cert: x509.Certificate, key: object) -> Finding:
+def _renewal(files: IdentityFiles, current: Credential | None, now: dt.datetime) -> Finding:
+    """Where the certificate in use comes from, and where its in-band renewal stands (never a failure:
+    an expired certificate is the clock finding's)."""
+    if current is None:
+        return Finding("renewal", True, "no usable certificate yet (see identity).")
+    where = (f"renewed in band ({files.renewed_path}; the bundle's certificate is the fallback)"
+             if current.source == "renewed" else "the bundle's")
+    pending = files.pending()
+    if pending is not None:
+        state = (f"a renewed certificate ({pending.describe()}) waits in {files.next_path}: the agent switches to "
+                 "it on its next connection")
+    elif files.has_next_key():
+        state = f"a renewal is under way: a key was made on the device ({files.next_path}), waiting for the hub"
+    elif current.cert.expired(now):
+        state = "it has expired: no in-band renewal (see clock)"
+    else:
+        state = f"the agent renews it in band from {_when(current.cert.point(RENEW_AT))}"
+    return Finding("renewal", True, f"certificate in use: {where}, {current.describe()}; {state}.")
+
+
+def _check_identity(settings: AgentSettings, tls: TlsIdentity, ca: x509.Certificate, cert: x509.Certificate,
+                    key: object) -> Finding:
     device = settings.config.device_id
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(names[0].value) if names else ""
@@ -118,12 +149,12 @@ def _check_identity(settings: AgentSettings, ca: x509.Certificate, cert: x509.Ce
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        return Finding("identity", False, f"{settings.tls.cert} was not issued by the CA in "
-                                          f"{settings.tls.ca}: copy both from the same bundle.")
+        return Finding("identity", False, f"{tls.cert} was not issued by the CA in "
+                                          f"{tls.ca}: copy both from the same bundle.")
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) or (
         key.public_key().public_numbers() != cert.public_key().public_numbers()  # type: ignore[union-attr]
     ):
-        return Finding("identity", False, f"{settings.tls.key} does not belong to {settings.tls.cert}: "
+        return Finding("identity", False, f"{tls.key} does not belong to {tls.cert}: "
                                           "copy the key made with this certificate (or provision again).")
     return Finding("identity", True, f"certificate for {device}, issued by the fleet CA, matches its key.")
 
@@ -151,7 +182,11 @@ def check_policy_key(settings: AgentSettings) -> Finding:
     return Finding("policy key", True, f"policies must be signed by key {key_id(key)} ({path}); {running}.")
 
 
-async def check_connectivity(settings: AgentSettings) -> list[Finding]:
+async def check_connectivity(settings: AgentSettings, tls: TlsIdentity | None = None) -> list[Finding]:
+    """TCP, then an MQTT connection with `tls` (default: the identity the agent would use)."""
+    if tls is None:
+        current = IdentityFiles(settings.tls, settings.state_dir).current()
+        tls = settings.tls if current is None else current.tls
     b = settings.config.broker
     where = f"{b.host}:{b.port}"
     try:
@@ -169,7 +204,7 @@ async def check_connectivity(settings: AgentSettings) -> list[Finding]:
                                           "is the hub running, and are broker.host and broker.port right?")]
     found = [Finding("network", True, f"{where} accepts TCP connections.")]
     session = MqttSession(client_id=settings.config.device_id, host=b.host, port=b.port,
-                          tls=settings.tls.context(), keepalive=b.keepalive, connect_timeout=b.connect_timeout)
+                          tls=tls.context(), keepalive=b.keepalive, connect_timeout=b.connect_timeout)
     try:
         await session.connect()
     except ConnectRefused as exc:

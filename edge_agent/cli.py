@@ -105,13 +105,17 @@ def _status(settings: AgentSettings, policy: Policy | None, *, as_json: bool) ->
 
 def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.agent import run_agent
+    from edge_agent.errors import IdentityError
+    from edge_agent.identity import IdentityFiles
 
-    try:
-        settings.tls.context()
-    except (OSError, ValueError) as exc:
-        print(f"edge-agent: cannot load the TLS identity ({exc}); run `edge-agent check --config "
-              f"{settings.path}` for details", file=sys.stderr)
-        return EXIT_USAGE
+    files = IdentityFiles(settings.tls, settings.state_dir)
+    if files.current() is None and files.pending() is None:
+        try:
+            files.load("bundle")
+        except IdentityError as exc:
+            print(f"edge-agent: cannot load the TLS identity ({exc}); run `edge-agent check --config "
+                  f"{settings.path}` for details", file=sys.stderr)
+            return EXIT_USAGE
     try:
         asyncio.run(run_agent(settings, policy))
     except KeyboardInterrupt:

@@ -39,3 +39,11 @@ class PublishRefused(AgentError):
         self.topic = topic
         self.reason = reason
         self.code = code
+
+
+class IdentityError(AgentError):
+    """A certificate or key file that cannot serve as the device's TLS identity; the message says why."""
+
+
+class KeyGenerationFailed(TransientError):
+    """Making a key and certificate request on the device failed (the helper process said why)."""

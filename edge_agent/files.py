@@ -24,8 +24,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def sync_directory(path: Path) -> None:
+    """Make the renames and deletions in folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

@@ -18,6 +18,9 @@ CLOCK_STEP: Final = 60.0
 
 SessionFactory = Callable[[], MqttSession]
 ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
+# Told of every failed attempt (the factory chose its identity); True: it has another one to
+# try, so the next attempt comes at once, without the wait a refused identity otherwise costs.
+RefusalHook = Callable[[ConnectRefused], bool]
 
 
 # What ends one connection but not the link: reconnect and carry on.
@@ -37,10 +40,14 @@ class Link:
     """
 
     def __init__(self, name: str, factory: SessionFactory, work: ConnectedWork,
-                 backoff: Backoff | None = None, logger: logging.Logger | None = None) -> None:
+                 backoff: Backoff | None = None, logger: logging.Logger | None = None,
+                 on_refused: RefusalHook | None = None) -> None:
         self.name = name
         self._factory = factory
         self._work = work
+        self._on_refused = on_refused
+        self._restart = asyncio.Event()
+        self._planned: str | None = None
         self.backoff = backoff or Backoff()
         self._log = logger or logging.getLogger(__name__)
         self.connected = asyncio.Event()
@@ -51,6 +58,13 @@ class Link:
     @property
     def state(self) -> LinkState:
         return self.backoff.state
+
+    def restart(self, why: str) -> None:
+        """End the current connection cleanly (no Last Will) and connect again at once, without
+        counting a failure: a planned switch, e.g. to a renewed certificate."""
+        if self.session is not None:
+            self._planned = why
+            self._restart.set()
 
     async def run(self) -> None:
         """Loop forever (until cancelled)."""
@@ -66,9 +80,16 @@ class Link:
                 await session.connect()
             except ConnectRefused as exc:
                 auth, why = exc.auth, str(exc)
+                if self._on_refused is not None and self._on_refused(exc):
+                    self._log.info("%s: %s; connecting again now with another identity", self.name, why)
+                    continue
             else:
                 why = await self._serve(session)
                 warned = False  # a failure after a good connection is news again
+                if self._planned is not None:
+                    self._log.info("%s: %s; connecting again now", self.name, self._planned)
+                    self._planned = None
+                    continue
             self.last_error = why
             delay = self.backoff.lost(time.monotonic(), auth=auth)
             level = logging.WARNING if (auth or not warned) else logging.DEBUG
@@ -91,15 +112,19 @@ class Link:
         self.backoff.connected(time.monotonic())
         self.connected.set()
         self._log.info("%s: connected", self.name)
+        self._restart.clear()
         try:
             work = asyncio.create_task(self._work(session), name=f"{self.name}-work")
             closed = asyncio.create_task(session.wait_closed(), name=f"{self.name}-closed")
+            restart = asyncio.create_task(self._restart.wait(), name=f"{self.name}-restart")
             try:
-                done, _ = await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({work, closed, restart}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (work, closed):
+                for task in (work, closed, restart):
                     task.cancel()
-                await asyncio.gather(work, closed, return_exceptions=True)
+                await asyncio.gather(work, closed, restart, return_exceptions=True)
+            if restart in done:
+                return "restarted as planned"
             if work in done and not work.cancelled():
                 exc = work.exception()
                 if isinstance(exc, BaseExceptionGroup):  # the work's own TaskGroup

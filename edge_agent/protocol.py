@@ -88,6 +88,11 @@ PRESENCE_FILTER: Final = f"{TOPIC_ROOT}/dev/+/presence"
 UP_FILTER: Final = f"{TOPIC_ROOT}/dev/+/up/+"
 
 
+def shared_filter(region: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription of the region's hub processes: each message goes to one of them."""
+    return f"$share/hub-{validate_name(region, 'region')}/{topic_filter}"
+
+
 def down_filter(device: str) -> str:
     return f"{TOPIC_ROOT}/dev/{device}/down/+"
 
@@ -478,4 +483,45 @@ def unpack_up(data: bytes) -> CoordUp:
 
 def unpack_down(data: bytes) -> CoordDown:
     result: CoordDown = _decode(msgspec.msgpack, data, CoordDown)  # type: ignore[arg-type]  # a Union, not a class
+    return result
+
+
+# --- in-band certificate renewal (msgpack; docs/security.md, "Certificate lifecycle") ----
+
+CERT: Final = "cert"  # up/cert (a request made on the device) and down/cert (the certificate, or why not)
+MAX_PEM: Final = 16_384  # characters of a PEM request or certificate; an RSA-4096 one is under 2 KiB
+# protocol.key_id of the request's public key (its DER SubjectPublicKeyInfo); "" when unreadable.
+KeyId = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{16})?$")]
+Pem = Annotated[str, msgspec.Meta(max_length=MAX_PEM)]
+
+
+class CertRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Device → hub: a certificate request (PEM, CN = the device id) for a key made on the device.
+
+    Sent again, the same, until answered; the hub answers a repeat with the same certificate."""
+
+    csr: Pem
+
+
+class CertIssued(msgspec.Struct, frozen=True, kw_only=True, tag="issued"):
+    key_id: KeyId
+    cert: Pem  # PEM
+
+
+class CertRefused(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    key_id: KeyId
+    # unknown_device | revoked | wrong_subject | bad_request (a newer hub may add reasons)
+    reason: Annotated[str, msgspec.Meta(max_length=64)]
+    detail: Detail = ""
+
+
+CertReply = CertIssued | CertRefused
+
+
+def pack_cert(message: CertReply) -> bytes:
+    return _encode(_msgpack_encoder, message)
+
+
+def unpack_cert_reply(data: bytes) -> CertReply:
+    result: CertReply = _decode(msgspec.msgpack, data, CertReply)  # type: ignore[arg-type]  # a Union, not a class
     return result

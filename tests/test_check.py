@@ -136,18 +136,25 @@ async def test_clock_in_1970(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
         assert report.findings[name][0], report
 
 
-@needs_faketime
-async def test_clock_past_certificate_expiry(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
-    await hub_dir.provision(bundles, "dev-late")
-    bundle = bundles / "dev-late"
-    end = cert_of(bundle).not_valid_after_utc
+async def check_after_expiry(bundle: Path, end: dt.datetime) -> tuple[Report, str]:
+    """`edge-agent check` two days after `end` (faketime): its clock finding must fail, saying the
+    certificate expired and how to re-provision the device (it cannot renew in band)."""
     later = end + dt.timedelta(days=2)
     report = await check(bundle / "agent.toml", fake_date=later.strftime("%Y-%m-%d %H:%M:%S"))
     assert report.code == 1, report
     clock = report.fail("clock")
     assert f"expired on {end:%Y-%m-%d}" in clock
+    assert "cannot renew in band" in clock
     assert "Re-provision the device" in clock
     assert "edge-hub provision --csr" in clock
+    return report, clock
+
+
+@needs_faketime
+async def test_clock_past_certificate_expiry(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "dev-late")
+    bundle = bundles / "dev-late"
+    report, clock = await check_after_expiry(bundle, cert_of(bundle).not_valid_after_utc)
     assert "1970" not in clock
     assert "time sync" not in clock
     assert report.failed() <= {"clock", "broker"}, report

@@ -1,0 +1,145 @@
+"""The device's TLS identity on disk: which certificate and key the next connection uses.
+
+Three places can hold a certificate with its key (docs/security.md, "Certificate lifecycle"):
+
+- the bundle's files, `tls.cert` and `tls.key` in agent.toml, as provisioned;
+- `STATE/identity.pem`, the latest certificate renewed in band, with its key, in one file:
+  replacing the pair is one rename, so no crash can leave a certificate beside a key that
+  is not its own (the bundle's folder, /etc/edge-agent, is read-only to the daemon anyway);
+- `STATE/identity.next.pem`, a renewal in progress: the new key made on the device and,
+  once the hub has signed its request, the certificate too ("pending").
+
+The current identity is the usable pair (the key belongs to the certificate) whose
+certificate expires last: a bundle re-provisioned by hand after the device's certificate
+expired offline wins over the expired renewed one, and a renewed one over the bundle's.
+A pending pair is tried on the next connection and promoted (renamed over identity.pem) once
+it has connected. Every write is atomic, so a kill -9 at any step leaves the current pair as
+it was or the new one in its place. Nothing here imports `cryptography` (certinfo, ssl).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from edge_agent.certinfo import CertificateInfo, CertificateUnreadable, read_certificate, read_certificate_file
+from edge_agent.errors import IdentityError
+from edge_agent.files import sync_directory, write_atomic
+from edge_agent.mqtt import TlsIdentity
+
+RENEWED: Final = "identity.pem"
+NEXT: Final = "identity.next.pem"
+_PEM_KEY: Final = re.compile(rb"-----BEGIN (EC |RSA )?PRIVATE KEY-----.+?-----END \1?PRIVATE KEY-----\n?", re.S)
+
+Source = Literal["bundle", "renewed", "pending"]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A certificate with its key, where it came from, and what the certificate says."""
+
+    source: Source
+    tls: TlsIdentity
+    cert: CertificateInfo
+
+    def describe(self) -> str:
+        return f"serial {self.cert.serial:x}, valid until {self.cert.not_after:%Y-%m-%d %H:%M:%S} UTC"
+
+
+class IdentityFiles:
+    def __init__(self, bundle: TlsIdentity, state_dir: Path) -> None:
+        self.bundle = bundle
+        self.renewed_path = state_dir / RENEWED
+        self.next_path = state_dir / NEXT
+        # What each source's files said, by their inode, mtime and size: every connection attempt
+        # asks, and a check (parsing, and ssl loading the CA and the pair) is not free for a fleet
+        # of agents in one process. Every write replaces a file, so a change is always seen.
+        self._checked: dict[Source, tuple[object, Credential | str]] = {}  # a credential, or what is wrong
+
+    def _pair(self, path: Path) -> TlsIdentity:
+        return TlsIdentity(self.bundle.ca, path, path)
+
+    def load(self, source: Source) -> Credential:
+        """One of the three, checked: raise IdentityError with what is wrong with it."""
+        tls = self.bundle if source == "bundle" else self._pair(
+            self.renewed_path if source == "renewed" else self.next_path)
+        files = str(tls.cert) if tls.key == tls.cert else f"{tls.cert} with {tls.key}"
+        try:
+            stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in map(os.stat, (tls.ca, tls.cert, tls.key)))
+        except OSError as exc:
+            raise IdentityError(f"{files}: {exc}") from None
+        seen = self._checked.get(source)
+        if seen is None or seen[0] != stamp:
+            seen = self._checked[source] = (stamp, self._check(source, tls, files))
+        if isinstance(seen[1], str):
+            raise IdentityError(seen[1])
+        return seen[1]
+
+    @staticmethod
+    def _check(source: Source, tls: TlsIdentity, files: str) -> Credential | str:
+        try:
+            cert = read_certificate_file(tls.cert)
+            tls.context()  # ssl checks that the key belongs to the certificate (KEY_VALUES_MISMATCH)
+        except (OSError, CertificateUnreadable, ssl.SSLError) as exc:
+            return f"{files}: {exc}"
+        return Credential(source, tls, cert)
+
+    def _usable(self, source: Source) -> Credential | None:
+        try:
+            return self.load(source)
+        except IdentityError:
+            return None
+
+    def current(self) -> Credential | None:
+        """The usable pair that expires last (renewed or bundle), or None when neither is usable."""
+        found = [c for c in (self._usable("renewed"), self._usable("bundle")) if c is not None]
+        return max(found, key=lambda c: c.cert.not_after, default=None)
+
+    def pending(self) -> Credential | None:
+        """The renewed pair waiting to be tried; None also while the next key has no certificate yet."""
+        return self._usable("pending")
+
+    def has_next_key(self) -> bool:
+        return self.next_path.exists()
+
+    def store_pending(self, cert_pem: bytes) -> Credential:
+        """Put the hub's certificate beside the next key, in one atomic write, once it is
+        known to fit the key; raise IdentityError (and change nothing) otherwise."""
+        try:
+            key = _PEM_KEY.search(self.next_path.read_bytes())
+        except OSError as exc:
+            raise IdentityError(f"the renewal's key {self.next_path} is gone ({exc.strerror})") from None
+        if key is None:
+            raise IdentityError(f"{self.next_path} holds no private key")
+        combined = cert_pem.rstrip(b"\n") + b"\n" + key.group(0)
+        try:
+            read_certificate(combined)
+        except CertificateUnreadable as exc:
+            raise IdentityError(f"the hub's certificate is unreadable: {exc}") from None
+        with tempfile.NamedTemporaryFile(dir=self.next_path.parent, prefix=".identity.check.") as scratch:
+            os.fchmod(scratch.fileno(), 0o600)
+            scratch.write(combined)
+            scratch.flush()
+            try:
+                self._pair(Path(scratch.name)).context()
+            except ssl.SSLError as exc:
+                raise IdentityError(f"the hub's certificate does not belong to the key made for it ({exc})") from None
+        write_atomic(self.next_path, combined, 0o600)
+        return self.load("pending")
+
+    def promote(self) -> Credential:
+        """The pending pair becomes the renewed one: one rename, made durable."""
+        os.replace(self.next_path, self.renewed_path)
+        sync_directory(self.renewed_path.parent)
+        return self.load("renewed")
+
+    def discard_next(self) -> None:
+        """Drop the renewal in progress, key and all: the next one starts from a new key."""
+        self.next_path.unlink(missing_ok=True)
+        sync_directory(self.next_path.parent)
+
