@@ -111,7 +111,7 @@ def write_broker_files(paths: HubPaths, config: HubConfig) -> BrokerAccount | No
     account = BrokerAccount.resolve(config.broker.user)
     owner = account.owner if account else None
     paths.broker.mkdir(mode=0o711, exist_ok=True)
-    write_atomic(paths.acl, acl_rules([config.identity]).encode(), 0o644)
+    write_atomic(paths.acl, acl_rules(config.hub_identities).encode(), 0o644)
     write_atomic(paths.broker_conf, render_conf(paths, config, account).encode(), 0o644)
     if owner is not None:
         os.chown(paths.server_key, *owner)

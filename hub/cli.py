@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                     "hub.toml sets broker.mode = \"external\", and run the hub service: presence, CRL "
                     "upkeep. Logs go to stderr.")
     _dir_arg(run)
+    run.add_argument("--replica", metavar="NAME",
+                     help="run as the named replica of this hub (listed in hub.toml [hub] replicas): it shares "
+                          "the database and the broker, ingests a share of the devices' messages, and takes over "
+                          "rollouts and coordination timers when the leading process stops (docs/scaling.md)")
 
     dev = sub.add_parser("devices", help="list the fleet",
                          description="One row per registered device: online, last seen, applied policy "
@@ -303,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
     from hub.service import run_hub
 
     paths, config = load_hub(args.dir)
-    asyncio.run(run_hub(paths, config))
+    asyncio.run(run_hub(paths, config, args.replica))
     return EXIT_OK
 
 

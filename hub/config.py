@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -15,6 +16,10 @@ from edge_agent.settings import read_toml, to_struct, toml_value
 from hub.errors import NotInitialised, UsageError
 
 DEFAULT_PORT: Final = 8883
+# The shortest lifetime hub.toml may give a certificate or the CRL: a renewal (a key, a request,
+# a reconnect) must fit comfortably in the last third of it. Only tests and drills go this low.
+MIN_LIFETIME_S: Final = 10.0
+DAY_S: Final = 86400.0
 
 
 class BrokerConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -35,15 +40,43 @@ class BrokerConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class PkiConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    device_cert_days: Annotated[int, Meta(ge=1, le=3650)] = 90
-    crl_days: Annotated[int, Meta(ge=2, le=365)] = 30
+    """Lifetimes in days; fractions of a day are allowed (tests and drills), down to MIN_LIFETIME_S."""
+
+    device_cert_days: Annotated[float, Meta(gt=0, le=3650)] = 90  # agents renew in band two thirds in
+    # The broker's server certificate and the hub's own client certificate, renewed by the hub
+    # once less than server_cert_renew_fraction of that is left.
+    server_cert_days: Annotated[float, Meta(gt=0, le=3650)] = 397
+    server_cert_renew_fraction: Annotated[float, Meta(gt=0, lt=1)] = 1 / 3
+    crl_days: Annotated[float, Meta(gt=0, le=365)] = 30
     # Re-issue the CRL once less than this fraction of its life remains: an expired CRL
     # makes Mosquitto refuse every client, so never cut it close.
     crl_renew_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
 
+    def __post_init__(self) -> None:
+        for name, days in (("device_cert_days", self.device_cert_days), ("server_cert_days", self.server_cert_days),
+                           ("crl_days", self.crl_days)):
+            if days * DAY_S < MIN_LIFETIME_S:
+                raise ValueError(f"{name} = {days:g} is {days * DAY_S:.3g} s: give at least {MIN_LIFETIME_S:g} s "
+                                 f"({MIN_LIFETIME_S / DAY_S:.6f} days)")
+
+    @property
+    def device_cert_lifetime(self) -> dt.timedelta:
+        return dt.timedelta(days=self.device_cert_days)
+
+    @property
+    def server_cert_lifetime(self) -> dt.timedelta:
+        return dt.timedelta(days=self.server_cert_days)
+
+    @property
+    def crl_lifetime(self) -> dt.timedelta:
+        return dt.timedelta(days=self.crl_days)
+
 
 class HubConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keepalive: Annotated[int, Meta(ge=2, le=3600)] = 30
+    # Names of extra hub processes that share this hub's database and broker (`edge-hub run
+    # --replica NAME`); each connects as hub.REGION.NAME and the ACL admits each (docs/scaling.md).
+    replicas: tuple[str, ...] = ()
     # A device is shown offline when its presence says so (Last Will, 1.5 x its keepalive).
 
 
@@ -86,7 +119,17 @@ class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def identity(self) -> str:
+        """The region's hub: the primary's certificate CN, and the name the hub's own events go under."""
         return hub_identity(self.region)
+
+    def replica_identity(self, replica: str | None) -> str:
+        """The certificate CN (and so MQTT client id) of one hub process; None is the primary."""
+        return self.identity if replica is None else f"{self.identity}.{replica}"
+
+    @property
+    def hub_identities(self) -> list[str]:
+        """Every identity the broker's ACL lets read and write all topics."""
+        return [self.identity, *(self.replica_identity(r) for r in self.hub.replicas)]
 
 
 @dataclass(frozen=True)
@@ -122,6 +165,12 @@ class HubPaths:
     @property
     def hub_key(self) -> Path:
         return self.pki / "hub.key"
+
+    def replica_cert(self, replica: str) -> Path:
+        return self.pki / f"hub-{replica}.crt"
+
+    def replica_key(self, replica: str) -> Path:
+        return self.pki / f"hub-{replica}.key"
 
     @property
     def policy_key(self) -> Path:
@@ -175,6 +224,10 @@ def load_hub(directory: Path) -> tuple[HubPaths, HubConfig]:
     try:
         config = to_struct(read_toml(paths.config), HubConfig, str(paths.config))
         validate_name(config.region, "region")
+        for replica in config.hub.replicas:
+            validate_name(replica, "replica")
+        if len(set(config.hub.replicas)) != len(config.hub.replicas):
+            raise UsageError(f"{paths.config}: [hub] replicas names a replica twice")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except ProtocolError as exc:
@@ -199,13 +252,16 @@ executable = {toml_value(b.executable)}
 persistence = {toml_value(b.persistence)}     # the agents' outboxes are the durable queue, not the broker
 reload_command = {toml_value(b.reload_command)}    # external broker: how to make it re-read the CRL
 
-[pki]
-device_cert_days = {p.device_cert_days}
-crl_days = {p.crl_days}
-crl_renew_fraction = {p.crl_renew_fraction}
+[pki]   # lifetimes in days; fractions of a day only for tests and drills (at least {MIN_LIFETIME_S:g} s)
+device_cert_days = {p.device_cert_days:g}         # devices renew in band two thirds into it
+server_cert_days = {p.server_cert_days:g}        # the broker's certificate and the hub's own
+server_cert_renew_fraction = {p.server_cert_renew_fraction:g}   # ... re-issued once less than this share is left
+crl_days = {p.crl_days:g}
+crl_renew_fraction = {p.crl_renew_fraction:g}      # re-issued once less than this share is left
 
 [hub]
 keepalive = {config.hub.keepalive}
+replicas = {toml_value(list(config.hub.replicas))}        # extra hub processes on this database (docs/scaling.md)
 
 [rollout]   # edge-hub policy push: waves, and the health gates that roll a policy back
 bake_s = {r.bake_s:g}              # seconds each wave bakes before the next (push --bake overrides)

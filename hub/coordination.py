@@ -16,8 +16,9 @@ its release is a new request: the device hands back a grant it no longer waits f
   bid is awarded; a refusal, a failure or a silent award goes to the next bid; no bid left
   ends the task failed with the reason.
 
-Single-replica assumption: the transactions re-read what they change, so the CLI and the
-hub can act together; two hub replicas would each publish their own replies (docs/scaling.md).
+The transactions re-read what they change, so the CLI and the hub can act together, and so can
+hub replicas: each answers the requests the shared subscription hands it. `tick` runs in the
+leading replica only (hub/leadership.py).
 """
 
 from __future__ import annotations

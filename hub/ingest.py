@@ -22,10 +22,12 @@ from typing import Final
 
 from edge_agent.mqtt import Message
 from edge_agent.protocol import (
+    CERT,
     COORD,
     STATUS,
     TELEMETRY,
     Batch,
+    CertRequest,
     CoordUp,
     Presence,
     ProtocolError,
@@ -51,11 +53,12 @@ class CycleResult:
     presence: list[tuple[str, Presence]]
     stored: int
     coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.coordination
+    certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.renewal
 
 
 class Ingest:
-    def __init__(self, store: HubStore) -> None:
-        self._store = store
+    def __init__(self, store: HubStore, hub: str = "") -> None:
+        self._store, self._hub = store, hub  # hub: this process's identity, for the per-process counts
         self._registered: set[str] = set()
         self.rejects: collections.Counter[str] = collections.Counter()
         self.records = 0
@@ -83,12 +86,13 @@ class Ingest:
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
                            [p for r in results for p in r.presence], sum(r.stored for r in results),
-                           [c for r in results for c in r.coord])
+                           [c for r in results for c in r.coord], [c for r in results for c in r.certs])
 
     async def _process(self, messages: list[Message]) -> CycleResult:
-        work = IngestWork(now=time.time(), messages=len(messages))
+        work = IngestWork(now=time.time(), messages=len(messages), hub=self._hub)
         presence: list[tuple[str, Presence]] = []
         coord: list[tuple[str, CoordUp]] = []
+        certs: list[tuple[str, CertRequest]] = []
         rejects: collections.Counter[str] = collections.Counter()
         for message in messages:
             try:
@@ -96,6 +100,9 @@ class Ingest:
                 if topic.channel == "presence":
                     if message.payload:  # an empty payload clears a retained message
                         presence.append((topic.device, decode(message.payload, Presence)))
+                    continue
+                if topic.channel == "up" and topic.kind == CERT:  # hub.renewal refuses, and audits, the unknown
+                    certs.append((topic.device, unpack(message.payload, CertRequest)))
                     continue
                 if not await self._known(topic.device):
                     raise ProtocolError("unknown_device", f"{topic.device} is not registered (or revoked)")
@@ -111,7 +118,7 @@ class Ingest:
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult(acks, presence, stored, coord)
+        return CycleResult(acks, presence, stored, coord, certs)
 
     def _log_reject(self, reason: str, detail: str) -> None:
         seen = self.rejects[reason]

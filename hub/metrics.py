@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge_agent.metrics import LatencyTally, MetricsUnavailable, exposition_server
 from edge_agent.protocol import hub_identity
-from hub.config import RolloutConf
+from hub.config import HubPaths, RolloutConf
 from hub.errors import HubError
 
 DEFAULT_LISTEN: Final = "127.0.0.1"
@@ -131,6 +131,7 @@ class HubCollector(Collector):
         yield from self._ingest(db, now)
         yield from self._actions(db)
         yield from self._leases(db, now)
+        yield from self._pki(db, now)
 
     # --- devices, coverage, policy versions, certificates ---------------------------------
 
@@ -199,14 +200,17 @@ class HubCollector(Collector):
     def _ingest(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
         f = _Families(self._region)
         start = (now // 60 - INGEST_RATE_MINUTES + 1) * 60  # whole minutes, the current one so far
-        records, messages = db.execute("SELECT COALESCE(SUM(records), 0), COALESCE(SUM(messages), 0) "
-                                       "FROM ingest_minutes WHERE minute >= ?", (int(start // 60),)).fetchone()
         span = max(now - start, 1.0)
-        yield f.gauge("ingest_records_per_second", f"Records the hub (all its replicas) committed a second, over the "
-                      f"last {INGEST_RATE_MINUTES - 1} to {INGEST_RATE_MINUTES} minutes of the hub clock.",
-                      value=records / span)
-        yield f.gauge("ingest_messages_per_second", "MQTT messages the hub took in a second, over the same window.",
-                      value=messages / span)
+        per_hub = {hub: (records / span, messages / span) for hub, records, messages in db.execute(
+            "SELECT hub, SUM(records), SUM(messages) FROM ingest_minutes WHERE minute >= ? GROUP BY hub ORDER BY hub",
+            (int(start // 60),))}
+        by_hub = _Families(self._region, key="hub")
+        yield by_hub.per_key("ingest_records_per_second", "Records each hub process (the primary, each replica) "
+                             f"committed a second, over the last {INGEST_RATE_MINUTES - 1} to {INGEST_RATE_MINUTES} "
+                             "minutes of the hub clock.", {h: r[0] for h, r in per_hub.items()}, per_hub)
+        yield by_hub.per_key("ingest_messages_per_second", "MQTT messages each hub process took in a second, over "
+                             "the same window.", {h: r[1] for h, r in per_hub.items()}, per_hub)
+        f = _Families(self._region)
         acked = f.counter("ingest_acked_records", "Records the hub committed and acknowledged, by device (its "
                           "watermark: readings, events and numbers the device shed); rate() is the ingest rate.")
         for device, through in db.execute(
@@ -299,6 +303,47 @@ class HubCollector(Collector):
                                 (self._identity,)).fetchone()
         yield f.counter("lease_expiries", "Leases taken back at their TTL (the holder never released them).",
                         value=expired)
+
+    # --- the hub's own certificates, the CRL, in-band renewals ------------------------------
+
+    def _pki(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
+        f = _Families(self._region)
+        (server,) = db.execute("SELECT MAX(not_after) FROM certificates WHERE purpose = 'server'").fetchone()
+        broker = f.gauge("server_certificate_expiry_seconds", "Seconds until the broker's newest server certificate "
+                         "expires (the hub renews it once pki.server_cert_renew_fraction of its life is left).")
+        if server is not None:
+            broker.add_metric([self._region], server - now)
+        hubs = dict(db.execute("SELECT device, MAX(not_after) - ? FROM certificates WHERE purpose = 'hub' "
+                               "GROUP BY device", (now,)))
+        yield broker
+        yield _Families(self._region, key="hub").per_key(
+            "hub_certificate_expiry_seconds", "Seconds until each hub process's newest client certificate expires.",
+            hubs, sorted(hubs))
+        crl = f.gauge("crl_next_update_seconds", "Seconds until the CRL's next update: past it, the broker refuses "
+                      "every device (absent: the CRL cannot be read).")
+        next_update = _crl_next_update(HubPaths(self._db_path.parent).crl)  # the hub's layout: beside hub.db
+        if next_update is not None:
+            crl.add_metric([self._region], next_update - now)
+        yield crl
+        outcomes = dict(db.execute("SELECT kind, COUNT(*) FROM events WHERE device = ? AND kind IN "
+                                   "('cert_issued', 'cert_refused') GROUP BY kind", (self._identity,)))
+        renewals = CounterMetricFamily("edgefleet_certificate_renewals", "Devices' in-band certificate requests, by "
+                                       "outcome (refused: audited as cert_refused hub events).",
+                                       labels=["region", "outcome"])
+        for outcome in ("issued", "refused"):
+            renewals.add_metric([self._region, outcome], outcomes.get(f"cert_{outcome}", 0))
+        yield renewals
+
+
+def _crl_next_update(path: Path) -> float | None:
+    """The CRL's nextUpdate (epoch seconds), or None when it cannot be read."""
+    from cryptography import x509
+
+    try:
+        next_update = x509.load_pem_x509_crl(path.read_bytes()).next_update_utc
+    except (OSError, ValueError):
+        return None
+    return None if next_update is None else next_update.timestamp()
 
 
 class _Families:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_agent.protocol import key_id
 from hub.errors import HubError, UsageError
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine
@@ -22,6 +23,9 @@ SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)  # the longest browsers acc
 # Issued certificates start a little in the past: a device whose clock is slightly behind
 # the hub must not see a certificate that is "not yet valid".
 BACKDATE: Final = dt.timedelta(minutes=5)
+# ... but never by more than this share of the lifetime: an agent renews two thirds into
+# (not_after - not_before), and a 30 s certificate backdated 5 minutes would be due at once.
+BACKDATE_SHARE: Final = 0.1
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -39,6 +43,14 @@ def _name(cn: str, region: str | None = None) -> x509.Name:
     if region:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, region))
     return x509.Name(attrs)
+
+
+class CsrRefused(UsageError):
+    """A certificate request that cannot be signed; `reason` is the short name devices are told."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ class Authority:
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            .not_valid_before(now - min(BACKDATE, lifetime * BACKDATE_SHARE))
             .not_valid_after(min(now + lifetime, self.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -119,8 +131,12 @@ class Authority:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def issue_server(self, hosts: Iterable[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        """The broker's certificate, with a SAN entry for every host name and address."""
+    def issue_server(
+        self, hosts: Iterable[str], lifetime: dt.timedelta = SERVER_CERT_LIFETIME,
+        key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """The broker's certificate, with a SAN entry for every host name and address; a new
+        key unless one is given (a renewal keeps the key: the certificate is then one file to replace)."""
         names: list[x509.GeneralName] = []
         hosts = list(dict.fromkeys(hosts))
         for host in hosts:
@@ -128,11 +144,8 @@ class Authority:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        key = new_ec_key()
-        cert = self._issue(
-            _name(hosts[0]), key.public_key(), SERVER_CERT_LIFETIME,
-            ExtendedKeyUsageOID.SERVER_AUTH, names,
-        )
+        key = key or new_ec_key()
+        cert = self._issue(_name(hosts[0]), key.public_key(), lifetime, ExtendedKeyUsageOID.SERVER_AUTH, names)
         return key, cert
 
     def issue_client(
@@ -147,25 +160,27 @@ class Authority:
         return key, self._issue(_name(cn), public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
 
     def sign_request(self, csr: x509.CertificateSigningRequest, cn: str, lifetime: dt.timedelta) -> x509.Certificate:
-        """Sign a device's CSR for identity `cn`; the CSR must be self-signed and name `cn`."""
+        """Sign a device's CSR for identity `cn`; the CSR must be self-signed and name `cn`.
+        Raises CsrRefused (a UsageError) saying why not."""
         if not csr.is_signature_valid:
-            raise UsageError("the certificate request's signature is invalid: make a new request")
+            raise CsrRefused("bad_request", "the certificate request's signature is invalid: make a new request")
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(names) != 1 or names[0].value != cn:
             found = names[0].value if names else "no CN"
-            raise UsageError(
+            raise CsrRefused(
+                "wrong_subject",
                 f"the certificate request names {found!r} but the device is {cn!r}: "
                 f"make the request with CN={cn}"
             )
         public_key = csr.public_key()
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             if public_key.curve.name not in ("secp256r1", "secp384r1"):
-                raise UsageError(f"curve {public_key.curve.name} is not accepted: use P-256 or P-384")
+                raise CsrRefused("bad_request", f"curve {public_key.curve.name} is not accepted: use P-256 or P-384")
         elif isinstance(public_key, rsa.RSAPublicKey):
             if public_key.key_size < 2048:
-                raise UsageError(f"RSA {public_key.key_size} is too weak: use P-256 or RSA ≥ 2048")
+                raise CsrRefused("bad_request", f"RSA {public_key.key_size} is too weak: use P-256 or RSA ≥ 2048")
         else:
-            raise UsageError("only ECDSA (P-256, P-384) and RSA keys are accepted")
+            raise CsrRefused("bad_request", "only ECDSA (P-256, P-384) and RSA keys are accepted")
         return self.issue_client(cn, lifetime, public_key)[1]
 
     def issue_crl(
@@ -183,6 +198,28 @@ class Authority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
         return builder.sign(self.key, hashes.SHA256())
+
+
+def public_key_id(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> str:
+    """protocol.key_id of the key's DER SubjectPublicKeyInfo: how device and hub name a renewal's key."""
+    return key_id(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def host_names(cert: x509.Certificate) -> list[str]:
+    """The CN, then every SAN entry (names and addresses): what a renewed server certificate names again."""
+    hosts = [common_name(cert)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return hosts
+    hosts += san.get_values_for_type(x509.DNSName)
+    hosts += [str(address) for address in san.get_values_for_type(x509.IPAddress)]
+    return list(dict.fromkeys(h for h in hosts if h))
+
+
+def renewal_due_in(expires: dt.datetime, lifetime: dt.timedelta, fraction: float, now: dt.datetime) -> float:
+    """Seconds until less than `fraction` of `lifetime` is left before `expires` (<= 0: due now)."""
+    return ((expires - now) - lifetime * fraction).total_seconds()
 
 
 def common_name(cert: x509.Certificate) -> str:

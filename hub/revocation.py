@@ -30,7 +30,7 @@ from edge_agent.mqtt import MqttSession, TlsIdentity
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, key_pem, utcnow
+from hub.pki import Authority, cert_pem, key_pem, renewal_due_in, utcnow
 from hub.store import HubStore
 
 THROWAWAY_LIFETIME: Final = dt.timedelta(minutes=10)  # probe and takeover certs; keys never touch disk for long
@@ -45,7 +45,7 @@ async def publish_crl(
     paths: HubPaths, config: HubConfig, store: HubStore, ca: Authority
 ) -> x509.CertificateRevocationList:
     """Write a fresh CRL from the database and make the broker load it."""
-    crl = ca.issue_crl(await store.revoked_serials(), dt.timedelta(days=config.pki.crl_days))
+    crl = ca.issue_crl(await store.revoked_serials(), config.pki.crl_lifetime)
     write_atomic(paths.crl, crl.public_bytes(Encoding.PEM), 0o644)
     reload_broker(paths, config)
     return crl
@@ -53,16 +53,20 @@ async def publish_crl(
 
 def crl_due(paths: HubPaths, config: HubConfig, now: dt.datetime | None = None) -> bool:
     """True when the CRL on disk is missing, unreadable or past its renewal point."""
+    return crl_due_in(paths, config, now) <= 0
+
+
+def crl_due_in(paths: HubPaths, config: HubConfig, now: dt.datetime | None = None) -> float:
+    """Seconds until the CRL on disk reaches its renewal point; 0 when it is missing or unreadable."""
     try:
         crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
     except (OSError, ValueError):
-        return True
+        return 0.0
     next_update = crl.next_update_utc
     if next_update is None:
-        return True
-    lifetime = dt.timedelta(days=config.pki.crl_days)
-    remaining = next_update - (now or utcnow())
-    return remaining < lifetime * config.pki.crl_renew_fraction
+        return 0.0
+    return max(0.0, renewal_due_in(next_update, config.pki.crl_lifetime, config.pki.crl_renew_fraction,
+                                   now or utcnow()))
 
 
 @dataclass

@@ -12,16 +12,29 @@ from typing import Final
 
 from edge_agent.link import SESSION_ENDED, Link
 from edge_agent.mqtt import Message, MqttSession, TlsIdentity
-from edge_agent.protocol import ACK, COORD, PRESENCE_FILTER, UP_FILTER, Ack, down_topic, pack, pack_coord
+from edge_agent.protocol import (
+    ACK,
+    COORD,
+    PRESENCE_FILTER,
+    UP_FILTER,
+    Ack,
+    down_topic,
+    pack,
+    pack_coord,
+    shared_filter,
+)
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.coordination import Coordination, Replies
 from hub.distribution import PolicyPublisher
 from hub.ingest import CycleResult, Ingest
+from hub.leadership import Leadership
 from hub.metrics import MetricsError, serve_metrics
 from hub.pki import Authority, load_policy_key
-from hub.revocation import crl_due, publish_crl
+from hub.renewal import MIN_CHECK_WAIT, CertificateDesk, keep_certificates_fresh
+from hub.replicas import prepare_replica
+from hub.revocation import crl_due_in, publish_crl
 from hub.store import HubStore
 
 CRL_CHECK_INTERVAL: Final = 3600.0  # the CRL lives for days; hourly checks leave ample margin
@@ -38,23 +51,33 @@ log = logging.getLogger("hub")
 class HubService:
     """The hub's MQTT side: presence and telemetry ingest; subscribes again on every connect."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore, watchdog: Watchdog | None = None) -> None:
-        self._paths, self._config, self._store = paths, config, store
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore, watchdog: Watchdog | None = None,
+                 replica: str | None = None) -> None:
+        self._paths, self._config, self._store, self._replica = paths, config, store, replica
+        self.identity = config.replica_identity(replica)
         self.watchdog = watchdog if watchdog is not None else Watchdog(None)
-        self.ingest = Ingest(store)
+        self.ingest = Ingest(store, self.identity)
         self.policies = PolicyPublisher(config, store, load_policy_key(paths.policy_key))
         self.coordination = Coordination(store, config.identity)
-        self.link = Link(f"hub {config.identity}", self._session, self._serve, logger=log)
+        self.certificates = CertificateDesk(paths, config, store)  # devices' in-band renewals
+        self.leadership = Leadership(store, self.identity)
+        self.link = Link(f"hub {self.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
         p = self._paths
+        cert, key = ((p.hub_cert, p.hub_key) if self._replica is None
+                     else (p.replica_cert(self._replica), p.replica_key(self._replica)))
         return MqttSession(
-            client_id=self._config.identity, host=self._config.broker.host,
-            port=self._config.broker.port, tls=TlsIdentity(p.ca_cert, p.hub_cert, p.hub_key).context(),
+            client_id=self.identity, host=self._config.broker.host,
+            port=self._config.broker.port, tls=TlsIdentity(p.ca_cert, cert, key).context(),
             keepalive=self._config.hub.keepalive, manual_ack=True,
-            # A persistent session: what devices send while the hub restarts waits at the
-            # broker (in memory) instead of waiting for the devices' ack timeouts.
-            clean_start=False, session_expiry=HUB_SESSION_EXPIRY, max_inflight=INGEST_MAX_MESSAGES,
+            # A lone hub keeps a persistent session: what devices send while it restarts waits at
+            # the broker instead of the devices' ack timeouts. With replicas it must not: the
+            # broker goes on handing a stopped member of a shared subscription its share of the
+            # messages, to hold until it returns. Then the devices' own resend covers a restart.
+            clean_start=not self._config.hub.replicas,
+            session_expiry=0 if self._config.hub.replicas else HUB_SESSION_EXPIRY,
+            max_inflight=INGEST_MAX_MESSAGES,
         )
 
     async def run(self) -> None:
@@ -70,7 +93,9 @@ class HubService:
                 # Presence first: a device that reconnects sends "online" and, at once, its open
                 # coordination requests; they must find it online.
                 await self._apply_presence(result)
-                return result, await self.coordination.handle(result.coord)
+                replies = await self.coordination.handle(result.coord)
+                await self.certificates.handle(result.certs)
+                return result, replies
             except sqlite3.OperationalError as exc:
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
                         "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
@@ -81,16 +106,25 @@ class HubService:
     async def _serve(self, session: MqttSession) -> None:
         # A durable subscription is not restored after a broker restart (2.0.11), and a
         # new session has none: subscribe on every connect.
-        await session.subscribe([(PRESENCE_FILTER, 1), (UP_FILTER, 1)])
-        log.info("hub ready: subscribed on %s:%d", self._config.broker.host, self._config.broker.port)
+        # Presence reaches every replica (each applies it; the same state twice changes nothing);
+        # device messages are shared out, each to one replica.
+        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._config.region, UP_FILTER), 1)])
+        log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
+                 self._config.broker.port)
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
+
+        async def lead() -> None:
+            async with asyncio.TaskGroup() as leader_tasks:
+                leader_tasks.create_task(self.policies.serve(session), name="policies")
+                leader_tasks.create_task(self._coordinate(outgoing), name="coordination")
+
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._ingest(session, outgoing), name="ingest")
-            tasks.create_task(self.policies.serve(session), name="policies")
-            tasks.create_task(self._coordinate(session, outgoing), name="coordination")
+            tasks.create_task(self.leadership.while_leading(lead), name="leader")
             tasks.create_task(self._send_replies(session, outgoing), name="replies")
+            tasks.create_task(self.certificates.serve(session), name="certificates")
 
-    async def _coordinate(self, session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
+    async def _coordinate(self, outgoing: asyncio.Queue[Replies]) -> None:
         """Lease expiries, approval decisions and task phases, twice a second."""
         while True:
             try:
@@ -105,10 +139,14 @@ class HubService:
             await asyncio.sleep(COORDINATION_TICK)
 
     async def _apply_presence(self, result: CycleResult) -> None:
-        while result.presence:  # each applied once, also when a later step is retried
-            device, presence = result.presence.pop(0)
-            if await self._store.apply_presence(device, presence, time.time()):
-                log.info("device %s is %s", device, presence.state)
+        """The cycle's presence messages, in one transaction; applied once, also when a later step is retried."""
+        if not result.presence:
+            return
+        changed = await self._store.apply_presences(result.presence, time.time())
+        for i in changed:
+            device, presence = result.presence[i]
+            log.info("device %s is %s", device, presence.state)
+        result.presence = []
 
     @staticmethod
     async def _send_replies(session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
@@ -144,11 +182,11 @@ class HubService:
 async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
     """Re-issue the CRL long before its nextUpdate: an expired CRL locks out the whole fleet."""
     while True:
-        if crl_due(paths, config):
+        if crl_due_in(paths, config) <= 0:
             ca = Authority.load(paths.ca_key, paths.ca_cert)
             crl = await publish_crl(paths, config, store, ca)
             log.info("CRL re-issued; next update %s", crl.next_update_utc)
-        await asyncio.sleep(CRL_CHECK_INTERVAL)
+        await asyncio.sleep(min(CRL_CHECK_INTERVAL, max(MIN_CHECK_WAIT, crl_due_in(paths, config))))
 
 
 async def _metrics(paths: HubPaths, config: HubConfig) -> None:
@@ -169,25 +207,35 @@ async def _announce_ready(supervisor: BrokerSupervisor | None) -> None:
     await asyncio.Event().wait()  # stays, like every task here, until run_hub cancels it
 
 
-async def run_hub(paths: HubPaths, config: HubConfig) -> None:
-    """Run until SIGTERM or SIGINT; stop in reverse order of start."""
+async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT; stop in reverse order of start.
+
+    A replica (`replica` names one of hub.toml's [hub] replicas) shares the primary's broker
+    and database: it runs no broker and no metrics endpoint of its own.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if replica is not None:
+        await prepare_replica(paths, config, replica)  # fail in words before anything starts
     store = await HubStore.open(paths.db)
     tasks: list[asyncio.Task[None]] = []
-    service = HubService(paths, config, store, Watchdog.from_environment())
+    service = HubService(paths, config, store, Watchdog.from_environment(), replica)
     supervisor = None
     try:
         tasks.append(asyncio.create_task(service.watchdog.run(), name="watchdog"))
-        if config.broker.mode == "managed":
+        tasks.append(asyncio.create_task(service.leadership.run(), name="leadership"))
+        if config.broker.mode == "managed" and replica is None:
             write_broker_files(paths, config)  # fail in words before anything starts
             broker_executable(config.broker.executable)
             supervisor = BrokerSupervisor(paths, config)
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
-        tasks.append(asyncio.create_task(keep_crl_fresh(paths, config, store), name="crl"))
-        if config.metrics.port:  # (serve_metrics returns at once for port 0, which would end the hub)
+        tasks.append(asyncio.create_task(
+            service.leadership.while_leading(lambda: keep_crl_fresh(paths, config, store)), name="crl"))
+        tasks.append(asyncio.create_task(service.leadership.while_leading(
+            lambda: keep_certificates_fresh(paths, config, store)), name="certificates"))
+        if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(service.run(), name="hub-service"))
         tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))

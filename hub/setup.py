@@ -20,7 +20,8 @@ from hub.errors import UsageError
 from hub.pki import Authority, cert_pem, key_pem
 from hub.store import HubStore
 
-# The hub's own client certificate; in-band renewal of it is the certificate-lifecycle work.
+# The hub's own client certificates (a replica's too) at first; `edge-hub run` then renews them
+# by pki.server_cert_days (hub/renewal.py).
 HUB_CERT_LIFETIME: Final = dt.timedelta(days=397)
 
 
@@ -54,7 +55,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     write_atomic(paths.policy_pub, policy_key.public_key().public_bytes(
         Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
 
-    server_key, server_cert = ca.issue_server([host, "127.0.0.1", "::1", "localhost"])
+    server_key, server_cert = ca.issue_server([host, "127.0.0.1", "::1", "localhost"], config.pki.server_cert_lifetime)
     write_atomic(paths.server_key, key_pem(server_key), 0o600)
     write_atomic(paths.server_cert, cert_pem(server_cert), 0o644)
 
@@ -63,7 +64,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     write_atomic(paths.hub_key, key_pem(hub_key), 0o600)
     write_atomic(paths.hub_cert, cert_pem(hub_cert), 0o644)
 
-    crl = ca.issue_crl([], dt.timedelta(days=config.pki.crl_days))
+    crl = ca.issue_crl([], config.pki.crl_lifetime)
     write_atomic(paths.crl, crl.public_bytes(Encoding.PEM), 0o644)
 
     store = await HubStore.open(paths.db)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from hub import rollout
+from hub import renewal, rollout
 from hub.config import HubConfig, HubPaths
 from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
-from hub.store import EventRow, HubStore
+from hub.store import EventRow, HubStore, iso
 
 LIST_LINES: Final = 10  # per list on the screen; --json has them all
 EXPIRY_WARNING_DAYS: Final = 14  # certificates (devices' and the broker's) listed this long before they expire
@@ -61,6 +61,8 @@ def summarize(figures: Figures) -> dict[str, Any]:
         "coverage": {"covered": int(covered), "registered": int(registered), "window_s": COVERAGE_WINDOW_S,
                      "ratio": covered / registered if registered else None},
         "ingest": {"records_per_s": figures.total("ingest_records_per_second"),
+                   "records_per_s_by_hub": {labels["hub"]: v for labels, v in
+                                            figures.samples.get("ingest_records_per_second", [])},
                    "messages_per_s": figures.total("ingest_messages_per_second"),
                    "window_minutes": INGEST_RATE_MINUTES,
                    "rejected": int(figures.total("ingest_rejects_total"))},
@@ -97,6 +99,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         recent = await rollout.recent(store, limit=1)
         pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
                                     "WHERE state = 'pending' ORDER BY id")
+        leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
+        lifecycle = await renewal.lifecycle_status(paths, config, store, now)
     finally:
         await store.close()
     figures = Figures.collect(HubCollector(paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s,
@@ -106,21 +110,24 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
     expiring = [d for d in live if d.cert_expires is not None
                 and epoch(d.cert_expires) - now <= EXPIRY_WARNING_DAYS * 86400]
     crl_next, crl_error = crl_next_update(paths.crl)
-    server_expires, server_error = certificate_expiry(paths.server_cert)
+    own = [{**c, "expiring": c["expires"] is not None and epoch(c["expires"]) - now <= EXPIRY_WARNING_DAYS * 86400}
+           for c in lifecycle["hub_certificates"]]
     rejects = {s[0]["reason"]: int(s[1]) for s in figures.samples.get("ingest_rejects_total", [])}
     return Status({
         "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
                     "revoked": len(devices) - len(live)},
+        "leader": ({"hub": leaders[0][0], "since": leaders[0][1], "expires_at": leaders[0][2],
+                    "current": leaders[0][2] >= now} if leaders else None),
         "figures": summarize(figures),
         "offline": [{"device": d.device, "last_seen": d.last_seen} for d in offline],
         "escalations": [_escalation(e) for e in escalations],
         "rejects": dict(sorted(rejects.items())),
         "crl": {"next_update": crl_next, "overdue": crl_next is not None and epoch(crl_next) < now,
                 "error": crl_error},
-        "server_certificate": {"expires": server_expires, "error": server_error,
-                               "expiring": server_expires is not None
-                               and epoch(server_expires) - now <= EXPIRY_WARNING_DAYS * 86400},
+        "hub_certificates": own,
         "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
+        "cert_expired": lifecycle["cert_expired"],
+        "renewal_refused": lifecycle["renewal_refused"],
         "rollout": recent[0] if recent else None,
         "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
                               for a in pending],
@@ -140,7 +147,8 @@ def render(status: Status) -> str:
 
     report, escalations, now = status.report, status.escalations, status.now
     n, f = report["devices"], report["figures"]
-    lines = [f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
+    lines = [_leader_line(report["leader"], now),
+             f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
     lines += _figure_lines(f)
     lines.append("needs a person:")
     lines += _capped([f"  offline  {d['device']}  last seen {d['last_seen'] or 'never'}" for d in report["offline"]],
@@ -154,9 +162,10 @@ def render(status: Status) -> str:
     crl = report["crl"]
     lines.append(f"CRL: {crl['error']}" if crl["error"] else
                  f"CRL next update: {crl['next_update']}" + ("  OVERDUE" if crl["overdue"] else ""))
-    server = report["server_certificate"]
-    lines.append(f"broker certificate: {server['error']}" if server["error"] else
-                 f"broker certificate expires {server['expires']}" + ("  SOON" if server["expiring"] else ""))
+    lines.append("hub certificates: " + "; ".join(
+        f"{c['certificate']}: {c['error']}" if c["error"] else
+        f"{c['certificate']} expires {c['expires']}" + (" SOON" if c["expiring"] else "")
+        for c in report["hub_certificates"]))
     latest = report["rollout"]
     if latest is not None:
         reason = f" ({latest['reason']})" if latest["reason"] else ""
@@ -176,6 +185,14 @@ def render(status: Status) -> str:
     lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
     lines += _capped([f"  {d['device']}  {'expired' if epoch(d['cert_expires']) < now else 'expires'} "
                       f"{d['cert_expires']}" for d in expiring], "edge-hub devices")
+    expired = report["cert_expired"]
+    lines.append(f"devices whose certificate expired (they cannot renew in band): {len(expired) or 'none'}")
+    lines += _capped([f"  {d['device']}  expired {d['cert_expires']}, last seen {d['last_seen'] or 'never'}: "
+                      f"re-provision from a CSR made on it ({d['fix']})" for d in expired], "--json")
+    refused = report["renewal_refused"]
+    lines.append(f"in-band renewals refused (latest per device, not renewed since): {len(refused) or 'none'}")
+    lines += _capped([f"  {when(r['ts'])}  {r['device']}  {r['reason']}: {r['detail']}" for r in refused],
+                     "edge-hub events --kind cert_refused")
     return "\n".join(lines)
 
 
@@ -195,7 +212,7 @@ def _figure_lines(f: dict[str, Any]) -> list[str]:
         f"telemetry coverage: {cov['covered']}/{cov['registered']} devices{ratio} with a reading taken "
         f"in the last {cov['window_s']:g} s",
         f"ingest: {ing['records_per_s']:,.0f} records/s, {ing['messages_per_s']:,.1f} messages/s "
-        f"(last {ing['window_minutes'] - 1}-{ing['window_minutes']} min); device backlogs "
+        f"(last {ing['window_minutes'] - 1}-{ing['window_minutes']} min{_shares(ing)}); device backlogs "
         f"{f['backlog']['readings']:,} readings, {f['backlog']['shed']:,} shed",
         f"actions: {act['succeeded']} succeeded, {act['failed']} failed{success}, {act['refused']} refused "
         f"({act['refused_for_coordination']} for a lease or an approval), {act['skipped']} skipped"
@@ -205,6 +222,25 @@ def _figure_lines(f: dict[str, Any]) -> list[str]:
         + (f" (longest {lease['longest_wait_s']:.1f} s)" if lease["waiting"] else "")
         + f", {lease['expired_at_ttl']} taken back at their TTL",
     ]
+
+
+def _leader_line(leader: dict[str, Any] | None, now: float) -> str:
+    """Which hub process leads the region; none current means no hub process is running it."""
+    if leader is None:
+        return "hub: no hub process has run on this database yet (edge-hub run)"
+    if not leader["current"]:
+        return (f"hub: NOT RUNNING: the last leader, {leader['hub']}, stopped renewing at "
+                f"{iso(leader['expires_at'])} (edge-hub run; journalctl -u edge-hub)")
+    return f"hub: {leader['hub']} leads the region (since {iso(leader['since'])})"
+
+
+def _shares(ingest: dict[str, Any]) -> str:
+    """Each hub process's share of the ingest, when replicas share it."""
+    rates: dict[str, float] = ingest["records_per_s_by_hub"]
+    total = sum(rates.values())
+    if len(rates) < 2 or not total:
+        return ""
+    return "; " + ", ".join(f"{hub} {rate / total:.0%}" for hub, rate in rates.items())
 
 
 def epoch(iso_time: str) -> float:
@@ -223,14 +259,3 @@ def crl_next_update(path: Path) -> tuple[str | None, str | None]:
     if next_update is None:
         return None, f"{path} has no next update"
     return next_update.isoformat(timespec="seconds"), None
-
-
-def certificate_expiry(path: Path) -> tuple[str | None, str | None]:
-    """A PEM certificate's notAfter (ISO 8601, UTC), or why it could not be read."""
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        return None, f"cannot read {path}: {exc}"
-    return cert.not_valid_after_utc.isoformat(timespec="seconds"), None

@@ -177,14 +177,21 @@ MIGRATIONS: Final[Sequence[str]] = (
         device TEXT NOT NULL, base INTEGER NOT NULL, last INTEGER NOT NULL,
         PRIMARY KEY (device, base, last)
     ) WITHOUT ROWID;
-    CREATE TABLE ingest_minutes (          -- what the ingest committed, per minute of the hub clock
-        minute INTEGER PRIMARY KEY,        -- epoch seconds // 60
-        records INTEGER NOT NULL, messages INTEGER NOT NULL
-    );
+    CREATE TABLE ingest_minutes (          -- what each hub process committed, per minute of the hub clock
+        minute INTEGER NOT NULL,           -- epoch seconds // 60
+        hub TEXT NOT NULL,                 -- the process: hub.REGION, or a replica's hub.REGION.NAME
+        records INTEGER NOT NULL, messages INTEGER NOT NULL,
+        PRIMARY KEY (minute, hub)
+    ) WITHOUT ROWID;
     CREATE TABLE leadership (              -- which replica runs the region-wide loops (hub/leadership.py)
         role TEXT PRIMARY KEY,
         holder TEXT NOT NULL, since REAL NOT NULL, expires_at REAL NOT NULL
     ) WITHOUT ROWID;
+    """,
+    """
+    ALTER TABLE certificates ADD COLUMN key_id TEXT;   -- in-band renewals: protocol.key_id of the public key
+    ALTER TABLE certificates ADD COLUMN pem TEXT;      -- ... and the certificate sent, to answer a repeat alike
+    CREATE INDEX certificates_key ON certificates(device, key_id);
     """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -270,6 +277,7 @@ class IngestWork:
     statuses: dict[str, Status] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)
     messages: int = 0  # the MQTT messages they came in
+    hub: str = ""  # the hub process that took them in (replicas share the ingest)
 
 
 def iso(ts: float | None) -> str | None:
@@ -445,27 +453,31 @@ class HubStore:
 
     async def apply_presence(self, device: str, presence: Presence, now: float) -> bool:
         """Record a presence message; return False if it was stale or for an unknown device."""
-        async with self._write_lock:
-            return await self._apply_presence(device, presence, now)
+        return bool(await self.apply_presences([(device, presence)], now))
 
-    async def _apply_presence(self, device: str, presence: Presence, now: float) -> bool:
-        async with self._db.execute("SELECT session, online FROM devices WHERE device = ?", (device,)) as cur:
-            row = await cur.fetchone()
+    async def apply_presences(self, messages: Sequence[tuple[str, Presence]], now: float) -> list[int]:
+        """Record presence messages in order, in one transaction; return the indexes of those that changed
+        something (not stale, not for an unknown device)."""
+        async def work(db: aiosqlite.Connection) -> list[int]:
+            return [i for i, (device, presence) in enumerate(messages)
+                    if await self._presence(db, device, presence, now)]
+        return await self.atomically(work)
+
+    @staticmethod
+    async def _presence(db: aiosqlite.Connection, device: str, presence: Presence, now: float) -> bool:
+        row = await fetch_one(db, "SELECT session, online FROM devices WHERE device = ?", (device,))
         if row is None:
             return False
         if presence.state == "online":
-            await self._db.execute(
+            await db.execute(
                 "UPDATE devices SET online = 1, session = ?, last_seen = ?, connected_at = ?, agent_version = ? "
                 "WHERE device = ?",
                 (presence.session, now, now, presence.agent_version, device),
             )
         elif row["session"] in (None, presence.session):
-            await self._db.execute(
-                "UPDATE devices SET online = 0, last_seen = ? WHERE device = ?", (now, device)
-            )
+            await db.execute("UPDATE devices SET online = 0, last_seen = ? WHERE device = ?", (now, device))
         else:
             return False  # the Last Will of a connection that a newer one replaced
-        await self._db.commit()
         return True
 
     # --- ingest ---------------------------------------------------------------------
@@ -501,9 +513,10 @@ class HubStore:
             if work.messages:
                 minute = int(work.now // 60)
                 await db.execute(
-                    "INSERT INTO ingest_minutes(minute, records, messages) VALUES (?, ?, ?) ON CONFLICT(minute) "
-                    "DO UPDATE SET records = records + excluded.records, messages = messages + excluded.messages",
-                    (minute, len(work.telemetry) + len(work.events), work.messages))
+                    "INSERT INTO ingest_minutes(minute, hub, records, messages) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(minute, hub) DO UPDATE "
+                    "SET records = records + excluded.records, messages = messages + excluded.messages",
+                    (minute, work.hub, len(work.telemetry) + len(work.events), work.messages))
                 await db.execute("DELETE FROM ingest_minutes WHERE minute < ?", (minute - INGEST_MINUTES_KEPT,))
             for device, status in work.statuses.items():
                 await db.execute(

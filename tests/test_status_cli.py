@@ -20,10 +20,10 @@ async def test_status_flags_offline_drifted_pending_approval_and_expiring_certif
     now = time.time()
     store = await HubStore.open(hub_dir.dir / "hub.db")
     try:
-        for serial, device in enumerate(("ok", "gone", "drifter", "asker", "old-cert"), start=0x1000):
+        for serial, device in enumerate(("ok", "gone", "drifter", "asker", "old-cert", "lapsed"), start=0x1000):
             await store.register(device, "sim", {})
             await store.apply_presence(device, Presence(state="online", session="s1"), now - 1000)
-            days = 3 if device == "old-cert" else 80
+            days = {"old-cert": 3, "lapsed": -2}.get(device, 80)
             await store.record_certificate(serial, device, "device",
                                            dt.datetime.fromtimestamp(now + days * 86400, dt.UTC))
         await store.apply_presence("gone", Presence(state="offline", session="s1"), now - 500)
@@ -51,7 +51,9 @@ async def test_status_flags_offline_drifted_pending_approval_and_expiring_certif
     assert [(d["device"], d["applied"], d["intended"]) for d in status["policy_drifted"]] == [("drifter", None, 1)]
     assert [(a["device"], a["rule"], a["action"]) for a in status["approvals_pending"]] == [
         ("asker", "reflash", "command")]
-    assert [d["device"] for d in status["cert_expiring"]] == ["old-cert"]
+    assert sorted(d["device"] for d in status["cert_expiring"]) == ["lapsed", "old-cert"]
+    assert [(d["device"], d["fix"]) for d in status["cert_expired"]] == [
+        ("lapsed", "edge-hub provision --csr FILE --dir DIR --out OUT lapsed")]  # cannot renew in band
 
     code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
     assert code == 0, err
@@ -60,6 +62,8 @@ async def test_status_flags_offline_drifted_pending_approval_and_expiring_certif
     assert "asker  rule reflash: command" in out
     assert "edge-hub approvals approve|deny" in out
     assert "old-cert  expires" in out
+    assert "lapsed  expired" in out
+    assert "devices whose certificate expired (they cannot renew in band): 1" in out
 
 
 async def test_status_figures_match_the_hub_state(hub_dir: HubDir) -> None:
@@ -104,6 +108,7 @@ async def test_status_figures_match_the_hub_state(hub_dir: HubDir) -> None:
 
     code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
     assert code == 0, err
+    assert "hub: no hub process has run on this database yet" in out
     assert "telemetry coverage: 3/4 devices (75%)" in out
     assert "actions: 3 succeeded, 1 failed, 75.0% success" in out
     assert "decision latency p99 <= 50 ms" in out

@@ -68,17 +68,20 @@ async def test_two_replicas_sharing_a_device_acknowledge_what_both_stored(tmp_pa
         stored: set[int] = set()
         for base, last in batches:
             seqs = range(base + 1, last + 1)
-            ack = await rng.choice(replicas).commit_ingest(IngestWork(
+            store = rng.choice(replicas)
+            ack = await store.commit_ingest(IngestWork(
                 now=1000.0, telemetry=[("d1", s, 1.0, "m", float(s)) for s in seqs],
-                ranges={"d1": [(base, last, False)]}, messages=1))
+                ranges={"d1": [(base, last, False)]}, messages=1, hub=f"hub.t{replicas.index(store)}"))
             stored.update(seqs)
             assert set(range(1, ack["d1"] + 1)) <= stored  # never acknowledges what is not stored
         assert ack["d1"] == 2000
         rows = await replicas[1].query("SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry WHERE device = 'd1'")
         assert tuple(rows[0]) == (2000, 2000)
         assert tuple((await replicas[1].query("SELECT COUNT(*) FROM ingest_ranges"))[0]) == (0,)  # nothing waits
-        minutes = await replicas[0].query("SELECT records, messages FROM ingest_minutes")
-        assert tuple(minutes[0]) == (2000, len(batches))
+        minutes = await replicas[0].query("SELECT hub, records, messages FROM ingest_minutes ORDER BY hub")
+        assert sum(m[1] for m in minutes) == 2000  # each record committed by one of them
+        assert sum(m[2] for m in minutes) == len(batches)
+        assert [m[0] for m in minutes] == ["hub.t0", "hub.t1"]
     finally:
         for store in replicas:
             await store.close()

@@ -1,0 +1,258 @@
+"""Certificate lifecycle at the hub: devices' in-band renewals, and the broker's and the hub's
+own certificates renewed before they expire (the CRL's upkeep is in hub/revocation.py).
+
+Devices: an agent sends a certificate request (made on the device, for a key that never
+leaves it) on its own up/cert; the broker's ACL lets it publish only there, so the topic
+names the device. `CertificateDesk` signs it if the device is registered and not revoked and
+the request names the device, and answers on down/cert. Every refusal is audited (a hub event
+`cert_refused`, and a log line); every certificate issued is recorded with the key it is for
+(`cert_issued`), so a repeated request (a reply lost, a device killed mid-renewal) gets the
+same certificate, not another one. docs/security.md, "Certificate lifecycle".
+
+The broker's server certificate and the hub's client certificates keep their keys when they
+are renewed: replacing one file is atomic, a pair of files is not, and Mosquitto reads both
+when it reloads. The new certificate is written, then the broker reloaded (SIGHUP); connected
+devices stay connected (a reload keeps live sessions), new connections see the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from edge_agent.errors import PublishRefused
+from edge_agent.files import write_atomic
+from edge_agent.mqtt import MqttSession
+from edge_agent.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
+from hub.broker import reload_broker
+from hub.config import HubConfig, HubPaths
+from hub.pki import (
+    Authority,
+    CsrRefused,
+    cert_pem,
+    common_name,
+    host_names,
+    public_key_id,
+    renewal_due_in,
+    utcnow,
+)
+from hub.store import HubStore, fetch_one, iso
+
+CHECK_INTERVAL: Final = 3600.0  # the hub's certificates live for months: hourly looks leave ample margin
+MIN_CHECK_WAIT: Final = 1.0  # between looks, however short the configured lifetimes (tests, drills)
+
+log = logging.getLogger("hub.renewal")
+
+
+class CertificateDesk:
+    """Answers devices' certificate requests (up/cert). `handle` in the ingest cycle, `serve` per session."""
+
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+        self._paths, self._config, self._store = paths, config, store
+        self._ca: Authority | None = None
+        self._outgoing: asyncio.Queue[tuple[str, CertReply]] = asyncio.Queue()
+
+    @property
+    def ca(self) -> Authority:
+        if self._ca is None:
+            self._ca = Authority.load(self._paths.ca_key, self._paths.ca_cert)
+        return self._ca
+
+    async def handle(self, requests: list[tuple[str, CertRequest]]) -> None:
+        """Answer each request (committed and audited before the answer is queued)."""
+        for device, request in requests:
+            self._outgoing.put_nowait((device, await self.answer(device, request)))
+
+    async def serve(self, session: MqttSession) -> None:
+        """Publish the answers, in order. One lost with the connection is asked for again by the
+        device (it repeats its request until answered)."""
+        while True:
+            device, reply = await self._outgoing.get()
+            try:
+                await session.publish(down_topic(device, CERT), pack_cert(reply), qos=1)
+            except PublishRefused as exc:
+                log.warning("the answer to %s's certificate request was refused by the broker: %s", device, exc)
+
+    async def answer(self, device: str, request: CertRequest) -> CertReply:
+        """The certificate for `device`'s request, or why not; recorded and audited in one transaction."""
+        try:
+            csr = x509.load_pem_x509_csr(request.csr.encode())
+            key = public_key_id(_public_key(csr))
+        except ValueError as exc:
+            return await self._refuse_alone(device, CertRefused(
+                key_id="", reason="bad_request", detail=f"not a usable PEM certificate request: {exc}"[:500]))
+        now = time.time()
+
+        async def work(db: aiosqlite.Connection) -> tuple[CertReply, bool]:
+            # Read, sign and record in one IMMEDIATE transaction: an `edge-hub revoke` running at the
+            # same time either comes first (and is seen here) or revokes this certificate too.
+            row = await fetch_one(db, "SELECT revoked_at FROM devices WHERE device = ?", (device,))
+            if row is None or row[0] is not None:
+                reason = "unknown_device" if row is None else "revoked"
+                detail = f"{device} is not registered with this hub" if row is None else f"{device} is revoked"
+                return await self._refusal(db, device, CertRefused(key_id=key, reason=reason, detail=detail)), False
+            repeat = await fetch_one(
+                db, "SELECT pem FROM certificates WHERE device = ? AND key_id = ? AND purpose = 'device' "
+                    "AND revoked_at IS NULL AND not_after > ? AND pem IS NOT NULL ORDER BY not_after DESC LIMIT 1",
+                (device, key, now))
+            if repeat is not None:
+                return CertIssued(key_id=key, cert=repeat[0]), True
+            try:
+                cert = self.ca.sign_request(csr, device, self._config.pki.device_cert_lifetime)
+            except CsrRefused as exc:
+                return await self._refusal(db, device, CertRefused(key_id=key, reason=exc.reason,
+                                                                   detail=str(exc)[:500])), False
+            pem = cert_pem(cert).decode()
+            await db.execute(
+                "INSERT INTO certificates(serial, device, purpose, issued_at, not_after, key_id, pem) "
+                "VALUES (?, ?, 'device', ?, ?, ?, ?)",
+                (format(cert.serial_number, "x"), device, now, cert.not_valid_after_utc.timestamp(), key, pem))
+            await self._store.hub_event(db, self._config.identity, "cert_issued", {
+                "device": device, "serial": format(cert.serial_number, "x"), "key_id": key,
+                "not_after": cert.not_valid_after_utc.timestamp()})
+            return CertIssued(key_id=key, cert=pem), False
+
+        reply, repeated = await self._store.atomically(work)
+        if isinstance(reply, CertRefused):
+            _log_refusal(device, reply)
+        elif repeated:
+            log.info("certificate request from %s answered again with the certificate issued for key %s", device, key)
+        else:
+            log.info("certificate issued to %s in band for key %s, valid %s", device, key,
+                     self._config.pki.device_cert_lifetime)
+        return reply
+
+    async def _refusal(self, db: aiosqlite.Connection, device: str, refused: CertRefused) -> CertRefused:
+        await self._store.hub_event(db, self._config.identity, "cert_refused", {
+            "device": device, "reason": refused.reason, "detail": refused.detail, "key_id": refused.key_id})
+        return refused
+
+    async def _refuse_alone(self, device: str, refused: CertRefused) -> CertRefused:
+        result = await self._store.atomically(lambda db: self._refusal(db, device, refused))
+        _log_refusal(device, result)
+        return result
+
+
+def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise ValueError("only ECDSA (P-256, P-384) and RSA keys are accepted")
+    return key
+
+
+def _log_refusal(device: str, refused: CertRefused) -> None:
+    log.warning("certificate request from %s refused (%s): %s", device, refused.reason, refused.detail)
+
+
+# --- the broker's and the hub's own certificates ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnCertificate:
+    """A certificate of the hub itself, renewed with the key it has."""
+
+    what: str  # for the log
+    purpose: str  # certificates.purpose
+    cert: Path
+    key: Path
+    server: bool  # the broker's: serverAuth with the same names, and the broker reloads it
+
+
+def own_certificates(paths: HubPaths, config: HubConfig) -> list[OwnCertificate]:
+    found = [OwnCertificate("broker certificate", "server", paths.server_cert, paths.server_key, True),
+             OwnCertificate(f"hub certificate {config.identity}", "hub", paths.hub_cert, paths.hub_key, False)]
+    found += [OwnCertificate(f"hub certificate {config.replica_identity(r)}", "hub", paths.replica_cert(r),
+                             paths.replica_key(r), False)
+              for r in config.hub.replicas if paths.replica_cert(r).exists()]
+    return found
+
+
+async def keep_certificates_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    """Renew each of the hub's own certificates once less than pki.server_cert_renew_fraction of its
+    life is left; look again when the next one is due (at least hourly)."""
+    while True:
+        waits = [await renew_if_due(own, paths, config, store) for own in own_certificates(paths, config)]
+        await asyncio.sleep(max(MIN_CHECK_WAIT, min([CHECK_INTERVAL, *waits])))
+
+
+async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, store: HubStore,
+                       now: dt.datetime | None = None) -> float:
+    """Renew `own` if it is due (at `now`, default the clock's); return the seconds until it is due next."""
+    pki = config.pki
+    try:
+        cert = x509.load_pem_x509_certificate(own.cert.read_bytes())
+        key = load_pem_private_key(own.key.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        log.error("cannot renew the %s: %s", own.what, exc)
+        return CHECK_INTERVAL
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        log.error("cannot renew the %s: %s is not an ECDSA key", own.what, own.key)
+        return CHECK_INTERVAL
+    due = renewal_due_in(cert.not_valid_after_utc, pki.server_cert_lifetime, pki.server_cert_renew_fraction,
+                         now or utcnow())
+    if due > 0:
+        return due
+    ca = Authority.load(paths.ca_key, paths.ca_cert)
+    if own.server:
+        new = ca.issue_server(host_names(cert), pki.server_cert_lifetime, key)[1]
+    else:
+        new = ca.issue_client(common_name(cert), pki.server_cert_lifetime, key.public_key())[1]
+    write_atomic(own.cert, cert_pem(new), 0o644)
+    await store.record_certificate(new.serial_number, common_name(new), own.purpose, new.not_valid_after_utc)
+    reloaded = own.server and reload_broker(paths, config)
+    log.info("%s renewed: serial %x, valid until %s%s", own.what, new.serial_number,
+             new.not_valid_after_utc.isoformat(timespec="seconds"), "; broker reloaded" if reloaded else "")
+    due = renewal_due_in(new.not_valid_after_utc, pki.server_cert_lifetime, pki.server_cert_renew_fraction, utcnow())
+    if due <= 0:  # the CA itself ends before a full lifetime: no point in renewing every second
+        log.error("the %s cannot outlive the fleet CA (it ends %s): rotate the CA (docs/operations.md)", own.what,
+                  new.not_valid_after_utc.isoformat(timespec="seconds"))
+        return CHECK_INTERVAL
+    return due
+
+
+# --- for `edge-hub status` ---------------------------------------------------------------------
+
+
+async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
+                           now: float | None = None) -> dict[str, Any]:
+    """What an operator must act on: devices whose certificates all expired (they cannot renew in
+    band), the latest in-band refusal of each device not renewed since, and the hub's own
+    certificates' expiry."""
+    now = time.time() if now is None else now
+    expired = await store.query(
+        "SELECT d.device, MAX(c.not_after), d.last_seen FROM devices d JOIN certificates c USING (device) "
+        "WHERE d.revoked_at IS NULL AND c.purpose = 'device' AND c.revoked_at IS NULL "
+        "GROUP BY d.device HAVING MAX(c.not_after) <= ? ORDER BY d.device", (now,))
+    refusals = await store.query(
+        "SELECT json_extract(body, '$.device'), MAX(seq), ts, json_extract(body, '$.reason'), "
+        "json_extract(body, '$.detail') FROM events WHERE device = ? AND kind = 'cert_refused' "
+        "GROUP BY 1 ORDER BY 1", (config.identity,))
+    issued = {row[0]: row[1] for row in await store.query(
+        "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = 'cert_issued' "
+        "GROUP BY 1", (config.identity,))}
+    own = []
+    for certificate in own_certificates(paths, config):
+        try:
+            cert = x509.load_pem_x509_certificate(certificate.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            own.append({"certificate": certificate.what, "expires": None, "error": f"{certificate.cert}: {exc}"})
+        else:
+            own.append({"certificate": certificate.what, "expires": cert.not_valid_after_utc.isoformat(
+                timespec="seconds"), "error": None})
+    return {
+        "cert_expired": [{"device": d, "cert_expires": iso(t), "last_seen": iso(seen),
+                          "fix": f"edge-hub provision --csr FILE --dir DIR --out OUT {d}"} for d, t, seen in expired],
+        "renewal_refused": [{"device": d, "reason": reason, "detail": detail, "ts": ts}
+                            for d, seq, ts, reason, detail in refusals if issued.get(d, 0) < seq],
+        "hub_certificates": own,
+    }
