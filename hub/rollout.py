@@ -11,9 +11,10 @@ Versions only grow. A rollback is a new version carrying the previous policy's t
 agent's replay check (version must grow) never has to make an exception, and a device that
 was offline through a push and its rollback goes straight to the rollback's version.
 
-Single-replica assumption: every transition is one IMMEDIATE transaction that re-reads the
-state it changes, so two writers (the CLI and the hub, or two hubs on one database file)
-cannot both advance the same wave; with a shared database server the same statements hold.
+Every transition is one IMMEDIATE transaction that re-reads the state it changes, so two
+writers (the CLI and the hub, or two hub processes on one database file) cannot both advance
+the same wave; with a shared database server the same statements hold. The hub's `tick` runs
+in the leading process only (hub/leadership.py).
 """
 
 from __future__ import annotations
