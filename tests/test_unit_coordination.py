@@ -43,8 +43,10 @@ from edge_agent.protocol import (
     up_topic,
 )
 from edge_agent.sdnotify import Watchdog
+from hub.config import HubConfig, HubPaths
 from hub.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
 from hub.ingest import Ingest
+from hub.renewal import CertificateDesk
 from hub.service import HubService
 from hub.store import HubStore
 
@@ -832,14 +834,21 @@ class FakeSession:
             self.published.append((topic, unpack_down(payload)))
 
 
+def _ingest_only_service(hub: Hub) -> HubService:
+    """The hub service's ingest cycle over the test's store (no broker, no CA: nothing here renews)."""
+    service = HubService.__new__(HubService)
+    service._store, service.ingest, service.coordination = hub.store, Ingest(hub.store), hub.coord
+    service.certificates = CertificateDesk(HubPaths(Path("/nonexistent")), HubConfig(region="test"), hub.store)
+    service.watchdog = Watchdog(None)
+    return service
+
+
 async def test_a_request_resent_with_the_reconnect_presence_is_answered(hub: Hub) -> None:
     """The agent reconnects: it publishes its presence, then at once sends its open requests again
     (HubCoordinator.on_connected). Both land in one ingest cycle of the hub."""
     await hub.device("a")
     await hub.offline("a", T0)  # its Last Will, when the connection dropped
-    service = HubService.__new__(HubService)
-    service._store, service.ingest, service.coordination = hub.store, Ingest(hub.store), hub.coord
-    service.watchdog = Watchdog(None)
+    service = _ingest_only_service(hub)
     session = FakeSession([
         Message(presence_topic("a"), encode(Presence(state="online", session="s2")), 1, True, 1),
         Message(up_topic("a", COORD), pack_coord(req("ra")), 1, False, 2),
@@ -854,9 +863,7 @@ async def test_the_ingest_cycle_answers_a_request_of_an_online_device(hub: Hub) 
     """The same harness as above, with the device's presence already applied: the grant is published
     after the cycle (the control for the test above)."""
     await hub.device("a")
-    service = HubService.__new__(HubService)
-    service._store, service.ingest, service.coordination = hub.store, Ingest(hub.store), hub.coord
-    service.watchdog = Watchdog(None)
+    service = _ingest_only_service(hub)
     session = FakeSession([Message(up_topic("a", COORD), pack_coord(req("ra")), 1, False, 2)])
     await session.one_cycle(service)
     assert session.published == [(down_topic("a", COORD), LeaseGrant(id="ra", name="L", token=1, expires_in_s=TTL))]
