@@ -101,8 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the hub (and the managed Mosquitto) until SIGTERM/SIGINT",
         description="Start and supervise Mosquitto (restarted if it dies, stopped on exit) unless "
-                    "hub.toml sets broker.mode = \"external\", and run the hub service: presence, CRL "
-                    "upkeep. Logs go to stderr.")
+                    "hub.toml sets broker.mode = \"external\" or this is a --replica, and run the hub "
+                    "service: presence, ingest and acknowledgments, coordination, policy rollouts, devices' "
+                    "certificate renewals, and the upkeep of the CRL and of the broker's and the hub's own "
+                    "certificates. Logs go to stderr.")
     _dir_arg(run)
     run.add_argument("--replica", metavar="NAME",
                      help="run as the named replica of this hub (listed in hub.toml [hub] replicas): it shares "
