@@ -100,3 +100,10 @@ async def test_two_replicas_share_the_ingest_and_one_carries_on_after_a_kill(hub
     code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
     assert code == 0, err
     assert re.search(r"hub\.test \d+%, hub\.test\.b \d+%", out), out  # each process's share of the ingest
+
+
+async def test_a_replica_hub_toml_does_not_list_is_refused_in_words(hub_dir: HubDir) -> None:
+    code, _, err = await run_cli(HUB, "run", "--dir", str(hub_dir.dir), "--replica", "nope")
+    assert code == 2
+    assert "does not list the replica 'nope'" in err
+    assert "add it there" in err
