@@ -5,6 +5,7 @@ Validation happens once, here, at the edge; code inside only sees typed structs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tomllib
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from edge_agent.errors import ConfigError
+from edge_agent.expr import parse_duration
 
 T = TypeVar("T")
 
@@ -95,3 +97,15 @@ def toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def duration_arg(text: str) -> float:
+    """An argparse type: seconds, or a number and a unit (500ms, 30s, 5m, 1h)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

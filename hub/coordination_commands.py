@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
+from edge_agent.settings import duration_arg
 from hub.config import load_hub
 from hub.errors import UsageError
-from hub.policy_commands import duration_arg
 from hub.rollout import Selector, operator_name
 from hub.store import HubStore
 

@@ -13,9 +13,9 @@ import msgspec
 
 from edge_agent.config import check_policy
 from edge_agent.errors import ConfigError
-from edge_agent.expr import parse_duration
 from edge_agent.policy import Policy, PolicyError, validate_policy
 from edge_agent.profiles import load_profile
+from edge_agent.settings import duration_arg
 from hub.config import load_hub
 from hub.errors import UsageError
 
@@ -85,17 +85,6 @@ def _percent(text: str) -> float:
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"{text}: use more than 0 and at most 100")
     return value
-
-
-def duration_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def run(args: argparse.Namespace) -> int:
