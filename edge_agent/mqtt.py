@@ -18,6 +18,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -129,6 +130,7 @@ class MqttSession:
         self._clean_start, self._session_expiry = clean_start, session_expiry
         self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -284,8 +286,15 @@ class MqttSession:
         c.on_socket_unregister_write = self._on_unregister_write
 
     def _threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
-        # paho's connect runs in an executor thread and opens the socket there.
-        self._loop.call_soon_threadsafe(fn, *args)
+        # paho's connect runs in an executor thread and opens the socket there: hand the call to
+        # the loop. Once connected paho calls back on the loop's own thread (a writer registered
+        # and unregistered for every publish): call at once. call_soon_threadsafe would write a
+        # byte to the loop's self-pipe each time; thousands of sessions in a process (or a busy
+        # hub) fill that pipe, and a signal's wake-up byte, written to the same pipe, is lost.
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._threadsafe(self._attach, sock)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,38 @@ async def test_close_does_not_swallow_a_cancellation_of_its_caller() -> None:
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
+
+
+async def test_paho_socket_callbacks_on_the_loop_thread_do_not_write_to_its_self_pipe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho registers a writer for every publish, on the loop's thread once connected. Each
+    call_soon_threadsafe writes a byte to the loop's self-pipe: 2,000 sessions kept it full and a
+    SIGTERM's wake-up byte, written there too, was lost. Only paho's connect thread may use it."""
+    loop = asyncio.get_running_loop()
+    handed: list[Callable[..., Any]] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Handle:
+        handed.append(callback)
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    session = MqttSession(client_id="x", host="127.0.0.1", port=1, tls=ssl.create_default_context())
+    mine, other = socket.socketpair()
+    try:
+        session._on_register_write(session._client, None, mine)
+        assert handed == []
+        assert loop.remove_writer(mine)  # registered at once, not later
+        session._on_unregister_write(session._client, None, mine)
+        assert handed == []
+
+        await asyncio.to_thread(session._on_register_write, session._client, None, mine)  # as during connect
+        assert [c.__name__ for c in handed if getattr(c, "__self__", None) is session] == ["_add_writer"]
+        await asyncio.sleep(0)  # the loop runs what the thread handed it
+        assert loop.remove_writer(mine)
+    finally:
+        mine.close()
+        other.close()
 
 
 async def test_nobody_listening_is_a_network_error_not_an_identity_error() -> None:
