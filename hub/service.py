@@ -112,6 +112,7 @@ class HubService:
         log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
                  self._config.broker.port)
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
+        acks = AckSender()
 
         async def lead() -> None:
             async with asyncio.TaskGroup() as leader_tasks:
@@ -119,7 +120,8 @@ class HubService:
                 leader_tasks.create_task(self._coordinate(outgoing), name="coordination")
 
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._ingest(session, outgoing), name="ingest")
+            tasks.create_task(self._ingest(session, outgoing, acks), name="ingest")
+            tasks.create_task(acks.serve(session), name="acks")
             tasks.create_task(self.leadership.while_leading(lead), name="leader")
             tasks.create_task(self._send_replies(session, outgoing), name="replies")
             tasks.create_task(self.certificates.serve(session), name="certificates")
@@ -164,7 +166,7 @@ class HubService:
             finally:
                 outgoing.task_done()
 
-    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies]) -> None:
+    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies], acks: AckSender) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
             with self.watchdog.busy("ingest"):  # waiting for messages is not watched; a cycle is
@@ -172,11 +174,39 @@ class HubService:
                 for message in messages:
                     session.ack(message)  # PUBACK only now that the database has it
                 outgoing.put_nowait(replies)
-                if result.acks:
-                    await asyncio.gather(*(
-                        session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1)
-                        for d, w in result.acks.items()
-                    ))
+                acks.put(result.acks)
+
+
+class AckSender:
+    """The devices' end-to-end acks, published apart from the ingest loop.
+
+    The ingest must not wait for their PUBACKs: when more messages wait than the session reads
+    ahead (it stops reading the socket, edge_agent.mqtt.READ_HIGH_WATER), those PUBACKs cannot
+    arrive until the ingest takes more messages, and the hub stalled until the broker dropped it
+    for keepalive (seen at 2,000 devices sending every second). Pending acks are kept one per
+    device, the highest watermark: a slow broker makes them fewer, never a growing queue. An ack
+    lost with the connection costs nothing: the device resends, and the duplicate is acked again.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[str, int] = {}
+        self._news = asyncio.Event()
+
+    def put(self, acks: dict[str, int]) -> None:
+        due = self._due
+        for device, through in acks.items():
+            if through > due.get(device, 0):
+                due[device] = through
+        if due:
+            self._news.set()
+
+    async def serve(self, session: MqttSession) -> None:
+        while True:
+            await self._news.wait()
+            self._news.clear()
+            due, self._due = self._due, {}
+            await asyncio.gather(*(session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1)
+                                   for d, w in due.items()))
 
 
 async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:

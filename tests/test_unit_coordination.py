@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,13 @@ import pytest
 
 from edge_agent.mqtt import Message
 from edge_agent.protocol import (
+    ACK,
     COORD,
+    TELEMETRY,
+    Ack,
     ApprovalDecision,
     ApprovalRequest,
+    Batch,
     Bid,
     CoordDown,
     CoordUp,
@@ -36,8 +40,10 @@ from edge_agent.protocol import (
     TaskOffer,
     down_topic,
     encode,
+    pack,
     pack_coord,
     presence_topic,
+    unpack,
     unpack_down,
     unpack_up,
     up_topic,
@@ -47,7 +53,7 @@ from hub.config import HubConfig, HubPaths
 from hub.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
 from hub.ingest import Ingest
 from hub.renewal import CertificateDesk
-from hub.service import HubService
+from hub.service import AckSender, HubService
 from hub.store import HubStore
 
 HUB = "hub.eu-1"
@@ -805,7 +811,7 @@ class FakeSession:
         """Run the hub's ingest loop until it has handled the batch, then stop it; the replies it
         queued go out through the hub's own reply sender."""
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
-        task = asyncio.create_task(service._ingest(self, outgoing))  # type: ignore[arg-type]
+        task = asyncio.create_task(service._ingest(self, outgoing, AckSender()))  # type: ignore[arg-type]
         try:
             async with asyncio.timeout(5):
                 await self.idle.wait()
@@ -867,3 +873,76 @@ async def test_the_ingest_cycle_answers_a_request_of_an_online_device(hub: Hub) 
     session = FakeSession([Message(up_topic("a", COORD), pack_coord(req("ra")), 1, False, 2)])
     await session.one_cycle(service)
     assert session.published == [(down_topic("a", COORD), LeaseGrant(id="ra", name="L", token=1, expires_in_s=TTL))]
+
+
+class StalledAcks:
+    """A hub session whose ack publishes get no PUBACK until `puback` is set: as when the session
+    has stopped reading its socket because more messages wait than it reads ahead."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.committed: list[int] = []  # mids the hub PUBACKed (it does so once they are in the database)
+        self.acks: list[tuple[str, int]] = []  # (device, through) of each ack published
+        self.puback = asyncio.Event()
+        self.changed = asyncio.Event()  # set on each PUBACK and each publish
+
+    async def next_message(self) -> Message:
+        return await self.inbox.get()
+
+    def drain(self, limit: int) -> list[Message]:
+        out: list[Message] = []
+        while len(out) < limit and not self.inbox.empty():
+            out.append(self.inbox.get_nowait())
+        return out
+
+    def ack(self, message: Message) -> None:
+        self.committed.append(message.mid)
+        self.changed.set()
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        assert topic.endswith(f"/down/{ACK}"), topic
+        self.acks.append((topic.split("/")[3], unpack(payload, Ack).through))
+        self.changed.set()
+        await self.puback.wait()
+
+    async def until(self, what: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not what():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def batch(base: int, last: int, mid: int) -> Message:
+    seqs = list(range(base + 1, last + 1))
+    payload = pack(Batch(base=base, last=last, names=["t"], seq=seqs, ts=[T0 + s for s in seqs],
+                         metric=[0] * len(seqs), value=[float(s) for s in seqs]))
+    return Message(up_topic("a", TELEMETRY), payload, 1, False, mid)
+
+
+async def test_the_ingest_goes_on_while_its_acks_wait_for_their_pubacks(hub: Hub) -> None:
+    """The hub once awaited the PUBACKs of its acks before taking more messages; with the session
+    no longer reading its socket those PUBACKs could not arrive, and the hub stalled until the
+    broker dropped it. Now the ingest commits on, and the acks that wait are merged per device."""
+    await hub.device("a")
+    service, session = _ingest_only_service(hub), StalledAcks()
+    acks = AckSender()
+    outgoing: asyncio.Queue[Replies] = asyncio.Queue()
+    tasks = [asyncio.create_task(service._ingest(session, outgoing, acks)),  # type: ignore[arg-type]
+             asyncio.create_task(acks.serve(session))]  # type: ignore[arg-type]
+    try:
+        session.inbox.put_nowait(batch(0, 3, mid=1))
+        await session.until(lambda: session.acks == [("a", 3)])  # published; its PUBACK does not come
+        session.inbox.put_nowait(batch(3, 6, mid=2))
+        await session.until(lambda: 2 in session.committed)
+        session.inbox.put_nowait(batch(6, 9, mid=3))
+        await session.until(lambda: 3 in session.committed)
+        assert session.acks == [("a", 3)]  # the later acks wait, as one
+        session.puback.set()
+        await session.until(lambda: len(session.acks) == 2)
+        assert session.acks == [("a", 3), ("a", 9)]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r[0] for r in await hub.store.query("SELECT seq FROM telemetry WHERE device = 'a' ORDER BY seq")] \
+        == list(range(1, 10))
