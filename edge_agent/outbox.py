@@ -21,20 +21,22 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple
-
-import aiosqlite
+from typing import Final, NamedTuple
 
 from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_EVENT_BODY
 from edge_agent.sensors import Reading
 from edge_agent.sqlite import to_completion
+from edge_agent.sqlite_pool import PooledConnection, connect
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
 COMMIT_ROWS: Final = 50_000  # ...or sooner, once this many wait (a burst is committed early; add() never blocks)
+# With nothing to commit the flusher sleeps until there is, waking this often only to show the
+# watchdog it is alive: an idle agent (or 2,000 simulated ones in a process) costs no CPU.
+IDLE_BEAT: Final = 1.0
 RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
 QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
 SCHEMA_VERSION: Final = 1
@@ -81,7 +83,7 @@ class OutboxCorrupt(Exception):
 class Outbox:
     """Start with `await Outbox.open(dir, quota_bytes)`; run `flusher()` as a task; `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, quota_bytes: int, meta: dict[str, int],
+    def __init__(self, db: PooledConnection, path: Path, quota_bytes: int, meta: dict[str, int],
                  metrics: dict[str, int], rows: int, synchronous: str) -> None:
         self._db, self.path, self.quota_bytes = db, path, quota_bytes
         self._metric_ids = metrics
@@ -98,7 +100,7 @@ class Outbox:
         self._buffer: list[tuple[int, float, int, float]] = []
         self._ack_pending: int | None = None
         self.protect_through = 0  # shedding never touches seq <= this (sent, awaiting ack)
-        self.committed = asyncio.Event()  # set after each commit that added rows
+        self._watchers: list[asyncio.Event] = []  # set after each commit that added rows
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synchronous = synchronous
@@ -116,10 +118,9 @@ class Outbox:
             moved = (_move_aside(path), str(exc))
             db = await cls._connect(path, synchronous)
         try:
-            meta = {k: v async for k, v in _rows(db, "SELECT key, value FROM meta")}
-            metrics = {name: mid async for mid, name in _rows(db, "SELECT id, name FROM metrics")}
-            async with db.execute("SELECT count(*) FROM records") as cur:
-                row = await cur.fetchone()
+            meta = dict(await db.fetchall("SELECT key, value FROM meta"))
+            metrics = {name: mid for mid, name in await db.fetchall("SELECT id, name FROM metrics")}
+            row = await db.fetchone("SELECT count(*) FROM records")
             outbox = cls(db, path, quota_bytes, meta, metrics, int(row[0]) if row else 0, synchronous)
             reserved = _read_reservation(state_dir)
             if outbox.last_seq < reserved and (moved is not None or outbox.last_seq == 0):
@@ -146,16 +147,14 @@ class Outbox:
         if not path.exists():
             return 0
         try:
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+            db = await connect(f"file:{path}?mode=ro", uri=True)
         except sqlite3.OperationalError:
             return -1  # cannot probe read-only (no -shm yet): the read-write open checks instead
         try:
-            async with db.execute("PRAGMA quick_check") as cur:
-                row = await cur.fetchone()
+            row = await db.fetchone("PRAGMA quick_check")
             if row is None or row[0] != "ok":
                 raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
-            async with db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
+            row = await db.fetchone("PRAGMA user_version")
         except sqlite3.DatabaseError as exc:
             raise OutboxCorrupt(str(exc)) from None
         finally:
@@ -166,17 +165,15 @@ class Outbox:
         return version
 
     @classmethod
-    async def _connect(cls, path: Path, synchronous: str) -> aiosqlite.Connection:
+    async def _connect(cls, path: Path, synchronous: str) -> PooledConnection:
         probed = await cls._probe(path)
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = await connect(path, isolation_level=None)
         try:
             if probed < 0:
-                async with db.execute("PRAGMA quick_check") as cur:
-                    row = await cur.fetchone()
+                row = await db.fetchone("PRAGMA quick_check")
                 if row is None or row[0] != "ok":
                     raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
-            async with db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
+            row = await db.fetchone("PRAGMA user_version")
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
@@ -203,8 +200,9 @@ class Outbox:
     def add(self, readings: Iterable[Reading]) -> None:
         """Take readings; they are durable at the next commit (within COMMIT_INTERVAL)."""
         ids = self._metric_ids
-        seq = self._next_seq
+        first = seq = self._next_seq
         buffer = self._buffer
+        was_empty = not buffer
         for metric, ts, value in readings:
             mid = ids.get(metric)
             if mid is None:
@@ -212,8 +210,8 @@ class Outbox:
             buffer.append((seq, ts, mid, value))
             seq += 1
         self._next_seq = seq
-        if len(buffer) >= COMMIT_ROWS:
-            self._wake.set()
+        if (was_empty and seq > first) or len(buffer) >= COMMIT_ROWS:
+            self._wake.set()  # the first reading starts the COMMIT_INTERVAL clock; a full buffer ends it
 
     def _intern(self, metric: str) -> int:
         mid = len(self._metric_ids) + 1
@@ -240,6 +238,10 @@ class Outbox:
             await to_completion(self._commit(events=rows))
         return [r[0] for r in rows]
 
+    def watch(self, event: asyncio.Event) -> None:
+        """Set `event` after each commit that adds records (the uplink sleeps on it)."""
+        self._watchers.append(event)
+
     def acknowledge(self, through: int) -> None:
         """The hub has committed everything <= through: delete it at the next commit."""
         if through > self.acked:
@@ -249,17 +251,34 @@ class Outbox:
 
     async def flush(self) -> None:
         async with self._lock:
-            if self._buffer or self._ack_pending is not None or self._new_metrics:
+            if self._to_commit():
                 await to_completion(self._commit())
 
     async def flusher(self, beat: Callable[[], None] = lambda: None) -> None:
-        """Commit at least every COMMIT_INTERVAL while there is something to commit; `beat` each turn."""
+        """Commit readings within COMMIT_INTERVAL of their arrival (at once once COMMIT_ROWS wait, or
+        an acknowledgment does); sleep while nothing waits. `beat` each turn, at least every IDLE_BEAT."""
+        loop = asyncio.get_running_loop()
         while True:
             beat()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), COMMIT_INTERVAL)
             self._wake.clear()
+            if not self._to_commit():
+                await self._woken(loop.time() + IDLE_BEAT)
+                continue
+            # An acknowledgment is committed at once (its rows leave the disk, and the uplink's
+            # window moves on); readings wait up to COMMIT_INTERVAL for company.
+            deadline = loop.time() + COMMIT_INTERVAL
+            while self._ack_pending is None and len(self._buffer) < COMMIT_ROWS and loop.time() < deadline:
+                self._wake.clear()
+                await self._woken(deadline)
             await self.flush()
+
+    def _to_commit(self) -> bool:
+        return bool(self._buffer or self._ack_pending is not None or self._new_metrics)
+
+    async def _woken(self, deadline: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._wake.wait()
 
     async def _commit(self, events: list[tuple[int, float, str, str]] | None = None) -> None:
         rows, self._buffer = self._buffer, []
@@ -267,44 +286,33 @@ class Outbox:
         ack = self._ack_pending
         events = events or []
         last = max(rows[-1][0] if rows else 0, events[-1][0] if events else 0, self.last_seq)
-        db = self._db
-        before = (self.rows, self.dropped, self._thin_floor)
         log.debug("outbox: committing %d readings%s%s", len(rows), f" and {len(events)} events" if events else "",
                   f", deleting through {ack}" if ack is not None else "")
-        await self._reserve(last)
+        work = _Write(rows=rows, events=events, metrics=metrics, ack=ack, last=last, acked=self.acked,
+                      records=self.rows, dropped=self.dropped, thin_floor=self._thin_floor,
+                      protect_through=self.protect_through, quota_bytes=self.quota_bytes,
+                      corrupt_outboxes=self.corrupt_outboxes)
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            if metrics:
-                await db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", metrics)
-            if rows:
-                await db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", rows)
-            if events:
-                await db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", events)
-            deleted = 0
-            if ack is not None:
-                cur = await db.execute("DELETE FROM records WHERE seq <= ?", (ack,))
-                deleted = cur.rowcount
-            self.rows += len(rows) + len(events) - deleted
-            shed = await self._shed_if_over_quota()
-            await self._set_meta(last_seq=last, acked=self.acked, thin_floor=self._thin_floor,
-                                 dropped=self.dropped, corrupt_outboxes=self.corrupt_outboxes)
-            await db.execute("COMMIT")
+            await self._reserve(last)
+            # The whole transaction in one call on the database's thread: one hand-over, not ten.
+            done = await self._db.run(lambda db: _write(db, work))
         except BaseException:
             # Nothing was committed: put everything back so the next commit retries it.
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
             self._buffer[:0] = rows
             self._new_metrics[:0] = metrics
-            self.rows, self.dropped, self._thin_floor = before
             raise
+        self.rows, self.dropped, self._thin_floor = done.records, done.dropped, done.thin_floor
         if ack is not None and self._ack_pending == ack:
             self._ack_pending = None
         self.last_seq = last
-        if shed:
+        if done.shed:
             log.warning("outbox over its %.1f MB quota: shed %d telemetry readings (%s)",
-                        self.quota_bytes / 1e6, sum(shed.values()), _summary(shed))
+                        self.quota_bytes / 1e6, sum(done.shed.values()), _summary(done.shed))
+        elif done.stuck:
+            log.warning("outbox over quota but holds no telemetry it may shed (events are never shed)")
         if rows or events:
-            self.committed.set()
+            for watcher in self._watchers:
+                watcher.set()
 
     async def _reserve(self, last: int) -> None:
         if last <= self._reserved:
@@ -312,103 +320,23 @@ class Outbox:
         self._reserved = last + RESERVE_STEP
         await asyncio.to_thread(_write_reservation, self.path.parent, self._reserved)
 
-    async def _set_meta(self, **values: int) -> None:
-        await self._db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values.items())
-
     # --- quota ----------------------------------------------------------------------
 
     async def used_bytes(self) -> int:
-        async with self._db.execute("PRAGMA page_count") as cur:
-            pages = (await cur.fetchone() or (0,))[0]
-        async with self._db.execute("PRAGMA freelist_count") as cur:
-            free = (await cur.fetchone() or (0,))[0]
-        async with self._db.execute("PRAGMA page_size") as cur:
-            size = (await cur.fetchone() or (4096,))[0]
-        return int((pages - free) * size)
-
-    async def _shed_if_over_quota(self) -> dict[str, int]:
-        """Thin old telemetry before dropping it; never events. Runs inside the commit."""
-        used = await self.used_bytes()
-        if used <= self.quota_bytes or self.rows <= 0:
-            return {}
-        per_row = used / self.rows
-        need = max(1, math.ceil((used - self.quota_bytes * QUOTA_TARGET) / per_row))
-        # Thin what the older half still allows; what thinning cannot free comes from dropping
-        # the oldest outright (new data keeps arriving, so "thin everything first" never ends).
-        victims = await self._thin(need)
-        if len(victims) < need:
-            dropped = await self._drop_oldest(need - len(victims))
-            await self._db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in dropped])
-            victims += dropped
-        if not victims:
-            log.warning("outbox over quota but holds no telemetry it may shed (events are never shed)")
-            return {}
-        counts = collections.Counter(self._metric_names.get(m, "?") for _, m in victims)
-        await self._db.executemany(
-            "INSERT INTO shed(metric, count) VALUES (?, ?) "
-            "ON CONFLICT(metric) DO UPDATE SET count = count + excluded.count",
-            counts.items(),
-        )
-        self.rows -= len(victims)
-        self.dropped += len(victims)
-        return dict(counts)
-
-    async def _thin(self, need: int) -> list[tuple[int, int]]:
-        """Halve the oldest never-thinned telemetry, per metric, within the older half of the
-        outbox; return the removed (seq, metric). Empty when that half is all thinned.
-
-        Deleting every other row would free no page (each page keeps half its rows), so the
-        range is deleted whole (its pages go to the free list) and the kept half is written
-        back with the same sequence numbers, densely, into those pages.
-        """
-        db = self._db
-        floor = max(self._thin_floor, self.protect_through)
-        async with db.execute("SELECT seq FROM records ORDER BY seq LIMIT 1 OFFSET ?", (self.rows // 2,)) as cur:
-            row = await cur.fetchone()
-        old_end = int(row[0]) if row else 0
-        async with db.execute(
-            "SELECT seq, ts, metric, value FROM records WHERE seq > ? AND seq <= ? AND metric IS NOT NULL "
-            "ORDER BY seq LIMIT ?",
-            (floor, old_end, 2 * need + 1),
-        ) as cur:
-            region = [(int(s), float(t), int(m), float(v)) for s, t, m, v in await cur.fetchall()]
-        if len(region) < 2:
-            return []
-        by_metric: dict[int, list[tuple[int, float, int, float]]] = collections.defaultdict(list)
-        for record in region:
-            by_metric[record[2]].append(record)
-        kept = sorted(r for group in by_metric.values() for r in group[0::2])
-        removed = [(r[0], r[2]) for group in by_metric.values() for r in group[1::2]]
-        if not removed:
-            return []
-        first, last = region[0][0], region[-1][0]
-        # Events inside the range are untouched: only telemetry rows are deleted.
-        await db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? AND metric IS NOT NULL", (first, last))
-        await db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", kept)
-        self._thin_floor = last
-        return removed
-
-    async def _drop_oldest(self, need: int) -> list[tuple[int, int]]:
-        """The older half is all thinned once: drop the oldest telemetry outright."""
-        async with self._db.execute(
-            "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
-            (self.protect_through, need),
-        ) as cur:
-            return [(int(s), int(m)) for s, m in await cur.fetchall()]
+        return await self._db.run(_used_bytes)
 
     async def shed_report(self) -> ShedReport:
-        return ShedReport(self.dropped, {m: c async for m, c in _rows(self._db, "SELECT metric, count FROM shed")})
+        return ShedReport(self.dropped, dict(await self._db.fetchall("SELECT metric, count FROM shed")))
 
     # --- reading --------------------------------------------------------------------
 
     async def read_after(self, after: int, limit: int) -> list[Record]:
         """Committed records with seq > after, oldest first."""
         names = self._metric_names
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT seq, ts, metric, value, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [Record(s, t, names.get(m) if m is not None else None, v, k, b) for s, t, m, v, k, b in rows]
 
     @property
@@ -417,10 +345,127 @@ class Outbox:
         return self.rows + len(self._buffer)
 
 
-async def _rows(db: aiosqlite.Connection, query: str) -> AsyncIterator[Any]:
-    async with db.execute(query) as cur:
-        for row in await cur.fetchall():
-            yield row
+@dataclass(frozen=True)
+class _Write:
+    """One commit's work and the state it starts from (the loop's copy; the thread changes none of it)."""
+
+    rows: list[tuple[int, float, int, float]]
+    events: list[tuple[int, float, str, str]]
+    metrics: list[tuple[int, str]]
+    ack: int | None
+    last: int
+    acked: int
+    records: int  # rows in the outbox before this commit
+    dropped: int
+    thin_floor: int
+    protect_through: int
+    quota_bytes: int
+    corrupt_outboxes: int
+
+
+@dataclass(frozen=True)
+class _Written:
+    records: int
+    dropped: int
+    thin_floor: int
+    shed: dict[str, int]  # readings shed by this commit, by metric
+    stuck: bool  # over quota, and nothing it may shed
+
+
+def _write(db: sqlite3.Connection, w: _Write) -> _Written:
+    """The commit's transaction, on the database's thread: all of it, or (rolled back) none."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        if w.metrics:
+            db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", w.metrics)
+        if w.rows:
+            db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", w.rows)
+        if w.events:
+            db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", w.events)
+        deleted = db.execute("DELETE FROM records WHERE seq <= ?", (w.ack,)).rowcount if w.ack is not None else 0
+        records = w.records + len(w.rows) + len(w.events) - deleted
+        shed, thin_floor, stuck = _shed_if_over_quota(db, w, records)
+        victims = sum(shed.values())
+        meta = {"last_seq": w.last, "acked": w.acked, "thin_floor": thin_floor, "dropped": w.dropped + victims,
+                "corrupt_outboxes": w.corrupt_outboxes}
+        db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", meta.items())
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return _Written(records - victims, w.dropped + victims, thin_floor, shed, stuck)
+
+
+def _used_bytes(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT (p.page_count - f.freelist_count) * s.page_size "
+                     "FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s").fetchone()
+    return int(row[0])
+
+
+def _shed_if_over_quota(db: sqlite3.Connection, w: _Write, records: int) -> tuple[dict[str, int], int, bool]:
+    """Thin old telemetry before dropping it; never events. Runs inside the commit.
+    Returns (shed counts by metric, the new thin floor, over quota with nothing to shed)."""
+    used = _used_bytes(db)
+    if used <= w.quota_bytes or records <= 0:
+        return {}, w.thin_floor, False
+    per_row = used / records
+    need = max(1, math.ceil((used - w.quota_bytes * QUOTA_TARGET) / per_row))
+    # Thin what the older half still allows; what thinning cannot free comes from dropping
+    # the oldest outright (new data keeps arriving, so "thin everything first" never ends).
+    victims, thin_floor = _thin(db, need, records, max(w.thin_floor, w.protect_through), w.thin_floor)
+    if len(victims) < need:
+        dropped = _drop_oldest(db, need - len(victims), w.protect_through)
+        db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in dropped])
+        victims += dropped
+    if not victims:
+        return {}, thin_floor, True
+    names = dict(db.execute("SELECT id, name FROM metrics").fetchall())
+    counts = collections.Counter(names.get(m, "?") for _, m in victims)
+    db.executemany("INSERT INTO shed(metric, count) VALUES (?, ?) "
+                   "ON CONFLICT(metric) DO UPDATE SET count = count + excluded.count", counts.items())
+    return dict(counts), thin_floor, False
+
+
+def _thin(db: sqlite3.Connection, need: int, records: int, floor: int,
+          thin_floor: int) -> tuple[list[tuple[int, int]], int]:
+    """Halve the oldest never-thinned telemetry (above `floor`), per metric, within the older
+    half of the outbox; return the removed (seq, metric) and the new thin floor. None removed
+    when that half is all thinned.
+
+    Deleting every other row would free no page (each page keeps half its rows), so the
+    range is deleted whole (its pages go to the free list) and the kept half is written
+    back with the same sequence numbers, densely, into those pages.
+    """
+    row = db.execute("SELECT seq FROM records ORDER BY seq LIMIT 1 OFFSET ?", (records // 2,)).fetchone()
+    old_end = int(row[0]) if row else 0
+    region = [(int(s), float(t), int(m), float(v)) for s, t, m, v in db.execute(
+        "SELECT seq, ts, metric, value FROM records WHERE seq > ? AND seq <= ? AND metric IS NOT NULL "
+        "ORDER BY seq LIMIT ?",
+        (floor, old_end, 2 * need + 1),
+    )]
+    if len(region) < 2:
+        return [], thin_floor
+    by_metric: dict[int, list[tuple[int, float, int, float]]] = collections.defaultdict(list)
+    for record in region:
+        by_metric[record[2]].append(record)
+    kept = sorted(r for group in by_metric.values() for r in group[0::2])
+    removed = [(r[0], r[2]) for group in by_metric.values() for r in group[1::2]]
+    if not removed:
+        return [], thin_floor
+    first, last = region[0][0], region[-1][0]
+    # Events inside the range are untouched: only telemetry rows are deleted.
+    db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? AND metric IS NOT NULL", (first, last))
+    db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", kept)
+    return removed, last
+
+
+def _drop_oldest(db: sqlite3.Connection, need: int, protect_through: int) -> list[tuple[int, int]]:
+    """The older half is all thinned once: drop the oldest telemetry outright."""
+    return [(int(s), int(m)) for s, m in db.execute(
+        "SELECT seq, metric FROM records WHERE seq > ? AND metric IS NOT NULL ORDER BY seq LIMIT ?",
+        (protect_through, need),
+    )]
 
 
 def _summary(counts: dict[str, int]) -> str:

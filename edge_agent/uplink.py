@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Final
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.outbox import Outbox, Record
 from edge_agent.protocol import TELEMETRY, Batch, EventRecord, ProtocolError, pack, up_topic
-
-IDLE_WAIT: Final = 1.0  # with nothing to send, look again at least this often (ack timeouts)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,8 @@ class Uplink:
         self.device, self.outbox, self.settings = device, outbox, settings
         self._topic = up_topic(device, TELEMETRY)
         self._in_flight: collections.deque[tuple[int, float]] = collections.deque()  # (last, sent at)
-        self._acked = asyncio.Event()
+        self._news = asyncio.Event()  # records committed or an ack arrived
+        outbox.watch(self._news)
         self.batches_sent = 0
         self.resends = 0
         self.last_ack_at: float | None = None
@@ -76,7 +75,7 @@ class Uplink:
         self.last_ack_at = time.time()
         while self._in_flight and self._in_flight[0][0] <= through:
             self._in_flight.popleft()
-        self._acked.set()
+        self._news.set()
 
     async def serve(self, session: MqttSession) -> None:
         """Send while connected; return or raise when the connection is done."""
@@ -89,7 +88,7 @@ class Uplink:
                 self.resends += 1
                 cursor, settled = self._rewind(), True
             if len(self._in_flight) >= self.settings.window:
-                await self._wait(self._acked)
+                await self._wait()
                 continue
             # Read last_seq before the query: everything up to it was committed before the
             # query ran, so "no rows" below really means those numbers are gone.
@@ -103,7 +102,7 @@ class Uplink:
                 batch = Batch(base=cursor, last=committed, settled=settled)
                 payload = pack(batch)
             else:
-                await self._wait(self.outbox.committed, self._acked)
+                await self._wait()
                 continue
             # Once sent, a record may be at the hub even if its ack never comes back: shedding
             # must not count it as dropped. Protected until acknowledged, across rewinds.
@@ -117,12 +116,13 @@ class Uplink:
         self._in_flight.clear()
         return self.outbox.acked
 
-    async def _wait(self, *events: asyncio.Event) -> None:
-        waiters = [asyncio.create_task(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, timeout=IDLE_WAIT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        for e in events:
-            e.clear()
+    async def _wait(self) -> None:
+        """Until records are committed or an ack arrives; with batches in flight, no longer than
+        the oldest one's ack timeout. Idle, it sleeps: no polling (2,000 agents share a process)."""
+        delay = None
+        if self._in_flight:
+            delay = max(0.0, self._in_flight[0][1] + self.settings.ack_timeout - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._news.wait()
+        self._news.clear()  # before the caller looks again: news after this wakes the next wait

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import outbox as outbox_module
 from edge_agent.outbox import COMMIT_INTERVAL, DB_NAME, SCHEMA_VERSION, Outbox
 from edge_agent.sensors import Reading
 
@@ -227,6 +228,54 @@ async def test_readings_added_over_time_share_a_few_transactions(tmp_path: Path)
     transactions = after - before
     print(f"{adds} adds over {elapsed:.2f} s landed in {transactions} transactions")
     assert 1 <= transactions <= elapsed / COMMIT_INTERVAL + 3
+
+
+async def test_an_acknowledgment_is_committed_at_once_while_readings_wait_for_their_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readings wait up to COMMIT_INTERVAL for company; an ack does not. Were it to wait too, a
+    streaming device would commit each ack together with new readings, and its outbox would
+    never show itself drained on disk. COMMIT_INTERVAL is made 30 s here: only the ack can
+    explain a commit within WAIT_S."""
+    monkeypatch.setattr(outbox_module, "COMMIT_INTERVAL", 30.0)
+    async with opened(tmp_path, flusher=True) as outbox:
+        outbox.add(ticks(2))
+        await outbox.flush()
+        sent = outbox.last_seq
+        outbox.add(ticks(1, start=2))  # starts the (30 s) clock for these
+        outbox.acknowledge(sent)
+
+        def acked_on_disk() -> int:
+            db = read_only(tmp_path)
+            try:
+                return int(dict(db.execute("SELECT key, value FROM meta").fetchall())["acked"])
+            finally:
+                db.close()
+
+        await wait_until(lambda: acked_on_disk() == sent, "the ack committed")
+        # The readings waiting in memory went with it (one transaction), and only they are left.
+        assert seqs_on_disk(tmp_path) == list(range(sent + 1, sent + 1 + len(METRICS)))
+
+
+async def test_an_idle_flusher_sleeps_and_still_shows_it_is_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to commit: no commit and no wake-up every COMMIT_INTERVAL (2,000 agents share a
+    process in `edge-agent simulate`), but a beat for the watchdog every IDLE_BEAT."""
+    monkeypatch.setattr(outbox_module, "IDLE_BEAT", 0.2)
+    beats: list[float] = []
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    try:
+        await outbox.add_event("boot", {})
+        salts, before = wal_commits(tmp_path)
+        task = asyncio.create_task(outbox.flusher(lambda: beats.append(time.monotonic())))
+        try:
+            await wait_until(lambda: len(beats) >= 6, "six beats", timeout=WAIT_S)
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+        assert wal_commits(tmp_path) == (salts, before), "an idle flusher committed"
+        gaps_s = [b - a for a, b in itertools.pairwise(beats)]
+        assert min(gaps_s) >= 0.15, f"it woke more often than IDLE_BEAT: {gaps_s}"  # not every COMMIT_INTERVAL
+    finally:
+        await outbox.close()
 
 
 async def test_a_hundred_thousand_readings_commit_in_well_under_a_second(tmp_path: Path) -> None:
