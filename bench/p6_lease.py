@@ -729,10 +729,6 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     return not failures
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -760,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.echo is not None:
         return asyncio.run(echo_main(args.echo))
-    signal.signal(signal.SIGTERM, _interrupted)  # stop the broker, hub and echo on the way out
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the broker, hub and echo on the way out
     if not 1 <= args.devices <= 999 or args.limit < 1 or args.rounds < 1 or args.hold_ms < 0:
         parser.error("--devices must be 1..999, --limit and --rounds at least 1, --hold-ms not negative")
     if args.profile_hub is not None:
