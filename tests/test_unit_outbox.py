@@ -256,7 +256,8 @@ async def test_an_acknowledgment_is_committed_at_once_while_readings_wait_for_th
         assert seqs_on_disk(tmp_path) == list(range(sent + 1, sent + 1 + len(METRICS)))
 
 
-async def test_an_idle_flusher_sleeps_and_still_shows_it_is_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_idle_flusher_sleeps_and_still_shows_it_is_alive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing to commit: no commit and no wake-up every COMMIT_INTERVAL (2,000 agents share a
     process in `edge-agent simulate`), but a beat for the watchdog every IDLE_BEAT."""
     monkeypatch.setattr(outbox_module, "IDLE_BEAT", 0.2)
