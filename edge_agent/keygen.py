@@ -16,11 +16,14 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from edge_agent.errors import KeyGenerationFailed
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 # A Raspberry Pi Zero takes seconds to start Python and load `cryptography`; the work itself
 # (one P-256 key, one signature) takes milliseconds.
@@ -65,6 +68,16 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+def public_key_id(public_key: PublicKeyTypes) -> str:
+    """protocol.key_id of the key's DER SubjectPublicKeyInfo: how the device (here) and the hub
+    (hub.renewal, for the request it signs) name a renewal's key."""
+    from cryptography.hazmat.primitives import serialization
+
+    from edge_agent.protocol import key_id
+
+    return key_id(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def request_for(key: Path, cn: str) -> KeyRequest:
     """Make (or reuse) the key at `key` and a request for `cn`: the helper process's work."""
     from cryptography import x509
@@ -73,7 +86,6 @@ def request_for(key: Path, cn: str) -> KeyRequest:
     from cryptography.x509.oid import NameOID
 
     from edge_agent.files import write_atomic
-    from edge_agent.protocol import key_id
 
     reused = key.exists()
     if reused:
@@ -88,9 +100,8 @@ def request_for(key: Path, cn: str) -> KeyRequest:
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
            .sign(private, hashes.SHA256()))
-    spki = private.public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    return KeyRequest(csr=csr.public_bytes(serialization.Encoding.PEM).decode(), key_id=key_id(spki), reused=reused)
+    return KeyRequest(csr=csr.public_bytes(serialization.Encoding.PEM).decode(),
+                      key_id=public_key_id(private.public_key()), reused=reused)
 
 
 def main(argv: list[str] | None = None) -> int:

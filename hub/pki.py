@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.protocol import key_id
 from hub.errors import HubError, UsageError
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine
@@ -198,11 +197,6 @@ class Authority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
         return builder.sign(self.key, hashes.SHA256())
-
-
-def public_key_id(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> str:
-    """protocol.key_id of the key's DER SubjectPublicKeyInfo: how device and hub name a renewal's key."""
-    return key_id(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def host_names(cert: x509.Certificate) -> list[str]:

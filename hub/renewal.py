@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge_agent.errors import PublishRefused
 from edge_agent.files import write_atomic
+from edge_agent.keygen import public_key_id
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
 from hub.broker import reload_broker
@@ -42,7 +43,6 @@ from hub.pki import (
     cert_pem,
     common_name,
     host_names,
-    public_key_id,
     renewal_due_in,
     utcnow,
 )

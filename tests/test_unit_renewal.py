@@ -28,14 +28,14 @@ from edge_agent.certinfo import CertificateUnreadable, read_certificate
 from edge_agent.errors import ConfigError, ConnectRefused, IdentityError, KeyGenerationFailed
 from edge_agent.files import write_atomic
 from edge_agent.identity import Credential, IdentityFiles
-from edge_agent.keygen import make_request
+from edge_agent.keygen import make_request, public_key_id
 from edge_agent.mqtt import TlsIdentity
 from edge_agent.protocol import CertIssued, CertRefused, CertRequest, parse_topic, unpack
 from edge_agent.renewal import RENEW_AT, Renewal
 from edge_agent.settings import to_struct
 from hub.config import HubConfig, HubPaths
 from hub.metrics import render
-from hub.pki import Authority, CsrRefused, cert_pem, common_name, host_names, key_pem, public_key_id, utcnow
+from hub.pki import Authority, CsrRefused, cert_pem, common_name, host_names, key_pem, utcnow
 from hub.renewal import CertificateDesk, OwnCertificate, lifecycle_status, own_certificates, renew_if_due
 from hub.store import HubStore
 
