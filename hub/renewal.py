@@ -1,5 +1,6 @@
 """Certificate lifecycle at the hub: devices' in-band renewals, and the broker's and the hub's
-own certificates renewed before they expire (the CRL's upkeep is in hub/revocation.py).
+own certificates renewed before they expire, in one upkeep loop with the CRL's
+(`keep_pki_fresh`; the CRL itself is hub/revocation.py's).
 
 Devices: an agent sends a certificate request (made on the device, for a key that never
 leaves it) on its own up/cert; the broker's ACL lets it publish only there, so the topic
@@ -46,6 +47,7 @@ from hub.pki import (
     renewal_due_in,
     utcnow,
 )
+from hub.revocation import renew_crl_if_due
 from hub.store import HubStore, fetch_one, iso
 
 CHECK_INTERVAL: Final = 3600.0  # the hub's certificates live for months: hourly looks leave ample margin
@@ -177,11 +179,14 @@ def own_certificates(paths: HubPaths, config: HubConfig) -> list[OwnCertificate]
     return found
 
 
-async def keep_certificates_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
-    """Renew each of the hub's own certificates once less than pki.server_cert_renew_fraction of its
-    life is left; look again when the next one is due (at least hourly)."""
+async def keep_pki_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    """The leader's upkeep: re-issue the CRL long before its nextUpdate (an expired CRL locks out
+    the whole fleet), and renew each of the hub's own certificates once less than
+    pki.server_cert_renew_fraction of its life is left; look again when the next is due (at least
+    hourly)."""
     while True:
-        waits = [await renew_if_due(own, paths, config, store) for own in own_certificates(paths, config)]
+        waits = [await renew_crl_if_due(paths, config, store),
+                 *[await renew_if_due(own, paths, config, store) for own in own_certificates(paths, config)]]
         await asyncio.sleep(max(MIN_CHECK_WAIT, min([CHECK_INTERVAL, *waits])))
 
 

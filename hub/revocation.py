@@ -51,9 +51,13 @@ async def publish_crl(
     return crl
 
 
-def crl_due(paths: HubPaths, config: HubConfig, now: dt.datetime | None = None) -> bool:
-    """True when the CRL on disk is missing, unreadable or past its renewal point."""
-    return crl_due_in(paths, config, now) <= 0
+async def renew_crl_if_due(paths: HubPaths, config: HubConfig, store: HubStore) -> float:
+    """Re-issue the CRL when it is missing, unreadable or past its renewal point; return the
+    seconds until it is due next."""
+    if crl_due_in(paths, config) <= 0:
+        crl = await publish_crl(paths, config, store, Authority.load(paths.ca_key, paths.ca_cert))
+        log.info("CRL re-issued; next update %s", crl.next_update_utc)
+    return crl_due_in(paths, config)
 
 
 def crl_due_in(paths: HubPaths, config: HubConfig, now: dt.datetime | None = None) -> float:

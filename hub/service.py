@@ -31,13 +31,11 @@ from hub.distribution import PolicyPublisher
 from hub.ingest import CycleResult, Ingest
 from hub.leadership import Leadership
 from hub.metrics import MetricsError, serve_metrics
-from hub.pki import Authority, load_policy_key
-from hub.renewal import MIN_CHECK_WAIT, CertificateDesk, keep_certificates_fresh
+from hub.pki import load_policy_key
+from hub.renewal import CertificateDesk, keep_pki_fresh
 from hub.replicas import prepare_replica
-from hub.revocation import crl_due_in, publish_crl
 from hub.store import HubStore
 
-CRL_CHECK_INTERVAL: Final = 3600.0  # the CRL lives for days; hourly checks leave ample margin
 DB_RETRY_WAIT: Final = 1.0  # after SQLite's own 10 s busy timeout ran out
 HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
 # Messages taken per ingest cycle (one transaction): large enough to amortise the commit,
@@ -209,16 +207,6 @@ class AckSender:
                                    for d, w in due.items()))
 
 
-async def keep_crl_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
-    """Re-issue the CRL long before its nextUpdate: an expired CRL locks out the whole fleet."""
-    while True:
-        if crl_due_in(paths, config) <= 0:
-            ca = Authority.load(paths.ca_key, paths.ca_cert)
-            crl = await publish_crl(paths, config, store, ca)
-            log.info("CRL re-issued; next update %s", crl.next_update_utc)
-        await asyncio.sleep(min(CRL_CHECK_INTERVAL, max(MIN_CHECK_WAIT, crl_due_in(paths, config))))
-
-
 async def _metrics(paths: HubPaths, config: HubConfig) -> None:
     """The metrics endpoint; if its port cannot be had, the hub goes on without it and says so."""
     try:
@@ -261,10 +249,8 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             broker_executable(config.broker.executable)
             supervisor = BrokerSupervisor(paths, config)
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
-        tasks.append(asyncio.create_task(
-            service.leadership.while_leading(lambda: keep_crl_fresh(paths, config, store)), name="crl"))
         tasks.append(asyncio.create_task(service.leadership.while_leading(
-            lambda: keep_certificates_fresh(paths, config, store)), name="certificates"))
+            lambda: keep_pki_fresh(paths, config, store)), name="pki"))
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(service.run(), name="hub-service"))

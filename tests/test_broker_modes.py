@@ -19,7 +19,7 @@ from edge_agent.protocol import up_topic
 from hub.broker import broker_executable
 from hub.config import HubPaths, load_hub
 from hub.pki import Authority
-from hub.revocation import crl_due
+from hub.revocation import crl_due_in
 from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
@@ -34,10 +34,10 @@ def crl_next_update(path: Path) -> dt.datetime:
 def test_crl_due_only_past_its_renewal_point(hub_dir: HubDir) -> None:
     paths, config = load_hub(hub_dir.dir)
     now = dt.datetime.now(dt.UTC)
-    assert not crl_due(paths, config, now)  # fresh from init: 30 days left
-    assert crl_due(paths, config, now + dt.timedelta(days=16))  # under half its life left
+    assert crl_due_in(paths, config, now) > 0  # fresh from init: 30 days left
+    assert crl_due_in(paths, config, now + dt.timedelta(days=16)) <= 0  # under half its life left
     paths.crl.write_bytes(b"garbage")
-    assert crl_due(paths, config, now)
+    assert crl_due_in(paths, config, now) <= 0
 
 
 async def test_hub_reissues_a_crl_close_to_next_update(hub_dir: HubDir, bundles: Path) -> None:
