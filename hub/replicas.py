@@ -3,9 +3,7 @@ broker ACL that admits it (docs/scaling.md)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from typing import Final
 
 from cryptography import x509
 
@@ -14,12 +12,8 @@ from edge_agent.protocol import acl_rules
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, common_name, key_pem, utcnow
-from hub.setup import HUB_CERT_LIFETIME
+from hub.pki import Authority, cert_pem, common_name, key_pem, renewal_due_in, utcnow
 from hub.store import HubStore
-
-# A replica's certificate is issued again at its start when less than this is left.
-REPLICA_CERT_RENEW_BEFORE: Final = dt.timedelta(days=30)
 
 log = logging.getLogger("hub.replicas")
 
@@ -34,18 +28,21 @@ async def prepare_replica(paths: HubPaths, config: HubConfig, replica: str) -> N
 
 
 async def _ensure_certificate(paths: HubPaths, config: HubConfig, replica: str) -> None:
-    identity = config.replica_identity(replica)
+    """The replica's certificate, issued anew at its start unless it has one that the leader's
+    upkeep (hub.renewal) would not renew yet: the same lifetime and the same rule."""
+    identity, pki = config.replica_identity(replica), config.pki
     ca = Authority.load(paths.ca_key, paths.ca_cert)
     try:
         cert = x509.load_pem_x509_certificate(paths.replica_cert(replica).read_bytes())
         current = (common_name(cert) == identity and cert.issuer == ca.cert.subject
-                   and cert.not_valid_after_utc - utcnow() > REPLICA_CERT_RENEW_BEFORE
+                   and renewal_due_in(cert.not_valid_after_utc, pki.server_cert_lifetime,
+                                      pki.server_cert_renew_fraction, utcnow()) > 0
                    and paths.replica_key(replica).is_file())
     except (OSError, ValueError):
         current = False
     if current:
         return
-    key, cert = ca.issue_client(identity, HUB_CERT_LIFETIME)
+    key, cert = ca.issue_client(identity, pki.server_cert_lifetime)
     assert key is not None  # a new key was made
     write_atomic(paths.replica_key(replica), key_pem(key), 0o600)
     write_atomic(paths.replica_cert(replica), cert_pem(cert), 0o644)

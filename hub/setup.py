@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
 import time
 from pathlib import Path
-from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -19,10 +17,6 @@ from hub.config import HubConfig, HubPaths, render_hub_toml
 from hub.errors import UsageError
 from hub.pki import Authority, cert_pem, key_pem
 from hub.store import HubStore
-
-# The hub's own client certificates (a replica's too) at first; `edge-hub run` then renews them
-# by pki.server_cert_days (hub/renewal.py).
-HUB_CERT_LIFETIME: Final = dt.timedelta(days=397)
 
 
 async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: str, force: bool) -> HubPaths:
@@ -59,7 +53,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     write_atomic(paths.server_key, key_pem(server_key), 0o600)
     write_atomic(paths.server_cert, cert_pem(server_cert), 0o644)
 
-    hub_key, hub_cert = ca.issue_client(config.identity, HUB_CERT_LIFETIME)
+    hub_key, hub_cert = ca.issue_client(config.identity, config.pki.server_cert_lifetime)  # renewed by hub/renewal.py
     assert hub_key is not None
     write_atomic(paths.hub_key, key_pem(hub_key), 0o600)
     write_atomic(paths.hub_cert, cert_pem(hub_cert), 0o644)

@@ -37,6 +37,7 @@ from hub.config import HubConfig, HubPaths
 from hub.metrics import render
 from hub.pki import Authority, CsrRefused, cert_pem, common_name, host_names, key_pem, utcnow
 from hub.renewal import CertificateDesk, OwnCertificate, lifecycle_status, own_certificates, renew_if_due
+from hub.replicas import prepare_replica
 from hub.store import HubStore
 
 DAY = dt.timedelta(days=1)
@@ -606,3 +607,25 @@ def test_lifetimes_keep_their_defaults_and_take_fractions_of_a_day() -> None:
 def test_a_lifetime_of_seconds_below_the_floor_is_refused_in_words(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"{key} = 5e-05 is 4.32 s: give at least 10 s"):
         hub_config(**{key: 0.00005})
+
+
+async def test_a_replica_gets_its_certificate_by_the_lifetime_and_rule_of_the_hubs_own(hub: Hub) -> None:
+    """At its start a replica keeps a certificate the leader's upkeep would not renew yet, and is
+    otherwise issued one for pki.server_cert_days: one rule for the hub's own certificates."""
+    config = to_struct({"region": "test", "pki": {"server_cert_days": 30}, "hub": {"replicas": ["b"]}},
+                       HubConfig, "test")
+    cert_path = hub.paths.replica_cert("b")
+    await prepare_replica(hub.paths, config, "b")
+    first = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert common_name(first) == "hub.test.b"
+    assert 29 * 86400 < (first.not_valid_after_utc - utcnow()).total_seconds() <= 30 * 86400
+    await prepare_replica(hub.paths, config, "b")
+    assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == first  # 30 days left: kept
+
+    # Under a third of its 30 days left: the upkeep would renew it, so the start issues a new one.
+    _, short = hub.ca.issue_client("hub.test.b", 9 * DAY, hub.ca.key.public_key())
+    write_atomic(cert_path, cert_pem(short))
+    await prepare_replica(hub.paths, config, "b")
+    renewed = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert renewed.serial_number not in (first.serial_number, short.serial_number)
+    assert 29 * 86400 < (renewed.not_valid_after_utc - utcnow()).total_seconds() <= 30 * 86400
