@@ -70,9 +70,7 @@ def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
     """The bundle's files, and the identity the agent would connect with (maybe one it renewed)."""
     bundle = settings.tls
     files = IdentityFiles(bundle, settings.state_dir)
-    current = files.current()
-    # The pair the agent connects with; when none is usable, the bundle's, to say what is wrong with it.
-    tls = current.tls if current is not None else bundle
+    current, tls = files.current(), files.in_use()
     findings: list[Finding] = []
     missing = [(n, p) for n, p in (("ca", bundle.ca), ("cert", bundle.cert), ("key", bundle.key)) if not p.is_file()]
     for name, path in missing:
@@ -182,11 +180,9 @@ def check_policy_key(settings: AgentSettings) -> Finding:
     return Finding("policy key", True, f"policies must be signed by key {key_id(key)} ({path}); {running}.")
 
 
-async def check_connectivity(settings: AgentSettings, tls: TlsIdentity | None = None) -> list[Finding]:
-    """TCP, then an MQTT connection with `tls` (default: the identity the agent would use)."""
-    if tls is None:
-        current = IdentityFiles(settings.tls, settings.state_dir).current()
-        tls = settings.tls if current is None else current.tls
+async def check_connectivity(settings: AgentSettings) -> list[Finding]:
+    """TCP, then an MQTT connection with the identity the agent would use."""
+    tls = IdentityFiles(settings.tls, settings.state_dir).in_use()
     b = settings.config.broker
     where = f"{b.host}:{b.port}"
     try:

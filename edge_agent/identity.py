@@ -100,6 +100,12 @@ class IdentityFiles:
         found = [c for c in (self._usable("renewed"), self._usable("bundle")) if c is not None]
         return max(found, key=lambda c: c.cert.not_after, default=None)
 
+    def in_use(self) -> TlsIdentity:
+        """The pair a connection would use now (`edge-agent check`): the current one, or the
+        bundle's when none is usable, so that what is wrong with it can be said."""
+        current = self.current()
+        return self.bundle if current is None else current.tls
+
     def pending(self) -> Credential | None:
         """The renewed pair waiting to be tried; None also while the next key has no certificate yet."""
         return self._usable("pending")
