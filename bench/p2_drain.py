@@ -101,7 +101,11 @@ class Fleet:
 
 
 def make_workdir(prefix: str, parent: Path | None = None) -> Path:
-    """A temp dir the broker's account ('mosquitto', when we are root) can traverse."""
+    """A temp dir the broker's account ('mosquitto', when we are root) can traverse; inside
+    `parent` (made if need be: a bench's --keep DIR) when given."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+        parent = parent.resolve()
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o711)
     return path

@@ -517,11 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.devices <= 99_999 or args.window <= 0:
         parser.error("--devices must be 1..99999 and --window positive")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the hub, broker and fleet on the way out
-    parent = None
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        parent = args.keep.resolve()
-    work = make_workdir("p5-fleet-", parent)
+    work = make_workdir("p5-fleet-", args.keep)
     print(f"P5 fleet: {args.devices:,} devices on one hub and its Mosquitto, each its own mTLS connection; "
           f"work dir {work}")
     print(f"machine: {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}; fleet settings "

@@ -761,11 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices must be 1..999, --limit and --rounds at least 1, --hold-ms not negative")
     if args.profile_hub is not None:
         args.profile_hub = args.profile_hub.resolve()
-    parent = None
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        parent = args.keep.resolve()
-    work = make_workdir("p6-lease-", parent)
+    work = make_workdir("p6-lease-", args.keep)
     print(f"P6 lease round trip: {args.devices} devices, one lease (limit {args.limit}), {args.rounds} grants "
           f"each, hold {args.hold_ms:g} ms; work dir {work}")
     print(f"machine: {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}")
