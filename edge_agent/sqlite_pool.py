@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -165,16 +165,9 @@ class PooledConnection:
         if conn is not None:
             conn.close()
 
-    @property
-    def in_transaction(self) -> bool:
-        return self._conn is not None and self._conn.in_transaction
-
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> int:
         """Run one statement; return its rowcount."""
         return await self.run(lambda db: db.execute(sql, parameters).rowcount)
-
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        return await self.run(lambda db: db.executemany(sql, rows).rowcount)
 
     async def executescript(self, script: str) -> None:
         await self.run(lambda db: db.executescript(script))
