@@ -8,6 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# `--set`s for the settling run that ends a store-and-forward test: the sim sensor reads once
+# at start (one signal, so one reading), and its next read is a day later. Lowering
+# sim.rate_hz instead is not enough: at 0.001 Hz a new tick falls on every 1,000 s boundary
+# of the wall clock, and one that falls between "drained" and the stop stays in the outbox.
+QUIET = ('sensors=[{kind = "sim", interval_s = 86400.0}]', "sim.signals=1")
 
 @dataclass(frozen=True)
 class OutboxState:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli
-from tests.exactly_once import OutboxState, wait_drained
+from tests.exactly_once import QUIET, OutboxState, wait_drained
 from tests.faultproxy import FaultProxy
 from tests.test_store_forward_faults import kill_9, stop_cleanly, wait_until
 from tests.test_store_forward_faults import settle as settle_quietly
@@ -33,7 +33,6 @@ FAST = (
     "broker.keepalive=2",
     "broker.connect_timeout=3",
 )
-QUIET = ("sim.rate_hz=0.001",)  # one sample per signal at start, then none for 1,000 s
 POLICY = 'policy="policy.toml"'
 NO_RULES = 'policy="no-rules.toml"'
 DRAIN_TIMEOUT = 60.0

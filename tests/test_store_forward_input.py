@@ -41,7 +41,7 @@ from edge_agent.protocol import (
     up_topic,
 )
 from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity, free_port, hub_tap, run_cli, start_agent
-from tests.exactly_once import OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
+from tests.exactly_once import QUIET, OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,6 @@ STREAM = (
     "broker.keepalive=5",
     "broker.connect_timeout=3",
 )
-# Sensing paused: the sim sensor reads once at start (one signal: one reading), then a day later.
-QUIET = ('sensors=[{kind = "sim", interval_s = 86400.0}]', "sim.signals=1")
 ARRIVAL = 5.0  # bound on one PUBACK
 SETTLE = 20.0  # bound on the hub committing (or counting) what was sent
 DRAIN_TIMEOUT = 60.0
