@@ -37,6 +37,9 @@ COMMIT_ROWS: Final = 50_000  # ...or sooner, once this many wait (a burst is com
 # With nothing to commit the flusher sleeps until there is, waking this often only to show the
 # watchdog it is alive: an idle agent (or 2,000 simulated ones in a process) costs no CPU.
 IDLE_BEAT: Final = 1.0
+# A commit still unfinished after this long is logged once: a failing SD card, or another process
+# holding outbox.db open in a write transaction (the commit waits up to the 5 s busy timeout).
+SLOW_COMMIT: Final = 1.0
 RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
 QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
 SCHEMA_VERSION: Final = 1
@@ -292,6 +295,9 @@ class Outbox:
                       records=self.rows, dropped=self.dropped, thin_floor=self._thin_floor,
                       protect_through=self.protect_through, quota_bytes=self.quota_bytes,
                       corrupt_outboxes=self.corrupt_outboxes)
+        slow = asyncio.get_running_loop().call_later(
+            SLOW_COMMIT, log.warning, "outbox: a commit of %d records has taken over %g s so far (a slow disk, "
+            "or another process holds a write lock on %s)", len(rows) + len(events), SLOW_COMMIT, self.path)
         try:
             await self._reserve(last)
             # The whole transaction in one call on the database's thread: one hand-over, not ten.
@@ -301,6 +307,8 @@ class Outbox:
             self._buffer[:0] = rows
             self._new_metrics[:0] = metrics
             raise
+        finally:
+            slow.cancel()
         self.rows, self.dropped, self._thin_floor = done.records, done.dropped, done.thin_floor
         if ack is not None and self._ack_pending == ack:
             self._ack_pending = None

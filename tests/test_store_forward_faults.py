@@ -23,10 +23,12 @@ import psutil
 import pytest
 
 from edge_agent.mqtt import MqttSession
+from edge_agent.outbox import SLOW_COMMIT
 from edge_agent.protocol import ACK, TELEMETRY, Ack, Batch, EventRecord, down_topic, pack, unpack, up_topic
 from tests.conftest import AGENT, START_TIMEOUT, HubDir, Proc, connect, device_identity
 from tests.conftest import start_hub as conftest_start_hub
 from tests.exactly_once import (
+    QUIET,
     OutboxState,
     assert_exactly_once,
     hub_seqs,
@@ -48,8 +50,6 @@ STREAM = (
     "broker.keepalive=2",
     "broker.connect_timeout=3",
 )
-# The settling run after a test: the sim signals sample once at start, then not for 1,000 s.
-QUIET = ("sim.rate_hz=0.001",)
 BACKLOG = 5_000  # readings a partition must pile up in the outbox before it heals
 DRAIN_TIMEOUT = 60.0
 RECONNECT_TIMEOUT = 30.0  # a reconnect after a backoff that several failures have grown
@@ -260,13 +260,12 @@ async def test_agent_sigterm_during_an_outbox_commit(hub_dir: HubDir, hub: Proc,
     """SIGTERM (systemctl stop) while the outbox is inside a commit must still end the agent
     cleanly, having committed what it buffered. On an SD card a synchronous=FULL commit can
     take long; here a write lock on outbox.db (taken by the test) holds the flusher in BEGIN
-    IMMEDIATE, well within the agent's 5 s busy timeout, so the stop lands there every time.
+    IMMEDIATE, within the agent's 5 s busy timeout, and the stop lands there every time.
     (Before edge_agent.sqlite.to_completion, a few percent of the clean stops at 2,000
     readings/s in the tests above hung this way: the cancelled BEGIN or COMMIT still ran.)"""
     await hub_dir.provision(bundles, "dev-t")
     bundle = bundles / "dev-t"
-    # Debug, for the outbox's "committing" lines.
-    agent = await Proc("agent", agent_argv(bundle, *STREAM, "sim.rate_hz=20", level="debug")).start()
+    agent = await Proc("agent", agent_argv(bundle, *STREAM, "sim.rate_hz=20")).start()
     try:
         await agent.wait_for(r"dev-t online")
         await wait_streaming(hub_dir, bundle)
@@ -274,13 +273,17 @@ async def test_agent_sigterm_during_an_outbox_commit(hub_dir: HubDir, hub: Proc,
         try:
             mark, hub_mark = agent.mark(), hub.mark()
             lock.execute("BEGIN IMMEDIATE")
-            # The flusher's next commit starts (within 0.1 s) and is held in BEGIN IMMEDIATE.
-            await agent.wait_for(r"outbox: committing", after=mark, timeout=2)
+            # A commit is held in BEGIN IMMEDIATE: the one under way as the lock was taken, or the
+            # next (within 0.1 s). Its "committing" debug line may predate `mark`, so what is
+            # awaited is the outbox's warning about a commit unfinished after SLOW_COMMIT (1 s).
+            await agent.wait_for(r"outbox: a commit of \d+ records has taken over 1 s", after=mark,
+                                 timeout=SLOW_COMMIT + 2)
             agent.signal(signal.SIGTERM)
             # The agent leaves the broker (its Will: the hub logs it), then cancels its tasks and
-            # queues its final commit within milliseconds; nothing logs that moment, so allow 2 s.
-            await hub.wait_for(r"device dev-t is offline", after=hub_mark, timeout=3)
-            await asyncio.sleep(2.0)
+            # queues its final commit within milliseconds; nothing logs that moment, so allow 1 s
+            # (the held commit's 5 s busy timeout runs from about `mark`).
+            await hub.wait_for(r"device dev-t is offline", after=hub_mark, timeout=2)
+            await asyncio.sleep(1.0)
         finally:
             lock.execute("ROLLBACK")
             lock.close()

@@ -279,6 +279,34 @@ async def test_an_idle_flusher_sleeps_and_still_shows_it_is_alive(
         await outbox.close()
 
 
+async def test_a_commit_held_by_another_writer_is_reported_once_and_then_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A commit still waiting after SLOW_COMMIT is logged (once) while it waits; it then commits
+    every reading once the other process lets go; a prompt commit says nothing."""
+    monkeypatch.setattr(outbox_module, "SLOW_COMMIT", 0.2)
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    lock = sqlite3.connect(tmp_path / DB_NAME, timeout=5, isolation_level=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge_agent.outbox"):
+            outbox.add(ticks(1))
+            await outbox.flush()
+            assert caplog.records == [], "a prompt commit was reported as slow"
+            lock.execute("BEGIN IMMEDIATE")
+            outbox.add(ticks(2, start=1))
+            commit = asyncio.create_task(outbox.flush())
+            await wait_until(lambda: bool(caplog.records), "the slow-commit warning", timeout=WAIT_S)
+            assert not commit.done()
+            message = caplog.records[0].getMessage()
+            assert "a commit of 6 records has taken over 0.2 s" in message and str(tmp_path / DB_NAME) in message
+            lock.execute("ROLLBACK")
+            await asyncio.wait_for(commit, WAIT_S)
+        assert len(caplog.records) == 1
+        assert seqs_on_disk(tmp_path) == list(range(1, 1 + 3 * len(METRICS)))
+    finally:
+        lock.close()
+        await outbox.close()
+
+
 async def test_a_hundred_thousand_readings_commit_in_well_under_a_second(tmp_path: Path) -> None:
     async with opened(tmp_path, flusher=True) as outbox:
         await outbox.add_event("boot", {})
