@@ -40,6 +40,10 @@ IDLE_BEAT: Final = 1.0
 # A commit still unfinished after this long is logged once: a failing SD card, or another process
 # holding outbox.db open in a write transaction (the commit waits up to the 5 s busy timeout).
 SLOW_COMMIT: Final = 1.0
+# A commit that failed on such a lock (past the 5 s busy timeout) is tried again this often,
+# its records kept in memory, while they number at most COMMIT_ROWS (as many as a burst puts
+# there anyway); past that the error is raised and the agent exits.
+BUSY_RETRY: Final = 1.0
 RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
 QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
 SCHEMA_VERSION: Final = 1
@@ -101,6 +105,8 @@ class Outbox:
         self.corrupt_outboxes = meta.get("corrupt_outboxes", 0)
         self.rows = rows
         self._buffer: list[tuple[int, float, int, float]] = []
+        self._held_events: list[tuple[int, float, str, str]] = []  # numbered, in a commit that failed
+        self._beat: Callable[[], None] = lambda: None  # the flusher's, also while a commit is retried
         self._ack_pending: int | None = None
         self.protect_through = 0  # shedding never touches seq <= this (sent, awaiting ack)
         self._watchers: list[asyncio.Event] = []  # set after each commit that added rows
@@ -238,7 +244,8 @@ class Outbox:
                     text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
                 rows.append((self._next_seq, time.time(), kind, text))
                 self._next_seq += 1
-            await to_completion(self._commit(events=rows))
+            self._held_events += rows
+            await self._commit_patiently()
         return [r[0] for r in rows]
 
     def watch(self, event: asyncio.Event) -> None:
@@ -255,12 +262,40 @@ class Outbox:
     async def flush(self) -> None:
         async with self._lock:
             if self._to_commit():
-                await to_completion(self._commit())
+                await self._commit_patiently()
+
+    async def _commit_patiently(self) -> None:
+        """Commit; while another process holds the database (SQLITE_BUSY), try again every
+        BUSY_RETRY with everything kept in memory (events too: their numbers are taken), and
+        beat meanwhile: waiting on a lock is not a hang. Other errors, or more than COMMIT_ROWS
+        readings waiting, are raised. Callers hold self._lock."""
+        failures = 0
+        while True:
+            try:
+                await to_completion(self._commit(report_slow=not failures))  # once is enough
+            except sqlite3.OperationalError as error:
+                if getattr(error, "sqlite_errorcode", 0) & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                if len(self._buffer) > COMMIT_ROWS:
+                    log.error("outbox: %d readings wait in memory and %s is still locked: giving up",
+                              len(self._buffer), self.path)
+                    raise
+                failures += 1
+                (log.warning if failures == 1 else log.debug)(
+                    "outbox: cannot commit (%s); %d readings and %d events wait in memory, trying again "
+                    "every %g s", error, len(self._buffer), len(self._held_events), BUSY_RETRY)
+                self._beat()
+                await asyncio.sleep(BUSY_RETRY)
+                continue
+            if failures:
+                log.warning("outbox: committed again, after %d failed attempts", failures)
+            return
 
     async def flusher(self, beat: Callable[[], None] = lambda: None) -> None:
         """Commit readings within COMMIT_INTERVAL of their arrival (at once once COMMIT_ROWS wait, or
         an acknowledgment does); sleep while nothing waits. `beat` each turn, at least every IDLE_BEAT."""
         loop = asyncio.get_running_loop()
+        self._beat = beat
         while True:
             beat()
             self._wake.clear()
@@ -276,18 +311,18 @@ class Outbox:
             await self.flush()
 
     def _to_commit(self) -> bool:
-        return bool(self._buffer or self._ack_pending is not None or self._new_metrics)
+        return bool(self._buffer or self._held_events or self._ack_pending is not None or self._new_metrics)
 
     async def _woken(self, deadline: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self._wake.wait()
 
-    async def _commit(self, events: list[tuple[int, float, str, str]] | None = None) -> None:
+    async def _commit(self, report_slow: bool = True) -> None:
         rows, self._buffer = self._buffer, []
         metrics, self._new_metrics = self._new_metrics, []
+        events, self._held_events = self._held_events, []
         ack = self._ack_pending
-        events = events or []
         last = max(rows[-1][0] if rows else 0, events[-1][0] if events else 0, self.last_seq)
         log.debug("outbox: committing %d readings%s%s", len(rows), f" and {len(events)} events" if events else "",
                   f", deleting through {ack}" if ack is not None else "")
@@ -297,7 +332,8 @@ class Outbox:
                       corrupt_outboxes=self.corrupt_outboxes)
         slow = asyncio.get_running_loop().call_later(
             SLOW_COMMIT, log.warning, "outbox: a commit of %d records has taken over %g s so far (a slow disk, "
-            "or another process holds a write lock on %s)", len(rows) + len(events), SLOW_COMMIT, self.path)
+            "or another process holds a write lock on %s)", len(rows) + len(events), SLOW_COMMIT, self.path,
+        ) if report_slow else None
         try:
             await self._reserve(last)
             # The whole transaction in one call on the database's thread: one hand-over, not ten.
@@ -306,9 +342,11 @@ class Outbox:
             # Nothing was committed: put everything back so the next commit retries it.
             self._buffer[:0] = rows
             self._new_metrics[:0] = metrics
+            self._held_events[:0] = events
             raise
         finally:
-            slow.cancel()
+            if slow is not None:
+                slow.cancel()
         self.rows, self.dropped, self._thin_floor = done.records, done.dropped, done.thin_floor
         if ack is not None and self._ack_pending == ack:
             self._ack_pending = None

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import outbox as outbox_module
+from edge_agent import sqlite_pool
 from edge_agent.outbox import COMMIT_INTERVAL, DB_NAME, SCHEMA_VERSION, Outbox
 from edge_agent.sensors import Reading
 
@@ -297,7 +298,8 @@ async def test_a_commit_held_by_another_writer_is_reported_once_and_then_complet
             await wait_until(lambda: bool(caplog.records), "the slow-commit warning", timeout=WAIT_S)
             assert not commit.done()
             message = caplog.records[0].getMessage()
-            assert "a commit of 6 records has taken over 0.2 s" in message and str(tmp_path / DB_NAME) in message
+            assert "a commit of 6 records has taken over 0.2 s" in message
+            assert str(tmp_path / DB_NAME) in message
             lock.execute("ROLLBACK")
             await asyncio.wait_for(commit, WAIT_S)
         assert len(caplog.records) == 1
@@ -305,6 +307,80 @@ async def test_a_commit_held_by_another_writer_is_reported_once_and_then_complet
     finally:
         lock.close()
         await outbox.close()
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str, level: int | None = None) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage() and level in (None, r.levelno)]
+
+
+@pytest.fixture
+def short_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit gives up on another writer's lock after 0.2 s (not 5 s), and is retried every 0.1 s."""
+    monkeypatch.setattr(sqlite_pool, "BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(outbox_module, "BUSY_RETRY", 0.1)
+    monkeypatch.setattr(outbox_module, "SLOW_COMMIT", 0.05)
+
+
+@pytest.mark.usefixtures("short_locks")
+async def test_a_lock_past_the_busy_timeout_keeps_readings_and_events_until_it_goes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds outbox.db for longer than SQLite's busy timeout, several times
+    over: the flusher keeps everything in memory (readings, and an event whose number is taken),
+    keeps beating, and commits all of it, numbered without a gap, once the lock goes."""
+    caplog.set_level(logging.DEBUG, logger="edge_agent.outbox")
+    beats: list[float] = []
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    flusher = asyncio.create_task(outbox.flusher(lambda: beats.append(time.monotonic())))
+    lock = sqlite3.connect(tmp_path / DB_NAME, timeout=5, isolation_level=None)
+    try:
+        outbox.add(ticks(1))
+        await wait_until(lambda: len(seqs_on_disk(tmp_path)) == len(METRICS), "the first tick committed")
+        lock.execute("BEGIN IMMEDIATE")
+        outbox.add(ticks(1, start=1))
+        event = asyncio.create_task(outbox.add_event("boot", {}))
+        outbox.add(ticks(1, start=2))
+        await wait_until(lambda: len(messages(caplog, "cannot commit")) >= 3, "three failed commits")
+        held_since = time.monotonic()
+        await wait_until(lambda: beats[-1] > held_since, "a beat while the lock is held")
+        assert not event.done()
+        assert not flusher.done()
+        assert seqs_on_disk(tmp_path) == [1, 2, 3]
+        lock.execute("ROLLBACK")
+        seq = await asyncio.wait_for(event, WAIT_S)
+        await wait_until(lambda: len(seqs_on_disk(tmp_path)) == 3 * len(METRICS) + 1, "everything committed")
+        assert seqs_on_disk(tmp_path) == list(range(1, 3 * len(METRICS) + 2))
+        assert seq in seqs_on_disk(tmp_path)
+        assert not flusher.done()
+    finally:
+        lock.close()
+        flusher.cancel()
+        await asyncio.wait([flusher])
+        await outbox.close()
+    assert len(messages(caplog, "cannot commit", logging.WARNING)) == 1  # then DEBUG while it lasts
+    assert len(messages(caplog, "has taken over", logging.WARNING)) == 1  # not once per attempt
+    assert len(messages(caplog, "committed again, after", logging.WARNING)) == 1
+
+
+@pytest.mark.usefixtures("short_locks")
+async def test_past_commit_rows_waiting_on_a_lock_the_flusher_gives_up_and_close_still_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(outbox_module, "COMMIT_ROWS", 2 * len(METRICS))
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    flusher = asyncio.create_task(outbox.flusher())
+    lock = sqlite3.connect(tmp_path / DB_NAME, timeout=5, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        outbox.add(ticks(1))
+        await wait_until(lambda: bool(messages(caplog, "cannot commit")), "a failed commit")
+        outbox.add(ticks(2, start=1))  # more than COMMIT_ROWS now wait
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await asyncio.wait_for(flusher, WAIT_S)
+        assert messages(caplog, "giving up", logging.ERROR)
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+        await outbox.close()  # what the agent's stop does: what waited in memory is committed
+    assert seqs_on_disk(tmp_path) == list(range(1, 3 * len(METRICS) + 1))
 
 
 async def test_a_hundred_thousand_readings_commit_in_well_under_a_second(tmp_path: Path) -> None:
