@@ -23,4 +23,6 @@ async def to_completion(work: Coroutine[Any, Any, T]) -> T:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # a failed transaction is the cancelled caller's no more: not "never retrieved"
         raise

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
+from edge_agent.sqlite import to_completion
 from edge_agent.sqlite_pool import POOL_THREADS, connect
 
 
@@ -74,6 +76,34 @@ async def test_a_statement_handed_over_runs_to_its_end_when_its_caller_is_cancel
         assert await db.fetchone("SELECT n FROM t") == (7,)  # queued after it, so it ran first
     finally:
         await db.close()
+
+
+async def test_a_transaction_that_fails_after_its_caller_was_cancelled_is_not_reported_unretrieved(
+        tmp_path: Path) -> None:
+    """to_completion lets the cancellation through; the transaction's own failure, which came
+    later, must not end up as asyncio's "Task exception was never retrieved" ERROR."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    db = await connect(tmp_path / "a.db", isolation_level=None)
+    gate = threading.Event()
+    try:
+        def fails(connection: sqlite3.Connection) -> None:
+            gate.wait(5)
+            connection.execute("INSERT INTO missing VALUES (1)")
+
+        caller = asyncio.create_task(to_completion(db.run(fails)))
+        await asyncio.sleep(0)  # the transaction is handed over
+        caller.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    finally:
+        await db.close()
+    del caller
+    gc.collect()
+    await asyncio.sleep(0)
+    assert [c["message"] for c in reported] == []
 
 
 def test_results_for_a_closed_loop_do_not_take_a_pool_thread_down(tmp_path: Path) -> None:
