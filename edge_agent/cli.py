@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_agent import __version__, logfmt
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
+from edge_agent.pipes import run_command
 from edge_agent.policy import Policy
 from edge_agent.settings import duration_arg
 
@@ -105,6 +106,10 @@ def _logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import msgspec
 
 from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
+from edge_agent.pipes import run_command
 from hub import coordination_commands, policy_commands
 from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
@@ -187,6 +189,10 @@ def _since(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         handlers=[logfmt.handler(sys.stderr)])  # docs/cli.md "Logs"
@@ -335,8 +341,12 @@ async def _devices(args: argparse.Namespace) -> int:
         table.add_row(r.device, r.profile, ",".join(f"{k}={v}" for k, v in r.tags.items()), state,
                       r.last_seen or "never", _policy_cell(r), _dash(r.backlog), _dash(r.dropped),
                       (r.cert_expires or "-")[:10])
+    class PipedConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1 itself; edge_agent.pipes gives 141
+            raise BrokenPipeError
+
     # Piped output (logs, CI) gets a fixed width instead of rich's 80-column fallback.
-    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    PipedConsole(width=None if sys.stdout.isatty() else 140).print(table)
     online = sum(r.online for r in rows)
     print(f"{len(rows)} device(s), {online} online")
     return EXIT_OK
@@ -360,7 +370,7 @@ async def _events(args: argparse.Namespace) -> int:
 
 
 async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str],
-                  rows: Callable[[HubStore], AsyncIterator[Any]]) -> int:
+                  rows: Callable[[HubStore], AsyncGenerator[Any, None]]) -> int:
     """Print a listing as it is read: JSON lines, or tab-separated text with a count on stderr."""
     from hub.store import HubStore
 
@@ -369,9 +379,12 @@ async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str
     out = sys.stdout
     count = 0
     try:
-        async for row in rows(store):
-            count += 1
-            out.write((msgspec.json.encode(row).decode() if args.json else text(row)) + "\n")
+        # Closed before the store, also when a write fails (`| head` left): a listing left open
+        # would be finalized later, on a closed database.
+        async with contextlib.aclosing(rows(store)) as listing:
+            async for row in listing:
+                count += 1
+                out.write((msgspec.json.encode(row).decode() if args.json else text(row)) + "\n")
     finally:
         await store.close()
     if not args.json:

@@ -7,12 +7,13 @@ CLI beside a running hub) wait on SQLite's lock for up to BUSY_TIMEOUT_MS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -572,20 +573,24 @@ class HubStore:
         return {d: c.watermark for d, c in coverage.items()}
 
     async def telemetry(self, *, device: str | None = None, since: float | None = None,
-                        metric: str | None = None, limit: int | None = None) -> AsyncIterator[TelemetryRow]:
+                        metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
         filters = (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric))
-        async for r in self._listing("device, seq, ts, metric, value", "telemetry", filters, limit):
-            yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
+        listing = self._listing("device, seq, ts, metric, value", "telemetry", filters, limit)
+        async with contextlib.aclosing(listing) as rows:
+            async for r in rows:  # closed with this generator, not left for the GC on a closed store
+                yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
 
     async def events(self, *, device: str | None = None, since: float | None = None,
-                     kind: str | None = None, limit: int | None = None) -> AsyncIterator[EventRow]:
+                     kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]:
         """Stored events ordered by device, then seq (the device's own order)."""
         filters = (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind))
-        async for r in self._listing("device, seq, ts, kind, body", "events", filters, limit):
-            yield event_row(r[0], r[1], r[2], r[3], r[4])
+        listing = self._listing("device, seq, ts, kind, body", "events", filters, limit)
+        async with contextlib.aclosing(listing) as rows:
+            async for r in rows:  # closed with this generator, not left for the GC on a closed store
+                yield event_row(r[0], r[1], r[2], r[3], r[4])
 
     async def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
-                       limit: int | None) -> AsyncIterator[Any]:
+                       limit: int | None) -> AsyncGenerator[Any, None]:
         """Rows of a per-device table, filtered, by device and seq, streamed in chunks."""
         active = [(clause, arg) for clause, arg in filters if arg is not None]
         query = f"SELECT {columns} FROM {table}"  # noqa: S608  # names are ours; values are bound

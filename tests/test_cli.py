@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import os
 import re
 import shutil
+import sqlite3
+import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -753,3 +757,37 @@ async def test_agent_broken_config_file(workdir: Path) -> None:
     code, out, err = await run_cli(AGENT, "run", "--config", str(config), timeout=30)
     assert code == 2, out + err
     assert "TOML" in err
+
+
+
+def run_into_a_closed_pipe(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command whose stdout reader has already gone, as `cmd | head -0` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("listing", [("events",), ("events", "--json"), ("devices",)],
+                         ids=["events", "events-json", "devices-rich-table"])
+async def test_a_listing_whose_reader_left_ends_quietly_with_141(hub_dir: HubDir, listing: tuple[str, ...]) -> None:
+    """`edge-hub events | head`: once the reader has gone, no traceback, and the status a C tool
+    ended by SIGPIPE gives (128 + 13). Enough events that the output passes any pipe buffer."""
+    code, _, err = await run_cli(HUB, "devices", "--dir", str(hub_dir.dir))  # hub.db exists from here
+    assert code == 0, err
+    db = sqlite3.connect(hub_dir.dir / "hub.db")
+    with db:
+        db.executemany("INSERT INTO events(device, seq, ts, kind, body) VALUES ('dev-1', ?, ?, 'alert', ?)",
+                       [(seq, 1.7e9 + seq, json.dumps({"message": "x" * 100})) for seq in range(1, 5001)])
+    db.close()
+    command = [HUB, listing[0], "--dir", str(hub_dir.dir), *listing[1:]]
+    code, out, err = await run_cli(*command)
+    assert code == 0, err
+    if listing[0] == "events":
+        assert len(out.splitlines()) == 5000
+    done = await asyncio.to_thread(run_into_a_closed_pipe, *command)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Exception ignored" not in done.stderr
