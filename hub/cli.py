@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from hub.config import DEFAULT_PORT, load_hub
 from hub.errors import HubError, UsageError
 
 if TYPE_CHECKING:
+    from hub.rollout import Admission
     from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -239,6 +241,7 @@ async def _init(args: argparse.Namespace) -> int:
 
 
 async def _provision(args: argparse.Namespace) -> int:
+    from hub import rollout
     from hub.provision import (
         DeviceSpec,
         Provisioner,
@@ -269,6 +272,7 @@ async def _provision(args: argparse.Namespace) -> int:
             results = {specs[0].device: await provisioner.provision(specs[0], csr)}
         else:
             results = await _with_progress(len(specs), lambda advance: provision_all(provisioner, specs, advance))
+        admitted = await rollout.admit(store, config.region, list(results), time.time())
     finally:
         await store.close()
     counts: dict[str, int] = {}
@@ -276,7 +280,26 @@ async def _provision(args: argparse.Namespace) -> int:
         counts[action] = counts.get(action, 0) + 1
     summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
     print(f"{len(results)} device bundle(s) in {args.out}: {summary}")
+    _print_admissions(admitted)
     return EXIT_OK
+
+
+def _print_admissions(admitted: list[Admission]) -> None:
+    """What the new devices run once they connect: the policy their peers were given."""
+    given: dict[int, int] = {}
+    waiting: dict[int, int] = {}
+    for a in admitted:
+        if a.version is not None:
+            given[a.version] = given.get(a.version, 0) + 1
+        if a.waiting and a.rollout is not None:
+            waiting[a.rollout] = waiting.get(a.rollout, 0) + 1
+        if a.refused:
+            print(f"edge-hub: {a.device}: {a.refused}; it keeps its local policy until a push that fits it",
+                  file=sys.stderr)
+    for version, n in sorted(given.items()):
+        print(f"{n} new device(s) get policy version {version}, as their peers did, when they connect")
+    for rollout_id, n in sorted(waiting.items()):
+        print(f"{n} new device(s) joined rollout {rollout_id} in progress; a later wave reaches them")
 
 
 async def _with_progress(total: int, work: Callable[[Callable[[str], None]], Awaitable[Any]]) -> Any:

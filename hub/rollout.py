@@ -32,7 +32,7 @@ import aiosqlite
 from edge_agent.policy import Policy
 from hub.config import RolloutConf
 from hub.errors import HubError, UsageError
-from hub.store import HubStore, fetch_one
+from hub.store import HubStore, fetch_all, fetch_one
 
 ACTIVE: Final = "baking"
 FINISHED: Final = ("complete", "rolled_back", "aborted")
@@ -222,6 +222,101 @@ async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int
     return int(upto)
 
 
+# --- devices registered after a push ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a newly registered device was given: the policy its peers run, a place in the
+    rollout in progress, or (refused) why the policy meant for it does not fit its profile."""
+
+    device: str
+    version: int | None = None  # assigned now
+    rollout: int | None = None  # the rollout it became a member of
+    waiting: bool = False  # a member of the rollout in progress, reached by a later wave
+    refused: str | None = None
+
+
+async def admit(store: HubStore, region: str, devices: list[str], now: float) -> list[Admission]:
+    """Give devices registered after a push what their peers were given, in one transaction.
+
+    A device with no assigned version becomes a member of the latest complete rollout that
+    targets it (selector and the policy's [target]), reached now, and is assigned its version:
+    a later `policy rollback` of that rollout takes it back like the others. If a rollout in
+    progress targets it too, it also joins that one, last in rank, so the wave still to come
+    (at the latest the final one, 100 %) reaches it under the same health gates. A policy
+    whose rules do not fit the device's profile (checked as `policy push` checks) is not given:
+    the Admission says why, and the device keeps its local policy until the next push.
+    """
+    from edge_agent.config import check_policy
+    from edge_agent.errors import ConfigError
+    from edge_agent.policy import validate_policy
+    from edge_agent.profiles import load_profile
+
+    wanted = set(devices)
+
+    async def work(db: aiosqlite.Connection) -> list[Admission]:
+        new = [r for r in await fetch_all(
+            db, "SELECT d.device, d.profile, d.tags FROM devices d LEFT JOIN assignments a USING (device) "
+                "WHERE a.device IS NULL AND d.revoked_at IS NULL ORDER BY d.device") if r[0] in wanted]
+        if not new:
+            return []
+        rollouts = [(rid, version, Selector.from_json(sel), state, text, validate_policy(
+            text, metrics=None, actuators_allowed=None)) for rid, version, sel, state, text in await fetch_all(
+            db, "SELECT r.id, r.version, r.selector, r.state, p.text FROM rollouts r JOIN policies p USING (version) "
+                "WHERE r.state IN (?, 'complete') ORDER BY r.version DESC", (ACTIVE,))]
+        fits: dict[tuple[int, str], str | None] = {}  # (version, profile) -> why not
+
+        def misfit(version: int, text: str, profile: str) -> str | None:
+            if (version, profile) not in fits:
+                try:
+                    check_policy(text, load_profile(profile))
+                    fits[version, profile] = None
+                except ConfigError as exc:
+                    why = " ".join(str(exc).split())  # one line: "invalid policy: line 6, column 1: ..."
+                    fits[version, profile] = f"version {version} does not fit profile {profile}: {why}"
+            return fits[version, profile]
+
+        admitted = []
+        for device, profile, tags_json in new:
+            tags = json.loads(tags_json)
+            targeting = [r for r in rollouts if r[2].matches(profile, tags) and r[5].targets(profile, region, tags)
+                         is None]
+            latest = next((r for r in targeting if r[3] == "complete"), None)
+            active = next((r for r in targeting if r[3] == ACTIVE), None)
+            version = rollout_id = refused = None
+            if latest is not None:
+                refused = misfit(latest[1], latest[4], profile)
+                if refused is None:
+                    rollout_id, version = latest[0], latest[1]
+                    await _join(db, rollout_id, device, None, now, reached=True)
+                    await db.execute("INSERT INTO assignments(device, version, assigned_at) VALUES (?, ?, ?)",
+                                     (device, version, now))
+            waiting = False
+            if active is not None:
+                why = misfit(active[1], active[4], profile)
+                if why is None:
+                    rollout_id, waiting = active[0], True
+                    await _join(db, rollout_id, device, version, now, reached=False)
+                refused = refused or why
+            admitted.append(Admission(device, version, rollout_id, waiting, refused))
+        return admitted
+
+    return await store.atomically(work)
+
+
+async def _join(db: aiosqlite.Connection, rollout: int, device: str, previous: int | None, now: float, *,
+                reached: bool) -> None:
+    """Add a member after the push, last in rank; reached now (in the rollout's current wave) or not yet."""
+    await db.execute(
+        "INSERT INTO rollout_members(rollout, device, rank, previous, wave, reached_at, online_when_reached) "
+        "SELECT ?, ?, COALESCE(MAX(m.rank), -1) + 1, ?, "
+        "CASE WHEN ? THEN (SELECT wave FROM rollouts WHERE id = ?) END, CASE WHEN ? THEN ? END, "
+        "CASE WHEN ? THEN (SELECT online FROM devices WHERE device = ?) END "
+        "FROM rollout_members m WHERE m.rollout = ?",
+        (rollout, device, previous, reached, rollout, reached, now, reached, device, rollout))
+
+
 # --- watching and advancing (the running hub, once a second) -----------------------------
 
 
@@ -301,6 +396,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
         if current is None or tuple(current) != (ACTIVE, wave):
             return None  # the operator moved it meanwhile
         if wave + 1 >= len(waves):
+            await _reach(db, rollout, version, wave, waves[wave], now)  # members who joined since (admit)
             await _finish(db, rollout, "complete", None, now)
             message = f"rollout {rollout}: version {version} reached all {h.reached} targeted devices"
             await store.hub_event(db, identity, "rollout_complete", {

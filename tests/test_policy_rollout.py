@@ -649,3 +649,33 @@ async def test_promote_and_abort(hub_dir: HubDir, hub: Proc, bundles: Path, work
     for device in untouched:
         assert applied[device] == [v1]
         assert logged_versions(agents[device]) == [f"{v1} applied"]
+
+
+# --- 6. a device provisioned after a rollout runs what its peers run ----------------------------
+
+
+async def test_a_device_provisioned_after_a_rollout_gets_the_fleets_policy(
+        hub_dir: HubDir, hub: Proc, bundles: Path, workdir: Path) -> None:
+    """The rollout is complete when dev-n1 is provisioned: provisioning makes it a member, the
+    hub sends it the version at its first connection, and a rollback takes it back too."""
+    await hub_dir.provision(bundles, "dev-n0")
+    async with fleet(bundles, "dev-n0") as agents:
+        hub_mark = hub.mark()
+        v1, r1 = await push(hub_dir, workdir, good_policy("fleet"), "--bake", "1s")
+        await wait_applied(agents, v1)
+        await hub.wait_for(rf"rollout {r1}: version {v1} reached all 1 targeted devices", after=hub_mark)
+
+        code, out, err = await run_cli(HUB, "provision", "--dir", str(hub_dir.dir), "--out", str(bundles),
+                                       "--profile", "sim", "dev-n1")
+        assert code == 0, err
+        assert f"1 new device(s) get policy version {v1}, as their peers did" in out, out
+        agents["dev-n1"] = await Proc("dev-n1", agent_argv(bundles / "dev-n1")).start()
+        await agents["dev-n1"].wait_for(rf"policy version {v1} applied: 1 rule", timeout=RECONNECT_TIMEOUT)
+        await reported(hub_dir, {"dev-n0": v1, "dev-n1": v1})
+
+        marks = {d: a.mark() for d, a in agents.items()}
+        out = await cli(hub_dir, "policy", "rollback")
+        assert f"rollout {r1}: version {v1} rolled back on 2 device(s)" in out, out
+        # Neither had a hub policy before v1: both go back to their local policy file, as v1 + 1.
+        await asyncio.gather(*(a.wait_for(rf"policy version {v1 + 1} applied: the local policy file",
+                                          after=marks[d], timeout=APPLY_TIMEOUT) for d, a in agents.items()))

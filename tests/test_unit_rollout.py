@@ -391,12 +391,18 @@ async def test_offline_reached_devices_do_not_hold_a_wave_back(fleet: Fleet) -> 
     assert (h.reached, h.offline, h.went_offline) == (5, 1, 0)
 
 
-async def test_a_single_wave_push_completes_after_its_bake(lab: Fleet) -> None:
-    pushed = await lab.push(bake=0)
-    await lab.apply(pushed.version)
-    step = await lab.tick(T0)
+async def completed_in_one_wave(fleet: Fleet) -> Pushed:
+    """A push of one wave, no bake, applied by everyone: the tick completes it."""
+    pushed = await fleet.push(bake=0)
+    await fleet.apply(pushed.version)
+    step = await fleet.tick(T0)
     assert step is not None
     assert step.kind == "complete"
+    return pushed
+
+
+async def test_a_single_wave_push_completes_after_its_bake(lab: Fleet) -> None:
+    await completed_in_one_wave(lab)
 
 
 # --- health gates ---------------------------------------------------------------------------
@@ -840,3 +846,107 @@ async def test_a_device_that_cannot_verify_any_policy_counts_as_refusing(lab: Fl
     await lab.report([keyless], 0, now=T0 + 1, refused=no_key)
     h = await rollout.health(lab.store, pushed.rollout, pushed.version, CONF)
     assert (h.applied, h.refused, h.waiting) == (2, 1, 0)
+
+
+# --- devices registered after a push (rollout.admit) ----------------------------------------
+
+
+async def admit(fleet: Fleet, *devices: str, now: float = T0 + 10) -> dict[str, rollout.Admission]:
+    return {a.device: a for a in await rollout.admit(fleet.store, REGION, list(devices), now)}
+
+
+async def members(fleet: Fleet, rollout_id: int) -> dict[str, tuple[int, int | None, int | None]]:
+    """device -> (rank, wave, previous)"""
+    rows = await fleet.store.query(
+        "SELECT device, rank, wave, previous FROM rollout_members WHERE rollout = ?", (rollout_id,))
+    return {d: (r, w, p) for d, r, w, p in rows}
+
+
+async def test_a_device_registered_after_a_complete_rollout_gets_its_version_and_its_rollback(lab: Fleet) -> None:
+    pushed = await completed_in_one_wave(lab)
+    await lab.register(["late-1"])
+    assert await admit(lab, "late-1") == {"late-1": rollout.Admission("late-1", pushed.version, pushed.rollout)}
+    assert (await lab.assignments())["late-1"] == pushed.version
+    assert (await members(lab, pushed.rollout))["late-1"] == (len(LAB), 0, None)  # last, reached, had nothing
+    assert await admit(lab, "late-1") == {}  # once: it has an assignment now
+    # A rollback of that rollout takes the newcomer back too (to its local policy, as it had none).
+    step = await rollout.rollback(lab.store, HUB, T0 + 20)
+    assert "on 11 device(s)" in step.message
+    local = next(v for v, (text, _) in (await lab.policies()).items() if text is None)
+    assert (await lab.assignments())["late-1"] == local
+
+
+async def test_a_device_the_rollouts_do_not_target_gets_nothing(fleet: Fleet) -> None:
+    await fleet.register(LAB, site="lab")
+    pushed = await fleet.push(selector=Selector(tags={"site": "lab"}), bake=0)
+    await rollout.promote(fleet.store, HUB, T0 + 1)
+    await fleet.register(["other"], site="field")
+    await fleet.register(["gone"], site="lab")
+    await fleet.store.revoke_device("gone")
+    admitted = await admit(fleet, "other", "gone")
+    assert admitted == {"other": rollout.Admission("other")}  # and nothing at all for the revoked one
+    assert "gone" not in await fleet.assignments()
+    assert "other" not in await fleet.assignments()
+    assert "other" not in await members(fleet, pushed.rollout)
+
+
+async def test_the_latest_complete_rollout_wins_and_a_rolled_back_one_does_not_count(lab: Fleet) -> None:
+    first = await lab.push(policy_text("one"), bake=0)
+    await rollout.promote(lab.store, HUB, T0 + 1)
+    second = await lab.push(policy_text("two"), bake=0, now=T0 + 2)
+    await rollout.promote(lab.store, HUB, T0 + 3)
+    await lab.register(["late-1"])
+    assert (await admit(lab, "late-1"))["late-1"].version == second.version
+    await rollout.rollback(lab.store, HUB, T0 + 4)  # the second is undone: the fleet is back on the first
+    await lab.register(["late-2"])
+    assert (await admit(lab, "late-2"))["late-2"] == rollout.Admission("late-2", first.version, first.rollout)
+
+
+async def test_a_device_registered_during_a_rollout_joins_it_and_the_last_wave_reaches_it(lab: Fleet) -> None:
+    base = await lab.push(policy_text("base"), bake=0)
+    await rollout.promote(lab.store, HUB, T0 + 1)
+    pushed = await lab.push(policy_text("next"), canary=10, now=T0 + 2)
+    await lab.register(["late-1"])
+    admitted = (await admit(lab, "late-1"))["late-1"]
+    # Its peers' current policy now; a member of the rollout in progress, not yet reached.
+    assert admitted == rollout.Admission("late-1", base.version, pushed.rollout, waiting=True)
+    assert (await lab.assignments())["late-1"] == base.version
+    assert (await members(lab, pushed.rollout))["late-1"] == (len(LAB), None, base.version)
+    now = T0 + 2
+    for _ in range(10):  # canary, 25 %, 50 %, 100 %, complete
+        await lab.apply(pushed.version)
+        now += BAKE
+        step = await lab.tick(now)
+        if step is not None and step.kind == "complete":
+            break
+    else:
+        raise AssertionError("the rollout did not complete")
+    assert "reached all 11 targeted devices" in step.message
+    assert (await lab.assignments())["late-1"] == pushed.version
+
+
+async def test_a_device_registered_in_the_final_wave_is_reached_when_the_rollout_completes(lab: Fleet) -> None:
+    pushed = await lab.push(bake=0)  # one wave, 100 %, already reached by the push
+    await lab.register(["late-1"])
+    assert (await admit(lab, "late-1"))["late-1"] == rollout.Admission("late-1", None, pushed.rollout, waiting=True)
+    assert "late-1" not in await lab.assignments()
+    await lab.apply(pushed.version)
+    step = await lab.tick(T0)
+    assert step is not None
+    assert step.kind == "complete"
+    assert (await lab.assignments())["late-1"] == pushed.version
+    assert (await members(lab, pushed.rollout))["late-1"][1] == 0
+
+
+async def test_a_policy_that_does_not_fit_the_new_devices_profile_is_not_given(lab: Fleet) -> None:
+    pushed = await lab.push(bake=0)  # a "record" action, which only the sim profile allows
+    await rollout.promote(lab.store, HUB, T0 + 1)
+    await lab.register(["pi-1"], profile="rpi-4")
+    admitted = (await admit(lab, "pi-1"))["pi-1"]
+    assert admitted.version is None
+    assert admitted.refused is not None
+    assert f"version {pushed.version} does not fit profile rpi-4" in admitted.refused
+    assert "action 'record' is not allowed by this device's profile" in admitted.refused
+    assert "\n" not in admitted.refused
+    assert "pi-1" not in await lab.assignments()
+    assert "pi-1" not in await members(lab, pushed.rollout)
