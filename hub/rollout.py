@@ -278,6 +278,7 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
             return fits[version, profile]
 
         admitted = []
+        ranks: dict[int, int] = {}
         for device, profile, tags_json in new:
             tags = json.loads(tags_json)
             targeting = [r for r in rollouts if r[2].matches(profile, tags) and r[5].targets(profile, region, tags)
@@ -289,7 +290,7 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
                 refused = misfit(latest[1], latest[4], profile)
                 if refused is None:
                     rollout_id, version = latest[0], latest[1]
-                    await _join(db, rollout_id, device, None, now, reached=True)
+                    await _join(db, ranks, rollout_id, device, None, now, reached=True)
                     await db.execute("INSERT INTO assignments(device, version, assigned_at) VALUES (?, ?, ?)",
                                      (device, version, now))
             waiting = False
@@ -297,7 +298,7 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
                 why = misfit(active[1], active[4], profile)
                 if why is None:
                     rollout_id, waiting = active[0], True
-                    await _join(db, rollout_id, device, version, now, reached=False)
+                    await _join(db, ranks, rollout_id, device, version, now, reached=False)
                 refused = refused or why
             admitted.append(Admission(device, version, rollout_id, waiting, refused))
         return admitted
@@ -305,16 +306,20 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
     return await store.atomically(work)
 
 
-async def _join(db: aiosqlite.Connection, rollout: int, device: str, previous: int | None, now: float, *,
-                reached: bool) -> None:
-    """Add a member after the push, last in rank; reached now (in the rollout's current wave) or not yet."""
+async def _join(db: aiosqlite.Connection, ranks: dict[int, int], rollout: int, device: str, previous: int | None,
+                now: float, *, reached: bool) -> None:
+    """Add a member after the push, last in rank; reached now (in the rollout's current wave) or
+    not yet. `ranks` holds each rollout's next rank (read once, then counted here)."""
+    if rollout not in ranks:
+        ranks[rollout] = (await fetch_one(
+            db, "SELECT COALESCE(MAX(rank), -1) + 1 FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
+    rank = ranks[rollout]
+    ranks[rollout] += 1
     await db.execute(
         "INSERT INTO rollout_members(rollout, device, rank, previous, wave, reached_at, online_when_reached) "
-        "SELECT ?, ?, COALESCE(MAX(m.rank), -1) + 1, ?, "
-        "CASE WHEN ? THEN (SELECT wave FROM rollouts WHERE id = ?) END, CASE WHEN ? THEN ? END, "
-        "CASE WHEN ? THEN (SELECT online FROM devices WHERE device = ?) END "
-        "FROM rollout_members m WHERE m.rollout = ?",
-        (rollout, device, previous, reached, rollout, reached, now, reached, device, rollout))
+        "SELECT ?, ?, ?, ?, CASE WHEN ? THEN r.wave END, CASE WHEN ? THEN ? END, "
+        "CASE WHEN ? THEN (SELECT online FROM devices WHERE device = ?) END FROM rollouts r WHERE r.id = ?",
+        (rollout, device, rank, previous, reached, reached, now, reached, device, rollout))
 
 
 # --- watching and advancing (the running hub, once a second) -----------------------------
