@@ -43,6 +43,7 @@ HUB_ID = "hub.test"  # hub_dir's region is "test"
 # Status at once after a policy and every second; readings often enough that a new policy's
 # rules are evaluated at once; a broker that went away noticed in seconds.
 AGENT_SETS = ("sim.rate_hz=5", "uplink.status_interval=1", "uplink.ack_timeout=3", "broker.connect_timeout=3")
+HOLD_S = 45.0  # dev-q1's action in test_a_queued_device_that_reconnects_keeps_its_place
 FAST_KEEPALIVE = "broker.keepalive=2"  # a partitioned device is dropped by the broker after 3 s
 ONLINE_TIMEOUT = 30.0  # several agents starting at once on a loaded 2-core machine
 APPLY_TIMEOUT = 20.0  # a push to every agent's "applied"
@@ -653,7 +654,7 @@ def write_locked(hub_dir: HubDir) -> Iterator[None]:
 
 @pytest.mark.timeout(120)
 async def test_a_queued_device_that_reconnects_keeps_its_place(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
-    """dev-q1 holds a lease of limit 1 (a 15 s action); dev-q2 waits behind a fault proxy.
+    """dev-q1 holds a lease of limit 1 (a 45 s action); dev-q2 waits behind a fault proxy.
     The cable is pulled: the broker drops dev-q2 (keepalive 2 s) and the hub marks it offline.
     The cable comes back while the hub is in the middle of an ingest cycle (dev-q1's status,
     held up by an operator's transaction on hub.db): dev-q2 reconnects, says it is online and
@@ -663,7 +664,10 @@ async def test_a_queued_device_that_reconnects_keeps_its_place(hub_dir: HubDir, 
     and dropped the request as one from an offline device.)"""
     await hub_dir.provision(bundles, "dev-q1", extra=("--tag", "turn=first"))
     await hub_dir.provision(bundles, "dev-q2", extra=("--tag", "turn=second"))
-    line = rule("line", args="{ sleep_s = 15 }", lease='{ name = "line", limit = 1, wait_s = 60 }')
+    # The action outlasts all that happens before the check (a push, a partition noticed, a held
+    # cycle, a reconnect after backoff: about 20 s on a loaded machine). With 15 s, dev-q1 could
+    # release first, and dev-q2, asking again, was granted the lease at once: no queue to check.
+    line = rule("line", args=f"{{ sleep_s = {HOLD_S:g} }}", lease='{ name = "line", limit = 1, wait_s = 120 }')
     async with FaultProxy("127.0.0.1", hub_dir.port) as proxy:
         via_proxy = (f"broker.port={proxy.port}", FAST_KEEPALIVE)
         async with agent_procs(hub, bundles, {"dev-q1": (), "dev-q2": via_proxy}) as procs:
@@ -685,6 +689,8 @@ async def test_a_queued_device_that_reconnects_keeps_its_place(hub_dir: HubDir, 
                 await q2.wait_for(r"dev-q2 online", after=reconnected, timeout=20)
                 await asyncio.sleep(0.5)  # its request follows its presence at once
             await hub.wait_for(r"device dev-q2 is online", after=mark, timeout=15)
+            assert not [x for x in hub.lines if "lease line: dev-q1 released" in x], \
+                f"the setup outlasted dev-q1's {HOLD_S:g} s action: the queue cannot be checked"
             assert [q["device"] for q in (await leases(hub_dir))["line"]["queue"]] == ["dev-q2"], \
                 "dev-q2 lost its place in the queue"
-            await hub.wait_for(r"lease line: granted to dev-q2, token 2", after=mark, timeout=20)
+            await hub.wait_for(r"lease line: granted to dev-q2, token 2", after=mark, timeout=HOLD_S + 15)
