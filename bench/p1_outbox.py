@@ -67,10 +67,10 @@ async def outbox_run(state_dir: Path, readings: list[Reading], synchronous: str)
     commits = 0
     commit = outbox._commit  # counted only, to state the transaction sizes it chose
 
-    async def counted(event: tuple[int, float, str, str] | None = None) -> None:
+    async def counted(report_slow: bool = True) -> None:
         nonlocal commits
         commits += 1
-        await commit(event)
+        await commit(report_slow)
 
     outbox._commit = counted  # type: ignore[method-assign]
     flusher = asyncio.create_task(outbox.flusher(), name="outbox")

@@ -185,13 +185,13 @@ async def engine_run(directory: Path, seconds: float, synchronous: str, threshol
     last_audit = [0.0]
     add_events, commit = outbox.add_events, outbox._commit
 
-    async def timed_commit(events: list[tuple[int, float, str, str]] | None = None) -> None:
+    async def timed_commit(report_slow: bool = True) -> None:
+        kinds = {row[2] for row in outbox._held_events}  # the events this commit takes wait there
         started = time.perf_counter()
         try:
-            await commit(events)
+            await commit(report_slow)
         finally:
             took = (time.perf_counter() - started) * 1000
-            kinds = {row[2] for row in events or ()}
             key = "audit" if "action_started" in kinds else "other events" if kinds else "readings"
             commits[key].append(took)
             if key == "audit":
