@@ -160,32 +160,18 @@ class Outbox:
         except sqlite3.OperationalError:
             return -1  # cannot probe read-only (no -shm yet): the read-write open checks instead
         try:
-            row = await db.fetchone("PRAGMA quick_check")
-            if row is None or row[0] != "ok":
-                raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
-            row = await db.fetchone("PRAGMA user_version")
+            return await _checked_version(db, integrity=True)
         except sqlite3.DatabaseError as exc:
             raise OutboxCorrupt(str(exc)) from None
         finally:
             await db.close()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
-        return version
 
     @classmethod
     async def _connect(cls, path: Path, synchronous: str) -> PooledConnection:
         probed = await cls._probe(path)
         db = await connect(path, isolation_level=None)
         try:
-            if probed < 0:
-                row = await db.fetchone("PRAGMA quick_check")
-                if row is None or row[0] != "ok":
-                    raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
-            row = await db.fetchone("PRAGMA user_version")
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
+            version = await _checked_version(db, integrity=probed < 0)
             await db.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit survives power loss too, not only a crash; the WAL is
             # appended sequentially and commits are at most ten a second.
@@ -389,6 +375,20 @@ class Outbox:
     def backlog(self) -> int:
         """Records not yet acknowledged (committed or waiting to be)."""
         return self.rows + len(self._buffer)
+
+
+async def _checked_version(db: PooledConnection, *, integrity: bool) -> int:
+    """The schema version, after `PRAGMA quick_check` when `integrity`; OutboxCorrupt for a
+    failed check or a schema newer than this agent's."""
+    if integrity:
+        row = await db.fetchone("PRAGMA quick_check")
+        if row is None or row[0] != "ok":
+            raise OutboxCorrupt(f"integrity check: {row[0] if row else 'no answer'}")
+    row = await db.fetchone("PRAGMA user_version")
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise OutboxCorrupt(f"schema {version} is newer than this agent's ({SCHEMA_VERSION})")
+    return version
 
 
 @dataclass(frozen=True)
