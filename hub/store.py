@@ -7,7 +7,6 @@ CLI beside a running hub) wait on SQLite's lock for up to BUSY_TIMEOUT_MS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -572,26 +571,21 @@ class HubStore:
                              [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
         return {d: c.watermark for d, c in coverage.items()}
 
-    async def telemetry(self, *, device: str | None = None, since: float | None = None,
-                        metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
+    def telemetry(self, *, device: str | None = None, since: float | None = None,
+                  metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
         filters = (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric))
-        listing = self._listing("device, seq, ts, metric, value", "telemetry", filters, limit)
-        async with contextlib.aclosing(listing) as rows:
-            async for r in rows:  # closed with this generator, not left for the GC on a closed store
-                yield TelemetryRow(r[0], r[1], r[2], r[3], r[4])
+        return self._listing("device, seq, ts, metric, value", "telemetry", filters, limit, TelemetryRow)
 
-    async def events(self, *, device: str | None = None, since: float | None = None,
-                     kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]:
+    def events(self, *, device: str | None = None, since: float | None = None,
+               kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]:
         """Stored events ordered by device, then seq (the device's own order)."""
         filters = (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind))
-        listing = self._listing("device, seq, ts, kind, body", "events", filters, limit)
-        async with contextlib.aclosing(listing) as rows:
-            async for r in rows:  # closed with this generator, not left for the GC on a closed store
-                yield event_row(r[0], r[1], r[2], r[3], r[4])
+        return self._listing("device, seq, ts, kind, body", "events", filters, limit, event_row)
 
     async def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
-                       limit: int | None) -> AsyncGenerator[Any, None]:
-        """Rows of a per-device table, filtered, by device and seq, streamed in chunks."""
+                       limit: int | None, make: Callable[..., T]) -> AsyncGenerator[T, None]:
+        """Rows of a per-device table, filtered, by device and seq, streamed in chunks, each as
+        `make(*columns)`. One generator: closing it (contextlib.aclosing) closes the cursor."""
         active = [(clause, arg) for clause, arg in filters if arg is not None]
         query = f"SELECT {columns} FROM {table}"  # noqa: S608  # names are ours; values are bound
         if active:
@@ -602,7 +596,7 @@ class HubStore:
         async with self._db.execute(query, [arg for _, arg in active]) as cur:
             while rows := await cur.fetchmany(10_000):
                 for row in rows:
-                    yield row
+                    yield make(*row)
 
     async def latest_escalations(self) -> list[EventRow]:
         """The newest `escalation` event of each (device, rule), ordered by device and rule.
