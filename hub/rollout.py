@@ -25,7 +25,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import aiosqlite
 
@@ -199,12 +199,13 @@ CANDIDATES: Final = "SELECT device, profile, tags FROM devices WHERE revoked_at 
 
 def targets(candidates: list[Any], selector: Selector, policy: Policy, region: str) -> dict[str, str]:
     """device -> profile of the CANDIDATES rows that the selector and the policy's [target] both pick."""
-    picked = {}
-    for device, profile, tags_json in candidates:
-        tags = json.loads(tags_json)
-        if selector.matches(profile, tags) and policy.targets(profile, region, tags) is None:
-            picked[device] = profile
-    return picked
+    return {device: profile for device, profile, tags_json in candidates
+            if picks(selector, policy, region, profile, json.loads(tags_json))}
+
+
+def picks(selector: Selector, policy: Policy, region: str, profile: str, tags: dict[str, str]) -> bool:
+    """Does a push with this selector and policy target the device (push, and admit after it)?"""
+    return selector.matches(profile, tags) and policy.targets(profile, region, tags) is None
 
 
 async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int, pct: float, now: float) -> int:
@@ -254,6 +255,17 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
     from edge_agent.profiles import load_profile
 
     wanted = set(devices)
+    fits: dict[tuple[int, str], str | None] = {}  # (version, profile) -> why not
+
+    def misfit(r: _Stored, profile: str) -> str | None:
+        if (r.version, profile) not in fits:
+            try:
+                check_policy(r.text, load_profile(profile))
+                fits[r.version, profile] = None
+            except ConfigError as exc:
+                why = " ".join(str(exc).split())  # one line: "invalid policy: line 6, column 1: ..."
+                fits[r.version, profile] = f"version {r.version} does not fit profile {profile}: {why}"
+        return fits[r.version, profile]
 
     async def work(db: aiosqlite.Connection) -> list[Admission]:
         new = [r for r in await fetch_all(
@@ -261,49 +273,48 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
                 "WHERE a.device IS NULL AND d.revoked_at IS NULL ORDER BY d.device") if r[0] in wanted]
         if not new:
             return []
-        rollouts = [(rid, version, Selector.from_json(sel), state, text, validate_policy(
-            text, metrics=None, actuators_allowed=None)) for rid, version, sel, state, text in await fetch_all(
-            db, "SELECT r.id, r.version, r.selector, r.state, p.text FROM rollouts r JOIN policies p USING (version) "
-                "WHERE r.state IN (?, 'complete') ORDER BY r.version DESC", (ACTIVE,))]
-        fits: dict[tuple[int, str], str | None] = {}  # (version, profile) -> why not
-
-        def misfit(version: int, text: str, profile: str) -> str | None:
-            if (version, profile) not in fits:
-                try:
-                    check_policy(text, load_profile(profile))
-                    fits[version, profile] = None
-                except ConfigError as exc:
-                    why = " ".join(str(exc).split())  # one line: "invalid policy: line 6, column 1: ..."
-                    fits[version, profile] = f"version {version} does not fit profile {profile}: {why}"
-            return fits[version, profile]
-
+        rollouts = [_Stored(rid, version, Selector.from_json(sel), state, text,
+                            validate_policy(text, metrics=None, actuators_allowed=None))
+                    for rid, version, sel, state, text in await fetch_all(
+                        db, "SELECT r.id, r.version, r.selector, r.state, p.text FROM rollouts r JOIN policies p "
+                            "USING (version) WHERE r.state IN (?, 'complete') ORDER BY r.version DESC", (ACTIVE,))]
         admitted = []
         ranks: dict[int, int] = {}
         for device, profile, tags_json in new:
             tags = json.loads(tags_json)
-            targeting = [r for r in rollouts if r[2].matches(profile, tags) and r[5].targets(profile, region, tags)
-                         is None]
-            latest = next((r for r in targeting if r[3] == "complete"), None)
-            active = next((r for r in targeting if r[3] == ACTIVE), None)
+            targeting = [r for r in rollouts if picks(r.selector, r.policy, region, profile, tags)]  # newest first
+            complete = next((r for r in targeting if r.state == "complete"), None)
+            active = next((r for r in targeting if r.state == ACTIVE), None)
             version = rollout_id = refused = None
-            if latest is not None:
-                refused = misfit(latest[1], latest[4], profile)
+            if complete is not None:
+                refused = misfit(complete, profile)
                 if refused is None:
-                    rollout_id, version = latest[0], latest[1]
+                    rollout_id, version = complete.id, complete.version
                     await _join(db, ranks, rollout_id, device, None, now, reached=True)
                     await db.execute("INSERT INTO assignments(device, version, assigned_at) VALUES (?, ?, ?)",
                                      (device, version, now))
             waiting = False
             if active is not None:
-                why = misfit(active[1], active[4], profile)
+                why = misfit(active, profile)
                 if why is None:
-                    rollout_id, waiting = active[0], True
+                    rollout_id, waiting = active.id, True
                     await _join(db, ranks, rollout_id, device, version, now, reached=False)
                 refused = refused or why
             admitted.append(Admission(device, version, rollout_id, waiting, refused))
         return admitted
 
     return await store.atomically(work)
+
+
+class _Stored(NamedTuple):
+    """A complete or active rollout, as admit reads it."""
+
+    id: int
+    version: int
+    selector: Selector
+    state: str
+    text: str
+    policy: Policy
 
 
 async def _join(db: aiosqlite.Connection, ranks: dict[int, int], rollout: int, device: str, previous: int | None,
@@ -315,11 +326,14 @@ async def _join(db: aiosqlite.Connection, ranks: dict[int, int], rollout: int, d
             db, "SELECT COALESCE(MAX(rank), -1) + 1 FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
     rank = ranks[rollout]
     ranks[rollout] += 1
-    await db.execute(
-        "INSERT INTO rollout_members(rollout, device, rank, previous, wave, reached_at, online_when_reached) "
-        "SELECT ?, ?, ?, ?, CASE WHEN ? THEN r.wave END, CASE WHEN ? THEN ? END, "
-        "CASE WHEN ? THEN (SELECT online FROM devices WHERE device = ?) END FROM rollouts r WHERE r.id = ?",
-        (rollout, device, rank, previous, reached, reached, now, reached, device, rollout))
+    if reached:  # in the rollout's current wave, as its online state is now
+        await db.execute(
+            "INSERT INTO rollout_members(rollout, device, rank, previous, wave, reached_at, online_when_reached) "
+            "SELECT ?, ?, ?, ?, r.wave, ?, d.online FROM rollouts r, devices d WHERE r.id = ? AND d.device = ?",
+            (rollout, device, rank, previous, now, rollout, device))
+    else:
+        await db.execute("INSERT INTO rollout_members(rollout, device, rank, previous) VALUES (?, ?, ?, ?)",
+                         (rollout, device, rank, previous))
 
 
 # --- watching and advancing (the running hub, once a second) -----------------------------
