@@ -172,7 +172,6 @@ def _since(text: str) -> float:
     """--since: an ISO time, epoch seconds, or an age (90s, 15m, 2h, 7d)."""
     import datetime as dt
     import re
-    import time
 
     age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
     if age:
