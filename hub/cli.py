@@ -396,11 +396,14 @@ async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str
     """Print a listing as it is read: JSON lines, or tab-separated text with a count on stderr."""
     from hub.store import HubStore
 
-    paths, _ = load_hub(args.dir)
+    paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
     out = sys.stdout
     count = 0
     try:
+        if args.device is not None and args.device != config.identity and not await store.known_device(args.device):
+            raise UsageError(f"no device {args.device!r} is registered with this hub or has stored records: "
+                             f"check the id with edge-hub devices --dir {args.dir}")
         # Closed before the store, also when a write fails (`| head` left): a listing left open
         # would be finalized later, on a closed database.
         async with contextlib.aclosing(rows(store)) as listing:

@@ -612,6 +612,13 @@ class HubStore:
         rows = [event_row(*r) async for r in self._rows(query)]
         return sorted(rows, key=lambda r: (r.device, r.rule or ""))
 
+    async def known_device(self, device: str) -> bool:
+        """Registered, or with readings or events stored under its name (the hub's own events)."""
+        rows = await self.query(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE device = ?) OR EXISTS (SELECT 1 FROM events WHERE "
+            "device = ?) OR EXISTS (SELECT 1 FROM telemetry WHERE device = ?)", (device, device, device))
+        return bool(rows[0][0])
+
     async def reject_counts(self) -> dict[str, int]:
         return {r: int(c) async for r, c in self._rows("SELECT reason, count FROM rejects")}
 
