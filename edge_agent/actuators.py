@@ -19,9 +19,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
+
+import msgspec
 
 from edge_agent.errors import AgentError, ConfigError
+from edge_agent.policy import CommandArgs, RecordArgs, Rule
 from edge_agent.profiles import ActuatorSpec
 from edge_agent.sensors import SensorError
 
@@ -39,6 +42,7 @@ DEFAULT_SEVERITY: Final = "warning"
 SEVERITIES: Final = ("info", "warning", "critical")
 # The hub has no terminal to ask on; polkit must fail rather than prompt.
 SYSTEMCTL_ARGS: Final = ("--no-ask-password", "restart")
+ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer
 
 AlertSink = Callable[[str, str], Awaitable[None]]
 RateSetter = Callable[[str, float], None]
@@ -113,7 +117,6 @@ class Actuators:
         if "alert" in spec.allowed and alert is None:
             raise ConfigError("the profile allows alert but no way to reach the hub was given")
         self._spec = spec
-        self._prefixes = [list(prefix) for prefix in spec.commands]
         self._set_rate = set_rate
         self._alert = alert
         self.recorder = recorder if recorder is not None else Recorder()
@@ -169,15 +172,11 @@ class Actuators:
 
     def _plan(self, kind: str, args: Mapping[str, object], env: Mapping[str, str] | None = None) -> Runner:
         """Check the action against the allowlist and its arguments; return what will run it."""
-        if kind not in self._spec.allowed:
-            allowed = ", ".join(self._spec.allowed) or "nothing"
-            raise _Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
+        allowed = _allowlisted(self._spec, kind, args)
         if kind == "command":
-            _only(args, kind, {"argv"})
-            return partial(_run_process, self._allowed_argv(_required(args, "argv")), env=env)
+            return partial(_run_process, allowed, env=env)
         if kind == "systemd_restart":
-            _only(args, kind, {"unit"})
-            return partial(_restart_unit, self._allowed_unit(_required(args, "unit")))
+            return partial(_restart_unit, allowed[0])
         if kind == "set_rate":
             _only(args, kind, {"sensor", "interval_s"})
             sensor = _text(args, "sensor")
@@ -196,21 +195,6 @@ class Actuators:
             sleep_s = _number(args, "sleep_s") if "sleep_s" in args else 0.0
             return partial(self._record, args, sleep_s, fail)
         raise AssertionError(f"profile allows an actuator kind this module does not know: {kind!r}")
-
-    def _allowed_argv(self, argv: object) -> list[str]:
-        if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
-            raise _Refused("argv must be a non-empty list of strings; a shell command line is never run.")
-        words = [str(a) for a in argv]
-        if not any(words[: len(prefix)] == prefix for prefix in self._prefixes):
-            allowed = "; ".join(" ".join(prefix) for prefix in self._prefixes) or "none"
-            raise _Refused(f"command {words[:3]!r} does not start with an allowed prefix: {allowed}.")
-        return words
-
-    def _allowed_unit(self, unit: object) -> str:
-        if not isinstance(unit, str) or unit not in self._spec.units:
-            allowed = ", ".join(self._spec.units) or "none"
-            raise _Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
-        return unit
 
     async def _change_rate(self, sensor: str, interval: float, within_s: float) -> _Outcome:
         assert self._set_rate is not None  # checked in __init__ when set_rate is allowed
@@ -242,6 +226,55 @@ class Actuators:
         if fail:
             return _Outcome(False, "the recording failed because its arguments asked it to.")
         return _Outcome(True, "recorded.")
+
+
+# --- the allowlists ----------------------------------------------------------------------
+
+
+def allowlist_refusal(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> str | None:
+    """Why the profile's allowlists refuse this action (its kind, a command's argv, a systemd
+    unit), or None. The same check refuses an action when its rule fires (`Actuators.run`) and
+    a policy before it is accepted (`config.check_policy`, which `edge-hub policy` runs)."""
+    try:
+        _allowlisted(spec, kind, args)
+    except (_Refused, _BadArgs) as exc:
+        return str(exc)
+    return None
+
+
+def _allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> list[str]:
+    """The argv a command may run, or [unit] for a restart ([] otherwise); _Refused if the lists say no."""
+    if kind not in spec.allowed:
+        allowed = ", ".join(spec.allowed) or "nothing"
+        raise _Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
+    if kind == "command":
+        _only(args, kind, {"argv"})
+        argv = _required(args, "argv")
+        if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
+            raise _Refused("argv must be a non-empty list of strings; a shell command line is never run.")
+        words = [str(a) for a in argv]
+        if not any(words[: len(prefix)] == list(prefix) for prefix in spec.commands):
+            allowed = "; ".join(" ".join(prefix) for prefix in spec.commands) or "none"
+            raise _Refused(f"command {words[:3]!r} does not start with an allowed prefix: {allowed}.")
+        return words
+    if kind == "systemd_restart":
+        _only(args, kind, {"unit"})
+        unit = _required(args, "unit")
+        if not isinstance(unit, str) or unit not in spec.units:
+            allowed = ", ".join(spec.units) or "none"
+            raise _Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
+        return [unit]
+    return []
+
+
+def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
+    """The actuator's own argument shape for a validated rule: (kind, args, timeout)."""
+    args = rule.args
+    if isinstance(args, CommandArgs):
+        return "command", {"argv": list(args.argv)}, args.timeout_s
+    if isinstance(args, RecordArgs):
+        return "record", dict(args.values), ACTION_TIMEOUT
+    return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT
 
 
 # --- argument checks --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from edge_agent.actuators import actuator_call, allowlist_refusal
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
 from edge_agent.policy import Policy, PolicyError, Problem, validate_policy
@@ -150,6 +151,11 @@ def check_policy(text: str, profile: Profile) -> Policy:
         if unknown:
             problems.append(Problem(rule.line, 1, f"rule {rule.name!r} reads {', '.join(unknown)}, which profile "
                                                   f"{profile.name!r} does not produce"))
+        kind, args, _ = actuator_call(rule)
+        refused = allowlist_refusal(profile.actuators, kind, args)
+        if refused:  # the refusal the rule would meet each time it fires, caught before the policy runs
+            problems.append(Problem(rule.line, 1, f"rule {rule.name!r}: its {kind} action would be refused on "
+                                                  f"profile {profile.name!r}: {refused.rstrip('.')}"))
     if problems:
         raise PolicyError(problems)
     return policy

@@ -22,6 +22,7 @@ from typing import Final
 
 import psutil
 
+from edge_agent.actuators import actuator_call
 from edge_agent.errors import PublishRefused, TransientError
 from edge_agent.policy import Rule
 from edge_agent.profiles import Profile
@@ -35,7 +36,6 @@ from edge_agent.protocol import (
     LeaseRelease,
     LeaseRequest,
 )
-from edge_agent.rules import actuator_call
 
 LEASE_TTL_MARGIN_S: Final = 30.0  # beyond the action's own timeout: the release has time to arrive
 APPROVAL_MARGIN_S: Final = 5.0  # the hub's "expired" answer arrives before we give up on our own

@@ -48,7 +48,7 @@ name = "collector-stuck"
 when = "age(mem_available_mb) > 120"
 clear = "age(mem_available_mb) < 30"
 action = "systemd_restart"
-args = { unit = "edge-collector.service" }
+args = { unit = "edge-app.service" }
 cooldown = 600
 offline = "skip"
 lease = { name = "restart-collector", limit = 1 }   # at most one device of the region at a time

@@ -29,11 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-import msgspec
-
-from edge_agent.actuators import ActionResult, Actuators
+from edge_agent.actuators import ActionResult, Actuators, actuator_call
 from edge_agent.outbox import Outbox
-from edge_agent.policy import CommandArgs, Policy, RecordArgs, Rule
+from edge_agent.policy import Policy, Rule
 from edge_agent.sensors import Reading
 from edge_agent.windows import ReadingWindows
 
@@ -308,15 +306,3 @@ def _expire(times: collections.deque[float], before: float) -> None:
     while times and times[0] < before:
         times.popleft()
 
-
-def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
-    """The actuator's own argument shape for a validated rule: (kind, args, timeout)."""
-    args = rule.args
-    if isinstance(args, CommandArgs):
-        return "command", {"argv": list(args.argv)}, args.timeout_s
-    if isinstance(args, RecordArgs):
-        return "record", dict(args.values), ACTION_TIMEOUT
-    return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT
-
-
-ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer

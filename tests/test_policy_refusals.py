@@ -68,9 +68,9 @@ def policy_text(rule: str, note: str) -> str:
 STALE_V1 = r"^version 1 is older than version 2\b.*\(a replay\?\)$"
 V1, V2 = policy_text("r1", "v1"), policy_text("r2", "v2")
 BROKEN_TOML = V2.replace('cooldown = "1s"', 'cooldown = "1s')  # unterminated string: line 11, column 15
-# Fits rpi-4 (system metrics, commands allowed), not sim (neither).
+# Fits rpi-4 (system metrics, its allowlisted command), not sim (neither).
 MIXED = ('[[rules]]\nname = "m1"\nwhen = "load1 > 1000"\nclear = "load1 < 999"\n'
-         'action = "command"\nargs = { argv = ["true"] }\noffline = "act"\n')
+         'action = "command"\nargs = { argv = ["/usr/bin/vcgencmd", "measure_temp"] }\noffline = "act"\n')
 FORBIDDEN = V2.replace('action = "record"\nargs = { note = "v2" }',  # line 9, column 1
                        'action = "command"\nargs = { argv = ["true"] }')
 

@@ -76,7 +76,7 @@ def test_the_example_policy_validates_into_typed_rules() -> None:
     assert hot.clear.source == "avg(cpu_temp, 1m) < 70"
     assert hot.args == SetRateArgs(sensor="system", interval_s=10.0)
     assert (hot.cooldown_s, hot.max_actions, hot.per_s, hot.offline) == (300.0, 3, 3600.0, "act")
-    assert stuck.args == SystemdRestartArgs(unit="edge-collector.service")
+    assert stuck.args == SystemdRestartArgs(unit="edge-app.service")
     assert (stuck.cooldown_s, stuck.lease, stuck.approval) == (600.0, Lease(name="restart-collector", limit=1), True)
     assert disk.args == AlertArgs(message="disk almost full", severity="critical")
     assert ("disk_free_mb", 600.0) in policy.windows
