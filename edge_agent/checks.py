@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ from edge_agent.identity import Credential, IdentityFiles
 from edge_agent.mqtt import MqttSession, TlsIdentity
 from edge_agent.protocol import ProtocolError, ed25519_public_from_pem, key_id
 from edge_agent.renewal import RENEW_AT
+from edge_agent.sensors import SensorError, ThermalSensor, thermal_root
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
@@ -180,6 +182,32 @@ def check_policy_key(settings: AgentSettings) -> Finding:
     return Finding("policy key", True, f"policies must be signed by key {key_id(key)} ({path}); {running}.")
 
 
+def check_thermal(settings: AgentSettings) -> list[Finding]:
+    """Each thermal sensor of the profile: the zones it would read, or why it would read none."""
+    findings = []
+    profile = settings.profile
+    for spec in profile.sensors:
+        if spec.kind != "thermal":
+            continue
+        root = thermal_root(spec)
+        try:
+            readings = ThermalSensor(spec.interval_s, root).read(time.time())
+        except SensorError as exc:
+            findings.append(Finding("thermal", False, f"{exc}: the board's thermal driver is failing, so rules on "
+                                                      "thermal_* metrics would not fire; check dmesg."))
+            continue
+        if not readings:
+            findings.append(Finding(
+                "thermal", False,
+                f"profile {profile.name!r} expects thermal zones but {root} has none, so no thermal_* reading "
+                "is taken and rules on them never fire: load the board's thermal driver, or give the device a "
+                "profile without a thermal sensor, such as generic-linux."))
+            continue
+        zones = ", ".join(f"{r.metric} {r.value:g} °C" for r in readings)
+        findings.append(Finding("thermal", True, f"{len(readings)} thermal zone(s) under {root}: {zones}."))
+    return findings
+
+
 async def check_connectivity(settings: AgentSettings) -> list[Finding]:
     """TCP, then an MQTT connection with the identity the agent would use."""
     tls = IdentityFiles(settings.tls, settings.state_dir).in_use()
@@ -216,9 +244,10 @@ async def run_checks(settings: AgentSettings, now: dt.datetime | None = None) ->
     findings = [Finding("config", True, f"{settings.path} is valid (profile {settings.profile.name}).")]
     findings += check_files(settings, now)
     findings.append(check_policy_key(settings))
-    # A wrong clock, a loose key mode or a missing policy key still lets us try the network;
-    # missing or mismatched TLS files do not.
-    if all(f.ok for f in findings if f.name not in ("clock", "key permissions", "policy key")):
+    findings += check_thermal(settings)
+    # A wrong clock, a loose key mode, a missing policy key or thermal zone still lets us try
+    # the network; missing or mismatched TLS files do not.
+    if all(f.ok for f in findings if f.name not in ("clock", "key permissions", "policy key", "thermal")):
         findings += await check_connectivity(settings)
     else:
         findings.append(Finding("broker", False, "not tried: fix the files above first."))

@@ -40,6 +40,9 @@ class SensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kind: Literal["system", "thermal", "sim"]
     interval_s: Annotated[float, Meta(gt=0, le=86400)] = 5.0
     metrics: list[str] = []  # for kind="system": a subset of SYSTEM_METRICS; empty = all
+    # For kind="thermal": the folder holding the thermal_zone* entries; unset = /sys/class/thermal.
+    # A container or a test points it at a tree of its own.
+    root: str | None = None
 
 
 class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,6 +123,8 @@ def check_profile(profile: Profile, path: Path) -> None:
         unknown = sorted(set(sensor.metrics) - SYSTEM_METRICS)
         if sensor.kind != "system" and sensor.metrics:
             raise ConfigError(f"sensors[{index}].metrics is only for kind = \"system\"", where)
+        if sensor.kind != "thermal" and sensor.root is not None:
+            raise ConfigError(f"sensors[{index}].root is only for kind = \"thermal\"", where)
         if unknown:
             raise ConfigError(
                 f"sensors[{index}].metrics: unknown {', '.join(unknown)}; "

@@ -20,7 +20,7 @@ from typing import Final, NamedTuple, Protocol
 import psutil
 
 from edge_agent.errors import AgentError
-from edge_agent.profiles import SYSTEM_METRICS, THERMAL_PREFIX, Profile, SimSpec
+from edge_agent.profiles import SYSTEM_METRICS, THERMAL_PREFIX, Profile, SensorSpec, SimSpec
 
 log = logging.getLogger("edge_agent.sensors")
 
@@ -174,6 +174,11 @@ class ThermalSensor:
         return readings
 
 
+def thermal_root(spec: SensorSpec) -> Path:
+    """Where a thermal sensor of the profile looks for its zones."""
+    return THERMAL_ROOT if spec.root is None else Path(spec.root)
+
+
 def thermal_zones(root: Path) -> list[tuple[str, Path]]:
     """(metric, temp file) per zone under `root`, in zone order; none is not an error."""
     numbered = []
@@ -274,7 +279,7 @@ def build_sensors(profile: Profile, device_id: str, state_dir: Path) -> list[Sen
         if spec.kind == "system":
             sensors.append(SystemSensor(spec.metrics, state_dir, spec.interval_s, name))
         elif spec.kind == "thermal":
-            sensors.append(ThermalSensor(spec.interval_s, name=name))
+            sensors.append(ThermalSensor(spec.interval_s, thermal_root(spec), name=name))
         else:
             sensors.append(SimSensor(profile.sim, device_seed(device_id), spec.interval_s, name))
     return sensors
