@@ -445,6 +445,8 @@ def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
             parts.append(short(body["detail"]))
     elif kind == "escalation":
         parts = [short(body.get("reason", "?")) + ":", short(body.get("detail", ""))]
+    elif kind == "alert":
+        parts = [short(body.get("severity", "?")) + ":", short(body.get("message", ""))]
     elif kind == "outbox_corrupt":
         parts = [short(body.get("reason", "?")), f"moved to {short(body.get('moved_to', '?'))}"]
     elif body:

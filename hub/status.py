@@ -19,6 +19,9 @@ from hub.store import EventRow, HubStore, iso
 
 LIST_LINES: Final = 10  # per list on the screen; --json has them all
 EXPIRY_WARNING_DAYS: Final = 14  # certificates (devices' and the broker's) listed this long before they expire
+# An alert stays on the screen this long after the device raised it (its clock): the next shift sees it too.
+ALERT_SHOWN_S: Final = 24 * 3600.0
+ALERT_SEVERITIES: Final = ("critical", "warning")  # "info" is for the record (edge-hub events), not a person
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
     try:
         devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
         escalations = await store.latest_escalations()
+        alerts = await store.latest_alerts(now - ALERT_SHOWN_S, ALERT_SEVERITIES)
         recent = await rollout.recent(store, limit=1)
         pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
                                     "WHERE state = 'pending' ORDER BY id")
@@ -121,6 +125,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         "figures": summarize(figures),
         "offline": [{"device": d.device, "last_seen": d.last_seen} for d in offline],
         "escalations": [_escalation(e) for e in escalations],
+        "alerts": [{"device": e.device, "severity": e.body.get("severity"), "message": e.body.get("message"),
+                    "ts": e.ts, "seq": e.seq, "count": n} for e, n in alerts],
         "rejects": dict(sorted(rejects.items())),
         "crl": {"next_update": crl_next, "overdue": crl_next is not None and epoch(crl_next) < now,
                 "error": crl_error},
@@ -156,6 +162,12 @@ def render(status: Status) -> str:
     lines.append(f"escalations (latest per device and rule): {len(escalations) or 'none'}")
     lines += _capped([f"  {when(e.ts)}  {e.device}  {e.rule or '-'}  {event_detail(e.kind, e.body)}"
                       for e in escalations], "edge-hub events --kind escalation")
+    alerts = report["alerts"]
+    lines.append(f"alerts (warning and critical, latest per device and message, last {ALERT_SHOWN_S / 3600:g} h): "
+                 f"{len(alerts) or 'none'}")
+    lines += _capped([f"  {when(a['ts'])}  {a['device']}  {event_detail('alert', a)}"
+                      + (f"  ({a['count']} times)" if a["count"] > 1 else "") for a in alerts],
+                     "edge-hub events --kind alert")
     total = sum(report["rejects"].values())
     lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
         f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))
