@@ -151,7 +151,7 @@ async def _offer(coordination: Any, args: argparse.Namespace) -> int:
         raise UsageError("--args must be a JSON object")
     selector = Selector.parse(args.target)
     deadline = time.time() + args.deadline if args.deadline else None
-    task = await coordination.offer_task(args.kind, task_args, {"profile": selector.profile, "tags": selector.tags},
+    task = await coordination.offer_task(args.kind, task_args, json.loads(selector.to_json()),
                                          deadline, args.timeout)
     print(f"task {task} ({args.kind}) offered to {selector.describe()}; follow it with edge-hub tasks --dir {args.dir}")
     return EXIT_OK

@@ -1,7 +1,7 @@
 """Sends each device its intended policy version, signed, and keeps rollouts moving.
 
 Every device's intended version is a row in `assignments`. Once a second the publisher
-lets `rollout.tick` advance or roll back the active rollout, then publishes, retained on the
+lets `rollout.tick` advance or roll back each rollout in progress, then publishes, retained on the
 device's own down/policy topic, every assignment that differs from what it last sent on
 this connection: after a reconnect (the broker may have restarted without its retained
 messages) that is all of them. A device that stays online but off its intended version for
@@ -43,8 +43,7 @@ class PolicyPublisher:
         while True:
             try:
                 now = time.time()
-                transition = await rollout.tick(self._store, self._config.identity, self._config.rollout, now)
-                if transition is not None:
+                for transition in await rollout.tick(self._store, self._config.identity, self._config.rollout, now):
                     level = logging.WARNING if transition.kind == "rolled_back" else logging.INFO
                     log.log(level, "%s", transition.message)
                 await self.publish_due(session, sent, now)

@@ -55,8 +55,8 @@ def add_parser(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) -> 
     dir_arg(push)
     push.add_argument("file", type=Path, metavar="FILE")
     push.add_argument("--target", action="append", default=[], metavar="KEY=VALUE",
-                      help="only devices with this tag, or profile=NAME (repeatable; all must hold); "
-                           "default every device")
+                      help="only devices with this tag, or profile=NAME (repeatable: different keys must all "
+                           "hold, the same key again means any of its values); default every device")
     push.add_argument("--canary", type=_percent, metavar="PCT", help="percent of the targeted devices to go first")
     push.add_argument("--bake", type=duration_arg, metavar="DURATION",
                       help="how long each wave is watched before the next, e.g. 90s, 10m "
@@ -74,7 +74,10 @@ def add_parser(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) -> 
                                  "policy (as a new version)"),
                        ("rollback", "undo the latest rollout, in progress or complete: devices it reached go "
                                     "back to their previous policy (as a new version)")):
-        dir_arg(cmds.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+        decision = cmds.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        dir_arg(decision)
+        decision.add_argument("--rollout", type=int, metavar="ID",
+                              help="the rollout to act on, when several run side by side (edge-hub policy status)")
 
 
 def _percent(text: str) -> float:
@@ -192,8 +195,8 @@ async def _status(args: argparse.Namespace) -> int:
     store = await _open(paths.db)
     try:
         recent = await rollout.recent(store)
-        active = next((r for r in recent if r["state"] == rollout.ACTIVE), None)
-        if active is not None:
+        in_progress = await rollout.in_progress(store)
+        for active in in_progress:
             h = await rollout.health(store, active["rollout"], active["version"], config.rollout)
             active["health"] = {k: v for k, v in vars(h).items() if k != "refusal_example"}
         devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
@@ -207,7 +210,9 @@ async def _status(args: argparse.Namespace) -> int:
         entry["intended"] += 1
         entry["applied"] += d.policy_intended is not None and d.policy_version == d.policy_intended
     report = {
-        "active": active, "rollouts": recent, "versions": versions,
+        # "active": the newest in progress, as before rollouts could run side by side; "in_progress": all of them.
+        "active": in_progress[-1] if in_progress else None, "in_progress": in_progress,
+        "rollouts": recent, "versions": versions,
         "drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended}
                     for d in live if d.policy_drifted],
         # Refusals not superseded: of a newer version, or of one it could not even read (version 0).
@@ -231,8 +236,7 @@ def _unresolved(device: DeviceRow) -> bool:
 
 def _status_lines(report: dict[str, Any]) -> list[str]:
     lines = []
-    active = report["active"]
-    if active:
+    for active in report["in_progress"]:
         h = active["health"]
         waves = active["waves"]
         lines += [f"rollout {active['rollout']} in progress: version {active['version']} to {active['target']} "
@@ -241,7 +245,7 @@ def _status_lines(report: dict[str, Any]) -> list[str]:
                   f"  reached {h['reached']}: applied {h['applied']}, refused {h['refused']}, waiting "
                   f"{h['waiting']}, offline {h['offline']} (went offline {h['went_offline']}); actions "
                   f"{h['actions']} (failed {h['action_failures']}); escalations {h['escalations']}"]
-    else:
+    if not report["in_progress"]:
         lines.append("no rollout in progress")
     lines.append("latest rollouts:" if report["rollouts"] else "no policy has been pushed")
     for r in report["rollouts"]:
@@ -264,7 +268,7 @@ async def _decide(args: argparse.Namespace) -> int:
     store = await _open(paths.db)
     try:
         action = {"promote": rollout.promote, "abort": rollout.abort, "rollback": rollout.rollback}
-        transition = await action[args.policy_command](store, config.identity, time.time())
+        transition = await action[args.policy_command](store, config.identity, time.time(), args.rollout)
     finally:
         await store.close()
     print(transition.message)

@@ -45,44 +45,51 @@ class RolloutError(HubError):
 
 @dataclass(frozen=True)
 class Selector:
-    """`--target tag=value` / `--target profile=P`, all of which must hold."""
+    """`--target K=V ...` (tags, and `profile=P`): every key must hold; a key given more than once
+    holds for any of its values (`site=a site=b`: a device at either site)."""
 
-    profile: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    profiles: frozenset[str] = frozenset()
+    tags: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, items: list[str]) -> Selector:
-        profile: str | None = None
-        tags: dict[str, str] = {}
+        profiles: set[str] = set()
+        tags: dict[str, set[str]] = {}
         for item in items:
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
                 raise UsageError(f"--target {item!r}: expected tag=value or profile=NAME")
             if key == "profile":
-                if profile is not None and profile != value:
-                    raise UsageError(f"--target names two profiles ({profile}, {value}); a device has one")
-                profile = value
+                profiles.add(value)
             else:
-                tags[key] = value
-        return cls(profile, tags)
+                tags.setdefault(key, set()).add(value)
+        return cls(frozenset(profiles), {k: frozenset(v) for k, v in tags.items()})
 
     def matches(self, profile: str, tags: dict[str, str]) -> bool:
-        return (self.profile is None or self.profile == profile) and all(
-            tags.get(k) == v for k, v in self.tags.items())
+        return (not self.profiles or profile in self.profiles) and all(
+            tags.get(k) in values for k, values in self.tags.items())
 
     def describe(self) -> str:
-        parts = ([f"profile={self.profile}"] if self.profile else []) + [f"{k}={v}" for k, v in self.tags.items()]
-        return ", ".join(parts) or "every device"
+        keys = [("profile", self.profiles), *self.tags.items()]
+        return ", ".join(f"{k}={'|'.join(sorted(values))}" for k, values in keys if values) or "every device"
 
     def to_json(self) -> str:
-        return json.dumps({"profile": self.profile, "tags": self.tags}, sort_keys=True)
+        """One value as a plain string (as stored before "any of" existed), several as a list."""
+        def one_or_all(values: frozenset[str]) -> str | list[str] | None:
+            return None if not values else next(iter(values)) if len(values) == 1 else sorted(values)
+
+        return json.dumps({"profile": one_or_all(self.profiles),
+                           "tags": {k: one_or_all(v) for k, v in self.tags.items()}}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Selector:
         """As stored by `to_json` (rollouts) or written as {"profile", "tags"} (tasks)."""
+        def values(value: str | list[str] | None) -> frozenset[str]:
+            return frozenset() if value is None else frozenset([value] if isinstance(value, str) else value)
+
         data = json.loads(text)
-        return cls(data.get("profile"), dict(data.get("tags", {})))
+        return cls(values(data.get("profile")), {k: values(v) for k, v in data.get("tags", {}).items()})
 
 
 def cohort_rank(device: str) -> int:
@@ -154,10 +161,6 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
     waves = wave_plan(canary_pct, conf)
 
     async def work(db: aiosqlite.Connection) -> Pushed:
-        active = await fetch_one(db, "SELECT id, version FROM rollouts WHERE state = ?", (ACTIVE,))
-        if active is not None:
-            raise RolloutError(f"rollout {active[0]} (version {active[1]}) is still in progress: wait for it, "
-                               "or run edge-hub policy promote, abort or rollback")
         latest = (await fetch_one(db, "SELECT MAX(version) FROM policies", ()))[0] or 0
         if policy.version and policy.version <= latest:
             raise RolloutError(f"the file says version = {policy.version}, but version {latest} was already "
@@ -167,6 +170,7 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
         if not targeted:
             raise RolloutError(f"no registered, unrevoked device matches {selector.describe()}"
                                + (" and the policy's [target]" if policy.target else ""))
+        await _refuse_overlap(db, targeted)
         unchecked = set(targeted.values()) - checked_profiles
         if unchecked:
             raise RolloutError(f"devices of profile(s) {', '.join(sorted(unchecked))} were registered while the "
@@ -192,6 +196,20 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
         return Pushed(rollout, version, len(ranked), reached, waves)
 
     return await store.atomically(work)
+
+
+async def _refuse_overlap(db: aiosqlite.Connection, targeted: dict[str, str]) -> None:
+    """Rollouts run side by side only on disjoint devices: one device never runs two at once."""
+    busy = [(rollout, version, device) for rollout, version, device in await fetch_all(
+        db, "SELECT r.id, r.version, m.device FROM rollout_members m JOIN rollouts r ON r.id = m.rollout "
+            "WHERE r.state = ? ORDER BY r.id, m.device", (ACTIVE,)) if device in targeted]
+    if busy:
+        rollout, version, _ = busy[0]
+        named = [device for r, _, device in busy if r == rollout]
+        some = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+        raise RolloutError(f"rollout {rollout} (version {version}) is still in progress on {some}, which this push "
+                           f"also targets: narrow --target to other devices, or wait for it, or run edge-hub policy "
+                           f"promote, abort or rollback --rollout {rollout}")
 
 
 CANDIDATES: Final = "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL ORDER BY device"
@@ -397,11 +415,18 @@ def _breach(h: Health, version: int, conf: RolloutConf) -> str | None:
     return None
 
 
-async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) -> Transition | None:
-    """Roll the active rollout back on a breach; else, once its wave has baked, promote it."""
-    row = await _active(store)
-    if row is None:
-        return None
+async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) -> list[Transition]:
+    """Each rollout in progress: roll it back on a breach; else, once its wave has baked, promote it."""
+    transitions = []
+    for row in await _active(store):
+        transition = await _tick_one(store, identity, conf, now, row)
+        if transition is not None:
+            transitions.append(transition)
+    return transitions
+
+
+async def _tick_one(store: HubStore, identity: str, conf: RolloutConf, now: float,
+                    row: tuple[int, int, str, float, int, float]) -> Transition | None:
     rollout, version, waves_json, bake_s, wave, started = row
     h = await health(store, rollout, version, conf, now)
     if h.breach:
@@ -435,10 +460,27 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
     return await store.atomically(work)
 
 
-async def _active(store: HubStore) -> tuple[int, int, str, float, int, float] | None:
+async def _active(store: HubStore) -> list[tuple[int, int, str, float, int, float]]:
+    """The rollouts in progress (several run side by side on disjoint devices), oldest first."""
     rows = await store.query(
-        "SELECT id, version, waves, bake_s, wave, wave_started_at FROM rollouts WHERE state = ?", (ACTIVE,))
-    return tuple(rows[0]) if rows else None
+        "SELECT id, version, waves, bake_s, wave, wave_started_at FROM rollouts WHERE state = ? ORDER BY id",
+        (ACTIVE,))
+    return [tuple(row) for row in rows]
+
+
+def _chosen(active: list[Any], rollout: int | None, verb: str, none: str) -> Any:
+    """The row of the rollout in progress an operator's decision is about: `rollout`, or the only one."""
+    if rollout is not None:
+        row = next((r for r in active if r[0] == rollout), None)
+        if row is None:
+            raise RolloutError(f"rollout {rollout} is not in progress (edge-hub policy status lists those that are)")
+        return row
+    if not active:
+        raise RolloutError(none)
+    if len(active) > 1:
+        ids = ", ".join(str(r[0]) for r in active)
+        raise UsageError(f"rollouts {ids} are in progress side by side: name the one to {verb} with --rollout ID")
+    return active[0]
 
 
 async def _finish(db: aiosqlite.Connection, rollout: int, state: str, reason: str | None, now: float) -> None:
@@ -449,14 +491,13 @@ async def _finish(db: aiosqlite.Connection, rollout: int, state: str, reason: st
 # --- the operator's decisions -----------------------------------------------------------
 
 
-async def promote(store: HubStore, identity: str, now: float) -> Transition:
+async def promote(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
     """Skip the remaining bake: every targeted device gets the version now."""
 
     async def work(db: aiosqlite.Connection) -> Transition:
-        row = await fetch_one(db, "SELECT id, version, waves FROM rollouts WHERE state = ?", (ACTIVE,))
-        if row is None:
-            raise RolloutError("no rollout is in progress (edge-hub policy status shows the latest)")
-        rollout, version, waves = row
+        active = await fetch_all(db, "SELECT id, version, waves FROM rollouts WHERE state = ? ORDER BY id", (ACTIVE,))
+        rollout, version, waves = _chosen(active, rollout_id, "promote",
+                                          "no rollout is in progress (edge-hub policy status shows the latest)")
         last = len(json.loads(waves)) - 1
         reached = await _reach(db, rollout, version, last, 100.0, now)
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ? WHERE id = ?", (last, now, rollout))
@@ -469,20 +510,31 @@ async def promote(store: HubStore, identity: str, now: float) -> Transition:
     return await store.atomically(work)
 
 
-async def abort(store: HubStore, identity: str, now: float) -> Transition:
-    """Stop the rollout in progress and put the devices it reached back on their previous policy."""
-    row = await _active(store)
-    if row is None:
-        raise RolloutError("no rollout is in progress; to undo a finished one use edge-hub policy rollback")
+async def abort(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
+    """Stop a rollout in progress and put the devices it reached back on their previous policy."""
+    row = _chosen(await _active(store), rollout_id, "abort",
+                  "no rollout is in progress; to undo a finished one use edge-hub policy rollback")
     return await revert(store, identity, row[0], "aborted", f"aborted by {operator_name()}", now)
 
 
-async def rollback(store: HubStore, identity: str, now: float) -> Transition:
-    """Undo the latest rollout, in progress or complete."""
-    rows = await store.query("SELECT id, state FROM rollouts ORDER BY id DESC LIMIT 1")
+async def rollback(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
+    """Undo the latest rollout (or `rollout_id`), in progress or complete."""
+    if rollout_id is None:
+        rows = await store.query("SELECT id, state FROM rollouts ORDER BY id DESC LIMIT 1")
+    else:
+        rows = await store.query("SELECT id, state FROM rollouts WHERE id = ?", (rollout_id,))
+        if not rows:
+            raise RolloutError(f"there is no rollout {rollout_id} (edge-hub policy status lists the latest)")
     if not rows or rows[0][1] not in (ACTIVE, "complete"):
         what = f"rollout {rows[0][0]} is already {rows[0][1].replace('_', ' ')}" if rows else "nothing was pushed"
         raise RolloutError(f"nothing to roll back: {what}")
+    later = await store.query(
+        "SELECT MIN(m.rollout) FROM rollout_members m JOIN rollouts r ON r.id = m.rollout WHERE m.rollout > ? "
+        "AND r.state IN (?, 'complete') AND m.wave IS NOT NULL AND m.device IN "
+        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL)", (rows[0][0], ACTIVE, rows[0][0]))
+    if later[0][0] is not None:
+        raise RolloutError(f"rollout {later[0][0]} has since given some of rollout {rows[0][0]}'s devices another "
+                           f"version: roll that one back first")
     return await revert(store, identity, rows[0][0], "rolled_back", f"rolled back by {operator_name()}", now)
 
 
@@ -529,18 +581,24 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
 # --- reading --------------------------------------------------------------------------
 
 
-async def recent(store: HubStore, limit: int = 5) -> list[dict[str, Any]]:
-    """The latest rollouts, newest first, as plain data for `policy status`."""
+async def recent(store: HubStore, limit: int | None = 5, state: str | None = None) -> list[dict[str, Any]]:
+    """The latest rollouts (in `state`, if given), newest first, as plain data for `policy status`."""
     out = []
     for r in await store.query(
             "SELECT r.id, r.version, r.selector, r.waves, r.bake_s, r.wave, r.wave_started_at, r.state, r.reason, "
             "r.created_at, r.updated_at, p.origin, (SELECT COUNT(*) FROM rollout_members m WHERE m.rollout = r.id) "
-            "FROM rollouts r JOIN policies p ON p.version = r.version ORDER BY r.id DESC LIMIT ?", (limit,)):
+            "FROM rollouts r JOIN policies p ON p.version = r.version WHERE ? IS NULL OR r.state = ? "
+            "ORDER BY r.id DESC LIMIT ?", (state, state, -1 if limit is None else limit)):
         out.append({"rollout": r[0], "version": r[1], "state": r[7], "reason": r[8],
                     "target": Selector.from_json(r[2]).describe(),
                     "waves": json.loads(r[3]), "wave": r[5] + 1, "bake_s": r[4], "wave_started_at": r[6],
                     "created_at": r[9], "updated_at": r[10], "origin": r[11], "targeted": r[12]})
     return out
+
+
+async def in_progress(store: HubStore) -> list[dict[str, Any]]:
+    """Every rollout in progress, oldest first, as `recent` gives them."""
+    return list(reversed(await recent(store, limit=None, state=ACTIVE)))
 
 
 def operator_name() -> str:

@@ -115,7 +115,10 @@ class Fleet:
             checked_profiles={"sim", "rpi-4"} if checked is None else checked)
 
     async def tick(self, now: float, conf: RolloutConf = CONF) -> Transition | None:
-        return await rollout.tick(self.store, HUB, conf, now)
+        """The one rollout these tests run at a time: its transition, if any."""
+        transitions = await rollout.tick(self.store, HUB, conf, now)
+        assert len(transitions) <= 1, transitions
+        return transitions[0] if transitions else None
 
 
 def parse(text: str) -> Policy:
@@ -171,14 +174,15 @@ def test_cohort_rank_is_a_stable_hash_of_the_id() -> None:
 
 def test_selector_parse() -> None:
     assert Selector.parse([]) == Selector()
-    assert Selector.parse(["profile=sim", "site = lab", "rack=7"]) == Selector("sim", {"site": "lab", "rack": "7"})
-    assert Selector.parse(["profile=sim", "profile=sim"]).profile == "sim"
+    assert Selector.parse(["profile=sim", "site = lab", "rack=7"]) == Selector(
+        frozenset({"sim"}), {"site": frozenset({"lab"}), "rack": frozenset({"7"})})
+    assert Selector.parse(["profile=sim", "profile=sim"]).profiles == {"sim"}
     assert Selector.parse(["site=lab"]).describe() == "site=lab"
     assert Selector().describe() == "every device"
-    for bad in (["site"], ["=lab"], ["site="], ["profile=sim", "profile=rpi-4"]):
+    for bad in (["site"], ["=lab"], ["site="]):
         with pytest.raises(UsageError):
             Selector.parse(bad)
-    s = Selector("sim", {"site": "lab"})
+    s = Selector.parse(["profile=sim", "site=lab"])
     assert s.matches("sim", {"site": "lab", "rack": "1"})
     assert not s.matches("rpi-4", {"site": "lab"})
     assert not s.matches("sim", {"site": "plant"})
@@ -256,7 +260,7 @@ async def test_the_canaries_are_the_same_devices_on_every_push(lab: Fleet) -> No
 
 async def test_a_push_that_targets_nobody_is_refused(lab: Fleet) -> None:
     with pytest.raises(RolloutError, match="no registered, unrevoked device matches site=plant"):
-        await lab.push(selector=Selector(tags={"site": "plant"}))
+        await lab.push(selector=Selector.parse(["site=plant"]))
     with pytest.raises(RolloutError, match=r"and the policy's \[target\]"):
         await lab.push(policy_text(target='[target]\nprofile = "rpi-5"\n'))
     assert await lab.policies() == {}
@@ -267,7 +271,7 @@ async def test_a_push_with_an_unchecked_profile_is_refused(lab: Fleet) -> None:
     with pytest.raises(RolloutError, match=r"profile\(s\) rpi-4 were registered while"):
         await lab.push(checked={"sim"})
     assert await lab.policies() == {}
-    assert (await lab.push(selector=Selector("sim"), checked={"sim"})).targeted == 10
+    assert (await lab.push(selector=Selector.parse(["profile=sim"]), checked={"sim"})).targeted == 10
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -580,7 +584,7 @@ async def test_a_rollback_gives_each_reached_device_its_previous_policy_as_a_new
     old, new = [f"old-{i}" for i in range(4)], [f"new-{i}" for i in range(4)]
     await fleet.register(old, site="a")
     await fleet.register(new, site="b")
-    first = await fleet.push(policy_text("v1-rule"), selector=Selector(tags={"site": "a"}))
+    first = await fleet.push(policy_text("v1-rule"), selector=Selector.parse(["site=a"]))
     await rollout.promote(fleet.store, HUB, T0 + 1)
     assert first.version == 1
     bad = await fleet.push(policy_text("v2-rule"), now=T0 + 2)
@@ -709,7 +713,7 @@ async def test_rollback_after_an_abort_is_refused(lab: Fleet) -> None:
 
 
 async def test_recent_lists_the_latest_rollouts_first(lab: Fleet) -> None:
-    await lab.push(selector=Selector(tags={"site": "lab"}), canary=10)
+    await lab.push(selector=Selector.parse(["site=lab"]), canary=10)
     await rollout.abort(lab.store, HUB, T0 + 1)
     await lab.push(now=T0 + 2)
     rows = await rollout.recent(lab.store)
@@ -878,7 +882,7 @@ async def test_a_device_registered_after_a_complete_rollout_gets_its_version_and
 
 async def test_a_device_the_rollouts_do_not_target_gets_nothing(fleet: Fleet) -> None:
     await fleet.register(LAB, site="lab")
-    pushed = await fleet.push(selector=Selector(tags={"site": "lab"}), bake=0)
+    pushed = await fleet.push(selector=Selector.parse(["site=lab"]), bake=0)
     await rollout.promote(fleet.store, HUB, T0 + 1)
     await fleet.register(["other"], site="field")
     await fleet.register(["gone"], site="lab")
@@ -950,3 +954,99 @@ async def test_a_policy_that_does_not_fit_the_new_devices_profile_is_not_given(l
     assert "\n" not in admitted.refused
     assert "pi-1" not in await lab.assignments()
     assert "pi-1" not in await members(lab, pushed.rollout)
+
+
+# --- one key given twice: any of its values; rollouts side by side on disjoint devices ----------
+
+
+def test_a_key_given_twice_means_any_of_its_values() -> None:
+    s = Selector.parse(["site=a", "site=b", "profile=sim"])
+    assert s.describe() == "profile=sim, site=a|b"
+    assert s.matches("sim", {"site": "a"})
+    assert s.matches("sim", {"site": "b", "rack": "1"})
+    assert not s.matches("sim", {"site": "c"})
+    assert not s.matches("rpi-4", {"site": "a"})  # different keys: all must hold
+    assert Selector.parse(["profile=sim", "profile=rpi-4"]).matches("rpi-4", {})
+    assert Selector.from_json(s.to_json()) == s
+    # A selector stored before "any of" existed (and a task's target) reads as it did.
+    old = Selector.from_json('{"profile": "sim", "tags": {"site": "a"}}')
+    assert old == Selector.parse(["profile=sim", "site=a"])
+    assert json.loads(old.to_json()) == {"profile": "sim", "tags": {"site": "a"}}
+
+
+async def test_a_push_to_two_sites_reaches_both_not_just_the_last(fleet: Fleet) -> None:
+    await fleet.register(["a-1", "a-2"], site="a")
+    await fleet.register(["b-1"], site="b")
+    await fleet.register(["c-1"], site="c")
+    pushed = await fleet.push(selector=Selector.parse(["site=a", "site=b"]))
+    assert pushed.targeted == 3
+    assert await fleet.assignments() == {"a-1": 1, "a-2": 1, "b-1": 1}
+
+
+async def test_rollouts_to_disjoint_devices_run_side_by_side(fleet: Fleet) -> None:
+    await fleet.register([f"s-{i}" for i in range(4)])
+    await fleet.register([f"p-{i}" for i in range(4)], "rpi-4")
+    sims = await fleet.push(policy_text("on-sim"), selector=Selector.parse(["profile=sim"]), canary=25)
+    pis = await fleet.push(policy_text("on-pi"), selector=Selector.parse(["profile=rpi-4"]), canary=25, now=T0 + 1)
+    assert (sims.version, pis.version) == (1, 2)
+    assert [r["rollout"] for r in await rollout.in_progress(fleet.store)] == [sims.rollout, pis.rollout]
+
+    # Each advances on its own devices' evidence: the rpi-4 canary applied, the sim one did not.
+    await fleet.apply(pis.version)
+    [step] = await rollout.tick(fleet.store, HUB, CONF, T0 + 1 + BAKE)
+    assert (step.rollout, step.kind) == (pis.rollout, "wave")
+    await fleet.apply(sims.version)
+    await fleet.apply(pis.version)
+    steps = await rollout.tick(fleet.store, HUB, CONF, T0 + 2 + 2 * BAKE)
+    assert {(t.rollout, t.kind) for t in steps} == {(sims.rollout, "wave"), (pis.rollout, "wave")}
+
+    # A breach rolls back only the rollout it happened in.
+    for n in range(3):
+        await fleet.event(next(iter(await fleet.reached(pis.rollout))), "action_failed", pis.version, ts=T0 + 3 + n)
+    [breach] = await rollout.tick(fleet.store, HUB, CONF, T0 + 10)
+    assert (breach.rollout, breach.kind) == (pis.rollout, "rolled_back")
+    assert await fleet.state_of(sims.rollout) == ("baking", 1, None)
+
+
+async def test_a_push_that_overlaps_a_rollout_in_progress_is_refused_and_records_nothing(fleet: Fleet) -> None:
+    await fleet.register(["a-1", "a-2"], site="a")
+    await fleet.register(["b-1"], site="b")
+    first = await fleet.push(selector=Selector.parse(["site=a"]), canary=50)
+    before = (await fleet.policies(), await fleet.assignments(), await fleet.hub_events())
+    for selector in (Selector(), Selector.parse(["site=b", "site=a"])):  # a-2 is not reached yet: still a member
+        with pytest.raises(RolloutError) as refused:
+            await fleet.push(policy_text("r2"), selector=selector, now=T0 + 1)
+        assert str(refused.value) == (
+            "rollout 1 (version 1) is still in progress on a-1, a-2, which this push also targets: narrow --target "
+            "to other devices, or wait for it, or run edge-hub policy promote, abort or rollback --rollout 1")
+    assert (await fleet.policies(), await fleet.assignments(), await fleet.hub_events()) == before
+    second = await fleet.push(policy_text("r2"), selector=Selector.parse(["site=b"]), now=T0 + 1)
+    assert (second.rollout, second.version) == (2, 2)
+    assert await fleet.assignments() == {**dict.fromkeys(await fleet.reached(first.rollout), 1), "b-1": 2}
+
+
+async def test_with_rollouts_side_by_side_a_decision_names_its_rollout(fleet: Fleet) -> None:
+    await fleet.register(["a-1", "a-2"], site="a")
+    await fleet.register(["b-1", "b-2"], site="b")
+    first = await fleet.push(selector=Selector.parse(["site=a"]), canary=50)
+    second = await fleet.push(policy_text("r2"), selector=Selector.parse(["site=b"]), canary=50, now=T0 + 1)
+    for decide in (rollout.promote, rollout.abort):
+        with pytest.raises(UsageError, match=r"rollouts 1, 2 are in progress side by side: name the one to \w+ "
+                                             r"with --rollout ID"):
+            await decide(fleet.store, HUB, T0 + 2)
+    with pytest.raises(RolloutError, match="rollout 7 is not in progress"):
+        await rollout.promote(fleet.store, HUB, T0 + 2, 7)
+    promoted = await rollout.promote(fleet.store, HUB, T0 + 2, second.rollout)
+    assert (promoted.rollout, promoted.kind) == (second.rollout, "promoted")
+    assert await fleet.state_of(first.rollout) == ("baking", 0, None)
+    aborted = await rollout.abort(fleet.store, HUB, T0 + 3)  # the only one left in progress
+    assert (aborted.rollout, aborted.kind) == (first.rollout, "aborted")
+
+    # Rolling back an older rollout is refused while a later one has given its devices another version.
+    third = await fleet.push(policy_text("r3"), selector=Selector.parse(["site=b"]), now=T0 + 4)
+    await rollout.promote(fleet.store, HUB, T0 + 5)
+    with pytest.raises(RolloutError, match=f"rollout {third.rollout} has since given some of rollout "
+                                           f"{second.rollout}'s devices another version: roll that one back first"):
+        await rollout.rollback(fleet.store, HUB, T0 + 6, second.rollout)
+    assert (await rollout.rollback(fleet.store, HUB, T0 + 6)).rollout == third.rollout
+    assert (await rollout.rollback(fleet.store, HUB, T0 + 7, second.rollout)).rollout == second.rollout
