@@ -101,6 +101,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         escalations = await store.latest_escalations()
         alerts = await store.latest_alerts(now - ALERT_SHOWN_S, ALERT_SEVERITIES)
         recent = await rollout.recent(store, limit=1)
+        in_progress = await rollout.in_progress(store)
         pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
                                     "WHERE state = 'pending' ORDER BY id")
         leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
@@ -135,6 +136,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         "cert_expired": lifecycle["cert_expired"],
         "renewal_refused": lifecycle["renewal_refused"],
         "rollout": recent[0] if recent else None,
+        "rollouts_in_progress": in_progress,  # several run side by side on disjoint devices
         "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
                               for a in pending],
         "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
@@ -183,6 +185,9 @@ def render(status: Status) -> str:
         reason = f" ({latest['reason']})" if latest["reason"] else ""
         lines.append(f"latest policy rollout: {latest['rollout']}, version {latest['version']}, "
                      f"{latest['state'].replace('_', ' ')}{reason}")
+    if len(report["rollouts_in_progress"]) > 1:
+        lines.append("policy rollouts in progress side by side: " + "; ".join(
+            f"{r['rollout']} (version {r['version']} to {r['target']})" for r in report["rollouts_in_progress"]))
     pending = report["approvals_pending"]
     lines.append(f"approvals pending: {len(pending) or 'none'}")
     lines += _capped([f"  {a['id']:>5}  {a['device']}  rule {a['rule']}: {a['action']}  expires "

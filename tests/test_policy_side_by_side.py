@@ -4,6 +4,7 @@ both sites (real hub and Mosquitto, real agents of two profiles, the operator's 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ async def test_rollouts_per_profile_run_side_by_side(hub_dir: HubDir, hub: Proc,
         st = await status(hub_dir)
         assert [(x["rollout"], x["version"], x["health"]["reached"]) for x in st["in_progress"]] == [
             (r1, v1, 1), (r2, v2, 1)]
+        region = json.loads(await cli(hub_dir, "status", "--json"))
+        assert [x["rollout"] for x in region["rollouts_in_progress"]] == [r1, r2]
+        assert (f"policy rollouts in progress side by side: {r1} (version {v1} to profile=sim); "
+                f"{r2} (version {v2} to profile=rpi-4)") in await cli(hub_dir, "status")
 
         # A push that would reach a device of either rollout in progress is refused, in one sentence.
         path = workdir / "overlap.toml"
