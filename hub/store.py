@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from edge_agent.protocol import Presence, Status
+from edge_agent.protocol import Presence, Status, json_body
 from edge_agent.sqlite import to_completion
 from hub.errors import HubError
 from hub.watermarks import Coverage
@@ -249,13 +249,8 @@ class EventRow(msgspec.Struct, frozen=True):
 
 
 def event_row(device: str, seq: int, ts: float, kind: str, text: str) -> EventRow:
-    """An events-table row as an EventRow; a body that is not a JSON object is kept as {"text": ...}."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {"text": text}
+    """An events-table row as an EventRow, whatever its body holds (protocol.json_body)."""
+    body = json_body(text)
     version = body.pop("policy_version", None)
     rule = body.pop("rule", None)
     return EventRow(
