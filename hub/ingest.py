@@ -39,7 +39,7 @@ from edge_agent.protocol import (
     unpack,
     unpack_up,
 )
-from hub.store import HubStore, IngestWork
+from hub.store import SEQ_CONFLICT, HubStore, IngestWork
 
 # Errors of the data, not of the database's health: retried message by message.
 UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
@@ -129,6 +129,9 @@ class Ingest:
                 self._log_reject(INTERNAL_ERROR, f"{message.topic}: {exc!r}", exc)
         work.rejects = dict(rejects)
         acks = await self._store.commit_ingest(work)
+        for device, seq, kind in work.conflicts:
+            self._log_reject(SEQ_CONFLICT, f"{device}: the {kind} with seq {seq} reuses a seq of another record")
+            self.rejects[SEQ_CONFLICT] += 1
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored

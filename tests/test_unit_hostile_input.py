@@ -1,4 +1,5 @@
-"""Hostile input without a broker: nested payloads on every decoder, nested JSON in stored bodies.
+"""Hostile input without a broker: nested payloads on every decoder, nested JSON in stored
+bodies, and (device, seq) kept one record across readings and events.
 
 The store is a real SQLite file; only the MQTT transport is left out (messages are handed to
 the ingest as the session would hand them).
@@ -45,7 +46,7 @@ from edge_agent.protocol import (
 )
 from hub import ingest as hub_ingest
 from hub.ingest import Ingest
-from hub.store import HubStore, event_row
+from hub.store import HubStore, IngestWork, event_row
 
 DEEP = 5000  # far beyond the interpreter's recursion limit (1000)
 BODY = "[" * DEEP + "]" * DEEP  # under MAX_EVENT_BODY
@@ -202,3 +203,29 @@ async def test_a_defect_one_message_triggers_rejects_that_message_only(
     assert result.stored == 2
     assert await store.reject_counts() == {"internal_error": 1}
     assert ingest.rejects == {"internal_error": 1}
+
+
+async def test_a_reading_cannot_reuse_a_seq_stored_as_an_event_nor_the_reverse(store: HubStore) -> None:
+    ingest = Ingest(store, "hub.test")
+    first = await ingest.process([message("telemetry", readings(0, [1, 3], [EventRecord(2, 1.0, "alert", "{}")]))])
+    assert first.acks == {"dev-a": 3}
+    # Later batches (a reset outbox, a clone) reuse 2 as a reading and 3 as an event.
+    event_3 = readings(2, [], [EventRecord(3, 1.0, "alert", "{}")], last=3)
+    again = await ingest.process([message("telemetry", readings(1, [2], last=2)), message("telemetry", event_3, 2)])
+    assert await rows(store, "telemetry") == [1, 3]
+    assert await rows(store, "events") == [2]
+    assert again.stored == 0
+    assert again.acks == {"dev-a": 3}  # each seq has its one record here: the watermark holds
+    assert await store.reject_counts() == {"seq_conflict": 2}
+    # A plain resend of the first batch is a duplicate, not a conflict.
+    await ingest.process([message("telemetry", readings(0, [1, 3], [EventRecord(2, 1.0, "alert", "{}")]))])
+    assert await store.reject_counts() == {"seq_conflict": 2}
+
+
+async def test_one_cycle_cannot_store_a_reading_and_an_event_with_one_seq(store: HubStore) -> None:
+    await store.commit_ingest(IngestWork(
+        now=1.0, telemetry=[("dev-a", 5, 1.0, "m", 1.0)], events=[("dev-a", 5, 1.0, "alert", "{}")],
+        ranges={"dev-a": [(0, 5, True)]}))
+    assert await rows(store, "telemetry") == [5]
+    assert await rows(store, "events") == []
+    assert await store.reject_counts() == {"seq_conflict": 1}
