@@ -1,0 +1,253 @@
+"""One device's hostile payloads against a real hub: nothing it sends (or once got stored) stops
+the hub, its broker or an operator's view of the region.
+
+Real processes: `edge-hub run` with its managed Mosquitto, `edge-agent run` for a well-behaved
+device, and MQTT clients holding real device certificates made at test time for the attacker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import urllib.request
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from edge_agent.mqtt import MqttSession
+from edge_agent.protocol import (
+    ACK,
+    CERT,
+    COORD,
+    MAX_EVENT_BODY,
+    STATUS,
+    TELEMETRY,
+    Ack,
+    ApprovalRequest,
+    Batch,
+    EventRecord,
+    down_topic,
+    pack,
+    pack_coord,
+    presence_topic,
+    unpack,
+    up_topic,
+)
+from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent, start_hub
+from tests.exactly_once import assert_exactly_once, hub_watermark
+from tests.test_store_forward_input import STREAM, drain_quietly, events, rejects, telemetry, wait_until
+
+pytestmark = pytest.mark.integration
+
+ARRIVAL = 5.0  # bound on one PUBACK or ack
+DEEP = 5000  # arrays nested this deep exhaust the interpreter's recursion limit (1000)
+BODY = "[" * DEEP + "]" * DEEP  # 10,000 characters: under the 16 KiB body limit
+assert len(BODY) < MAX_EVENT_BODY
+
+
+def nested_msgpack(fields: dict[str, object]) -> bytes:
+    """A msgpack map of `fields` plus an unknown field of arrays nested DEEP deep: about 5 KB."""
+    head = msgspec.msgpack.encode(fields)
+    assert 0x80 <= head[0] < 0x8F  # a fixmap: one more entry is one more in the count
+    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("zz") + b"\x91" * DEEP + b"\xc0"
+
+
+def nested_presence() -> bytes:
+    return b'{"state": "online", "session": "s-evil", "zz": ' + BODY.encode() + b"}"
+
+
+async def publish(session: MqttSession, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async with asyncio.timeout(ARRIVAL):
+        await session.publish(topic, payload, qos=1, retain=retain)
+
+
+async def send_acked(hub_dir: HubDir, bundle: Path, batch: Batch) -> None:
+    """Publish a batch with the device's own certificate and wait for an ack covering it."""
+    device = bundle.name
+    session = await connect(device_identity(bundle), hub_dir.port, device)
+    try:
+        await session.subscribe([(down_topic(device, ACK), 1)])
+        await publish(session, up_topic(device, TELEMETRY), pack(batch))
+        async with asyncio.timeout(ARRIVAL * 2):
+            while unpack((await session.next_message()).payload, Ack).through < batch.last:
+                pass
+    finally:
+        await session.close()
+
+
+def assert_alive(hub: Proc) -> None:
+    assert hub.proc is not None
+    assert hub.proc.returncode is None, "the hub died:\n" + "\n".join(hub.lines[-30:])
+
+
+# --- item 1: nested payloads on every topic a device may write --------------------------------
+
+
+async def test_nested_payloads_on_every_device_topic_are_rejected_while_a_device_streams(
+    hub_dir: HubDir, hub: Proc, bundles: Path,
+) -> None:
+    await hub_dir.provision(bundles, "dev-good", "dev-evil")
+    good = bundles / "dev-good"
+    agent = await start_agent(good / "agent.toml", *STREAM, name="dev-good")
+    try:
+        await hub.wait_for(r"device dev-good is online")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > 0, "dev-good streaming")
+        attacks = [
+            (up_topic("dev-evil", TELEMETRY), nested_msgpack({"base": 0, "last": 1})),
+            (up_topic("dev-evil", STATUS), nested_msgpack({"backlog": 0, "dropped": 0})),
+            (up_topic("dev-evil", COORD), nested_msgpack({"type": "release", "id": "r1", "name": "fan"})),
+            (up_topic("dev-evil", CERT), nested_msgpack({"csr": "x"})),
+            (presence_topic("dev-evil"), nested_presence()),
+            # Well-formed messages whose JSON text would be stored and read back.
+            (up_topic("dev-evil", TELEMETRY), pack(Batch(base=0, last=1, events=[EventRecord(1, 1.0, "alert", BODY)]))),
+            (up_topic("dev-evil", COORD), pack_coord(ApprovalRequest(id="a1", rule="r", action="command",
+                                                                     args=BODY[:2040], expires_s=60))),
+        ]
+        session = await connect(device_identity(bundles / "dev-evil"), hub_dir.port, "dev-evil")
+        try:
+            for topic, payload in attacks:
+                assert len(payload) < 12_000
+                await publish(session, topic, payload)
+        finally:
+            await session.close()
+        await wait_until(lambda: rejects(hub_dir).get("too_deep", 0) >= len(attacks),
+                         f"the hub counted {len(attacks)} too_deep rejections", log=hub)
+        assert rejects(hub_dir) == {"too_deep": len(attacks)}
+        await hub.wait_for(r"rejected \(too_deep, 0 before\): edgefleet/v1/dev/dev-evil/", timeout=ARRIVAL)
+        assert not any("Traceback" in line for line in hub.lines), "\n".join(hub.lines[-40:])
+        assert events(hub_dir, "dev-evil") == []
+        assert hub_query_one(hub_dir, "SELECT count(*) FROM approvals") == 0
+        # The hub (and so its broker) serves on: the streaming device is still acknowledged.
+        mark = hub_watermark(hub_dir.dir, "dev-good")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > mark, "dev-good still acknowledged")
+        assert_alive(hub)
+        assert await agent.stop() == 0
+    finally:
+        await agent.stop()
+    final = await drain_quietly(hub_dir, good)
+    assert_exactly_once(hub_dir.dir, "dev-good", final.last_seq, final.dropped)
+
+
+def hub_query_one(hub_dir: HubDir, query: str) -> object:
+    with sqlite3.connect(f"file:{hub_dir.dir / 'hub.db'}?mode=ro", uri=True, timeout=10) as db:
+        return db.execute(query).fetchone()[0]
+
+
+async def test_a_retained_nested_presence_does_not_stop_the_hub_at_each_restart(
+    hub_dir: HubDir, bundles: Path,
+) -> None:
+    """With broker persistence the retained message outlives the broker: every hub start reads it."""
+    config = hub_dir.dir / "hub.toml"
+    config.write_text(config.read_text().replace("persistence = false", "persistence = true", 1))
+    await hub_dir.provision(bundles, "dev-good", "dev-evil")
+    hub = await start_hub(hub_dir)
+    try:
+        session = await connect(device_identity(bundles / "dev-evil"), hub_dir.port, "dev-evil")
+        try:
+            await publish(session, presence_topic("dev-evil"), nested_presence(), retain=True)
+        finally:
+            await session.close()
+        await wait_until(lambda: rejects(hub_dir).get("too_deep", 0) == 1, "the first rejection", log=hub)
+        assert await hub.stop() == 0
+        hub = await start_hub(hub_dir)  # its broker hands the retained message over again
+        await wait_until(lambda: rejects(hub_dir).get("too_deep", 0) == 2, "the rejection after a restart", log=hub)
+        # Positive control after the rejection: a good device's batch is committed and acknowledged.
+        await send_acked(hub_dir, bundles / "dev-good", Batch(base=0, last=1, settled=True, names=["m"], seq=[1],
+                                                              ts=[time.time()], metric=[0], value=[1.0]))
+        assert telemetry(hub_dir, "dev-good") == [(1, "m", 1.0)]
+        assert_alive(hub)
+    finally:
+        assert await hub.stop() == 0
+
+
+# --- item 3: a stored body cannot break a read path ---------------------------------------------
+
+
+def plant(hub_dir: HubDir, device: str, now: float) -> None:
+    """Rows as an older hub may have stored them: the deep body on the kinds every view reads."""
+    with sqlite3.connect(hub_dir.dir / "hub.db", timeout=10) as db:
+        db.executemany("INSERT INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)",
+                       [(device, 10, now, "action_failed", BODY), (device, 11, now, "escalation", BODY),
+                        (device, 12, now, "alert", BODY)])
+        db.execute("INSERT INTO approvals(device, request, rule, action, args, requested_at, expires_at, state) "
+                   "VALUES (?, 'a1', 'r', 'command', ?, ?, ?, 'pending')", (device, BODY, now, now + 3600))
+
+
+async def views_of_the_region(hub_dir: HubDir) -> dict[str, str]:
+    """What an operator reads: every command must exit 0, without a traceback."""
+    views = {}
+    for argv in (["events"], ["events", "--json"], ["status"], ["status", "--json"],
+                 ["approvals", "list", "--json"]):
+        code, out, err = await run_cli(HUB, *argv, "--dir", str(hub_dir.dir))
+        assert code == 0, f"{argv}: {err}"
+        assert "Traceback" not in err
+        views[" ".join(argv)] = out
+    return views
+
+
+def scrape(hub_dir: HubDir) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{hub_dir.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:  # a loopback URL we built
+        return response.status, response.read()
+
+
+async def test_a_deeply_nested_event_body_breaks_no_view_of_the_region(
+    hub_dir: HubDir, hub: Proc, bundles: Path,
+) -> None:
+    await hub_dir.provision(bundles, "dev-evil")
+    evil = bundles / "dev-evil"
+    now = time.time()
+    # Already stored (by a hub from before the bound): every reader must cope.
+    plant(hub_dir, "dev-evil", now)
+    views = await views_of_the_region(hub_dir)
+    rows = {r["seq"]: r for r in map(json.loads, views["events --json"].splitlines())}
+    assert rows[10]["body"]["unreadable"] == "JSON nested deeper than 32 levels"
+    assert rows[10]["body"]["text"].startswith("[[[")
+    assert len(views["events --json"]) < 3000, "an unreadable body is marked, not dumped whole"
+    assert "unreadable" in views["events"]
+    assert json.loads(views["status --json"])["devices"]["total"] == 1
+    assert json.loads(views["approvals list --json"])["args"]["unreadable"]
+    assert (await asyncio.to_thread(scrape, hub_dir))[0] == 200
+
+    # Through the protocol: refused, so never stored; the device's next, sane batch still is.
+    session = await connect(device_identity(evil), hub_dir.port, "dev-evil")
+    try:
+        await publish(session, up_topic("dev-evil", TELEMETRY), pack(Batch(
+            base=0, last=1, settled=True, events=[EventRecord(1, now, "action_failed", BODY)])))
+    finally:
+        await session.close()
+    await send_acked(hub_dir, evil, Batch(base=0, last=1, settled=True,
+                                          events=[EventRecord(1, now, "alert", '{"severity": "critical"}')]))
+    assert rejects(hub_dir) == {"too_deep": 1}
+    assert events(hub_dir, "dev-evil")[0] == (1, "alert", '{"severity": "critical"}')
+    await views_of_the_region(hub_dir)
+    status, body = await asyncio.to_thread(scrape, hub_dir)
+    assert status == 200
+    assert b'edgefleet_ingest_rejects_total{reason="too_deep"' in body
+    assert_alive(hub)
+
+
+# --- item 7: one seq, one record -------------------------------------------------------------------
+
+
+async def test_a_seq_cannot_be_both_a_reading_and_an_event(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "dev-seq")
+    bundle = bundles / "dev-seq"
+    now = time.time()
+    await send_acked(hub_dir, bundle, Batch(base=0, last=3, settled=True, names=["m"], seq=[1, 3], ts=[now, now],
+                                            metric=[0, 0], value=[1.0, 3.0],
+                                            events=[EventRecord(2, now, "alert", "{}")]))
+    # Later batches reuse seq 2 (an event) as a reading and seq 3 (a reading) as an event.
+    await send_acked(hub_dir, bundle, Batch(base=1, last=2, names=["m"], seq=[2], ts=[now], metric=[0], value=[2.0]))
+    await send_acked(hub_dir, bundle, Batch(base=2, last=3, events=[EventRecord(3, now, "alert", '{"x": 1}')]))
+    assert telemetry(hub_dir, "dev-seq") == [(1, "m", 1.0), (3, "m", 3.0)]
+    assert events(hub_dir, "dev-seq") == [(2, "alert", "{}")]
+    assert hub_watermark(hub_dir.dir, "dev-seq") == 3
+    assert rejects(hub_dir) == {"seq_conflict": 2}
+    await hub.wait_for(r"rejected \(seq_conflict, 0 before\): dev-seq: the reading with seq 2", timeout=ARRIVAL)
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert code == 0, err
+    assert json.loads(out)["rejects"] == {"seq_conflict": 2}
