@@ -3,6 +3,8 @@ the hub, its broker or an operator's view of the region.
 
 Real processes: `edge-hub run` with its managed Mosquitto, `edge-agent run` for a well-behaved
 device, and MQTT clients holding real device certificates made at test time for the attacker.
+Nested payloads on each up/ topic, while a real agent streams exactly once, are among
+test_store_forward_input's BAD_INPUT.
 """
 
 from __future__ import annotations
@@ -14,49 +16,35 @@ import time
 import urllib.request
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import (
     ACK,
-    CERT,
-    COORD,
     MAX_EVENT_BODY,
-    STATUS,
     TELEMETRY,
     Ack,
-    ApprovalRequest,
     Batch,
     EventRecord,
     down_topic,
     pack,
-    pack_coord,
     presence_topic,
     unpack,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent, start_hub
-from tests.exactly_once import assert_exactly_once, hub_watermark
-from tests.test_store_forward_input import STREAM, drain_quietly, events, rejects, telemetry, wait_until
+from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_hub
+from tests.exactly_once import hub_watermark
+from tests.hostile import BODY, nested_json
+from tests.test_store_forward_input import events, rejects, telemetry, wait_until
 
 pytestmark = pytest.mark.integration
 
 ARRIVAL = 5.0  # bound on one PUBACK or ack
-DEEP = 5000  # arrays nested this deep exhaust the interpreter's recursion limit (1000)
-BODY = "[" * DEEP + "]" * DEEP  # 10,000 characters: under the 16 KiB body limit
 assert len(BODY) < MAX_EVENT_BODY
 
 
-def nested_msgpack(fields: dict[str, object]) -> bytes:
-    """A msgpack map of `fields` plus an unknown field of arrays nested DEEP deep: about 5 KB."""
-    head = msgspec.msgpack.encode(fields)
-    assert 0x80 <= head[0] < 0x8F  # a fixmap: one more entry is one more in the count
-    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("zz") + b"\x91" * DEEP + b"\xc0"
-
-
 def nested_presence() -> bytes:
-    return b'{"state": "online", "session": "s-evil", "zz": ' + BODY.encode() + b"}"
+    return nested_json({"state": "online", "session": "s-evil"})
 
 
 async def publish(session: MqttSession, topic: str, payload: bytes, *, retain: bool = False) -> None:
@@ -83,57 +71,7 @@ def assert_alive(hub: Proc) -> None:
     assert hub.proc.returncode is None, "the hub died:\n" + "\n".join(hub.lines[-30:])
 
 
-# --- item 1: nested payloads on every topic a device may write --------------------------------
-
-
-async def test_nested_payloads_on_every_device_topic_are_rejected_while_a_device_streams(
-    hub_dir: HubDir, hub: Proc, bundles: Path,
-) -> None:
-    await hub_dir.provision(bundles, "dev-good", "dev-evil")
-    good = bundles / "dev-good"
-    agent = await start_agent(good / "agent.toml", *STREAM, name="dev-good")
-    try:
-        await hub.wait_for(r"device dev-good is online")
-        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > 0, "dev-good streaming")
-        attacks = [
-            (up_topic("dev-evil", TELEMETRY), nested_msgpack({"base": 0, "last": 1})),
-            (up_topic("dev-evil", STATUS), nested_msgpack({"backlog": 0, "dropped": 0})),
-            (up_topic("dev-evil", COORD), nested_msgpack({"type": "release", "id": "r1", "name": "fan"})),
-            (up_topic("dev-evil", CERT), nested_msgpack({"csr": "x"})),
-            (presence_topic("dev-evil"), nested_presence()),
-            # Well-formed messages whose JSON text would be stored and read back.
-            (up_topic("dev-evil", TELEMETRY), pack(Batch(base=0, last=1, events=[EventRecord(1, 1.0, "alert", BODY)]))),
-            (up_topic("dev-evil", COORD), pack_coord(ApprovalRequest(id="a1", rule="r", action="command",
-                                                                     args=BODY[:2040], expires_s=60))),
-        ]
-        session = await connect(device_identity(bundles / "dev-evil"), hub_dir.port, "dev-evil")
-        try:
-            for topic, payload in attacks:
-                assert len(payload) < 12_000
-                await publish(session, topic, payload)
-        finally:
-            await session.close()
-        await wait_until(lambda: rejects(hub_dir).get("too_deep", 0) >= len(attacks),
-                         f"the hub counted {len(attacks)} too_deep rejections", log=hub)
-        assert rejects(hub_dir) == {"too_deep": len(attacks)}
-        await hub.wait_for(r"rejected \(too_deep, 0 before\): edgefleet/v1/dev/dev-evil/", timeout=ARRIVAL)
-        assert not any("Traceback" in line for line in hub.lines), "\n".join(hub.lines[-40:])
-        assert events(hub_dir, "dev-evil") == []
-        assert hub_query_one(hub_dir, "SELECT count(*) FROM approvals") == 0
-        # The hub (and so its broker) serves on: the streaming device is still acknowledged.
-        mark = hub_watermark(hub_dir.dir, "dev-good")
-        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > mark, "dev-good still acknowledged")
-        assert_alive(hub)
-        assert await agent.stop() == 0
-    finally:
-        await agent.stop()
-    final = await drain_quietly(hub_dir, good)
-    assert_exactly_once(hub_dir.dir, "dev-good", final.last_seq, final.dropped)
-
-
-def hub_query_one(hub_dir: HubDir, query: str) -> object:
-    with sqlite3.connect(f"file:{hub_dir.dir / 'hub.db'}?mode=ro", uri=True, timeout=10) as db:
-        return db.execute(query).fetchone()[0]
+# --- item 1: a retained hostile presence ---------------------------------------------------------
 
 
 async def test_a_retained_nested_presence_does_not_stop_the_hub_at_each_restart(

@@ -47,21 +47,7 @@ from edge_agent.protocol import (
 from hub import ingest as hub_ingest
 from hub.ingest import Ingest
 from hub.store import HubStore, IngestWork, event_row
-
-DEEP = 5000  # far beyond the interpreter's recursion limit (1000)
-BODY = "[" * DEEP + "]" * DEEP  # under MAX_EVENT_BODY
-
-
-def nested_msgpack(fields: dict[str, Any], depth: int = DEEP) -> bytes:
-    """A msgpack map of `fields` plus an unknown field holding arrays nested `depth` deep (~5 KB)."""
-    head = msgspec.msgpack.encode(fields)
-    assert 0x80 <= head[0] < 0x8F  # a fixmap: one more entry is one more in the count
-    return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode("zz") + b"\x91" * depth + b"\xc0"
-
-
-def nested_json(fields: dict[str, Any], depth: int = DEEP) -> bytes:
-    return json.dumps(fields).encode()[:-1] + b', "zz": ' + b"[" * depth + b"]" * depth + b"}"
-
+from tests.hostile import BODY, DEEP, nested_json, nested_msgpack
 
 DECODERS: list[tuple[str, Callable[[bytes], object], bytes]] = [
     ("presence", lambda b: decode(b, Presence), nested_json({"state": "online", "session": "s"})),
