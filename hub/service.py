@@ -19,6 +19,7 @@ from edge_agent.protocol import (
     PRESENCE_FILTER,
     UP_FILTER,
     Ack,
+    Presence,
     down_topic,
     pack,
     pack_coord,
@@ -165,12 +166,14 @@ class HubService:
 
     async def _apply_presence(self, result: CycleResult) -> None:
         """The cycle's presence messages, in one transaction; applied once, also when a later step is retried."""
-        if not result.presence:
-            return
-        changed = await self._store.apply_presences(result.presence, time.time())
-        for i in changed:
-            device, presence = result.presence[i]
-            log.info("device %s is %s", device, presence.state)
+        now = time.time()
+
+        async def apply(messages: list[tuple[str, Presence]]) -> None:
+            for i in await self._store.apply_presences(messages, now):
+                device, presence = messages[i]
+                log.info("device %s is %s", device, presence.state)
+
+        await self._each_alone("presence", result.presence, apply)
         result.presence = []
 
     @staticmethod

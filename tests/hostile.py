@@ -21,3 +21,22 @@ def nested_msgpack(fields: dict[str, Any], depth: int = DEEP) -> bytes:
 def nested_json(fields: dict[str, Any], depth: int = DEEP) -> bytes:
     """A JSON object of `fields` plus an unknown field holding arrays nested `depth` deep."""
     return json.dumps(fields).encode()[:-1] + b', "zz": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def csr_of_unknown_key_type(cn: str) -> str:
+    """A PEM certificate request for `cn` whose key algorithm OID no library knows (1.2.840.10045.2.9)."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])).sign(key, hashes.SHA256()))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    ec_public_key = bytes.fromhex("06072a8648ce3d0201")
+    assert der.count(ec_public_key) == 1
+    body = base64.encodebytes(der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209"))).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"

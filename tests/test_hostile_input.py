@@ -21,20 +21,25 @@ import pytest
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import (
     ACK,
+    CERT,
     MAX_EVENT_BODY,
     TELEMETRY,
     Ack,
     Batch,
+    CertRefused,
+    CertRequest,
     EventRecord,
+    down_filter,
     down_topic,
     pack,
     presence_topic,
     unpack,
+    unpack_cert_reply,
     up_topic,
 )
 from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_hub
 from tests.exactly_once import hub_watermark
-from tests.hostile import BODY, nested_json
+from tests.hostile import BODY, csr_of_unknown_key_type, nested_json
 from tests.test_store_forward_input import events, rejects, telemetry, wait_until
 
 pytestmark = pytest.mark.integration
@@ -99,6 +104,26 @@ async def test_a_retained_nested_presence_does_not_stop_the_hub_at_each_restart(
         assert_alive(hub)
     finally:
         assert await hub.stop() == 0
+
+
+async def test_a_certificate_request_for_an_unknown_key_type_is_refused(
+    hub_dir: HubDir, hub: Proc, bundles: Path,
+) -> None:
+    """cryptography raises UnsupportedAlgorithm (not a ValueError) reading such a request's key."""
+    await hub_dir.provision(bundles, "dev-a")
+    session = await connect(device_identity(bundles / "dev-a"), hub_dir.port, "dev-a")
+    try:
+        await session.subscribe([(down_filter("dev-a"), 1)])
+        await publish(session, up_topic("dev-a", CERT), pack(CertRequest(csr=csr_of_unknown_key_type("dev-a"))))
+        async with asyncio.timeout(ARRIVAL):
+            reply = unpack_cert_reply((await session.next_message()).payload)
+    finally:
+        await session.close()
+    assert isinstance(reply, CertRefused)
+    assert (reply.reason, reply.key_id) == ("bad_request", "")
+    assert "Unknown key type" in reply.detail
+    await hub.wait_for(r"certificate request from dev-a refused \(bad_request\)", timeout=ARRIVAL)
+    assert_alive(hub)
 
 
 # --- item 3: a stored body cannot break a read path ---------------------------------------------

@@ -25,7 +25,9 @@ from edge_agent.protocol import (
     ApprovalRequest,
     Batch,
     CertRequest,
+    CoordUp,
     EventRecord,
+    LeaseRequest,
     PolicyDocument,
     Presence,
     ProtocolError,
@@ -34,10 +36,12 @@ from edge_agent.protocol import (
     TaskOffer,
     check_batch,
     decode,
+    encode,
     json_body,
     json_too_deep,
     pack,
     pack_coord,
+    presence_topic,
     unpack,
     unpack_cert_reply,
     unpack_down,
@@ -45,9 +49,14 @@ from edge_agent.protocol import (
     up_topic,
 )
 from hub import ingest as hub_ingest
+from hub.config import load_hub
+from hub.coordination import Replies
 from hub.ingest import Ingest
+from hub.service import HubService
+from hub.setup import init_hub
 from hub.store import HubStore, IngestWork, event_row
 from tests.hostile import BODY, DEEP, nested_json, nested_msgpack
+from tests.net import free_port
 
 DECODERS: list[tuple[str, Callable[[bytes], object], bytes]] = [
     ("presence", lambda b: decode(b, Presence), nested_json({"state": "online", "session": "s"})),
@@ -215,3 +224,37 @@ async def test_one_cycle_cannot_store_a_reading_and_an_event_with_one_seq(store:
     assert await rows(store, "telemetry") == [5]
     assert await rows(store, "events") == []
     assert await store.reject_counts() == {"seq_conflict": 1}
+
+
+# --- the hub service's later steps: coordination, certificates, presence ------------------------
+
+
+async def test_a_defect_in_a_later_step_costs_only_the_message_that_triggers_it(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordination bug that one device's request triggers: the other device is still answered,
+    the cycle returns (its messages get their PUBACK), and the failure is counted."""
+    paths = await init_hub(workdir / "hub", "test", port=free_port(), host="127.0.0.1", bind="127.0.0.1", force=False)
+    _, config = load_hub(paths.root)
+    store = await HubStore.open(paths.db)
+    try:
+        for device in ("dev-a", "dev-b"):
+            await store.register(device, "sim", {})
+        service = HubService(paths, config, store)
+        real = service.coordination.handle
+
+        async def broken_for_dev_b(requests: list[tuple[str, CoordUp]], now: float | None = None) -> Replies:
+            if any(device == "dev-b" for device, _ in requests):
+                raise AttributeError("a defect")
+            return await real(requests, now)
+
+        monkeypatch.setattr(service.coordination, "handle", broken_for_dev_b)
+        devices = ("dev-a", "dev-b")
+        online = [Message(presence_topic(d), encode(Presence(state="online", session="s")), 1, True, i)
+                  for i, d in enumerate(devices)]
+        asks = [Message(up_topic(d, "coord"), pack_coord(LeaseRequest(id=f"r-{d}", name="fan", limit=2, ttl_s=60)),
+                        1, False, 10 + i) for i, d in enumerate(devices)]
+        _, replies = await service._process(online + asks)  # one ingest cycle, as the service runs it
+        assert [(d, type(m).__name__) for d, m in replies.messages] == [("dev-a", "LeaseGrant")]
+        assert await store.reject_counts() == {"internal_error": 1}
+    finally:
+        await store.close()
