@@ -170,7 +170,10 @@ async def test_a_deeply_nested_event_body_breaks_no_view_of_the_region(
     assert rows[10]["body"]["unreadable"] == "JSON nested deeper than 32 levels"
     assert rows[10]["body"]["text"].startswith("[[[")
     assert len(views["events --json"]) < 3000, "an unreadable body is marked, not dumped whole"
-    assert "unreadable" in views["events"]
+    lines = {line.split("\t")[2]: line for line in views["events"].splitlines()}
+    for seq in ("10", "11", "12"):  # action_failed, escalation, alert: each says what it is
+        assert "unreadable body (JSON nested deeper than 32 levels): [[[" in lines[seq], lines[seq]
+    assert "dev-evil  -  unreadable body" in views["status"]  # the escalation, in what needs a person
     assert json.loads(views["status --json"])["devices"]["total"] == 1
     assert json.loads(views["approvals list --json"])["args"]["unreadable"]
     assert (await asyncio.to_thread(scrape, hub_dir))[0] == 200
