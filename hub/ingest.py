@@ -144,13 +144,12 @@ class Ingest:
         await self._store.commit_ingest(IngestWork(now=time.time(), rejects={reason: 1}))
 
     def _log_reject(self, reason: str, detail: str, unexpected: Exception | None = None) -> None:
-        """First of a reason WARNING, the next DEBUG; a defect of ours ERROR with its traceback, always."""
+        """First of a reason WARNING (a defect of ours: ERROR, with its traceback), the next DEBUG:
+        a device that sends the same thing again and again cannot flood the log."""
         seen = self.rejects[reason]
-        if unexpected is not None:
-            log.error("rejected (%s, %d before): %s", reason, seen, detail[:500], exc_info=unexpected)
-            return
-        level = logging.WARNING if seen == 0 else logging.DEBUG
-        log.log(level, "rejected (%s, %d before): %s", reason, seen, detail[:500])
+        first = logging.WARNING if unexpected is None else logging.ERROR
+        log.log(first if seen == 0 else logging.DEBUG, "rejected (%s, %d before): %s", reason, seen, detail[:500],
+                exc_info=unexpected)
 
     def _route(self, topic: Topic, payload: bytes, work: IngestWork) -> None:
         if topic.channel != "up":

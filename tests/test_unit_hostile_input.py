@@ -180,7 +180,7 @@ async def rows(store: HubStore, table: str) -> list[int]:
 
 
 async def test_a_defect_one_message_triggers_rejects_that_message_only(
-        store: HubStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: HubStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug of ours (here: check_batch failing on one batch) costs that message, not the hub."""
     real = hub_ingest.check_batch
 
@@ -198,6 +198,10 @@ async def test_a_defect_one_message_triggers_rejects_that_message_only(
     assert result.stored == 2
     assert await store.reject_counts() == {"internal_error": 1}
     assert ingest.rejects == {"internal_error": 1}
+    (logged,) = [r for r in caplog.records if r.name == "hub.ingest"]
+    assert logged.levelname == "ERROR"
+    assert logged.exc_info is not None  # the traceback, to find the defect by
+    assert "rejected (internal_error, 0 before): edgefleet/v1/dev/dev-a/up/telemetry" in logged.getMessage()
 
 
 async def test_a_reading_cannot_reuse_a_seq_stored_as_an_event_nor_the_reverse(store: HubStore) -> None:
