@@ -17,30 +17,36 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.protocol import (
     ACK,
     CERT,
+    COORD,
     MAX_EVENT_BODY,
+    POLICY,
     TELEMETRY,
     Ack,
     Batch,
     CertRefused,
     CertRequest,
     EventRecord,
+    PolicyDocument,
     down_filter,
     down_topic,
     pack,
     presence_topic,
+    seal,
     unpack,
     unpack_cert_reply,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_hub
+from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_agent, start_hub
 from tests.exactly_once import hub_watermark
-from tests.hostile import BODY, csr_of_unknown_key_type, nested_json
-from tests.test_store_forward_input import events, rejects, telemetry, wait_until
+from tests.hostile import BODY, csr_of_unknown_key_type, nested_json, nested_msgpack
+from tests.test_store_forward_input import STREAM, events, rejects, telemetry, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +130,43 @@ async def test_a_certificate_request_for_an_unknown_key_type_is_refused(
     assert "Unknown key type" in reply.detail
     await hub.wait_for(r"certificate request from dev-a refused \(bad_request\)", timeout=ARRIVAL)
     assert_alive(hub)
+
+
+async def test_an_agent_survives_nested_messages_on_its_down_topics(
+    hub_dir: HubDir, hub: Proc, bundles: Path,
+) -> None:
+    """What the agent decodes from the hub: ack, coord, cert, and a signed policy nested too deep for TOML."""
+    await hub_dir.provision(bundles, "dev-a")
+    bundle = bundles / "dev-a"
+    agent = await start_agent(bundle / "agent.toml", *STREAM, name="dev-a")
+    try:
+        await hub.wait_for(r"device dev-a is online")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-a") > 0, "dev-a streaming")
+        key = load_pem_private_key((hub_dir.pki / "policy.key").read_bytes(), password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        deep_policy = PolicyDocument(version=7, device="dev-a", profile="sim", region=hub_dir.region,
+                                     text="a = " + "[" * 3000 + "]" * 3000)
+        mark = agent.mark()
+        async with hub_tap(hub_dir, hub) as session:
+            for kind, payload in ((ACK, nested_msgpack({"through": 1})),
+                                  (COORD, nested_msgpack({"type": "queued", "id": "r1", "name": "l", "position": 1})),
+                                  (CERT, nested_msgpack({"type": "refused", "key_id": "", "reason": "x"})),
+                                  (POLICY, pack(seal(pack(deep_policy), key)))):
+                await publish(session, down_topic("dev-a", kind), payload)
+        seen = mark
+        for _ in (ACK, COORD, CERT):  # one line each
+            line = await agent.wait_for(r"ignored a message from the hub \(too_deep\)", after=seen, timeout=ARRIVAL)
+            seen = agent.lines.index(line, seen) + 1
+        await agent.wait_for(r"policy version 7 refused \(invalid_policy\): .*nested beyond what can be read",
+                             after=mark, timeout=ARRIVAL)
+        # The agent streams on, through the hub (resumed after the tap).
+        acked = hub_watermark(hub_dir.dir, "dev-a")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-a") > acked, "dev-a still acknowledged",
+                         timeout=30, log=agent)
+        assert not any("Traceback" in line for line in agent.lines[mark:]), "\n".join(agent.lines[-30:])
+        assert await agent.stop() == 0
+    finally:
+        await agent.stop()
 
 
 # --- item 3: a stored body cannot break a read path ---------------------------------------------
