@@ -43,10 +43,10 @@ from edge_agent.protocol import (
     unpack_cert_reply,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_agent, start_hub
+from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub
 from tests.exactly_once import hub_watermark
 from tests.hostile import BODY, csr_of_unknown_key_type, nested_json, nested_msgpack
-from tests.test_store_forward_input import STREAM, events, rejects, telemetry, wait_until
+from tests.test_store_forward_input import events, rejects, start_streaming, telemetry, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -138,10 +138,8 @@ async def test_an_agent_survives_nested_messages_on_its_down_topics(
     """What the agent decodes from the hub: ack, coord, cert, and a signed policy nested too deep for TOML."""
     await hub_dir.provision(bundles, "dev-a")
     bundle = bundles / "dev-a"
-    agent = await start_agent(bundle / "agent.toml", *STREAM, name="dev-a")
+    agent = await start_streaming(hub_dir, hub, bundle)
     try:
-        await hub.wait_for(r"device dev-a is online")
-        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-a") > 0, "dev-a streaming")
         key = load_pem_private_key((hub_dir.pki / "policy.key").read_bytes(), password=None)
         assert isinstance(key, Ed25519PrivateKey)
         deep_policy = PolicyDocument(version=7, device="dev-a", profile="sim", region=hub_dir.region,

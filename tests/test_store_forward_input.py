@@ -157,6 +157,18 @@ async def drain_quietly(hub_dir: HubDir, bundle: Path, *overrides: str) -> Outbo
     return final
 
 
+async def start_streaming(hub_dir: HubDir, hub: Proc, bundle: Path) -> Proc:
+    """`edge-agent run` at the STREAM rate, returned once the hub has it online and acknowledges it."""
+    agent = await start_agent(bundle / "agent.toml", *STREAM, name=bundle.name)
+    try:
+        await hub.wait_for(rf"device {bundle.name} is online")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, bundle.name) > 0, f"{bundle.name} streaming")
+    except BaseException:
+        await agent.stop()
+        raise
+    return agent
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -250,10 +262,8 @@ async def test_bad_input_is_rejected_counted_and_stores_nothing_while_a_device_s
 ) -> None:
     await hub_dir.provision(bundles, "dev-good", "dev-bad")
     good = bundles / "dev-good"
-    agent = await start_agent(good / "agent.toml", *STREAM, name="dev-good")
+    agent = await start_streaming(hub_dir, hub, good)
     try:
-        await hub.wait_for(r"device dev-good is online")
-        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > 0, "dev-good streaming")
         session = await connect(device_identity(bundles / "dev-bad"), hub_dir.port, "dev-bad")
         try:
             for _, kind, payload, _ in BAD_INPUT:
