@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import secrets
 import signal
@@ -53,6 +52,7 @@ from edge_agent.protocol import (
     pack_coord,
     parse_topic,
     presence_topic,
+    read_json,
     unpack,
     unpack_cert_reply,
     unpack_down,
@@ -212,9 +212,9 @@ class Agent:
 
     def _task_args(self, kind: str, args_json: str) -> tuple[dict[str, Any], str | None]:
         try:
-            args = json.loads(args_json)
-        except ValueError:
-            return {}, "its arguments are not JSON"
+            args = read_json(args_json)
+        except ProtocolError as exc:
+            return {}, f"its arguments are not usable JSON ({exc.detail})"
         if not isinstance(args, dict):
             return {}, "its arguments are not a JSON object"
         return args, self.actuators.check(kind, args)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 from edge_agent.files import write_atomic
-from edge_agent.protocol import MAX_EVENT_BODY
+from edge_agent.protocol import MAX_EVENT_BODY, json_too_deep
 from edge_agent.sensors import Reading
 from edge_agent.sqlite import to_completion
 from edge_agent.sqlite_pool import PooledConnection, connect
@@ -225,8 +225,8 @@ class Outbox:
             rows = []
             for kind, body in events:
                 text = json.dumps(body, separators=(",", ":"), default=str)
-                if len(text) > MAX_EVENT_BODY:
-                    # The hub refuses longer bodies; a truncated record still says what happened.
+                if len(text) > MAX_EVENT_BODY or json_too_deep(text):
+                    # The hub refuses longer or deeper bodies; a truncated record still says what happened.
                     text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
                 rows.append((self._next_seq, time.time(), kind, text))
                 self._next_seq += 1

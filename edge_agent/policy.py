@@ -234,6 +234,9 @@ class _RawPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     target: Target | None = None
 
 
+_TOO_DEEP: Final = "arrays or tables nested beyond what can be read; flatten them"
+
+
 def validate_policy(
     text: str, *, metrics: Iterable[str] | None, actuators_allowed: Iterable[str] | None
 ) -> Policy:
@@ -244,12 +247,16 @@ def validate_policy(
         where = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         line, col = (int(where[1]), int(where[2])) if where else (text.count("\n") + 1, 1)  # "at end of document"
         raise PolicyError([Problem(line, col, f"not valid TOML: {str(exc).split(' (at ')[0]}")]) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise PolicyError([Problem(1, 1, _TOO_DEEP)]) from None
     locate = _Locator(text)
     problems: list[Problem] = []
     try:
         doc = msgspec.convert(raw, type=_RawPolicy, strict=True)
     except msgspec.ValidationError as exc:
         raise PolicyError([locate.schema_problem(str(exc), None)]) from None
+    except RecursionError:
+        raise PolicyError([Problem(1, 1, _TOO_DEEP)]) from None
     checker = _RuleChecker(
         locate, problems,
         None if metrics is None else frozenset(metrics),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -170,6 +171,10 @@ def _decode(module: Any, data: bytes, kind: type[M]) -> M:
         raise ProtocolError("invalid", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("undecodable", str(exc)) from None
+    except RecursionError:
+        # msgspec descends into every nested value, unknown fields included: a few KiB of
+        # nested arrays exhaust the interpreter's recursion limit.
+        raise ProtocolError("too_deep", f"values nested beyond the recursion limit ({len(data)} bytes)") from None
     return result
 
 
@@ -189,6 +194,55 @@ def pack(message: msgspec.Struct) -> bytes:
 
 def unpack(data: bytes, kind: type[M]) -> M:
     return _decode(msgspec.msgpack, data, kind)
+
+
+# --- JSON text inside messages (event bodies, approval and task arguments) ------------------
+
+# Deepest nesting of arrays and objects accepted in JSON text a message carries, and parsed by
+# any reader of stored JSON; far above what the agent writes, far below Python's recursion limit.
+MAX_JSON_DEPTH: Final = 32
+MAX_UNREADABLE_SHOWN: Final = 120  # characters of an unreadable body shown, so that it can be found
+# A string runs to its closing quote or, unterminated, to the end: one pass, no backtracking.
+_JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*+"?', re.DOTALL)
+_JSON_BRACKET: Final = re.compile(r"[\[\]{}]")
+
+
+def json_too_deep(text: str) -> bool:
+    """Whether JSON text nests arrays and objects deeper than MAX_JSON_DEPTH (brackets in strings do not count).
+
+    Linear and without recursion, so it is safe on any text; malformed text may count deeper than a
+    parser would, never shallower."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def read_json(text: str) -> Any:
+    """Parse JSON text that came from a device or a database; raise ProtocolError('too_deep' or 'undecodable')."""
+    if json_too_deep(text):
+        raise ProtocolError("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError("undecodable", f"not JSON: {exc}") from None
+
+
+def json_body(text: str | None) -> dict[str, Any]:
+    """A stored JSON body as an object for display, whatever it holds.
+
+    Not an object: {"text": text}. Unreadable (too deep): {"unreadable": why, "text": its start}."""
+    try:
+        body = read_json(text or "{}")
+    except ProtocolError as exc:
+        if exc.reason != "too_deep":
+            return {"text": text}
+        return {"unreadable": exc.detail, "text": (text or "")[:MAX_UNREADABLE_SHOWN]}
+    return body if isinstance(body, dict) else {"text": text}
 
 
 # --- signing envelope ---------------------------------------------------------------
@@ -373,6 +427,9 @@ def check_batch(batch: Batch) -> int:
         raise ProtocolError("bad_sequence", "sequence numbers repeat or go backwards")
     if any(not math.isfinite(e.ts) for e in batch.events):
         raise ProtocolError("not_finite", "NaN or infinity in an event timestamp")
+    deep = next((e.seq for e in batch.events if json_too_deep(e.body)), None)
+    if deep is not None:  # stored, it would break every reader of the events
+        raise ProtocolError("too_deep", f"the body of event {deep} nests deeper than {MAX_JSON_DEPTH} levels")
     return total
 
 
@@ -478,12 +535,22 @@ def pack_coord(message: CoordUp | CoordDown) -> bytes:
 
 def unpack_up(data: bytes) -> CoordUp:
     result: CoordUp = _decode(msgspec.msgpack, data, CoordUp)  # type: ignore[arg-type]  # a Union, not a class
+    if isinstance(result, ApprovalRequest):
+        _check_args(result.args)
     return result
 
 
 def unpack_down(data: bytes) -> CoordDown:
     result: CoordDown = _decode(msgspec.msgpack, data, CoordDown)  # type: ignore[arg-type]  # a Union, not a class
+    if isinstance(result, TaskOffer | TaskAward):
+        _check_args(result.args)
     return result
+
+
+def _check_args(args: str) -> None:
+    """Arguments (JSON text) that are stored and read back must not nest beyond what readers parse."""
+    if json_too_deep(args):
+        raise ProtocolError("too_deep", f"args nest deeper than {MAX_JSON_DEPTH} levels")
 
 
 # --- in-band certificate renewal (msgpack; docs/security.md, "Certificate lifecycle") ----

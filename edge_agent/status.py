@@ -29,6 +29,7 @@ from edge_agent.logfmt import redact
 from edge_agent.outbox import DB_NAME, QUOTA_TARGET
 from edge_agent.policy import Policy
 from edge_agent.policy_intake import PolicyIntake
+from edge_agent.protocol import json_body
 
 ERROR_KINDS: Final = ("policy_refused", "action_failed", "escalation", "outbox_corrupt", "alert")
 ERRORS_SHOWN: Final = 8  # the newest; the rest are counted, so the text stays on one screen
@@ -201,7 +202,7 @@ def _errors(db: sqlite3.Connection, acked: int) -> tuple[list[RecentError], int]
     found: list[RecentError] = []
     total = 0
     for seq, ts, kind, text in rows:
-        body = _body(text)
+        body = json_body(text)
         if kind == "alert" and body.get("severity") == "info":
             continue  # an alert a rule raises for information is not an error
         total += 1
@@ -211,14 +212,6 @@ def _errors(db: sqlite3.Connection, acked: int) -> tuple[list[RecentError], int]
                                      policy_version=version if isinstance(version, int) else None,
                                      detail=redact(_detail(str(kind), body))))
     return found, total
-
-
-def _body(text: str | None) -> dict[str, Any]:
-    try:
-        body = json.loads(text or "{}")
-    except ValueError:
-        return {"text": text}
-    return body if isinstance(body, dict) else {"text": text}
 
 
 def _str_or_none(value: object) -> str | None:

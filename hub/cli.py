@@ -429,7 +429,9 @@ def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
         return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
     parts: list[str] = []
-    if kind == "rule_fired" and isinstance(body.get("readings"), dict):
+    if body.keys() == {"unreadable", "text"}:  # as protocol.json_body marks a body it cannot read
+        parts = [f"unreadable body ({short(body['unreadable'])}):", short(body["text"])]
+    elif kind == "rule_fired" and isinstance(body.get("readings"), dict):
         parts = [f"{k}={short(v)}" for k, v in body["readings"].items()]
     elif kind.startswith("action_"):
         parts = [short(body.get("action", "?"))]

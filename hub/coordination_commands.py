@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from edge_agent.protocol import ProtocolError, json_body, read_json
 from edge_agent.settings import duration_arg
 from hub.config import load_hub
 from hub.errors import UsageError
@@ -128,7 +129,7 @@ async def _approvals(store: HubStore, args: argparse.Namespace) -> int:
              "decided_at, reason FROM approvals")
     if not args.all:
         query += " WHERE state = 'pending'"
-    rows = [{"id": r[0], "device": r[1], "rule": r[2], "action": r[3], "args": json.loads(r[4] or "{}"),
+    rows = [{"id": r[0], "device": r[1], "rule": r[2], "action": r[3], "args": json_body(r[4]),
              "policy_version": r[5], "requested_at": r[6], "expires_at": r[7], "state": r[8], "decided_by": r[9],
              "decided_at": r[10], "reason": r[11]} for r in await store.query(query + " ORDER BY id")]
 
@@ -144,9 +145,9 @@ async def _approvals(store: HubStore, args: argparse.Namespace) -> int:
 
 async def _offer(coordination: Any, args: argparse.Namespace) -> int:
     try:
-        task_args = json.loads(args.args)
-    except ValueError as exc:
-        raise UsageError(f"--args is not JSON: {exc}") from None
+        task_args = read_json(args.args)
+    except ProtocolError as exc:
+        raise UsageError(f"--args is not usable JSON ({exc.detail}): give a JSON object") from None
     if not isinstance(task_args, dict):
         raise UsageError("--args must be a JSON object")
     selector = Selector.parse(args.target)
@@ -164,7 +165,7 @@ async def _tasks(store: HubStore, args: argparse.Namespace) -> int:
         bids = [{"device": b[0], "able": bool(b[1]), "score": b[2], "detail": b[3], "outcome": b[4], "result": b[5]}
                 for b in await store.query("SELECT device, able, score, detail, outcome, result FROM bids "
                                            "WHERE task = ? ORDER BY score DESC, device", (r[0],))]
-        rows.append({"task": r[0], "kind": r[1], "args": json.loads(r[2]), "target": json.loads(r[3]),
+        rows.append({"task": r[0], "kind": r[1], "args": json_body(r[2]), "target": json.loads(r[3]),
                      "deadline": r[4], "state": r[5], "attempts": r[6], "device": r[7],
                      "result": json.loads(r[8]) if r[8] else None, "reason": r[9], "created_at": r[10],
                      "updated_at": r[11], "bids": bids})

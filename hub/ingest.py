@@ -39,10 +39,18 @@ from edge_agent.protocol import (
     unpack,
     unpack_up,
 )
-from hub.store import HubStore, IngestWork
+from hub.store import SEQ_CONFLICT, HubStore, IngestWork
 
 # Errors of the data, not of the database's health: retried message by message.
 UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
+# Counted for a message whose handling failed in a way nothing above foresaw (a defect of ours).
+INTERNAL_ERROR: Final = "internal_error"
+
+
+def blames_message(exc: Exception) -> bool:
+    """Whether an unexpected failure can be put down to the message being handled: anything but
+    the database's own health (locked, unavailable, corrupt), which is never a message's fault."""
+    return isinstance(exc, UNSTORABLE) or not isinstance(exc, sqlite3.Error)
 
 log = logging.getLogger("hub.ingest")
 
@@ -77,11 +85,12 @@ class Ingest:
         """
         try:
             return await self._process(messages)
-        except UNSTORABLE as exc:
+        except Exception as exc:
+            if not blames_message(exc):
+                raise
             if len(messages) == 1:
-                self._log_reject("unstorable", f"{messages[0].topic}: {exc}")
-                self.rejects["unstorable"] += 1
-                await self._store.commit_ingest(IngestWork(now=time.time(), rejects={"unstorable": 1}))
+                reason = "unstorable" if isinstance(exc, UNSTORABLE) else INTERNAL_ERROR
+                await self.reject(reason, messages[0].topic, exc)
                 return CycleResult({}, [], 0)
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
@@ -113,17 +122,34 @@ class Ingest:
             except ProtocolError as exc:
                 rejects[exc.reason] += 1
                 self._log_reject(exc.reason, f"{message.topic}: {exc.detail}")
+            except Exception as exc:  # one message must not stop the ingest, whatever it triggers
+                if not blames_message(exc):
+                    raise
+                rejects[INTERNAL_ERROR] += 1
+                self._log_reject(INTERNAL_ERROR, f"{message.topic}: {exc!r}", exc)
         work.rejects = dict(rejects)
         acks = await self._store.commit_ingest(work)
+        for device, seq, kind in work.conflicts:
+            self._log_reject(SEQ_CONFLICT, f"{device}: the {kind} with seq {seq} reuses a seq of another record")
+            self.rejects[SEQ_CONFLICT] += 1
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
         return CycleResult(acks, presence, stored, coord, certs)
 
-    def _log_reject(self, reason: str, detail: str) -> None:
+    async def reject(self, reason: str, what: str, exc: Exception) -> None:
+        """Count and log one message that failed after validation (its own transaction)."""
+        self._log_reject(reason, f"{what}: {exc!r}", None if isinstance(exc, UNSTORABLE) else exc)
+        self.rejects[reason] += 1
+        await self._store.commit_ingest(IngestWork(now=time.time(), rejects={reason: 1}))
+
+    def _log_reject(self, reason: str, detail: str, unexpected: Exception | None = None) -> None:
+        """First of a reason WARNING (a defect of ours: ERROR, with its traceback), the next DEBUG:
+        a device that sends the same thing again and again cannot flood the log."""
         seen = self.rejects[reason]
-        level = logging.WARNING if seen == 0 else logging.DEBUG
-        log.log(level, "rejected (%s, %d before): %s", reason, seen, detail[:500])
+        first = logging.WARNING if unexpected is None else logging.ERROR
+        log.log(first if seen == 0 else logging.DEBUG, "rejected (%s, %d before): %s", reason, seen, detail[:500],
+                exc_info=unexpected)
 
     def _route(self, topic: Topic, payload: bytes, work: IngestWork) -> None:
         if topic.channel != "up":

@@ -44,7 +44,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edge_agent.metrics import LatencyTally, MetricsUnavailable, exposition_server
-from edge_agent.protocol import hub_identity
+from edge_agent.protocol import ProtocolError, hub_identity, json_body, read_json
 from hub.config import HubPaths, RolloutConf
 from hub.errors import HubError
 
@@ -74,12 +74,7 @@ class ActionTally:
 
     def add(self, outcome: str, text: str) -> None:
         self.outcomes[outcome] += 1
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return  # counted; nothing more to learn from it
-        if not isinstance(body, dict):
-            return
+        body = json_body(text)  # a body that is not a readable object is counted, nothing more
         latency_ms = body.get("latency_ms")
         if isinstance(latency_ms, int | float) and not isinstance(latency_ms, bool) and latency_ms >= 0:
             self.latency.observe(latency_ms / 1000)
@@ -380,8 +375,8 @@ class _Families:
 
 def _json_object(text: str | None) -> dict[str, Any]:
     try:
-        value = json.loads(text) if text else {}
-    except ValueError:
+        value = read_json(text) if text else {}
+    except ProtocolError:
         return {}
     return value if isinstance(value, dict) else {}
 

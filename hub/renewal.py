@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import aiosqlite
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -90,7 +91,7 @@ class CertificateDesk:
         try:
             csr = x509.load_pem_x509_csr(request.csr.encode())
             key = public_key_id(_public_key(csr))
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:  # a key type cryptography does not know: the latter
             return await self._refuse_alone(device, CertRefused(
                 key_id="", reason="bad_request", detail=f"not a usable PEM certificate request: {exc}"[:500]))
         now = time.time()

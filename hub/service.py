@@ -8,7 +8,8 @@ import logging
 import signal
 import sqlite3
 import time
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 from edge_agent.link import SESSION_ENDED, Link
 from edge_agent.mqtt import Message, MqttSession, TlsIdentity
@@ -18,6 +19,7 @@ from edge_agent.protocol import (
     PRESENCE_FILTER,
     UP_FILTER,
     Ack,
+    Presence,
     down_topic,
     pack,
     pack_coord,
@@ -28,7 +30,7 @@ from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.coordination import Coordination, Replies
 from hub.distribution import PolicyPublisher
-from hub.ingest import CycleResult, Ingest
+from hub.ingest import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.leadership import Leadership
 from hub.metrics import MetricsError, serve_metrics
 from hub.pki import load_policy_key
@@ -44,6 +46,8 @@ INGEST_MAX_MESSAGES: Final = 200
 COORDINATION_TICK: Final = 0.5  # lease expiries and task timeouts are seen within this
 
 log = logging.getLogger("hub")
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 class HubService:
@@ -91,8 +95,11 @@ class HubService:
                 # Presence first: a device that reconnects sends "online" and, at once, its open
                 # coordination requests; they must find it online.
                 await self._apply_presence(result)
-                replies = await self.coordination.handle(result.coord)
-                await self.certificates.handle(result.certs)
+                replies = Replies()
+                for handled in await self._each_alone("coordination request", result.coord, self.coordination.handle):
+                    replies.messages += handled.messages
+                    replies.notes += handled.notes
+                await self._each_alone("certificate request", result.certs, self.certificates.handle)
                 return result, replies
             except sqlite3.OperationalError as exc:
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
@@ -100,6 +107,25 @@ class HubService:
                 self.watchdog.beat("ingest")  # an operator's command holds the database: not a hang
                 await asyncio.sleep(DB_RETRY_WAIT)
         raise AssertionError("unreachable")
+
+    async def _each_alone(self, what: str, requests: list[tuple[str, R]],
+                          handle: Callable[[list[tuple[str, R]]], Awaitable[T]]) -> list[T]:
+        """`handle(requests)`; should it fail unexpectedly, each request alone, and the one that
+        fails is counted and logged as rejected: one device's message cannot stop the hub."""
+        try:
+            return [await handle(requests)] if requests else []
+        except Exception as exc:
+            if not blames_message(exc):
+                raise
+        done: list[T] = []
+        for request in requests:
+            try:
+                done.append(await handle([request]))
+            except Exception as exc:
+                if not blames_message(exc):
+                    raise
+                await self.ingest.reject(INTERNAL_ERROR, f"{what} from {request[0]}", exc)
+        return done
 
     async def _serve(self, session: MqttSession) -> None:
         # A durable subscription is not restored after a broker restart (2.0.11), and a
@@ -140,12 +166,14 @@ class HubService:
 
     async def _apply_presence(self, result: CycleResult) -> None:
         """The cycle's presence messages, in one transaction; applied once, also when a later step is retried."""
-        if not result.presence:
-            return
-        changed = await self._store.apply_presences(result.presence, time.time())
-        for i in changed:
-            device, presence = result.presence[i]
-            log.info("device %s is %s", device, presence.state)
+        now = time.time()
+
+        async def apply(messages: list[tuple[str, Presence]]) -> None:
+            for i in await self._store.apply_presences(messages, now):
+                device, presence = messages[i]
+                log.info("device %s is %s", device, presence.state)
+
+        await self._each_alone("presence", result.presence, apply)
         result.presence = []
 
     @staticmethod

@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from edge_agent.protocol import Presence, Status
+from edge_agent.protocol import Presence, Status, json_body
 from edge_agent.sqlite import to_completion
 from hub.errors import HubError
 from hub.watermarks import Coverage
@@ -29,6 +29,7 @@ BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
 INGEST_MINUTES_KEPT: Final = 24 * 60  # the per-minute ingest counts behind the status's ingest rate
 
 log = logging.getLogger(__name__)
+SEQ_CONFLICT: Final = "seq_conflict"  # reject reason: a record reusing a seq its device already used for the other kind
 T = TypeVar("T")
 
 # Each entry migrates from version i to i+1; all of one open run in one transaction.
@@ -249,13 +250,8 @@ class EventRow(msgspec.Struct, frozen=True):
 
 
 def event_row(device: str, seq: int, ts: float, kind: str, text: str) -> EventRow:
-    """An events-table row as an EventRow; a body that is not a JSON object is kept as {"text": ...}."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {"text": text}
+    """An events-table row as an EventRow, whatever its body holds (protocol.json_body)."""
+    body = json_body(text)
     version = body.pop("policy_version", None)
     rule = body.pop("rule", None)
     return EventRow(
@@ -278,6 +274,9 @@ class IngestWork:
     rejects: dict[str, int] = field(default_factory=dict)
     messages: int = 0  # the MQTT messages they came in
     hub: str = ""  # the hub process that took them in (replicas share the ingest)
+    # Filled by the commit: (device, seq, kind) of records not stored because the device's seq is
+    # already a record of the other kind (a reading vs an event); counted as SEQ_CONFLICT rejects.
+    conflicts: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def iso(ts: float | None) -> str | None:
@@ -500,6 +499,7 @@ class HubStore:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
+            await self._drop_seq_conflicts(db, work)
             if work.telemetry:
                 await db.executemany(
                     "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
@@ -544,6 +544,35 @@ class HubStore:
                 await db.rollback()
             raise
         return marks
+
+    @staticmethod
+    async def _drop_seq_conflicts(db: aiosqlite.Connection, work: IngestWork) -> None:
+        """Keep (device, seq) one record across both tables: a reading whose seq is an event, stored or
+        in this cycle, or an event whose seq is a stored reading, is dropped and counted.
+
+        The first record of a seq stays, as with a repeated seq of the same kind; the batch still
+        covers the seq for the watermark (a record of it is committed here)."""
+        readings: dict[str, set[int]] = {}
+        for device, seq, *_ in work.telemetry:
+            readings.setdefault(device, set()).add(seq)
+        events = {(device, seq) for device, seq, *_ in work.events}
+        spans = json.dumps([[d, min(seqs), max(seqs)] for d, seqs in readings.items()])
+        taken = {(d, s, "reading") for d, s in await fetch_all(  # events are sparse: all in the readings' span
+            db, "SELECT e.device, e.seq FROM json_each(?) j JOIN events e ON e.device = json_extract(j.value, '$[0]') "
+                "AND e.seq BETWEEN json_extract(j.value, '$[1]') AND json_extract(j.value, '$[2]')", (spans,))
+            if s in readings[d]}
+        taken |= {(d, s, "event") for d, s in await fetch_all(
+            db, "SELECT t.device, t.seq FROM json_each(?) j JOIN telemetry t "
+                "ON t.device = json_extract(j.value, '$[0]') AND t.seq = json_extract(j.value, '$[1]')",
+            (json.dumps(sorted(events)),))}
+        kept = {(d, s) for d, seqs in readings.items() for s in seqs} - {(d, s) for d, s, _ in taken}
+        taken |= {(d, s, "event") for d, s in events & kept}  # in one cycle the reading comes first
+        if not taken:
+            return
+        work.telemetry = [r for r in work.telemetry if (r[0], r[1], "reading") not in taken]
+        work.events = [e for e in work.events if (e[0], e[1], "event") not in taken]
+        work.conflicts = sorted(taken)
+        work.rejects = {**work.rejects, SEQ_CONFLICT: work.rejects.get(SEQ_CONFLICT, 0) + len(taken)}
 
     @staticmethod
     async def _advance_watermarks(db: aiosqlite.Connection,

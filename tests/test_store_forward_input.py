@@ -28,20 +28,25 @@ import pytest
 
 from edge_agent.errors import PublishRefused
 from edge_agent.protocol import (
+    CERT,
+    COORD,
     MAX_BATCH_RECORDS,
     MAX_PAYLOAD_BYTES,
     MAX_SEQ,
     STATUS,
     TELEMETRY,
+    ApprovalRequest,
     Presence,
     Status,
     encode,
+    pack_coord,
     presence_topic,
     unpack,
     up_topic,
 )
 from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity, free_port, hub_tap, run_cli, start_agent
 from tests.exactly_once import QUIET, OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
+from tests.hostile import BODY, nested_msgpack
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +157,18 @@ async def drain_quietly(hub_dir: HubDir, bundle: Path, *overrides: str) -> Outbo
     return final
 
 
+async def start_streaming(hub_dir: HubDir, hub: Proc, bundle: Path) -> Proc:
+    """`edge-agent run` at the STREAM rate, returned once the hub has it online and acknowledges it."""
+    agent = await start_agent(bundle / "agent.toml", *STREAM, name=bundle.name)
+    try:
+        await hub.wait_for(rf"device {bundle.name} is online")
+        await wait_until(lambda: hub_watermark(hub_dir.dir, bundle.name) > 0, f"{bundle.name} streaming")
+    except BaseException:
+        await agent.stop()
+        raise
+    return agent
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -191,8 +208,8 @@ def too_many() -> bytes:
     return payload
 
 
-def only_event(ts: float) -> bytes:
-    return batch(seq=[], ts=[], metric=[], value=[], events=[[1, ts, "decision", "{}"]])
+def only_event(ts: float, body: str = "{}") -> bytes:
+    return batch(seq=[], ts=[], metric=[], value=[], events=[[1, ts, "decision", body]])
 
 
 # (name, up/<kind>, payload, the reason the hub must count it under)
@@ -226,6 +243,14 @@ BAD_INPUT: list[tuple[str, str, bytes, str]] = [
     ("metric_name_not_allowed", TELEMETRY, batch(names=["a/b"]), "bad_metric"),
     ("unknown_kind", "bogus", batch(), "bad_topic"),
     ("status_negative_backlog", STATUS, msgspec.msgpack.encode({"backlog": -1, "dropped": 0}), "invalid"),
+    # Nested past the interpreter's recursion limit (a few KB each): rejected, never a crash.
+    ("nested_unknown_field", TELEMETRY, nested_msgpack({"base": 0, "last": 1}), "too_deep"),
+    ("nested_status", STATUS, nested_msgpack({"backlog": 0, "dropped": 0}), "too_deep"),
+    ("nested_coord", COORD, nested_msgpack({"type": "release", "id": "r1", "name": "fan"}), "too_deep"),
+    ("nested_cert_request", CERT, nested_msgpack({"csr": "x"}), "too_deep"),
+    ("nested_event_body", TELEMETRY, only_event(T0, BODY), "too_deep"),
+    ("nested_approval_args", COORD, pack_coord(ApprovalRequest(id="a1", rule="r", action="command",
+                                                               args=BODY[:2040], expires_s=60)), "too_deep"),
 ]
 
 
@@ -237,10 +262,8 @@ async def test_bad_input_is_rejected_counted_and_stores_nothing_while_a_device_s
 ) -> None:
     await hub_dir.provision(bundles, "dev-good", "dev-bad")
     good = bundles / "dev-good"
-    agent = await start_agent(good / "agent.toml", *STREAM, name="dev-good")
+    agent = await start_streaming(hub_dir, hub, good)
     try:
-        await hub.wait_for(r"device dev-good is online")
-        await wait_until(lambda: hub_watermark(hub_dir.dir, "dev-good") > 0, "dev-good streaming")
         session = await connect(device_identity(bundles / "dev-bad"), hub_dir.port, "dev-bad")
         try:
             for _, kind, payload, _ in BAD_INPUT:
@@ -257,6 +280,7 @@ async def test_bad_input_is_rejected_counted_and_stores_nothing_while_a_device_s
         # Nothing of it was stored, and nothing moved for the sender.
         assert telemetry(hub_dir, "dev-bad") == []
         assert events(hub_dir, "dev-bad") == []
+        assert hub_query(hub_dir, "SELECT count(*) FROM approvals") == [(0,)]
         assert hub_watermark(hub_dir.dir, "dev-bad") == 0
         row = (await devices(hub_dir))["dev-bad"]
         assert (row["backlog"], row["dropped"]) == (None, None)
