@@ -1,9 +1,12 @@
-"""A board that boots in 1970: real `edge-agent run` processes whose wall clock libfaketime
-holds in January 1970, a real hub and Mosquitto with a normal clock.
+"""Boards whose clock was not set: a real hub and Mosquitto with a normal clock, and agents
+whose wall clock is wrong until the test sets it right.
 
-The agent cannot even connect in 1970 (every certificate looks not yet valid), so it buffers;
-the test then sets its clock right (the faked offset goes to zero, as NTP's step would) and
-checks what the hub ends up with, reading by reading, against the test's own (right) clock.
+In 1970 (real `edge-agent run` processes under libfaketime) the agent cannot even connect
+(every certificate looks not yet valid), so it buffers. With fake-hwclock's clock (hours
+behind but past the floor, unsynchronised) it connects and sends wrong stamps; that agent
+runs in this process with its clocks given (libfaketime cannot make a synchronised host
+kernel say "unsynchronised"). Either way the test sets the clock right, as NTP's step would,
+and checks what the hub ends up with, reading by reading, against its own right clock.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import TypeVar
 
 import pytest
 
-from edge_agent.clock import FLOOR_TS
+from edge_agent.agent import Agent
+from edge_agent.clock import FLOOR_TS, Probes, boot_time
+from edge_agent.config import load_settings
+from edge_agent.outbox import Outbox
 from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli
 
 pytestmark = [
@@ -35,6 +41,7 @@ RATE_HZ = 2.0
 # a commit and a loaded machine add a little.
 LATE_S = 1.0 / RATE_HZ + 0.5
 WAIT_S = 60.0  # bound on every wait for the fleet; a loaded 2-core machine is slow, not stuck
+HWCLOCK_BEHIND_S = 3 * 3600.0  # the board was off for three hours
 OVERRIDES = ("report.default_deadband=0", f"sim.rate_hz={RATE_HZ}", "sim.signals=2", "uplink.ack_timeout=2")
 
 
@@ -221,3 +228,52 @@ async def test_readings_of_a_boot_that_never_got_its_clock_set_are_flagged_at_th
     assert code == 0
     assert out.rstrip().endswith("(clock unknown)")
     assert os.environ.get("LD_PRELOAD", "") == ""  # the test process itself kept the right clock
+
+
+class FakeHwclock:
+    """A board restored to its last shutdown time: behind, past the floor, not synchronised."""
+
+    def __init__(self, behind_s: float) -> None:
+        self.behind_s = behind_s
+
+    def probes(self) -> Probes:
+        return Probes(realtime=lambda: time.time() - self.behind_s, boottime=boot_time,
+                      synchronised=lambda: False, boot_id=lambda: 0x5EED)
+
+
+async def test_readings_sent_with_a_fake_hwclock_time_are_moved_at_the_hub_when_ntp_steps(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, DEVICE)
+    board = FakeHwclock(behind_s=HWCLOCK_BEHIND_S)
+    settings = load_settings(bundles / DEVICE / "agent.toml", OVERRIDES)
+    outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, probes=board.probes())
+    agent = Agent(settings, outbox, settings.load_policy())
+    started = time.time()
+    run = asyncio.create_task(agent.run(), name="agent")
+    try:
+        async def stored_old() -> int | None:
+            rows = await hub_json(hub_dir, "telemetry")
+            return len(rows) if len(rows) >= 6 else None
+        at_hub_before = await poll(stored_old, "readings with the fake-hwclock time at the hub")
+        stepped = time.time()
+        board.behind_s = 0.0  # NTP steps the clock
+        async def corrected() -> dict[str, object] | None:
+            events = await hub_json(hub_dir, "events", "--kind", "clock_corrected")
+            return events[0] if events else None
+        event = await poll(corrected, "the clock_corrected event at the hub")
+        at_hub = await everything_at_the_hub(hub_dir, int(str(event["seq"])) + 2)
+    finally:
+        await agent.stop()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await agent.close()
+    ended = time.time()
+    body = event["body"]
+    assert isinstance(body, dict)
+    assert body["shift_s"] == pytest.approx(HWCLOCK_BEHIND_S, abs=0.01)
+    assert int(str(body["sent_through"])) >= at_hub_before  # those reached the hub with the old stamps
+    readings = {seq: float(str(r["ts"])) for seq, r in at_hub.items() if "metric" in r}
+    before = [s for s in readings if s < int(str(event["seq"]))]
+    wrong = {s: ts for s, ts in readings.items() if not started - LATE_S <= ts <= ended + LATE_S}
+    assert not wrong, f"readings stamped outside {started:.1f}..{ended:.1f}: {sorted(wrong.items())[:5]}"
+    assert all(readings[s] <= stepped + LATE_S for s in before)
