@@ -14,6 +14,7 @@ sequence number once, so the event is applied exactly once, by whichever replica
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -46,20 +47,24 @@ class ClockUnknown(msgspec.Struct):
 async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str, int, int]]) -> None:
     """For each (device, old watermark, new watermark), apply its clock events in old < seq <= new,
     in sequence order; inside the ingest transaction. A malformed one is counted and logged."""
+    moved = json.dumps([[device, old, new] for device, old, new in moves if new > old])
+    if moved == "[]":
+        return
+    # One statement for the whole cycle (thousands of devices may move at once), each device's
+    # range read through the events' primary key.
+    async with db.execute(
+            "SELECT e.device, e.seq, e.kind, e.body FROM json_each(?) m JOIN events e "
+            "ON e.device = json_extract(m.value, '$[0]') AND e.seq > json_extract(m.value, '$[1]') "
+            "AND e.seq <= json_extract(m.value, '$[2]') "
+            "WHERE e.kind IN ('clock_corrected', 'clock_unknown') ORDER BY e.device, e.seq", (moved,)) as cur:
+        events = list(await cur.fetchall())
     refused = 0
-    for device, old, new in moves:
-        if new <= old:
-            continue
-        async with db.execute(
-                "SELECT seq, kind, body FROM events WHERE device = ? AND seq > ? AND seq <= ? "
-                "AND kind IN ('clock_corrected', 'clock_unknown') ORDER BY seq", (device, old, new)) as cur:
-            events = list(await cur.fetchall())
-        for seq, kind, body in events:
-            problem = await _apply(db, device, int(seq), kind, body)
-            if problem:
-                refused += 1
-                log.warning("rejected (%s): %s's %s event %d %s; its records keep their timestamps",
-                            REJECT_REASON, device, kind, seq, problem)
+    for device, seq, kind, body in events:
+        problem = await _apply(db, device, int(seq), kind, body)
+        if problem:
+            refused += 1
+            log.warning("rejected (%s): %s's %s event %d %s; its records keep their timestamps",
+                        REJECT_REASON, device, kind, seq, problem)
     if refused:
         await db.execute("INSERT INTO rejects(reason, count) VALUES (?, ?) ON CONFLICT(reason) "
                          "DO UPDATE SET count = count + excluded.count", (REJECT_REASON, refused))
