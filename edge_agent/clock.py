@@ -132,7 +132,8 @@ class RecordClock:
     def start(self) -> None:
         """Reconcile the frame an earlier run left with this boot (at open, before any stamp)."""
         frame, boot = self.frame, self._probes.boot_id()
-        if frame is not None and frame.boot != boot:
+        # An unknown boot id (0) may be another boot: flagging is safe, a wrong "correction" is not.
+        if frame is not None and (frame.boot != boot or not boot):
             self.frame = None
             self._on_change(Unknown(frame.first, frame.boot) if self._next_seq() > frame.first else None, None)
             frame = None

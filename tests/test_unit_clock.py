@@ -278,3 +278,17 @@ async def test_a_previous_boot_that_never_had_a_good_clock_is_flagged_not_correc
     assert seq == 5
     assert body == {"first": 1, "last": 4, "boot": f"{BOOT:016x}"}
     assert events_on_disk(tmp_path, "clock_corrected") == []
+
+
+async def test_without_a_boot_id_an_earlier_frame_is_flagged_rather_than_guessed(tmp_path: Path) -> None:
+    """Boot time starts again at a reboot: taking an unknown boot for the same one would "correct"
+    the records by the reboot's offset, silently wrong."""
+    clocks = Clocks(boot_id=0)
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA, probes=clocks.probes())
+    sample(outbox, clocks, 2)
+    await outbox.close()
+    clocks.boot = 1.0  # rebooted, and the board's clock is in 1970 again
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA, probes=clocks.probes())
+    await outbox.close()
+    assert [body["last"] for _, body in events_on_disk(tmp_path, "clock_unknown")] == [2]
+    assert events_on_disk(tmp_path, "clock_corrected") == []
