@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from edge_agent.outbox import Record
 from edge_agent.protocol import TELEMETRY, up_topic
 from edge_agent.uplink import encode_batch
 from hub.ingest import Ingest
-from hub.store import HubStore, TelemetryRow
+from hub.store import MIGRATIONS, HubStore, TelemetryRow
 
 DEVICE = "dev-1"
 T1970 = 1_000.0
@@ -109,3 +110,20 @@ async def test_a_bad_clock_report_is_counted_and_changes_nothing(store: HubStore
     assert (await store.reject_counts()).get("bad_clock_event") == (None if moved else 1)
     await ingest.process([batch(3, reading(4, 4.0))])  # the hub goes on
     assert set(await readings(store)) == {1, 2, 4}
+
+
+async def test_a_hub_database_from_before_the_flag_keeps_its_readings_unflagged(tmp_path: Path) -> None:
+    """An older hub.db, with readings in it, migrated by the new hub."""
+    path = tmp_path / "hub.db"
+    step = next(i for i, sql in enumerate(MIGRATIONS) if "clock_unknown" in sql)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for sql in MIGRATIONS[:step]:
+            db.executescript(sql)
+        db.execute(f"PRAGMA user_version = {step}")
+        db.execute("INSERT INTO telemetry(device, seq, ts, metric, value) VALUES (?, 1, 5.0, 'm', 1.5)", (DEVICE,))
+        db.commit()
+    store = await HubStore.open(path)
+    try:
+        assert await readings(store) == {1: TelemetryRow(DEVICE, 1, 5.0, "m", 1.5, clock_unknown=False)}
+    finally:
+        await store.close()
