@@ -81,7 +81,10 @@ class Agent:
         up = settings.config.uplink
         self.uplink = Uplink(self.device, outbox, UplinkSettings(up.batch_max, up.window, up.ack_timeout))
         self.report = ReportFilter(settings.profile.report)
-        self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take)
+        self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take,
+                               clock=outbox.clock.now)
+        # Open aggregation windows hold readings stamped before a clock step: they go in before it.
+        outbox.before_clock_change = lambda: outbox.add(self.report.flush())
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
@@ -342,7 +345,7 @@ class Agent:
             return
         while True:
             await asyncio.sleep(min(period, 1.0))
-            self.outbox.add(self.report.flush(time.time()))
+            self.outbox.add(self.report.flush(self.outbox.clock.now()))
 
     async def stop(self) -> None:
         """Leave cleanly: the broker publishes our Last Will, so the hub sees us offline now."""

@@ -9,6 +9,9 @@
 - Rows are deleted only up to the hub's end-to-end acknowledgment.
 - Over quota, raw telemetry is shed (events never): see `_shed` and docs/store-and-forward.md.
 - A corrupt outbox is moved aside, reported, and a new one started; never deleted.
+- Records are stamped by a RecordClock (edge_agent/clock.py): those stamped before the wall
+  clock was set are moved when it is, here if unsent, at the hub (a `clock_corrected` event)
+  if maybe sent; see `_clock_changed`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
+from edge_agent.clock import SYSTEM_CLOCKS, Change, Frame, Probes, RecordClock, Shift
 from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_EVENT_BODY, json_too_deep
 from edge_agent.sensors import Reading
@@ -91,7 +95,7 @@ class Outbox:
     """Start with `await Outbox.open(dir, quota_bytes)`; run `flusher()` as a task; `close()`."""
 
     def __init__(self, db: PooledConnection, path: Path, quota_bytes: int, meta: dict[str, int],
-                 metrics: dict[str, int], rows: int, synchronous: str) -> None:
+                 metrics: dict[str, int], rows: int, synchronous: str, probes: Probes = SYSTEM_CLOCKS) -> None:
         self._db, self.path, self.quota_bytes = db, path, quota_bytes
         self._metric_ids = metrics
         self._metric_names = {v: k for k, v in metrics.items()}
@@ -113,11 +117,23 @@ class Outbox:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synchronous = synchronous
+        # The clock that stamps records, and what its changes still owe the disk and the hub.
+        self._probes = probes
+        self.clock = RecordClock(_frame(meta), lambda: self.next_seq, self._clock_changed, probes)
+        self.before_clock_change: Callable[[], None] = lambda: None  # the agent adds what it holds back
+        self._clock_work: list[_ClockChange] = []
+        self._frame_meta: dict[str, int] | None = None  # the frame to store at the next commit
+        # Every record an earlier run had committed may have reached the hub, as may every record
+        # read_after handed out since: the hub corrects those, the outbox only the others.
+        self.handed_through = self.last_seq
+        self._restamping = False  # a commit that moves timestamps is running
+        self._restamps = 0  # such commits finished
 
     # --- lifecycle ------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full") -> Outbox:
+    async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full",
+                   probes: Probes = SYSTEM_CLOCKS) -> Outbox:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / DB_NAME
         moved: tuple[Path, str] | None = None
@@ -130,7 +146,7 @@ class Outbox:
             meta = dict(await db.fetchall("SELECT key, value FROM meta"))
             metrics = {name: mid for mid, name in await db.fetchall("SELECT id, name FROM metrics")}
             row = await db.fetchone("SELECT count(*) FROM records")
-            outbox = cls(db, path, quota_bytes, meta, metrics, int(row[0]) if row else 0, synchronous)
+            outbox = cls(db, path, quota_bytes, meta, metrics, int(row[0]) if row else 0, synchronous, probes)
             reserved = _read_reservation(state_dir)
             if outbox.last_seq < reserved and (moved is not None or outbox.last_seq == 0):
                 # A replaced (or removed) outbox: continue above every number that could have
@@ -144,6 +160,10 @@ class Outbox:
                           path, moved[1], moved[0])
                 await outbox.add_event("outbox_corrupt", {"moved_to": str(moved[0]), "reason": moved[1],
                                                           "resumed_after_seq": outbox.last_seq})
+            outbox.handed_through = outbox.last_seq
+            outbox.clock.start()
+            if outbox._clock_work:  # the hub must hear of it; a new frame alone goes with the first records
+                await outbox.flush()
         except BaseException:
             await db.close()
             raise
@@ -228,7 +248,8 @@ class Outbox:
                 if len(text) > MAX_EVENT_BODY or json_too_deep(text):
                     # The hub refuses longer or deeper bodies; a truncated record still says what happened.
                     text = json.dumps({"truncated": True, "head": text[: MAX_EVENT_BODY // 2]})
-                rows.append((self._next_seq, time.time(), kind, text))
+                ts = self.clock.now()  # first: a clock change it reports takes its number before this record
+                rows.append((self._next_seq, ts, kind, text))
                 self._next_seq += 1
             self._held_events += rows
             await self._commit_patiently()
@@ -297,7 +318,8 @@ class Outbox:
             await self.flush()
 
     def _to_commit(self) -> bool:
-        return bool(self._buffer or self._held_events or self._ack_pending is not None or self._new_metrics)
+        return bool(self._buffer or self._held_events or self._ack_pending is not None or self._new_metrics
+                    or self._clock_work or self._frame_meta is not None)
 
     async def _woken(self, deadline: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -308,14 +330,18 @@ class Outbox:
         rows, self._buffer = self._buffer, []
         metrics, self._new_metrics = self._new_metrics, []
         events, self._held_events = self._held_events, []
+        changes, self._clock_work = self._clock_work, []
+        frame_meta, self._frame_meta = self._frame_meta, None
+        clock = self._clock_write(changes, frame_meta)
         ack = self._ack_pending
-        last = max(rows[-1][0] if rows else 0, events[-1][0] if events else 0, self.last_seq)
+        last = max(rows[-1][0] if rows else 0, events[-1][0] if events else 0,
+                   max((e[0] for e in clock.events), default=0) if clock else 0, self.last_seq)
         log.debug("outbox: committing %d readings%s%s", len(rows), f" and {len(events)} events" if events else "",
                   f", deleting through {ack}" if ack is not None else "")
         work = _Write(rows=rows, events=events, metrics=metrics, ack=ack, last=last, acked=self.acked,
                       records=self.rows, dropped=self.dropped, thin_floor=self._thin_floor,
                       protect_through=self.protect_through, quota_bytes=self.quota_bytes,
-                      corrupt_outboxes=self.corrupt_outboxes)
+                      corrupt_outboxes=self.corrupt_outboxes, clock=clock)
         slow = asyncio.get_running_loop().call_later(
             SLOW_COMMIT, log.warning, "outbox: a commit of %d records has taken over %g s so far (a slow disk, "
             "or another process holds a write lock on %s)", len(rows) + len(events), SLOW_COMMIT, self.path,
@@ -329,10 +355,16 @@ class Outbox:
             self._buffer[:0] = rows
             self._new_metrics[:0] = metrics
             self._held_events[:0] = events
+            self._clock_work[:0] = changes
+            if self._frame_meta is None:
+                self._frame_meta = frame_meta
             raise
         finally:
             if slow is not None:
                 slow.cancel()
+            if clock is not None and clock.restamps:
+                self._restamping = False
+                self._restamps += 1
         self.rows, self.dropped, self._thin_floor = done.records, done.dropped, done.thin_floor
         if ack is not None and self._ack_pending == ack:
             self._ack_pending = None
@@ -352,6 +384,46 @@ class Outbox:
         self._reserved = last + RESERVE_STEP
         await asyncio.to_thread(_write_reservation, self.path.parent, self._reserved)
 
+    # --- the clock ----------------------------------------------------------------------
+
+    def _clock_changed(self, change: Change | None, frame: Frame | None) -> None:
+        """The RecordClock's news, before the stamp that brought it is used: a change covers every
+        record numbered so far (and what the agent still holds back), and its event takes the next
+        number. The timestamps move, and the frame is stored, at the next commit."""
+        if change is not None:
+            self.before_clock_change()
+            seq = self._next_seq
+            self._next_seq += 1
+            self._clock_work.append(_ClockChange(change, seq - 1, seq, self._probes.realtime()))
+        self._frame_meta = _frame_meta(frame)
+        self._wake.set()
+
+    def _clock_write(self, changes: list[_ClockChange], frame_meta: dict[str, int] | None) -> _ClockWrite | None:
+        """A commit's share of the clock's changes. Records read_after handed out may be at the hub
+        already: those are moved there (the event says which), the others here."""
+        if not changes and frame_meta is None:
+            return None
+        sent = self.handed_through
+        restamps: list[tuple[int, int, float]] = []
+        events: list[tuple[int, float, str, str]] = []
+        body: dict[str, object]
+        for change, last, seq, ts in changes:
+            if isinstance(change, Shift):
+                if last > sent:
+                    restamps.append((max(change.first - 1, sent), last, change.seconds))
+                kind, body = "clock_corrected", {"first": change.first, "last": last, "shift_s": change.seconds,
+                                                  "sent_through": sent, "clock_good": change.closes}
+                log.warning("outbox: the system clock was stepped by %+.3f s; records %d to %d are moved with it%s",
+                            change.seconds, change.first, last, "" if change.closes else
+                            " (the clock is still not known to be right)")
+            else:
+                kind, body = "clock_unknown", {"first": change.first, "last": last, "boot": f"{change.boot:016x}"}
+                log.warning("outbox: records %d to %d were stamped in an earlier boot before its clock was set; "
+                            "they cannot be corrected and are flagged at the hub", change.first, last)
+            events.append((seq, ts, kind, json.dumps(body, separators=(",", ":"))))
+        self._restamping = bool(restamps)
+        return _ClockWrite(restamps, events, frame_meta or {})
+
     # --- quota ----------------------------------------------------------------------
 
     async def used_bytes(self) -> int:
@@ -365,11 +437,24 @@ class Outbox:
     async def read_after(self, after: int, limit: int) -> list[Record]:
         """Committed records with seq > after, oldest first."""
         names = self._metric_names
-        rows = await self._db.fetchall(
-            "SELECT seq, ts, metric, value, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        )
+        while True:
+            restamps = self._restamps
+            rows = await self._db.fetchall(
+                "SELECT seq, ts, metric, value, kind, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            )
+            if not self._restamping and restamps == self._restamps:
+                break
+            async with self._lock:  # timestamps moved meanwhile: read them again once that commit is done
+                pass
+        if rows:
+            self.handed_through = max(self.handed_through, int(rows[-1][0]))
         return [Record(s, t, names.get(m) if m is not None else None, v, k, b) for s, t, m, v, k, b in rows]
+
+    @property
+    def next_seq(self) -> int:
+        """The number the next record will take."""
+        return self._next_seq
 
     @property
     def backlog(self) -> int:
@@ -391,6 +476,39 @@ async def _checked_version(db: PooledConnection, *, integrity: bool) -> int:
     return version
 
 
+class _ClockChange(NamedTuple):
+    change: Change
+    last: int  # the last record it covers
+    seq: int  # its event's
+    ts: float  # its event's
+
+
+@dataclass(frozen=True)
+class _ClockWrite:
+    restamps: list[tuple[int, int, float]]  # (after, last, seconds): records after..last move
+    events: list[tuple[int, float, str, str]]  # clock_corrected / clock_unknown, for the hub
+    meta: dict[str, int]  # the frame now
+
+
+def _frame(meta: dict[str, int]) -> Frame | None:
+    first = meta.get("clock_first", 0)
+    return Frame(meta.get("clock_boot", 0), meta.get("clock_offset_us", 0) / 1e6, first) if first > 0 else None
+
+
+def _frame_meta(frame: Frame | None) -> dict[str, int]:
+    if frame is None:
+        return {"clock_first": 0}
+    return {"clock_boot": frame.boot, "clock_offset_us": round(frame.offset * 1e6), "clock_first": frame.first}
+
+
+def _write_clock(db: sqlite3.Connection, c: _ClockWrite) -> None:
+    """Inside the commit's transaction, after its records are in: they may be among those moved."""
+    db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", c.events)
+    for after, last, seconds in c.restamps:
+        db.execute("UPDATE records SET ts = ts + ? WHERE seq > ? AND seq <= ?", (seconds, after, last))
+    db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", c.meta.items())
+
+
 @dataclass(frozen=True)
 class _Write:
     """One commit's work and the state it starts from (the loop's copy; the thread changes none of it)."""
@@ -407,6 +525,7 @@ class _Write:
     protect_through: int
     quota_bytes: int
     corrupt_outboxes: int
+    clock: _ClockWrite | None = None
 
 
 @dataclass(frozen=True)
@@ -428,6 +547,8 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
             db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", w.rows)
         if w.events:
             db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", w.events)
+        if w.clock is not None:
+            _write_clock(db, w.clock)
         deleted = db.execute("DELETE FROM records WHERE seq <= ?", (w.ack,)).rowcount if w.ack is not None else 0
         records = w.records + len(w.rows) + len(w.events) - deleted
         shed, thin_floor, stuck = _shed_if_over_quota(db, w, records)

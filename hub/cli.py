@@ -376,7 +376,8 @@ async def _devices(args: argparse.Namespace) -> int:
 
 async def _telemetry(args: argparse.Namespace) -> int:
     def text(row: TelemetryRow) -> str:
-        return f"{row.device}\t{row.seq}\t{when(row.ts)}\t{row.metric}\t{row.value:g}"
+        flag = "\t(clock unknown)" if row.clock_unknown else ""
+        return f"{row.device}\t{row.seq}\t{when(row.ts)}\t{row.metric}\t{row.value:g}{flag}"
 
     return await _stream(args, "reading(s)", text, lambda store: store.telemetry(
         device=args.device, since=args.since, metric=args.metric, limit=args.limit))

@@ -22,6 +22,7 @@ import msgspec
 
 from edge_agent.protocol import Presence, Status, json_body
 from edge_agent.sqlite import to_completion
+from hub.device_clocks import apply_clock_events
 from hub.errors import HubError
 from hub.watermarks import Coverage
 
@@ -194,6 +195,9 @@ MIGRATIONS: Final[Sequence[str]] = (
     ALTER TABLE certificates ADD COLUMN pem TEXT;      -- ... and the certificate sent, to answer a repeat alike
     CREATE INDEX certificates_key ON certificates(device, key_id);
     """,
+    """
+    ALTER TABLE telemetry ADD COLUMN clock_unknown INTEGER NOT NULL DEFAULT 0;  -- 1: a device clock never set
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -231,6 +235,11 @@ class TelemetryRow(msgspec.Struct, frozen=True):
     ts: float
     metric: str
     value: float
+    clock_unknown: bool = False  # stamped by a device clock that was never set (docs/store-and-forward.md)
+
+
+def telemetry_row(device: str, seq: int, ts: float, metric: str, value: float, clock_unknown: int) -> TelemetryRow:
+    return TelemetryRow(device, seq, ts, metric, value, bool(clock_unknown))
 
 
 class EventRow(msgspec.Struct, frozen=True):
@@ -584,6 +593,7 @@ class HubStore:
                 db, "SELECT device, acked_through FROM ingest WHERE device IN (SELECT value FROM json_each(?))",
                 (devices,)):
             coverage[device].watermark = int(mark)
+        before = {d: c.watermark for d, c in coverage.items()}
         for device, base, last in await fetch_all(
                 db, "SELECT device, base, last FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))",
                 (devices,)):
@@ -598,12 +608,14 @@ class HubStore:
         await db.execute("DELETE FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))", (devices,))
         await db.executemany("INSERT INTO ingest_ranges(device, base, last) VALUES (?, ?, ?)",
                              [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
+        await apply_clock_events(db, [(d, before[d], c.watermark) for d, c in coverage.items()])
         return {d: c.watermark for d, c in coverage.items()}
 
     def telemetry(self, *, device: str | None = None, since: float | None = None,
                   metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
         filters = (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric))
-        return self._listing("device, seq, ts, metric, value", "telemetry", filters, limit, TelemetryRow)
+        return self._listing("device, seq, ts, metric, value, clock_unknown", "telemetry", filters, limit,
+                             telemetry_row)
 
     def events(self, *, device: str | None = None, since: float | None = None,
                kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]:
