@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -298,6 +299,8 @@ class HubStore:
     @classmethod
     async def open(cls, path: Path) -> HubStore:
         existed = path.exists()
+        if existed:  # a file this account may not write: a PermissionError naming it, before aiosqlite's
+            os.close(os.open(path, os.O_RDWR))  # thread starts (it outlives a failed connect)
         db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             if not existed:
@@ -403,6 +406,17 @@ class HubStore:
         ) as cur:
             row = await cur.fetchone()
         return row is not None and row[0] is not None
+
+    async def vouches_for(self, serial: int, device: str) -> bool | None:
+        """Whether the hub recorded `serial` as an unrevoked certificate of `device`: None when it
+        never recorded it at all (a certificate it cannot lock out)."""
+        async with self._db.execute(
+            "SELECT device, purpose, revoked_at FROM certificates WHERE serial = ?", (format(serial, "x"),)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return row[0] == device and row[1] == "device" and row[2] is None
 
     async def is_revoked(self, device: str) -> bool:
         async with self._db.execute("SELECT revoked_at FROM devices WHERE device = ?", (device,)) as cur:
