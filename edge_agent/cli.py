@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 from edge_agent import __version__, logfmt
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
+from edge_agent.files import database_access_denied, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.policy import Policy
 from edge_agent.settings import duration_arg
@@ -119,12 +121,22 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
-        return _check(settings)
-    if args.command == "status":
-        return _status(settings, policy, as_json=args.json)
-    _logging(args.log_level or settings.config.log_level)
-    return _run(settings, policy)
+    try:
+        if args.command == "check":
+            return _check(settings)
+        if args.command == "status":
+            return _status(settings, policy, as_json=args.json)
+        _logging(args.log_level or settings.config.log_level)
+        return _run(settings, policy)
+    except PermissionError as exc:  # run as another account than the files' (docs/operations.md)
+        print(f"edge-agent: {permission_advice(exc.filename)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.OperationalError as exc:
+        if not database_access_denied(exc):
+            raise
+        print(f"edge-agent: cannot use the outbox ({exc}): {permission_advice(settings.state_dir)}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _check(settings: AgentSettings) -> int:
@@ -163,7 +175,10 @@ def _run(settings: AgentSettings, policy: Policy | None) -> int:
         asyncio.run(run_agent(settings, policy))
     except KeyboardInterrupt:
         pass
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, PermissionError) or (isinstance(exc, sqlite3.OperationalError)
+                                                and database_access_denied(exc)):
+            raise  # a setup problem, not a crash: main() says it in one sentence
         logging.getLogger("edge_agent").exception("the agent stopped on an unexpected error")
         return EXIT_FAILURE
     return EXIT_OK

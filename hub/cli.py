@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +18,10 @@ import msgspec
 
 from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
+from edge_agent.files import database_access_denied, permission_advice
 from edge_agent.pipes import run_command
 from hub import coordination_commands, policy_commands
-from hub.config import DEFAULT_PORT, load_hub
+from hub.config import DEFAULT_PORT, HubPaths, load_hub
 from hub.errors import HubError, UsageError
 
 if TYPE_CHECKING:
@@ -214,6 +217,15 @@ def _main(argv: list[str] | None) -> int:
     except HubError as exc:
         print(f"edge-hub: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except PermissionError as exc:  # run as another account than the hub directory's (docs/operations.md)
+        print(f"edge-hub: {permission_advice(exc.filename)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.OperationalError as exc:
+        if not database_access_denied(exc):
+            raise
+        db = HubPaths(args.dir).db if isinstance(getattr(args, "dir", None), Path) else None
+        print(f"edge-hub: cannot use the hub database ({exc}): {permission_advice(db)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
@@ -267,10 +279,13 @@ async def _provision(args: argparse.Namespace) -> int:
     store = await HubStore.open(paths.db)
     try:
         provisioner = Provisioner(paths, config, store, args.out.resolve(), reissue=args.reissue)
-        if csr is not None:
-            results = {specs[0].device: await provisioner.provision(specs[0], csr)}
-        else:
-            results = await _with_progress(len(specs), lambda advance: provision_all(provisioner, specs, advance))
+        provisioner.ca  # noqa: B018  # an unreadable CA key is said before any bundle folder exists
+        with _interruptible() as received:
+            if csr is not None:
+                results = {specs[0].device: await provisioner.provision(specs[0], csr)}
+            else:
+                results = await _with_progress(len(specs), lambda advance: provision_all(
+                    provisioner, specs, advance, lambda: bool(received)))
         admitted = await rollout.admit(store, config.region, list(results), time.time())
     finally:
         await store.close()
@@ -280,7 +295,29 @@ async def _provision(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
     print(f"{len(results)} device bundle(s) in {args.out}: {summary}")
     _print_admissions(admitted)
+    if received:
+        left = [s.device for s in specs if s.device not in results]
+        named = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        print(f"edge-hub: interrupted by {received[0].name}: {len(results)} of {len(specs)} device(s) finished, "
+              f"{len(left)} not begun ({named or 'none'}); run the same command again to finish them",
+              file=sys.stderr)
+        return 128 + received[0].value
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[list[signal.Signals]]:
+    """SIGINT/SIGTERM are noted (in the list yielded) instead of stopping the work at once, so a
+    command can finish the step in hand and say what it did not do; the handlers go at the end."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, received.append, sig)
+    try:
+        yield received
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _print_admissions(admitted: list[Admission]) -> None:
