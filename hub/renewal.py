@@ -109,6 +109,8 @@ class CertificateDesk:
                 (device, key, now))
             if repeat is not None:
                 return CertIssued(key_id=key, cert=repeat[0]), True
+            if (limited := await self._over_limit(db, device, key, now)) is not None:
+                return limited
             try:
                 cert = self.ca.sign_request(csr, device, self._config.pki.device_cert_lifetime)
             except CsrRefused as exc:
@@ -124,15 +126,43 @@ class CertificateDesk:
                 "not_after": cert.not_valid_after_utc.timestamp()})
             return CertIssued(key_id=key, cert=pem), False
 
-        reply, repeated = await self._store.atomically(work)
-        if isinstance(reply, CertRefused):
+        # `again`: the same certificate as before, or a refusal already audited in this window.
+        reply, again = await self._store.atomically(work)
+        if isinstance(reply, CertRefused) and again:
+            log.debug("certificate request from %s refused again (%s)", device, reply.reason)
+        elif isinstance(reply, CertRefused):
             _log_refusal(device, reply)
-        elif repeated:
+        elif again:
             log.info("certificate request from %s answered again with the certificate issued for key %s", device, key)
         else:
             log.info("certificate issued to %s in band for key %s, valid %s", device, key,
                      self._config.pki.device_cert_lifetime)
         return reply
+
+    async def _over_limit(self, db: aiosqlite.Connection, device: str, key: str,
+                          now: float) -> tuple[CertRefused, bool] | None:
+        """The refusal when `device` already had pki.renewal_limit certificates in band within the
+        window (a clock running ahead, or a device asking in a loop), and whether one was audited
+        before in this window; None when it may have one. Only the first refusal of a window
+        becomes a hub event: a flood must not fill the database."""
+        pki = self._config.pki
+        window = pki.renewal_window.total_seconds()
+        row = await fetch_one(
+            db, "SELECT COUNT(*), MIN(issued_at) FROM certificates WHERE device = ? AND purpose = 'device' "
+                "AND key_id IS NOT NULL AND issued_at > ?", (device, now - window))
+        if row[0] < pki.renewal_limit:
+            return None
+        retry = row[1] + window - now
+        refused = CertRefused(key_id=key, reason="rate_limited", detail=(
+            f"{device} got {row[0]} certificates in the last {window:.0f} s (pki.renewal_limit = {pki.renewal_limit}): "
+            f"ask again in {retry:.0f} s, and check the device's clock"))
+        audited = await fetch_one(
+            db, "SELECT 1 FROM events WHERE device = ? AND kind = 'cert_refused' AND ts > ? "
+                "AND json_extract(body, '$.device') = ? AND json_extract(body, '$.reason') = 'rate_limited'",
+            (self._config.identity, now - window, device))
+        if audited is None:
+            return await self._refusal(db, device, refused), False
+        return refused, True
 
     async def _refusal(self, db: aiosqlite.Connection, device: str, refused: CertRefused) -> CertRefused:
         await self._store.hub_event(db, self._config.identity, "cert_refused", {
