@@ -16,6 +16,7 @@ from edge_agent.files import database_access_denied, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.policy import Policy
 from edge_agent.settings import duration_arg
+from edge_agent.units import AGENT_UNITS, units_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SUMMARY_EVERY = 10.0  # seconds between `simulate` summary lines: a long run's log stays short
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                                         "configuration is broken.")
     with_config(status)
     status.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md)")
+
+    units = sub.add_parser("units", help="print the systemd unit, or install it",
+                           description="Print edge-agent.service, the systemd unit shipped with this installation "
+                                       "(docs/operations.md), or write it into DIR with --install.")
+    units.add_argument("--install", type=Path, metavar="DIR",
+                       help="write the unit into DIR (for example /etc/systemd/system) instead of printing it")
 
     simulate = sub.add_parser(
         "simulate", help="run many complete agents in one process (load tests, benchmarks)",
@@ -115,6 +122,8 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "units":
+        return units_command("edge-agent", AGENT_UNITS[0], args.install)
     try:
         settings = load_settings(args.config, args.overrides)
         policy = settings.load_policy()  # a broken policy is a configuration error too (exit 2)

@@ -20,6 +20,7 @@ from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
 from edge_agent.files import database_access_denied, permission_advice
 from edge_agent.pipes import run_command
+from edge_agent.units import HUB_UNITS, units_command
 from hub import coordination_commands, policy_commands
 from hub.config import DEFAULT_PORT, HubPaths, load_hub
 from hub.errors import HubError, UsageError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOOPBACK_HOST = "127.0.0.1"  # init's broker host without --host: enough for a demo on one machine
 
 
 def _port(text: str) -> int:
@@ -67,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     _dir_arg(init)
     init.add_argument("--region", required=True, help="region name (A-Z a-z 0-9 _ -, up to 64)")
     init.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"broker port (default {DEFAULT_PORT})")
-    init.add_argument("--host", default="127.0.0.1",
+    init.add_argument("--host", default=None,
                       help="the name or address devices use to reach the broker; it goes into the "
-                           "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1)")
+                           "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1, "
+                           "with a warning: only this machine reaches it)")
     init.add_argument("--bind", default=None,
                       help="listener address of the managed broker (default: --host if it is an "
                            "address, else 0.0.0.0)")
@@ -152,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     evt.add_argument("--limit", type=int, metavar="N", help="at most N events")
     evt.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    units = sub.add_parser("units", help="print the systemd unit or the Mosquitto snippet, or install it",
+                           description="Print a file shipped with this installation: edge-hub.service (the "
+                                       "default), or mosquitto-edgefleet.conf for Debian's own broker "
+                                       "(docs/operations.md); or write it into DIR with --install.")
+    units.add_argument("name", nargs="?", default=HUB_UNITS[0], choices=HUB_UNITS)
+    units.add_argument("--install", type=Path, metavar="DIR",
+                       help="write it into DIR (/etc/systemd/system for the unit, /etc/mosquitto/conf.d for "
+                            "the snippet) instead of printing it")
+
     policy_commands.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
 
@@ -207,6 +219,8 @@ def _main(argv: list[str] | None) -> int:
         "leases": coordination_commands.run, "approvals": coordination_commands.run,
         "task": coordination_commands.run, "tasks": coordination_commands.run,
     }
+    if args.command == "units":
+        return units_command("edge-hub", args.name, args.install)
     try:
         if args.command == "run":
             return _run(args)
@@ -235,6 +249,11 @@ async def _init(args: argparse.Namespace) -> int:
 
     from hub.setup import init_hub
 
+    if args.host is None:
+        args.host = LOOPBACK_HOST
+        print(f"edge-hub: warning: no --host given, so device bundles will tell devices to dial {LOOPBACK_HOST}, "
+              "which only this machine reaches; for devices elsewhere, run this again with --force --host NAME "
+              "(the name or address they dial) before provisioning any", file=sys.stderr)
     bind = args.bind
     if bind is None:
         try:
