@@ -261,8 +261,8 @@ async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, 
 async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
                            now: float | None = None) -> dict[str, Any]:
     """What an operator must act on: devices whose certificates all expired (they cannot renew in
-    band), the latest in-band refusal of each device not renewed since, and the hub's own
-    certificates' expiry."""
+    band), the latest in-band refusal of each device not renewed since, devices whose clock
+    disagrees with their certificate's start, and the hub's own certificates' expiry."""
     now = time.time() if now is None else now
     expired = await store.query(
         "SELECT d.device, MAX(c.not_after), d.last_seen FROM devices d JOIN certificates c USING (device) "
@@ -275,6 +275,14 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
     issued = {row[0]: row[1] for row in await store.query(
         "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = 'cert_issued' "
         "GROUP BY 1", (config.identity,))}
+    # The certificate in use was judged by a clock that disagrees with its start (the agent's
+    # cert_clock_skew), and no certificate has been taken into use since without one.
+    skewed = await store.query(
+        "SELECT e.device, e.ts, json_extract(e.body, '$.clock_minus_start_s') FROM events e "
+        "WHERE e.kind = 'cert_clock_skew' AND e.seq = (SELECT MAX(seq) FROM events WHERE device = e.device "
+        "AND kind = 'cert_clock_skew') AND NOT EXISTS (SELECT 1 FROM events r WHERE r.device = e.device "
+        "AND r.kind = 'cert_renewed' AND r.seq > e.seq AND json_extract(r.body, '$.serial') != "
+        "json_extract(e.body, '$.serial')) ORDER BY e.device")
     own = []
     for certificate in own_certificates(paths, config):
         try:
@@ -290,4 +298,5 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
         "renewal_refused": [{"device": d, "reason": reason, "detail": detail, "ts": ts}
                             for d, seq, ts, reason, detail in refusals if issued.get(d, 0) < seq],
         "hub_certificates": own,
+        "clock_skew": [{"device": d, "ts": ts, "clock_minus_start_s": skew} for d, ts, skew in skewed],
     }

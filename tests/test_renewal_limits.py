@@ -73,6 +73,11 @@ async def test_an_agent_whose_clock_runs_70_days_ahead_renews_once(hub_dir: HubD
     skew = [json.loads(line) for line in out.splitlines()]
     assert skew, "no cert_clock_skew event at the hub"
     assert skew[0]["body"]["clock_minus_start_s"] > 69 * 86400
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert code == 0, err
+    assert [d["device"] for d in json.loads(out)["clock_skew"]] == ["dev-ahead"]
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
+    assert "devices whose clock disagrees with their certificate (set it: NTP): 1" in out
 
 
 async def test_a_device_flooding_certificate_requests_gets_the_limit_and_is_reported(
