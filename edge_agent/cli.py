@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_agent import __version__, logfmt
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
-from edge_agent.files import database_access_denied, permission_advice
+from edge_agent.files import database_access_denied, database_advice, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.policy import Policy
 from edge_agent.settings import duration_arg
@@ -143,7 +143,9 @@ def _main(argv: list[str] | None) -> int:
     except sqlite3.OperationalError as exc:
         if not database_access_denied(exc):
             raise
-        print(f"edge-agent: cannot use the outbox ({exc}): {permission_advice(settings.state_dir)}",
+        from edge_agent.outbox import DB_NAME
+
+        print(f"edge-agent: cannot use the outbox ({exc}): {database_advice(settings.state_dir / DB_NAME)}",
               file=sys.stderr)
         return EXIT_USAGE
 

@@ -67,6 +67,19 @@ def database_access_denied(exc: sqlite3.OperationalError) -> bool:
     return str(exc) in _DENIED
 
 
+def database_advice(db: Path) -> str:
+    """permission_advice for an SQLite database, naming the one of its files (the database, its
+    WAL and shared-memory files, its folder) that another account owns, when one does."""
+    me = os.geteuid()
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.parent):
+        try:
+            if path.stat().st_uid != me:
+                return permission_advice(path)
+        except OSError:
+            continue
+    return permission_advice(db)
+
+
 def _account(uid: int) -> str:
     import pwd
 

@@ -18,7 +18,7 @@ import msgspec
 
 from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
-from edge_agent.files import database_access_denied, permission_advice
+from edge_agent.files import database_access_denied, database_advice, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.units import HUB_UNITS, units_command
 from hub import coordination_commands, policy_commands
@@ -237,8 +237,9 @@ def _main(argv: list[str] | None) -> int:
     except sqlite3.OperationalError as exc:
         if not database_access_denied(exc):
             raise
-        db = HubPaths(args.dir).db if isinstance(getattr(args, "dir", None), Path) else None
-        print(f"edge-hub: cannot use the hub database ({exc}): {permission_advice(db)}", file=sys.stderr)
+        hub_dir = getattr(args, "dir", None)
+        advice = database_advice(HubPaths(hub_dir).db) if isinstance(hub_dir, Path) else permission_advice(None)
+        print(f"edge-hub: cannot use the hub database ({exc}): {advice}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE

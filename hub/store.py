@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
+from edge_agent.files import database_access_denied
 from edge_agent.protocol import Presence, Status
 from edge_agent.sqlite import to_completion
 from hub.errors import HubError
@@ -326,6 +327,8 @@ class HubStore:
             async with db.execute("PRAGMA quick_check") as cur:
                 row = await cur.fetchone()
         except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and database_access_denied(exc):
+                raise  # a file this account may not use, not a broken one: the CLI says whose it is
             raise StoreError(f"{path} is not a readable hub database ({exc}): {advice}") from None
         if row is None or row[0] != "ok":
             raise StoreError(f"{path} failed its integrity check ({row[0] if row else 'no answer'}): {advice}")

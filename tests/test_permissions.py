@@ -149,3 +149,26 @@ async def test_agent_run_on_another_accounts_state_dir(hub_dir: HubDir, workdir:
     said = one_sentence(err)
     assert str(state) in said
     assert f"sudo -u {OTHER}" in said
+
+
+@needs_root
+async def test_a_journal_left_by_another_account_is_named_and_not_called_corrupt(hub_dir: HubDir) -> None:
+    """docs/operations.md's warning: a command run as another account leaves hub.db's WAL and
+    shared-memory files owned by it. The next command must name them, never say "restore it
+    from a backup" about a healthy database."""
+    import sqlite3
+
+    db = sqlite3.connect(hub_dir.dir / "hub.db")
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("SELECT COUNT(*) FROM devices").fetchall()  # the WAL and -shm files exist while this is open
+        for suffix in ("-wal", "-shm"):
+            shutil.chown(hub_dir.dir / f"hub.db{suffix}", OTHER)
+        code, _, err = await run_bounded(as_operator(HUB, "devices", "--dir", str(hub_dir.dir)))
+    finally:
+        db.close()
+    assert code == EXIT_USAGE, err
+    said = one_sentence(err)
+    assert str(hub_dir.dir / "hub.db-wal") in said
+    assert f"sudo -u {OTHER}" in said
+    assert "backup" not in said
