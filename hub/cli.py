@@ -299,7 +299,6 @@ async def _provision(args: argparse.Namespace) -> int:
     store = await HubStore.open(paths.db)
     try:
         provisioner = Provisioner(paths, config, store, args.out.resolve(), reissue=args.reissue)
-        provisioner.ca  # noqa: B018  # an unreadable CA key is said before any bundle folder exists
         with _interruptible() as received:
             if csr is not None:
                 results = {specs[0].device: await provisioner.provision(specs[0], csr)}

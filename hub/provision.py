@@ -128,13 +128,11 @@ class Provisioner:
     store: HubStore
     out: Path
     reissue: bool = False
-    _ca: Authority | None = None
+    ca: Authority = field(init=False)
 
-    @property
-    def ca(self) -> Authority:
-        if self._ca is None:
-            self._ca = Authority.load(self.paths.ca_key, self.paths.ca_cert)
-        return self._ca
+    def __post_init__(self) -> None:
+        # Read at once: an unreadable CA key is said before any bundle folder exists.
+        self.ca = Authority.load(self.paths.ca_key, self.paths.ca_cert)
 
     @property
     def lifetime(self) -> dt.timedelta:
