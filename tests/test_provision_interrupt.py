@@ -21,7 +21,7 @@ from cryptography import x509
 
 from edge_agent.files import write_atomic
 from hub.pki import Authority, cert_pem, key_pem
-from tests.conftest import HUB, HubDir, Proc, device_identity, run_cli
+from tests.conftest import HUB, HubDir, Proc, device_identity, run_cli, start_agent
 from tests.test_security import assert_connects, assert_refused, tls_context
 
 pytestmark = pytest.mark.integration
@@ -106,6 +106,13 @@ async def test_sigint_at_random_moments_leaves_nothing_revoke_cannot_lock_out(
     for device, cert in on_disk.items():
         assert cert.serial_number in in_crl, f"{device}'s certificate is not in the CRL"
         await assert_refused(context(bundles / device), hub_dir.port, device, "revoked")
+    # And the real agent of the device that was in hand at the last interruption.
+    agent = await start_agent(bundles / devices[after] / "agent.toml")
+    try:
+        await agent.wait_for(r"revoked")
+        assert not [line for line in agent.lines if f"{devices[after]} online" in line]
+    finally:
+        await agent.stop()
 
 
 async def test_a_bundle_the_hub_never_recorded_is_replaced_and_still_locked_out(
