@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
 from edge_agent import __version__, logfmt
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
 from edge_agent.errors import ConfigError
+from edge_agent.files import database_access_denied, database_advice, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.policy import Policy
 from edge_agent.settings import duration_arg
+from edge_agent.units import AGENT_UNITS, units_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SUMMARY_EVERY = 10.0  # seconds between `simulate` summary lines: a long run's log stays short
@@ -62,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                                         "configuration is broken.")
     with_config(status)
     status.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md)")
+
+    units = sub.add_parser("units", help="print the systemd unit, or install it",
+                           description="Print edge-agent.service, the systemd unit shipped with this installation "
+                                       "(docs/operations.md), or write it into DIR with --install.")
+    units.add_argument("--install", type=Path, metavar="DIR",
+                       help="write the unit into DIR (for example /etc/systemd/system) instead of printing it")
 
     simulate = sub.add_parser(
         "simulate", help="run many complete agents in one process (load tests, benchmarks)",
@@ -113,18 +122,32 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
         return _simulate(args)
+    if args.command == "units":
+        return units_command("edge-agent", AGENT_UNITS[0], args.install)
     try:
         settings = load_settings(args.config, args.overrides)
         policy = settings.load_policy()  # a broken policy is a configuration error too (exit 2)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
-        return _check(settings)
-    if args.command == "status":
-        return _status(settings, policy, as_json=args.json)
-    _logging(args.log_level or settings.config.log_level)
-    return _run(settings, policy)
+    try:
+        if args.command == "check":
+            return _check(settings)
+        if args.command == "status":
+            return _status(settings, policy, as_json=args.json)
+        _logging(args.log_level or settings.config.log_level)
+        return _run(settings, policy)
+    except PermissionError as exc:  # run as another account than the files' (docs/operations.md)
+        print(f"edge-agent: {permission_advice(exc.filename)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.OperationalError as exc:
+        if not database_access_denied(exc):
+            raise
+        from edge_agent.outbox import DB_NAME
+
+        print(f"edge-agent: cannot use the outbox ({exc}): {database_advice(settings.state_dir / DB_NAME)}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _check(settings: AgentSettings) -> int:
@@ -163,7 +186,10 @@ def _run(settings: AgentSettings, policy: Policy | None) -> int:
         asyncio.run(run_agent(settings, policy))
     except KeyboardInterrupt:
         pass
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, PermissionError) or (isinstance(exc, sqlite3.OperationalError)
+                                                and database_access_denied(exc)):
+            raise  # a setup problem, not a crash: main() says it in one sentence
         logging.getLogger("edge_agent").exception("the agent stopped on an unexpected error")
         return EXIT_FAILURE
     return EXIT_OK

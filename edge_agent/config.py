@@ -14,7 +14,7 @@ from edge_agent.actuators import actuator_call, allowlist_refusal
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import TlsIdentity
 from edge_agent.policy import Policy, PolicyError, Problem, validate_policy
-from edge_agent.profiles import PROFILE_KEYS, SYSTEM_METRICS, Profile, load_profile, produced_metric
+from edge_agent.profiles import PROFILE_DIRS, PROFILE_KEYS, SYSTEM_METRICS, Profile, load_profile, produced_metric
 from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
 
@@ -75,6 +75,9 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy: str | None = None
     # The hub's policy-signing public key (Ed25519, PEM); without it every signed policy is refused.
     policy_key: str = "policy.pub"
+    # A folder of firmware profiles (relative to this file) searched before /etc/edge-agent/profiles
+    # and the built-in ones.
+    profiles_dir: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -191,5 +194,8 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
         from edge_agent.metrics import loopback
 
         loopback(config.metrics.listen)  # a device's metrics never leave it
-    profile = load_profile(config.profile, routed["profile"])
+    search: tuple[Path, ...] = PROFILE_DIRS
+    if config.profiles_dir is not None:
+        search = (path.resolve().parent / config.profiles_dir, *PROFILE_DIRS)  # an absolute one stays as it is
+    profile = load_profile(config.profile, routed["profile"], search)
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

@@ -18,7 +18,11 @@ from edge_agent.settings import apply_override, read_toml, to_struct
 # Installed wheels carry the profiles inside the package; a source checkout has them at
 # the top level, beside the package.
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
-PROFILE_DIRS: Final = (_PACKAGE_DIR / "firmware_profiles", _PACKAGE_DIR.parent / "firmware_profiles")
+BUILTIN_PROFILE_DIRS: Final = (_PACKAGE_DIR / "firmware_profiles", _PACKAGE_DIR.parent / "firmware_profiles")
+# A site's own profiles, searched before the built-in ones (a file there with a built-in's name
+# replaces it), so that no installed file is ever edited; agent.toml's profiles_dir comes first.
+SITE_PROFILE_DIR: Final = Path("/etc/edge-agent/profiles")
+PROFILE_DIRS: Final = (SITE_PROFILE_DIR, *BUILTIN_PROFILE_DIRS)
 
 SYSTEM_METRICS: Final = frozenset({
     "cpu_percent", "load1", "load5", "load15", "mem_used_percent", "mem_available_mb",

@@ -577,7 +577,7 @@ class CertIssued(msgspec.Struct, frozen=True, kw_only=True, tag="issued"):
 
 class CertRefused(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
     key_id: KeyId
-    # unknown_device | revoked | wrong_subject | bad_request (a newer hub may add reasons)
+    # unknown_device | revoked | wrong_subject | bad_request | rate_limited (a newer hub may add reasons)
     reason: Annotated[str, msgspec.Meta(max_length=64)]
     detail: Detail = ""
 

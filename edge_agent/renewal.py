@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from edge_agent.certinfo import CertificateInfo
 from edge_agent.errors import ConnectRefused, IdentityError, KeyGenerationFailed
 from edge_agent.identity import Credential, IdentityFiles
 from edge_agent.keygen import KeyRequest, make_request
@@ -41,10 +42,64 @@ REPLY_TIMEOUT: Final = 30.0  # the longest wait for the hub's answer before aski
 REFUSED_RETRY: Final = 3600.0  # the longest wait after a refusal before asking again
 TRIAL_FAILURES: Final = 3  # failed connections with a renewed pair before the previous one is tried instead
 
+# A certificate the hub has just issued starts at most this long before the agent stores it (the
+# hub backdates by 5 minutes; the rest is transit and a loaded hub). Older by the agent's clock
+# means that clock runs ahead of the hub's.
+FRESH_SLACK: Final = dt.timedelta(minutes=15)
+
 log = logging.getLogger("edge_agent.renewal")
 
 Clock = Callable[[], float]
 Audit = Callable[[str, dict[str, Any]], None]  # an event for the outbox, written apart from the caller
+
+
+class CertificateAge:
+    """How far into its life a certificate is, judged from what the agent can trust.
+
+    The wall clock is read once per certificate, when the agent first sees it; from then on
+    the certificate ages with the monotonic clock, which no clock step moves. A certificate
+    the hub has just issued is young whatever the wall clock says (at most FRESH_SLACK), and
+    a wall clock before a certificate's own start proves that clock wrong, not the
+    certificate new: both are warned about and audited (`cert_clock_skew`), once per
+    certificate. So a device whose clock runs weeks ahead renews once, not in a loop.
+    """
+
+    def __init__(self, clock: Clock, audit: Audit, monotonic: Clock = time.monotonic) -> None:
+        self._clock, self._audit, self._monotonic = clock, audit, monotonic
+        self._seen: dict[int, tuple[float, dt.timedelta]] = {}  # serial -> (monotonic then, age then)
+
+    def issued_now(self, cert: CertificateInfo) -> None:
+        """`cert` has just come from the hub: it is as old as its backdating, no older."""
+        age = self._wall_age(cert)
+        if age > FRESH_SLACK:
+            self._skewed(cert, age, "ahead of the hub's: the certificate it has just issued starts")
+        self._seen[cert.serial] = (self._monotonic(), max(dt.timedelta(0), min(age, FRESH_SLACK)))
+
+    def age(self, cert: CertificateInfo) -> dt.timedelta:
+        if cert.serial not in self._seen:
+            age = self._wall_age(cert)
+            if age < dt.timedelta(0):
+                self._skewed(cert, age, "behind: the certificate in use starts")
+            self._seen[cert.serial] = (self._monotonic(), max(dt.timedelta(0), age))
+        then, age_then = self._seen[cert.serial]
+        return age_then + dt.timedelta(seconds=self._monotonic() - then)
+
+    def left(self, cert: CertificateInfo) -> dt.timedelta:
+        return cert.lifetime - self.age(cert)
+
+    def _wall_age(self, cert: CertificateInfo) -> dt.timedelta:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC) - cert.not_before
+
+    def _skewed(self, cert: CertificateInfo, age: dt.timedelta, how: str) -> None:
+        when = f"{_span(age)} ago" if age > dt.timedelta(0) else f"{_span(-age)} from now"
+        log.warning("renewal: the system clock runs %s %s by that clock (certificate serial %x); its age is judged "
+                    "from its own start and the time since: set the clock (NTP)", how, when, cert.serial)
+        self._audit("cert_clock_skew", {"serial": f"{cert.serial:x}", "clock_minus_start_s": age.total_seconds()})
+
+
+def _span(delta: dt.timedelta) -> str:
+    seconds = delta.total_seconds()
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
 
 
 class Renewal:
@@ -54,6 +109,7 @@ class Renewal:
                  clock: Clock = time.time) -> None:
         self.device, self.files, self.link = device, files, link
         self._audit, self._clock = audit, clock
+        self.age = CertificateAge(clock, audit)
         self._attempt: Credential | None = None  # the identity of the link's latest attempt
         self._failures = 0  # failed attempts with the pending pair in a row
         self._fallback = False  # the next attempt uses the current pair although one is pending
@@ -171,12 +227,11 @@ class Renewal:
             if current is None:  # the link says why it cannot connect; a fixed bundle is seen here
                 await asyncio.sleep(RECHECK_INTERVAL)
                 continue
-            now = self._now()
-            due = current.cert.point(RENEW_AT)
-            if now < due:
-                await asyncio.sleep(min((due - now).total_seconds(), RECHECK_INTERVAL))
+            due = current.cert.lifetime * RENEW_AT - self.age.age(current.cert)
+            if due > dt.timedelta(0):
+                await asyncio.sleep(min(due.total_seconds(), RECHECK_INTERVAL))
                 continue
-            if current.cert.expired(now):
+            if self.age.left(current.cert) <= dt.timedelta(0):
                 if not self._warned_expired:
                     log.error("renewal: the certificate (%s) has expired, so it cannot be renewed in band: "
                               "re-provision the device from a request made on it (`edge-hub provision --csr`, "
@@ -188,7 +243,7 @@ class Renewal:
             await self._renew(current)
 
     def _patience(self, current: Credential, longest: float) -> float:
-        left = (current.cert.not_after - self._now()).total_seconds()
+        left = self.age.left(current.cert).total_seconds()
         return min(longest, max(MIN_WAIT, left * SHARE_OF_REMAINING))
 
     async def _renew(self, current: Credential) -> None:
@@ -221,6 +276,7 @@ class Renewal:
                         "over with a new key", pending.describe(), pending.cert.common_name)
             self.files.discard_next()
             return
+        self.age.issued_now(pending.cert)
         log.info("renewal: certificate %s stored as pending; the current one (%s) stays in use until the new one "
                  "has connected", pending.describe(), current.describe())
         await self._switch()
@@ -231,7 +287,7 @@ class Renewal:
         payload = pack(CertRequest(csr=request.csr))
         warned = False  # the first silence is a WARNING, repeats DEBUG (an older hub may never answer)
         while True:
-            left = (current.cert.not_after - self._now()).total_seconds()
+            left = self.age.left(current.cert).total_seconds()
             try:
                 async with asyncio.timeout(max(MIN_WAIT, left)):
                     await self.link.connected.wait()

@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +18,11 @@ import msgspec
 
 from edge_agent import __version__, logfmt
 from edge_agent.errors import ConfigError
+from edge_agent.files import database_access_denied, database_advice, permission_advice
 from edge_agent.pipes import run_command
+from edge_agent.units import HUB_UNITS, units_command
 from hub import coordination_commands, policy_commands
-from hub.config import DEFAULT_PORT, load_hub
+from hub.config import DEFAULT_PORT, HubPaths, load_hub
 from hub.errors import HubError, UsageError
 
 if TYPE_CHECKING:
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOOPBACK_HOST = "127.0.0.1"  # init's broker host without --host: enough for a demo on one machine
 
 
 def _port(text: str) -> int:
@@ -64,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     _dir_arg(init)
     init.add_argument("--region", required=True, help="region name (A-Z a-z 0-9 _ -, up to 64)")
     init.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"broker port (default {DEFAULT_PORT})")
-    init.add_argument("--host", default="127.0.0.1",
+    init.add_argument("--host", default=None,
                       help="the name or address devices use to reach the broker; it goes into the "
-                           "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1)")
+                           "server certificate beside 127.0.0.1, ::1 and localhost (default 127.0.0.1, "
+                           "with a warning: only this machine reaches it)")
     init.add_argument("--bind", default=None,
                       help="listener address of the managed broker (default: --host if it is an "
                            "address, else 0.0.0.0)")
@@ -149,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     evt.add_argument("--limit", type=int, metavar="N", help="at most N events")
     evt.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    units = sub.add_parser("units", help="print the systemd unit or the Mosquitto snippet, or install it",
+                           description="Print a file shipped with this installation: edge-hub.service (the "
+                                       "default), or mosquitto-edgefleet.conf for Debian's own broker "
+                                       "(docs/operations.md); or write it into DIR with --install.")
+    units.add_argument("name", nargs="?", default=HUB_UNITS[0], choices=HUB_UNITS)
+    units.add_argument("--install", type=Path, metavar="DIR",
+                       help="write it into DIR (/etc/systemd/system for the unit, /etc/mosquitto/conf.d for "
+                            "the snippet) instead of printing it")
+
     policy_commands.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
 
@@ -204,6 +219,8 @@ def _main(argv: list[str] | None) -> int:
         "leases": coordination_commands.run, "approvals": coordination_commands.run,
         "task": coordination_commands.run, "tasks": coordination_commands.run,
     }
+    if args.command == "units":
+        return units_command("edge-hub", args.name, args.install)
     try:
         if args.command == "run":
             return _run(args)
@@ -214,6 +231,16 @@ def _main(argv: list[str] | None) -> int:
     except HubError as exc:
         print(f"edge-hub: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except PermissionError as exc:  # run as another account than the hub directory's (docs/operations.md)
+        print(f"edge-hub: {permission_advice(exc.filename)}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.OperationalError as exc:
+        if not database_access_denied(exc):
+            raise
+        hub_dir = getattr(args, "dir", None)
+        advice = database_advice(HubPaths(hub_dir).db) if isinstance(hub_dir, Path) else permission_advice(None)
+        print(f"edge-hub: cannot use the hub database ({exc}): {advice}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
@@ -223,6 +250,11 @@ async def _init(args: argparse.Namespace) -> int:
 
     from hub.setup import init_hub
 
+    if args.host is None:
+        args.host = LOOPBACK_HOST
+        print(f"edge-hub: warning: no --host given, so device bundles will tell devices to dial {LOOPBACK_HOST}, "
+              "which only this machine reaches; for devices elsewhere, run this again with --force --host NAME "
+              "(the name or address they dial) before provisioning any", file=sys.stderr)
     bind = args.bind
     if bind is None:
         try:
@@ -267,10 +299,12 @@ async def _provision(args: argparse.Namespace) -> int:
     store = await HubStore.open(paths.db)
     try:
         provisioner = Provisioner(paths, config, store, args.out.resolve(), reissue=args.reissue)
-        if csr is not None:
-            results = {specs[0].device: await provisioner.provision(specs[0], csr)}
-        else:
-            results = await _with_progress(len(specs), lambda advance: provision_all(provisioner, specs, advance))
+        with _interruptible() as received:
+            if csr is not None:
+                results = {specs[0].device: await provisioner.provision(specs[0], csr)}
+            else:
+                results = await _with_progress(len(specs), lambda advance: provision_all(
+                    provisioner, specs, advance, lambda: bool(received)))
         admitted = await rollout.admit(store, config.region, list(results), time.time())
     finally:
         await store.close()
@@ -280,7 +314,29 @@ async def _provision(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
     print(f"{len(results)} device bundle(s) in {args.out}: {summary}")
     _print_admissions(admitted)
+    if received:
+        left = [s.device for s in specs if s.device not in results]
+        named = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        print(f"edge-hub: interrupted by {received[0].name}: {len(results)} of {len(specs)} device(s) finished, "
+              f"{len(left)} not begun ({named or 'none'}); run the same command again to finish them",
+              file=sys.stderr)
+        return 128 + received[0].value
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[list[signal.Signals]]:
+    """SIGINT/SIGTERM are noted (in the list yielded) instead of stopping the work at once, so a
+    command can finish the step in hand and say what it did not do; the handlers go at the end."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, received.append, sig)
+    try:
+        yield received
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _print_admissions(admitted: list[Admission]) -> None:

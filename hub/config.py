@@ -51,6 +51,15 @@ class PkiConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Re-issue the CRL once less than this fraction of its life remains: an expired CRL
     # makes Mosquitto refuse every client, so never cut it close.
     crl_renew_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    # In-band certificates one device may get within a window of renewal_window_days (at most
+    # half a device certificate's life): a healthy device renews once per two thirds of a life,
+    # plus a retry or two after a refused switch; more is a clock gone wrong or a device misused.
+    renewal_limit: Annotated[int, Meta(ge=1, le=1000)] = 3
+    renewal_window_days: Annotated[float, Meta(gt=0, le=365)] = 1
+
+    @property
+    def renewal_window(self) -> dt.timedelta:
+        return min(dt.timedelta(days=self.renewal_window_days), self.device_cert_lifetime / 2)
 
     def __post_init__(self) -> None:
         for name, days in (("device_cert_days", self.device_cert_days), ("server_cert_days", self.server_cert_days),

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hub.errors import HubError, UsageError
+from edge_agent.files import permission_advice
+from hub.errors import UsageError
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine
 SERVER_CERT_LIFETIME: Final = dt.timedelta(days=397)  # the longest browsers accept; habit
@@ -88,10 +89,18 @@ class Authority:
 
     @classmethod
     def load(cls, key_path: Path, cert_path: Path) -> Authority:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        """The CA from its files; UsageError in one sentence when they cannot be read or used."""
+        try:
+            key = serialization.load_pem_private_key(read_key_file(key_path, "the fleet CA key"), password=None)
+        except ValueError:
+            raise UsageError(f"{key_path} is not a PEM private key: restore it from the hub's backup") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise UsageError(f"{key_path} is not an ECDSA CA key")
-        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        try:
+            cert = x509.load_pem_x509_certificate(read_key_file(cert_path, "the fleet CA certificate"))
+        except ValueError:
+            raise UsageError(f"{cert_path} is not a PEM certificate: restore it from the hub's backup") from None
+        return cls(key, cert)
 
     def _issue(
         self,
@@ -232,14 +241,22 @@ def key_pem(key: PrivateKey) -> bytes:
     )
 
 
-def load_policy_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    """The hub's policy-signing key (never the CA key); HubError says what is wrong."""
+def read_key_file(path: Path, what: str) -> bytes:
+    """The bytes of one of the hub's PKI files; UsageError naming the file and the fix when it cannot be read."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return path.read_bytes()
+    except PermissionError:
+        raise UsageError(f"cannot read {what}: {permission_advice(path)}") from None
     except OSError as exc:
-        raise HubError(f"cannot read the policy-signing key {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}; restore it from the hub's backup") from None
+
+
+def load_policy_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """The hub's policy-signing key (never the CA key); UsageError says what is wrong."""
+    try:
+        key = serialization.load_pem_private_key(read_key_file(path, "the policy-signing key"), password=None)
     except ValueError:
-        raise HubError(f"{path} is not a PEM private key") from None
+        raise UsageError(f"{path} is not a PEM private key: restore it from the hub's backup") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise HubError(f"{path} is not an Ed25519 key; policies are signed with Ed25519")
+        raise UsageError(f"{path} is not an Ed25519 key; policies are signed with Ed25519")
     return key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import shutil
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,8 @@ from hub.store import HubStore
 
 # A bundle's certificate is kept on a re-run unless it has less than this left.
 RENEW_BEFORE: Final = dt.timedelta(days=7)
+
+log = logging.getLogger("hub.provision")
 
 
 @dataclass(frozen=True)
@@ -126,55 +128,60 @@ class Provisioner:
     store: HubStore
     out: Path
     reissue: bool = False
-    _ca: Authority | None = None
+    ca: Authority = field(init=False)
 
-    @property
-    def ca(self) -> Authority:
-        if self._ca is None:
-            self._ca = Authority.load(self.paths.ca_key, self.paths.ca_cert)
-        return self._ca
+    def __post_init__(self) -> None:
+        # Read at once: an unreadable CA key is said before any bundle folder exists.
+        self.ca = Authority.load(self.paths.ca_key, self.paths.ca_cert)
 
     @property
     def lifetime(self) -> dt.timedelta:
         return dt.timedelta(days=self.config.pki.device_cert_days)
 
     async def provision(self, spec: DeviceSpec, csr: x509.CertificateSigningRequest | None = None) -> str:
-        """Write or refresh one bundle; return what was done ('issued', 'kept', 'signed')."""
+        """Write or refresh one bundle; return what was done ('issued', 'kept', 'signed').
+
+        A new certificate is recorded in the hub database before any file holds it, and each file
+        is replaced atomically: whatever stops this half-way, every certificate on disk is one
+        `edge-hub revoke` can put in the CRL, and a key and certificate that do not match are
+        re-issued by the next run."""
         if await self.store.is_revoked(spec.device) and not self.reissue:
             raise UsageError(
                 f"device {spec.device!r} is revoked; to admit it again with a new certificate, "
                 "run provision with --reissue"
             )
         bundle = self.out / spec.device
-        bundle.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if csr is not None and not self.reissue and await self._reusable(bundle, spec.device, csr.public_key()):
+        public_key = csr.public_key() if csr is not None else None
+        key: ec.EllipticCurvePrivateKey | None = None
+        if not self.reissue and await self._reusable(bundle, spec.device, public_key):
             cert = None
             action = "kept"
         elif csr is not None:
             cert = self.ca.sign_request(csr, spec.device, self.lifetime)
-            (bundle / "device.key").unlink(missing_ok=True)
             action = "signed"
-        elif not self.reissue and await self._reusable(bundle, spec.device):
-            cert = None
-            action = "kept"
         else:
             key, cert = self.ca.issue_client(spec.device, self.lifetime)
-            assert key is not None
-            write_atomic(bundle / "device.key", key_pem(key), 0o600)
             action = "issued"
         if cert is not None:
-            write_atomic(bundle / "device.crt", cert_pem(cert), 0o644)
             await self.store.record_certificate(cert.serial_number, spec.device, "device", cert.not_valid_after_utc)
-        shutil.copyfile(self.paths.ca_cert, bundle / "ca.crt")
-        shutil.copyfile(self.paths.policy_pub, bundle / "policy.pub")
+        bundle.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if key is not None:
+            write_atomic(bundle / "device.key", key_pem(key), 0o600)
+        elif csr is not None:
+            (bundle / "device.key").unlink(missing_ok=True)
+        if cert is not None:
+            write_atomic(bundle / "device.crt", cert_pem(cert), 0o644)
+        write_atomic(bundle / "ca.crt", self.paths.ca_cert.read_bytes(), 0o644)
+        write_atomic(bundle / "policy.pub", self.paths.policy_pub.read_bytes(), 0o644)
         has_key = (bundle / "device.key").exists()
         write_atomic(bundle / "agent.toml", render_agent_toml(spec, self.config, has_key).encode(), 0o644)
         await self.store.register(spec.device, spec.profile, spec.tags, readmit=self.reissue)
+        log.debug("bundle %s: %s", spec.device, action)
         return action
 
     async def _reusable(self, bundle: Path, device: str, public_key: PublicKey | None = None) -> bool:
-        """Is the bundle's certificate from this CA, for this device, unrevoked, fresh, and for
-        `public_key` (a CSR's) or else for the bundle's own device.key?"""
+        """Is the bundle's certificate from this CA, for this device, recorded by the hub and not
+        revoked, fresh, and for `public_key` (a CSR's) or else for the bundle's own device.key?"""
         try:
             cert = x509.load_pem_x509_certificate((bundle / "device.crt").read_bytes())
             if public_key is None:
@@ -190,18 +197,29 @@ class Provisioner:
             cert.verify_directly_issued_by(self.ca.cert)
         except (ValueError, TypeError, InvalidSignature):
             return False
-        if cert.public_key() != public_key:
+        vouched = await self.store.vouches_for(cert.serial_number, device)
+        if vouched is None:
+            # Ours but never recorded (an older edge-hub interrupted between writing and recording):
+            # record it now, so that revoking the device locks out copies of it too, and replace it.
+            log.warning("bundle %s holds certificate %x that the hub never recorded: recorded now and "
+                        "replaced", device, cert.serial_number)
+            await self.store.record_certificate(cert.serial_number, device, "device", cert.not_valid_after_utc)
             return False
-        if cert.not_valid_after_utc - utcnow() < RENEW_BEFORE:
+        if not vouched or cert.public_key() != public_key:
             return False
-        return not await self.store.certificate_revoked(cert.serial_number)
+        return cert.not_valid_after_utc - utcnow() >= RENEW_BEFORE
 
 
 async def provision_all(
-    provisioner: Provisioner, specs: list[DeviceSpec], advance: Callable[[str], None] = lambda _: None
+    provisioner: Provisioner, specs: list[DeviceSpec], advance: Callable[[str], None] = lambda _: None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> dict[str, str]:
+    """Provision `specs` in order; once `stopped()` says so, return what was finished (each
+    device is finished or not begun, never half done)."""
     results: dict[str, str] = {}
     for spec in specs:
+        if stopped():
+            break
         results[spec.device] = await provisioner.provision(spec)
         advance(spec.device)
     return results

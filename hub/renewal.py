@@ -110,6 +110,8 @@ class CertificateDesk:
                 (device, key, now))
             if repeat is not None:
                 return CertIssued(key_id=key, cert=repeat[0]), True
+            if (limited := await self._over_limit(db, device, key, now)) is not None:
+                return limited
             try:
                 cert = self.ca.sign_request(csr, device, self._config.pki.device_cert_lifetime)
             except CsrRefused as exc:
@@ -125,15 +127,43 @@ class CertificateDesk:
                 "not_after": cert.not_valid_after_utc.timestamp()})
             return CertIssued(key_id=key, cert=pem), False
 
-        reply, repeated = await self._store.atomically(work)
-        if isinstance(reply, CertRefused):
+        # `again`: the same certificate as before, or a refusal already audited in this window.
+        reply, again = await self._store.atomically(work)
+        if isinstance(reply, CertRefused) and again:
+            log.debug("certificate request from %s refused again (%s)", device, reply.reason)
+        elif isinstance(reply, CertRefused):
             _log_refusal(device, reply)
-        elif repeated:
+        elif again:
             log.info("certificate request from %s answered again with the certificate issued for key %s", device, key)
         else:
             log.info("certificate issued to %s in band for key %s, valid %s", device, key,
                      self._config.pki.device_cert_lifetime)
         return reply
+
+    async def _over_limit(self, db: aiosqlite.Connection, device: str, key: str,
+                          now: float) -> tuple[CertRefused, bool] | None:
+        """The refusal when `device` already had pki.renewal_limit certificates in band within the
+        window (a clock running ahead, or a device asking in a loop), and whether one was audited
+        before in this window; None when it may have one. Only the first refusal of a window
+        becomes a hub event: a flood must not fill the database."""
+        pki = self._config.pki
+        window = pki.renewal_window.total_seconds()
+        row = await fetch_one(
+            db, "SELECT COUNT(*), MIN(issued_at) FROM certificates WHERE device = ? AND purpose = 'device' "
+                "AND key_id IS NOT NULL AND issued_at > ?", (device, now - window))
+        if row[0] < pki.renewal_limit:
+            return None
+        retry = row[1] + window - now
+        refused = CertRefused(key_id=key, reason="rate_limited", detail=(
+            f"{device} got {row[0]} certificates in the last {window:.0f} s (pki.renewal_limit = {pki.renewal_limit}): "
+            f"ask again in {retry:.0f} s, and check the device's clock"))
+        audited = await fetch_one(
+            db, "SELECT 1 FROM events WHERE device = ? AND kind = 'cert_refused' AND ts > ? "
+                "AND json_extract(body, '$.device') = ? AND json_extract(body, '$.reason') = 'rate_limited'",
+            (self._config.identity, now - window, device))
+        if audited is None:
+            return await self._refusal(db, device, refused), False
+        return refused, True
 
     async def _refusal(self, db: aiosqlite.Connection, device: str, refused: CertRefused) -> CertRefused:
         await self._store.hub_event(db, self._config.identity, "cert_refused", {
@@ -232,8 +262,8 @@ async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, 
 async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
                            now: float | None = None) -> dict[str, Any]:
     """What an operator must act on: devices whose certificates all expired (they cannot renew in
-    band), the latest in-band refusal of each device not renewed since, and the hub's own
-    certificates' expiry."""
+    band), the latest in-band refusal of each device not renewed since, devices whose clock
+    disagrees with their certificate's start, and the hub's own certificates' expiry."""
     now = time.time() if now is None else now
     expired = await store.query(
         "SELECT d.device, MAX(c.not_after), d.last_seen FROM devices d JOIN certificates c USING (device) "
@@ -246,6 +276,14 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
     issued = {row[0]: row[1] for row in await store.query(
         "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = 'cert_issued' "
         "GROUP BY 1", (config.identity,))}
+    # The certificate in use was judged by a clock that disagrees with its start (the agent's
+    # cert_clock_skew), and no certificate has been taken into use since without one.
+    skewed = await store.query(
+        "SELECT e.device, e.ts, json_extract(e.body, '$.clock_minus_start_s') FROM events e "
+        "WHERE e.kind = 'cert_clock_skew' AND e.seq = (SELECT MAX(seq) FROM events WHERE device = e.device "
+        "AND kind = 'cert_clock_skew') AND NOT EXISTS (SELECT 1 FROM events r WHERE r.device = e.device "
+        "AND r.kind = 'cert_renewed' AND r.seq > e.seq AND json_extract(r.body, '$.serial') != "
+        "json_extract(e.body, '$.serial')) ORDER BY e.device")
     own = []
     for certificate in own_certificates(paths, config):
         try:
@@ -261,4 +299,5 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
         "renewal_refused": [{"device": d, "reason": reason, "detail": detail, "ts": ts}
                             for d, seq, ts, reason, detail in refusals if issued.get(d, 0) < seq],
         "hub_certificates": own,
+        "clock_skew": [{"device": d, "ts": ts, "clock_minus_start_s": skew} for d, ts, skew in skewed],
     }

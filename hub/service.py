@@ -267,9 +267,11 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
     store = await HubStore.open(paths.db)
     tasks: list[asyncio.Task[None]] = []
-    service = HubService(paths, config, store, Watchdog.from_environment(), replica)
     supervisor = None
     try:
+        # Inside the try: a service that cannot be built (an unreadable policy key) must close the
+        # store, whose thread would otherwise keep the process alive after the error is printed.
+        service = HubService(paths, config, store, Watchdog.from_environment(), replica)
         tasks.append(asyncio.create_task(service.watchdog.run(), name="watchdog"))
         tasks.append(asyncio.create_task(service.leadership.run(), name="leadership"))
         if config.broker.mode == "managed" and replica is None:

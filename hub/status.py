@@ -135,6 +135,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         "cert_expiring": [{"device": d.device, "cert_expires": d.cert_expires} for d in expiring],
         "cert_expired": lifecycle["cert_expired"],
         "renewal_refused": lifecycle["renewal_refused"],
+        "clock_skew": lifecycle["clock_skew"],
         "rollout": recent[0] if recent else None,
         "rollouts_in_progress": in_progress,  # several run side by side on disjoint devices
         "approvals_pending": [{"id": a[0], "device": a[1], "rule": a[2], "action": a[3], "expires_at": a[4]}
@@ -210,6 +211,10 @@ def render(status: Status) -> str:
     lines.append(f"in-band renewals refused (latest per device, not renewed since): {len(refused) or 'none'}")
     lines += _capped([f"  {when(r['ts'])}  {r['device']}  {r['reason']}: {r['detail']}" for r in refused],
                      "edge-hub events --kind cert_refused")
+    skewed = report["clock_skew"]
+    lines.append(f"devices whose clock disagrees with their certificate (set it: NTP): {len(skewed) or 'none'}")
+    lines += _capped([f"  {d['device']}  clock {d['clock_minus_start_s'] / 86400:+.1f} days from the certificate's "
+                      "start when first seen" for d in skewed], "edge-hub events --kind cert_clock_skew")
     return "\n".join(lines)
 
 

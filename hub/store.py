@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -20,6 +21,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
+from edge_agent.files import database_access_denied
 from edge_agent.protocol import Presence, Status, json_body
 from edge_agent.sqlite import to_completion
 from hub.device_clocks import apply_clock_events
@@ -306,6 +308,8 @@ class HubStore:
     @classmethod
     async def open(cls, path: Path) -> HubStore:
         existed = path.exists()
+        if existed:  # a file this account may not write: a PermissionError naming it, before aiosqlite's
+            os.close(os.open(path, os.O_RDWR))  # thread starts (it outlives a failed connect)
         db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             if not existed:
@@ -331,6 +335,8 @@ class HubStore:
             async with db.execute("PRAGMA quick_check") as cur:
                 row = await cur.fetchone()
         except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and database_access_denied(exc):
+                raise  # a file this account may not use, not a broken one: the CLI says whose it is
             raise StoreError(f"{path} is not a readable hub database ({exc}): {advice}") from None
         if row is None or row[0] != "ok":
             raise StoreError(f"{path} failed its integrity check ({row[0] if row else 'no answer'}): {advice}")
@@ -411,6 +417,17 @@ class HubStore:
         ) as cur:
             row = await cur.fetchone()
         return row is not None and row[0] is not None
+
+    async def vouches_for(self, serial: int, device: str) -> bool | None:
+        """Whether the hub recorded `serial` as an unrevoked certificate of `device`: None when it
+        never recorded it at all (a certificate it cannot lock out)."""
+        async with self._db.execute(
+            "SELECT device, purpose, revoked_at FROM certificates WHERE serial = ?", (format(serial, "x"),)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return row[0] == device and row[1] == "device" and row[2] is None
 
     async def is_revoked(self, device: str) -> bool:
         async with self._db.execute("SELECT revoked_at FROM devices WHERE device = ?", (device,)) as cur:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from cryptography import x509
@@ -380,13 +381,15 @@ class Device:
 
 
 def device(hub: Hub, tmp_path: Path, *, lifetime: dt.timedelta = DAY, age: float = 0.8) -> Device:
-    """A device whose bundle certificate is `age` of the way through `lifetime` (by its clock)."""
-    files = IdentityFiles(bundle_of(hub, tmp_path / "bundle", lifetime), tmp_path / "state")
+    """A device whose bundle certificate is `age` of the way through `lifetime` (issued that long
+    ago by a hub whose clock agrees with the device's)."""
+    issued_at = utcnow() - lifetime * age
+    with mock.patch("hub.pki.utcnow", return_value=issued_at):
+        bundle = bundle_of(hub, tmp_path / "bundle", lifetime)
+    files = IdentityFiles(bundle, tmp_path / "state")
     link = FakeLink(hub.desk)
     audit: list[tuple[str, dict[str, Any]]] = []
-    offset = lifetime.total_seconds() * age
-    renewal = Renewal(DEVICE, files, link, lambda kind, body: audit.append((kind, body)),  # type: ignore[arg-type]
-                      clock=lambda: time.time() + offset)
+    renewal = Renewal(DEVICE, files, link, lambda kind, body: audit.append((kind, body)))  # type: ignore[arg-type]
     link.renewal = renewal
     return Device(files, link, renewal, audit)
 
@@ -629,3 +632,74 @@ async def test_a_replica_gets_its_certificate_by_the_lifetime_and_rule_of_the_hu
     renewed = x509.load_pem_x509_certificate(cert_path.read_bytes())
     assert renewed.serial_number not in (first.serial_number, short.serial_number)
     assert 29 * 86400 < (renewed.not_valid_after_utc - utcnow()).total_seconds() <= 30 * 86400
+
+
+# --- issue 15 item 6: renewal has limits -------------------------------------------------------
+
+
+async def test_the_hub_issues_at_most_the_limit_per_window_and_audits_the_first_refusal(hub: Hub) -> None:
+    """A device asking in a loop, each time with a new key: pki.renewal_limit certificates, then refusals."""
+    limit = hub.config.pki.renewal_limit
+    replies = [await hub.desk.answer(DEVICE, CertRequest(csr=csr_for(DEVICE)[0])) for _ in range(limit + 20)]
+    issued = [r for r in replies if isinstance(r, CertIssued)]
+    refused = [r for r in replies if isinstance(r, CertRefused)]
+    assert len(issued) == limit
+    assert {r.reason for r in refused} == {"rate_limited"}
+    assert "check the device's clock" in refused[0].detail
+    assert len(await hub.events("cert_issued")) == limit
+    assert len(await hub.events("cert_refused")) == 1  # a flood does not fill the database
+    status = await lifecycle_status(hub.paths, hub.config, hub.store)
+    assert [(r["device"], r["reason"]) for r in status["renewal_refused"]] == [(DEVICE, "rate_limited")]
+    # A reply that was lost is still answered with the certificate already issued for that key.
+    request = await make_request(hub.paths.root / "again.pem", DEVICE)
+
+    async def window_passes(db: Any) -> None:
+        await db.execute("UPDATE certificates SET issued_at = issued_at - 2 * 86400")
+
+    await hub.store.atomically(window_passes)
+    first = await hub.desk.answer(DEVICE, CertRequest(csr=request.csr))
+    assert isinstance(first, CertIssued)
+    for _ in range(limit):
+        await hub.desk.answer(DEVICE, CertRequest(csr=csr_for(DEVICE)[0]))
+    repeat = await hub.desk.answer(DEVICE, CertRequest(csr=request.csr))
+    assert repeat == first
+
+
+async def test_a_device_clock_weeks_ahead_renews_once_not_in_a_loop(
+        hub: Hub, tmp_path: Path, running: Callable[[Renewal], None], caplog: pytest.LogCaptureFixture) -> None:
+    """Every certificate the hub issues looks two thirds old to a clock 70 days ahead (90-day certificates)."""
+    lifetime = dt.timedelta(days=90)
+    d = device(hub, tmp_path, lifetime=lifetime, age=0.0)
+    ahead = dt.timedelta(days=70).total_seconds()
+    d.renewal = Renewal(DEVICE, d.files, d.link, lambda kind, body: d.audit.append((kind, body)),
+                        clock=lambda: time.time() + ahead)
+    d.link.renewal = d.renewal
+    assert d.link.attempt()
+    with caplog.at_level(logging.WARNING):
+        running(d.renewal)
+        await until(lambda: d.renewal.renewed == 1, "the renewal its clock asks for")
+        await asyncio.sleep(2 * QUIET)  # proving a negative: time for the loop to ask again, if it would
+    assert d.link.requests == 1
+    assert len(await hub.events("cert_issued")) == 1
+    assert "the system clock runs ahead of the hub's" in caplog.text
+    skew = [body for kind, body in d.audit if kind == "cert_clock_skew"]
+    assert len(skew) == 1
+    assert skew[0]["clock_minus_start_s"] > ahead - 3600
+
+
+def test_a_certificate_ages_by_the_monotonic_clock_whatever_the_wall_clock_says() -> None:
+    from edge_agent.certinfo import CertificateInfo
+    from edge_agent.renewal import CertificateAge
+
+    wall, mono = [0.0], [1000.0]  # a board booted in 1970
+    audit: list[tuple[str, dict[str, Any]]] = []
+    age = CertificateAge(lambda: wall[0], lambda kind, body: audit.append((kind, body)), lambda: mono[0])
+    start = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    cert = CertificateInfo(7, DEVICE, start, start + 3 * DAY)
+    assert age.age(cert) == dt.timedelta(0)  # not "not yet valid" for ever: it starts ageing now
+    assert [kind for kind, _ in audit] == ["cert_clock_skew"]
+    mono[0] += 2 * DAY.total_seconds()
+    wall[0] = (start + 400 * DAY).timestamp()  # then NTP steps the wall clock far ahead
+    assert age.age(cert) == 2 * DAY
+    assert age.left(cert) == DAY
+    assert len(audit) == 1  # once per certificate
