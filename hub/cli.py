@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from edge_agent import __version__, logfmt
-from edge_agent.errors import ConfigError
+from edge_agent.errors import AlreadyRunning, ConfigError
 from edge_agent.pipes import run_command
 from hub import coordination_commands, policy_commands
 from hub.config import DEFAULT_PORT, load_hub
@@ -337,7 +337,11 @@ def _run(args: argparse.Namespace) -> int:
     from hub.service import run_hub
 
     paths, config = load_hub(args.dir)
-    asyncio.run(run_hub(paths, config, args.replica))
+    try:
+        asyncio.run(run_hub(paths, config, args.replica))
+    except AlreadyRunning as exc:  # a second copy started by mistake: it must not touch the first's broker
+        print(f"edge-hub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from edge_agent.protocol import (
     pack_coord,
     shared_filter,
 )
+from edge_agent.runlock import RunLock
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
@@ -237,7 +238,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
         loop.add_signal_handler(sig, stop.set)
     if replica is not None:
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
-    store = await HubStore.open(paths.db)
+    lock = hold_run_lock(paths, replica)  # before anything of the hub's is touched
+    try:
+        store = await HubStore.open(paths.db)
+    except BaseException:
+        lock.release()
+        raise
     tasks: list[asyncio.Task[None]] = []
     service = HubService(paths, config, store, Watchdog.from_environment(), replica)
     supervisor = None
@@ -268,3 +274,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await store.close()
+        lock.release()
+
+
+def hold_run_lock(paths: HubPaths, replica: str | None) -> RunLock:
+    """One process per (hub directory, replica): a second one would take the first one's broker for
+    a leftover and stop it, and fight it for the hub's session. Raises AlreadyRunning."""
+    paths.run.mkdir(mode=0o711, exist_ok=True)
+    name, what = ("hub", "edge-hub run") if replica is None else (f"hub.{replica}", f"edge-hub run --replica {replica}")
+    return RunLock.acquire(paths.run / f"{name}.lock", what, paths.root)

@@ -1,0 +1,205 @@
+"""One identity, one process: a second agent on a state directory, a second hub on a directory,
+and an agent configured as a device its certificate is not — real processes, a real Mosquitto.
+
+"Nothing happened to the running one" is proved by a bounded quiet wait (QUIET) on its log after
+the intruder has come and gone: the broker closes a session taken over by the same client id at
+once, and the running one logs the loss and its retry at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edge_agent.errors import AlreadyRunning
+from edge_agent.runlock import RunLock
+from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_agent
+
+pytestmark = pytest.mark.integration
+
+QUIET = 3.0  # how long the running process is watched for a lost session, after the intruder left
+REFUSAL = 20.0  # bound on a refused start (the interpreter's imports on a loaded machine)
+
+
+async def quiet(proc: Proc, pattern: str, after: int) -> None:
+    """Assert that no line matching `pattern` appears (from line `after` on) within QUIET."""
+    try:
+        line = await proc.wait_for(pattern, timeout=QUIET, after=after)
+    except AssertionError:
+        return
+    pytest.fail(f"{proc.name}: {line}")
+
+
+def finding(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if line[6:].startswith(f"{name}: "))
+
+
+# --- the lock itself --------------------------------------------------------------------------
+
+
+def test_the_lock_names_its_holder_and_is_free_again_once_released(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "agent.lock"
+    assert RunLock.holder(path) is None
+    held = RunLock.acquire(path, "edge-agent", tmp_path / "state")
+    assert RunLock.holder(path) == os.getpid()
+    with pytest.raises(AlreadyRunning) as refused:  # flock: a second open file conflicts, also in one process
+        RunLock.acquire(path, "edge-agent", tmp_path / "state")
+    assert str(refused.value) == f"another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'state'}; " \
+                                 "stop it first"
+    held.release()
+    assert RunLock.holder(path) is None
+    RunLock.acquire(path, "edge-agent", tmp_path / "state").release()
+
+
+# --- item 8: two agents on one state directory ----------------------------------------------
+
+
+async def test_a_second_agent_on_one_state_dir_refuses_and_check_leaves_the_session_alone(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "dev-twice")
+    config = bundles / "dev-twice" / "agent.toml"
+    state = bundles / "dev-twice" / "state"
+    first = await start_agent(config, "sim.rate_hz=20", name="first")
+    try:
+        await first.wait_for(r"dev-twice online")
+        mark = first.mark()
+        code, out, err = await run_cli(AGENT, "run", "--config", str(config), timeout=REFUSAL)
+        assert code == 2, out + err
+        assert err.splitlines() == [f"edge-agent: another edge-agent (pid {first.pid}) is running on {state}; "
+                                    "stop it first"]
+        # `check` says the agent runs and does not connect as the device beside it.
+        code, out, err = await run_cli(AGENT, "check", "--config", str(config), timeout=REFUSAL)
+        assert code == 0, out + err
+        broker = finding(out, "broker")
+        assert broker.startswith("ok    broker: not tried: edge-agent (pid "), out
+        assert f"(pid {first.pid}) is running on {state}" in broker
+        assert "network" in out  # the TCP probe is still made
+        await quiet(first, r"retrying in|connected|Traceback|UNIQUE", mark)
+        assert first.proc is not None
+        assert first.proc.returncode is None
+    finally:
+        assert await first.stop() == 0
+    # Stopped: `check` probes the broker again.
+    code, out, err = await run_cli(AGENT, "check", "--config", str(config), timeout=REFUSAL)
+    assert code == 0, out + err
+    assert finding(out, "broker").startswith("ok    broker: connected to"), out
+
+
+async def test_after_kill_9_the_next_agent_starts(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    """The kernel drops the lock with the process: no stale lock file ever blocks a start."""
+    await hub_dir.provision(bundles, "dev-k9")
+    config = bundles / "dev-k9" / "agent.toml"
+    first = await start_agent(config, name="first")
+    await first.wait_for(r"dev-k9 online")
+    first.signal(signal.SIGKILL)
+    assert await first.stop() == -signal.SIGKILL
+    assert (bundles / "dev-k9" / "state" / "agent.lock").read_text().strip() == str(first.pid)
+    second = await start_agent(config, name="second")
+    try:
+        await second.wait_for(r"dev-k9 online")
+    finally:
+        assert await second.stop() == 0
+
+
+# --- item 9: two hubs on one directory -------------------------------------------------------
+
+
+async def test_a_second_hub_on_one_directory_refuses_and_leaves_the_broker_alone(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "dev-h")
+    broker_pid = int((hub_dir.dir / "run" / "mosquitto.pid").read_text())
+    agent = await start_agent(bundles / "dev-h" / "agent.toml", name="agent")
+    try:
+        await agent.wait_for(r"dev-h online")
+        hub_mark, agent_mark = hub.mark(), agent.mark()
+        code, out, err = await run_cli(HUB, "run", "--dir", str(hub_dir.dir), timeout=REFUSAL)
+        assert code == 2, out + err
+        assert err.splitlines()[-1] == (f"edge-hub: another edge-hub run (pid {hub.pid}) is running on "
+                                        f"{hub_dir.dir}; stop it first")
+        assert "mosquitto" not in err
+        await quiet(hub, r"stopping the managed mosquitto|mosquitto exited|hub ready|retrying in", hub_mark)
+        await quiet(agent, r"retrying in|connected", agent_mark)
+        assert psutil.pid_exists(broker_pid)
+        assert int((hub_dir.dir / "run" / "mosquitto.pid").read_text()) == broker_pid
+    finally:
+        assert await agent.stop() == 0
+
+
+async def test_a_hub_killed_with_9_leaves_no_lock_behind(hub_dir: HubDir) -> None:
+    first = await Proc("hub", [HUB, "-v", "run", "--dir", str(hub_dir.dir)]).start()
+    try:
+        await first.wait_for(r"hub ready")
+    finally:
+        first.signal(signal.SIGKILL)
+        await first.stop()
+    second = await Proc("hub2", [HUB, "-v", "run", "--dir", str(hub_dir.dir)]).start()
+    try:
+        await second.wait_for(r"hub ready")  # after stopping the broker the first one left running
+        assert any("left by a previous hub run" in line for line in second.lines)
+    finally:
+        assert await second.stop() == 0
+
+
+# --- item 11: a device_id that is not the certificate's, a key others can read ---------------
+
+
+async def test_run_refuses_a_device_id_that_is_not_its_certificates_with_checks_sentences(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "dev-real", "dev-other")
+    real = await start_agent(bundles / "dev-real" / "agent.toml", name="real")
+    try:
+        await real.wait_for(r"dev-real online")
+        mark = real.mark()
+        # dev-other's bundle, told it is dev-real: it would be refused every publish and,
+        # the broker forcing the client id to the CN, keep kicking dev-other... or with
+        # dev-real's own bundle copied in, dev-real itself.
+        config = bundles / "dev-other" / "agent.toml"
+        key = bundles / "dev-other" / "device.key"
+        key.chmod(0o640)
+        wrong = ("--set", "device_id=dev-real")
+        code, out, err = await run_cli(AGENT, "check", "--config", str(config), *wrong, timeout=REFUSAL)
+        assert code == 1, out + err
+        sentences = [finding(out, name)[len(f"FAIL  {name}: "):] for name in ("identity", "key permissions")]
+        code, out, err = await run_cli(AGENT, "run", "--config", str(config), *wrong, timeout=REFUSAL)
+        assert code == 2, out + err
+        lines = err.splitlines()
+        assert lines[:2] == [f"edge-agent: {s}" for s in sentences], err
+        assert "'dev-other' but device_id is 'dev-real'" in lines[0]
+        assert f"chmod 600 {key}" in lines[1]
+        assert lines[2:] == [f"edge-agent: not started; `edge-agent check --config {config}` checks the rest"]
+        # simulate refuses it too, naming the bundle.
+        code, out, err = await run_cli(AGENT, "simulate", "--bundles", str(bundles), "--duration", "5", *wrong,
+                                       timeout=REFUSAL)
+        assert code == 2, out + err
+        assert "bundle dev-other: the certificate is for 'dev-other' but device_id is 'dev-real'" in err
+        # Only the key mode left: still refused, with that one sentence.
+        code, out, err = await run_cli(AGENT, "run", "--config", str(config), timeout=REFUSAL)
+        assert code == 2, out + err
+        assert err.splitlines()[0] == f"edge-agent: {sentences[1]}"
+        await quiet(real, r"retrying in|connected", mark)
+    finally:
+        assert await real.stop() == 0
+    key.chmod(0o600)
+    other = await start_agent(config, name="other")
+    try:
+        await other.wait_for(r"dev-other online")
+    finally:
+        assert await other.stop() == 0
+
+
+async def test_simulate_refuses_a_bundle_whose_agent_runs(hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    await hub_dir.provision(bundles, "sim-a", "sim-b")
+    running = await start_agent(bundles / "sim-b" / "agent.toml", name="sim-b")
+    try:
+        await running.wait_for(r"sim-b online")
+        code, out, err = await run_cli(AGENT, "simulate", "--bundles", str(bundles), "--duration", "5",
+                                       timeout=REFUSAL)
+        assert code == 2, out + err
+        assert (f"bundle sim-b: another edge-agent (pid {running.pid}) is running on "
+                f"{bundles / 'sim-b' / 'state'}; stop it first") in err
+    finally:
+        assert await running.stop() == 0
