@@ -26,6 +26,7 @@ from edge_agent.coordination import HubCoordinator, bid_score
 from edge_agent.errors import ConnectionLost, TransientError
 from edge_agent.identity import IdentityFiles
 from edge_agent.link import Link
+from edge_agent.machine import fingerprint, machine_number
 from edge_agent.metrics import serve_agent_metrics
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
@@ -123,7 +124,8 @@ class Agent:
         AlreadyRunning, before anything is opened, when another agent runs on the state directory."""
         lock = RunLock.acquire(settings.state_dir / AGENT_LOCK, "edge-agent", settings.state_dir)
         try:
-            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
+            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous,
+                                       machine_number(fingerprint(settings.config.state.machine)))
             agent = cls(settings, outbox, policy)
         except BaseException:
             lock.release()
@@ -187,7 +189,7 @@ class Agent:
                 if topic.device != self.device or topic.channel != "down":
                     raise ProtocolError("bad_topic", f"not ours: {message.topic}")
                 if topic.kind == ACK:
-                    self.uplink.on_ack(unpack(message.payload, Ack).through)
+                    await self.uplink.on_hub_ack(unpack(message.payload, Ack))
                 elif topic.kind == POLICY:
                     await self.take_policy(message.payload)
                 elif topic.kind == COORD:

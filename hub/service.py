@@ -18,6 +18,7 @@ from edge_agent.protocol import (
     PRESENCE_FILTER,
     UP_FILTER,
     Ack,
+    Renumber,
     down_topic,
     pack,
     pack_coord,
@@ -173,7 +174,7 @@ class HubService:
                 for message in messages:
                     session.ack(message)  # PUBACK only now that the database has it
                 outgoing.put_nowait(replies)
-                acks.put(result.acks)
+                acks.put(result.acks, result.instance_acks, result.renumber)
 
 
 class AckSender:
@@ -188,24 +189,29 @@ class AckSender:
     """
 
     def __init__(self) -> None:
-        self._due: dict[str, int] = {}
+        self._due: dict[tuple[str, int], int] = {}  # (device, outbox instance; 0 for an agent without) -> through
+        self._renumber: dict[tuple[str, int], Renumber] = {}  # refused batches: hub/identities.py
         self._news = asyncio.Event()
 
-    def put(self, acks: dict[str, int]) -> None:
+    def put(self, acks: dict[str, int], instances: dict[tuple[str, int], int] | None = None,
+            renumber: dict[tuple[str, int], Renumber] | None = None) -> None:
         due = self._due
-        for device, through in acks.items():
-            if through > due.get(device, 0):
-                due[device] = through
-        if due:
+        for key, through in [*(((d, 0), w) for d, w in acks.items()), *(instances or {}).items()]:
+            if through > due.get(key, 0):
+                due[key] = through
+        self._renumber.update(renumber or {})
+        if due or self._renumber:
             self._news.set()
 
     async def serve(self, session: MqttSession) -> None:
         while True:
             await self._news.wait()
             self._news.clear()
-            due, self._due = self._due, {}
-            await asyncio.gather(*(session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1)
-                                   for d, w in due.items()))
+            (due, self._due), (renumber, self._renumber) = (self._due, {}), (self._renumber, {})
+            acks = {key: Ack(through=w, instance=key[1]) for key, w in due.items()}
+            acks |= {key: Ack(through=due.get(key, 0), instance=key[1], renumber=r) for key, r in renumber.items()}
+            await asyncio.gather(*(session.publish(down_topic(d, ACK), pack(ack), qos=1)
+                                   for (d, _), ack in acks.items()))
 
 
 async def _metrics(paths: HubPaths, config: HubConfig) -> None:

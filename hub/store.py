@@ -20,9 +20,10 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from edge_agent.protocol import Presence, Status
+from edge_agent.protocol import Batch, Presence, Renumber, Status
 from edge_agent.sqlite import to_completion
 from hub.errors import HubError
+from hub.identities import resolve_claims
 from hub.watermarks import Coverage
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
@@ -193,6 +194,20 @@ MIGRATIONS: Final[Sequence[str]] = (
     ALTER TABLE certificates ADD COLUMN pem TEXT;      -- ... and the certificate sent, to answer a repeat alike
     CREATE INDEX certificates_key ON certificates(device, key_id);
     """,
+    """
+    CREATE TABLE ingest_instances (        -- each outbox that numbered a device's records (hub/identities.py)
+        device TEXT NOT NULL,
+        instance INTEGER NOT NULL,         -- the outbox's random id (protocol.Batch.instance)
+        stream TEXT NOT NULL,              -- its key in ingest and ingest_ranges: the device id, or DEVICE/INSTANCE
+        floor INTEGER NOT NULL,            -- its own records are numbered above this
+        keep INTEGER NOT NULL,             -- records <= this keep the numbers an earlier instance gave them
+        top INTEGER NOT NULL,              -- the highest seq it sent
+        conflicts INTEGER NOT NULL,        -- times it was found numbering records another machine numbers
+        conflict_at REAL,                  -- the latest of them
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+        PRIMARY KEY (device, instance)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -278,6 +293,18 @@ class IngestWork:
     rejects: dict[str, int] = field(default_factory=dict)
     messages: int = 0  # the MQTT messages they came in
     hub: str = ""  # the hub process that took them in (replicas share the ingest)
+    claims: list[tuple[str, Batch]] = field(default_factory=list)  # batches with an outbox instance id
+    # Set by the commit (hub/identities.py): each instance's ack, and the batches refused for numbers
+    # another machine with the same certificate uses.
+    instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)
+    renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)
+
+    def add_rows(self, device: str, batch: Batch) -> None:
+        """A batch's readings and events, to be stored."""
+        names = batch.names
+        self.telemetry.extend((device, s, t, names[m], v) for s, t, m, v in zip(
+            batch.seq, batch.ts, batch.metric, batch.value, strict=True))
+        self.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
 
 
 def iso(ts: float | None) -> str | None:
@@ -500,6 +527,9 @@ class HubStore:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
+            legacy = set(work.ranges)  # devices whose agents send no outbox instance id
+            placed = await resolve_claims(db, work, lambda db, kind, body: self.hub_event(
+                db, work.hub or "hub", kind, body)) if work.claims else {}
             if work.telemetry:
                 await db.executemany(
                     "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
@@ -510,6 +540,8 @@ class HubStore:
                     "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events
                 )
             marks = await self._advance_watermarks(db, work.ranges) if work.ranges else {}
+            work.instance_acks = {key: min(marks[stream], ceiling) for key, (stream, ceiling) in placed.items()}
+            marks = {stream: mark for stream, mark in marks.items() if stream in legacy}
             if work.messages:
                 minute = int(work.now // 60)
                 await db.execute(

@@ -8,8 +8,16 @@ once, and the running one logs the loss and its retry at once.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import json
 import os
+import re
+import shutil
 import signal
+import sqlite3
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -18,6 +26,8 @@ import pytest
 from edge_agent.errors import AlreadyRunning
 from edge_agent.runlock import RunLock
 from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_agent
+from tests.exactly_once import QUIET as SETTLING
+from tests.exactly_once import OutboxState, outbox_state
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +213,122 @@ async def test_simulate_refuses_a_bundle_whose_agent_runs(hub_dir: HubDir, hub: 
                 f"{bundles / 'sim-b' / 'state'}; stop it first") in err
     finally:
         assert await running.stop() == 0
+
+
+# --- item 10: one certificate on two boards (a cloned SD card) --------------------------------
+
+RATE_HZ = 10  # sim ticks a second: every tick is at k / RATE_HZ on both boards
+TOGETHER = 8.0  # seconds both boards stream at once
+
+
+async def drained(bundle: Path, beyond: int = 0, timeout: float = 90.0) -> OutboxState:
+    """Until the running agent's outbox holds nothing the hub has not acknowledged (its own acks:
+    a renumbered clone's watermark is not the device's), and has numbered past `beyond`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = outbox_state(bundle)
+        if state.last_seq > beyond and state.acked >= state.last_seq and state.rows == 0:
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{bundle}: not drained within {timeout} s: {state}")
+        await asyncio.sleep(0.2)
+
+
+async def settle(bundle: Path, *sets: str, name: str) -> None:
+    """Run the board once more, alone, quietly (one reading at start), until everything it holds is
+    acknowledged."""
+    before = outbox_state(bundle).last_seq
+    agent = await start_agent(bundle / "agent.toml", *sets, *SETTLING[:1], name=name)
+    try:
+        await agent.wait_for(r"online")
+        await drained(bundle, beyond=before)
+    finally:
+        assert await agent.stop() == 0
+
+
+def readings(hub_dir: HubDir, device: str) -> dict[str, collections.Counter[float]]:
+    """How many readings the hub holds per metric and tick."""
+    db = sqlite3.connect(f"file:{hub_dir.dir / 'hub.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT metric, ts FROM telemetry WHERE device = ?", (device,)).fetchall()
+    finally:
+        db.close()
+    found: dict[str, collections.Counter[float]] = collections.defaultdict(collections.Counter)
+    for metric, ts in rows:
+        found[metric][ts] += 1
+    return found
+
+
+def ticks(first: float, last: float) -> list[float]:
+    return [k / RATE_HZ for k in range(round(first * RATE_HZ), round(last * RATE_HZ) + 1)]
+
+
+async def test_a_cloned_image_is_reported_and_every_reading_of_both_boards_is_kept(
+        hub_dir: HubDir, hub: Proc, bundles: Path, workdir: Path) -> None:
+    """Board a runs; its SD card is imaged (outbox and all) onto board b; both run at once with one
+    certificate. b streams one more signal (sig1) than a, so each board's readings can be told apart:
+    sig1 is b's alone, and sig0 must be at the hub twice for every tick both boards sampled."""
+    await hub_dir.provision(bundles, "dev-clone")
+    board_a = bundles / "dev-clone"
+    common = (f"sim.rate_hz={RATE_HZ}", "report.default_deadband=0")
+    as_a, as_b = (*common, "state.machine=board-a", "sim.signals=1"), (*common, "state.machine=board-b",
+                                                                         "sim.signals=2")
+    first = await start_agent(board_a / "agent.toml", *as_a, name="a")
+    try:
+        await first.wait_for(r"dev-clone online")
+        await drained(board_a)
+    finally:
+        assert await first.stop() == 0
+    cloned_at = time.time()
+    board_b = workdir / "board-b" / "dev-clone"
+    shutil.copytree(board_a, board_b)  # the image: certificate, key, agent.toml, state/outbox.db
+    a = await start_agent(board_a / "agent.toml", *as_a, name="a")
+    try:
+        await a.wait_for(r"dev-clone online")
+        b = await start_agent(board_b / "agent.toml", *as_b, name="b")
+        try:
+            await b.wait_for(r"was made on another machine \(a cloned image\?\)")
+            await asyncio.sleep(TOGETHER)  # both sample all along; what they sample is checked below
+            await b.wait_for(r"the hub refused our sequence numbers above \d+", timeout=60)
+        finally:
+            assert await b.stop() == 0
+        b_stopped = time.time()
+        await drained(board_a)
+    finally:
+        assert await a.stop() == 0
+    await settle(board_b, *as_b, name="b-settle")
+    await settle(board_a, *as_a, name="a-settle")
+
+    found = readings(hub_dir, "dev-clone")
+    sig0, sig1 = found["sig0"], found["sig1"]
+    assert sum(sig1.values()) == len(sig1), "a reading of b stored twice"
+    assert max(sig0.values()) <= 2, "a tick stored more than once per board"
+    assert all(sig0[t] == 1 for t in sig0 if t < cloned_at), "a reading taken before the clone stored twice"
+    b_ticks = sorted(t for t in sig1 if cloned_at < t <= b_stopped)  # not its settling run's
+    assert len(b_ticks) >= TOGETHER * RATE_HZ, f"only {len(b_ticks)} of b's readings at the hub"
+    assert b_ticks == ticks(b_ticks[0], b_ticks[-1]), "b's readings have gaps at the hub"
+    assert len(sig1) == len(b_ticks) + 1, "b's reading of its settling run is missing"
+    print(f"b's readings during the clone's run: {len(b_ticks)}; at the hub: sig0 {sum(sig0.values())}, "
+          f"sig1 {sum(sig1.values())}; session takeovers seen by a: "
+          f"{sum('retrying in' in line for line in a.lines)}, by b: {sum('retrying in' in line for line in b.lines)}")
+    # a sampled through all of b's run: every tick of it is at the hub from both boards.
+    assert [sig0[t] for t in b_ticks] == [2] * len(b_ticks), "a reading of one board lost or taken for the other's"
+
+    # The hub says so: an event, the status's list of what needs a person, the metrics.
+    code, out, err = await run_cli(HUB, "events", "--dir", str(hub_dir.dir), "--kind", "identity_conflict", "--json")
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events, out
+    assert all(e["body"]["device"] == "dev-clone" for e in events), out
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert code == 0, err
+    clones = json.loads(out)["identity_conflicts"]
+    assert [c["device"] for c in clones] == ["dev-clone"], clones
+    assert clones[0]["instances"] == 2
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir))
+    assert "dev-clone  2 machines use its certificate" in out, out
+    metrics = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{hub_dir.metrics_port}/metrics", timeout=10).read().decode())
+    assert re.search(r'edgefleet_device_identity_conflicts_total\{[^}]*device="dev-clone"[^}]*\} [1-9]', metrics), \
+        metrics
+    assert re.search(r'edgefleet_ingest_rejects_total\{[^}]*reason="identity_conflict"[^}]*\} [1-9]', metrics)

@@ -1,0 +1,161 @@
+"""One certificate, two machines: outbox instances and the sequence numbers each may use.
+
+Every outbox has a random instance id, made anew when the outbox finds itself on another
+machine than the one it was made on (edge_agent/outbox.py `_claim`). A device's sequence space
+is shared out among the instances the hub has seen, in regions: an instance numbers its own
+records above its `floor`, up to the next instance's floor. The first instance of a device owns
+the space from 0; one whose records all come after everything the device ever sent is a new
+outbox on the same board (one replaced after corruption) and takes the rest of the space over.
+One whose records overlap another's is a second machine with this certificate: its batch is
+refused (not stored, not acknowledged as duplicates), the conflict is recorded as an
+`identity_conflict` hub event and counted, and it is given a region of its own, above every
+number the device used, to renumber its records into (protocol.Renumber). Records <= `keep`
+were numbered before that (by the image it was cloned from): they keep their numbers, and the
+hub stores them once whoever sends them.
+
+Each instance's acknowledgments come from its own coverage (`stream`, a key of the ingest
+tables: the device id, or DEVICE/INSTANCE once moved), never above its region, and carry its
+instance id: both boards read the device's ack topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import aiosqlite
+
+from edge_agent.protocol import MAX_SEQ, Batch, Renumber
+
+if TYPE_CHECKING:
+    from hub.store import IngestWork
+
+# A moved instance starts at the next multiple of this above every number the device used:
+# the instance below it would need 2**40 records (350 years at 100 a second) to reach it.
+REGION_STRIDE: Final = 2**40
+CONFLICT: Final = "identity_conflict"  # the hub event's kind and the reject counter's reason
+STALE: Final = "renumbered"  # a batch numbered before its instance was moved (still in flight then)
+
+log = logging.getLogger("hub.identities")
+
+# Where a conflict is recorded (kind, body), inside the ingest's transaction: a hub event.
+EventSink = Callable[[aiosqlite.Connection, str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Instance:
+    instance: int
+    stream: str
+    floor: int
+    keep: int
+    top: int
+
+
+@dataclass(frozen=True)
+class Accept:
+    stream: str
+    ceiling: int
+    row: Instance
+
+
+@dataclass(frozen=True)
+class Refuse:
+    keep: int
+    resume_after: int
+    conflict: bool  # a new overlap (recorded, counted as a conflict), or a batch of the old numbering
+    other: int  # the instance whose numbers it used (0: none known)
+
+
+def judge(device: str, batch: Batch, known: dict[int, Instance], top_all: int) -> Accept | Refuse:
+    """Where a batch of outbox instance `batch.instance` stands among the device's `known` instances."""
+    own_from = max(batch.base, batch.inherited)  # its own records are numbered above this
+    seqs = [*batch.seq, *(e.seq for e in batch.events)]
+    me = known.get(batch.instance)
+    if me is None:
+        if not known or own_from >= top_all:
+            floor = own_from if known else 0
+            return Accept(device, MAX_SEQ, Instance(batch.instance, device, floor, floor, batch.last))
+        return Refuse(own_from, next_region(known, top_all, batch.last), True, _owner(known, own_from + 1))
+    ceiling = min((i.floor for i in known.values() if i.floor > me.floor), default=MAX_SEQ)
+    if any(own_from < s <= me.floor for s in seqs):
+        return Refuse(me.keep, me.floor, False, 0)
+    if batch.last > ceiling:
+        return Refuse(ceiling, next_region(known, top_all, batch.last), True, _owner(known, ceiling + 1))
+    me.top = max(me.top, batch.last)
+    return Accept(me.stream, ceiling, me)
+
+
+def next_region(known: dict[int, Instance], top_all: int, last: int) -> int:
+    highest = max([top_all, last, *(i.floor for i in known.values())])
+    return (highest // REGION_STRIDE + 1) * REGION_STRIDE
+
+
+def _owner(known: dict[int, Instance], seq: int) -> int:
+    """The instance whose region holds `seq`."""
+    below = [i for i in known.values() if i.floor < seq]
+    return max(below, key=lambda i: i.floor).instance if below else 0
+
+
+async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_event: EventSink) -> dict[
+        tuple[str, int], tuple[str, int]]:
+    """Judge the cycle's batches that carry an instance id, inside the ingest's transaction: add the
+    accepted ones' rows and ranges to `work`, the refusals to `work.renumber`. Returns, per (device,
+    instance) accepted, its stream and the ceiling of its region (its acks never go past it)."""
+    placed: dict[tuple[str, int], tuple[str, int]] = {}
+    for device, batch in work.claims:
+        known = await _instances(db, device)
+        verdict = judge(device, batch, known, await _top(db, device, known))
+        key = (device, batch.instance)
+        if isinstance(verdict, Accept):
+            await _save(db, device, verdict.row, work.now, conflict=False)
+            placed[key] = (verdict.stream, verdict.ceiling)
+            work.add_rows(device, batch)
+            work.ranges.setdefault(verdict.stream, []).append((batch.base, batch.last, batch.settled))
+            continue
+        reason = (f"another machine numbers this device's records above {verdict.keep} with the same certificate "
+                  "(a cloned image?)")
+        work.renumber[key] = Renumber(keep_through=verdict.keep, resume_after=verdict.resume_after, reason=reason)
+        why = CONFLICT if verdict.conflict else STALE
+        work.rejects[why] = work.rejects.get(why, 0) + 1
+        if not verdict.conflict:
+            continue
+        row = Instance(batch.instance, f"{device}/{batch.instance:x}", verdict.resume_after, verdict.keep,
+                       verdict.resume_after)
+        await _save(db, device, row, work.now, conflict=True)
+        log.warning("device %s: two machines use its certificate: outbox %x numbered records %d.. that outbox %x "
+                    "uses; refused, and told to renumber them from %d", device, batch.instance, verdict.keep + 1,
+                    verdict.other, verdict.resume_after + 1)
+        await record_event(db, CONFLICT, {
+            "device": device, "instance": f"{batch.instance:x}", "other": f"{verdict.other:x}",
+            "renumbered_after": verdict.keep, "resume_after": verdict.resume_after,
+            "detail": f"two machines use the certificate of {device}: give each board its own identity "
+                      "(edge-hub provision) and re-image the copy; meanwhile every reading of both is kept"})
+    return placed
+
+
+async def _instances(db: aiosqlite.Connection, device: str) -> dict[int, Instance]:
+    async with db.execute("SELECT instance, stream, floor, keep, top FROM ingest_instances WHERE device = ?",
+                          (device,)) as cur:
+        return {int(r[0]): Instance(int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4])) for r in await cur.fetchall()}
+
+
+async def _top(db: aiosqlite.Connection, device: str, known: dict[int, Instance]) -> int:
+    """The highest number the device is known to have used (its instances', and before it had any)."""
+    async with db.execute("SELECT max(COALESCE((SELECT acked_through FROM ingest WHERE device = ?), 0), "
+                          "COALESCE((SELECT max(last) FROM ingest_ranges WHERE device = ?), 0))",
+                          (device, device)) as cur:
+        row = await cur.fetchone()
+    return max([int(row[0]) if row else 0, *(i.top for i in known.values())])
+
+
+async def _save(db: aiosqlite.Connection, device: str, row: Instance, now: float, *, conflict: bool) -> None:
+    await db.execute(
+        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, "
+        "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
+        "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, top = max(top, excluded.top), "
+        "conflicts = conflicts + excluded.conflicts, conflict_at = COALESCE(excluded.conflict_at, conflict_at), "
+        "last_seen = excluded.last_seen",
+        (device, row.instance, row.stream, row.floor, row.keep, row.top, int(conflict), now if conflict else None,
+         now, now))
