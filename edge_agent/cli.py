@@ -152,10 +152,9 @@ def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.identity import IdentityFiles
 
     refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
-    for sentence in refusals:
+    for sentence in refusals:  # each says what to do; nothing was started
         print(f"edge-agent: {sentence}", file=sys.stderr)
     if refusals:
-        print(f"edge-agent: not started; `edge-agent check --config {settings.path}` checks the rest", file=sys.stderr)
         return EXIT_USAGE
     try:
         asyncio.run(run_agent(settings, policy))

@@ -154,7 +154,7 @@ class IdentityFiles:
             try:
                 self.load("bundle")
             except IdentityError as exc:
-                return [f"cannot load the TLS identity ({exc})"]
+                return [f"cannot load the TLS identity ({exc}); `edge-agent check` says what is wrong with it."]
             return []  # loaded since current() looked: nothing to refuse
         problems = [p for p in (wrong_device(credential.cert.common_name, device),) if p]
         private, sentence = key_permissions(credential.tls.key)

@@ -88,7 +88,7 @@ def judge(device: str, batch: Batch, known: dict[int, Instance], top_all: int) -
 
 
 def next_region(known: dict[int, Instance], top_all: int, last: int) -> int:
-    highest = max([top_all, last, *(i.floor for i in known.values())])
+    highest = max([top_all, last, *(max(i.floor, i.top) for i in known.values())])
     return (highest // REGION_STRIDE + 1) * REGION_STRIDE
 
 
@@ -106,7 +106,8 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
     placed: dict[tuple[str, int], tuple[str, int]] = {}
     for device, batch in work.claims:
         known = await _instances(db, device)
-        verdict = judge(device, batch, known, await _top(db, device, known))
+        new = known and batch.instance not in known  # only a newcomer is measured against the device's top
+        verdict = judge(device, batch, known, await _top(db, device, known) if new else 0)
         key = (device, batch.instance)
         if isinstance(verdict, Accept):
             await _save(db, device, verdict.row, work.now, conflict=False)

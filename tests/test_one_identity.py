@@ -180,7 +180,7 @@ async def test_run_refuses_a_device_id_that_is_not_its_certificates_with_checks_
         assert lines[:2] == [f"edge-agent: {s}" for s in sentences], err
         assert "'dev-other' but device_id is 'dev-real'" in lines[0]
         assert f"chmod 600 {key}" in lines[1]
-        assert lines[2:] == [f"edge-agent: not started; `edge-agent check --config {config}` checks the rest"]
+        assert len(lines) == 2, err
         # simulate refuses it too, naming the bundle.
         code, out, err = await run_cli(AGENT, "simulate", "--bundles", str(bundles), "--duration", "5", *wrong,
                                        timeout=REFUSAL)
@@ -189,7 +189,7 @@ async def test_run_refuses_a_device_id_that_is_not_its_certificates_with_checks_
         # Only the key mode left: still refused, with that one sentence.
         code, out, err = await run_cli(AGENT, "run", "--config", str(config), timeout=REFUSAL)
         assert code == 2, out + err
-        assert err.splitlines()[0] == f"edge-agent: {sentences[1]}"
+        assert err.splitlines() == [f"edge-agent: {sentences[1]}"]
         await quiet(real, r"retrying in|connected", mark)
     finally:
         assert await real.stop() == 0
