@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -25,6 +26,7 @@ import pytest
 
 from edge_agent.errors import AlreadyRunning
 from edge_agent.runlock import RunLock
+from hub.identities import REGION_STRIDE
 from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_agent
 from tests.exactly_once import QUIET as SETTLING
 from tests.exactly_once import OutboxState, outbox_state
@@ -218,19 +220,26 @@ async def test_simulate_refuses_a_bundle_whose_agent_runs(hub_dir: HubDir, hub: 
 # --- item 10: one certificate on two boards (a cloned SD card) --------------------------------
 
 RATE_HZ = 10  # sim ticks a second: every tick is at k / RATE_HZ on both boards
-TOGETHER = 8.0  # seconds both boards stream at once
+TOGETHER = 8  # seconds of b's readings acknowledged while both boards stream
 
 
 async def drained(bundle: Path, beyond: int = 0, timeout: float = 90.0) -> OutboxState:
     """Until the running agent's outbox holds nothing the hub has not acknowledged (its own acks:
     a renumbered clone's watermark is not the device's), and has numbered past `beyond`."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def done() -> bool:
         state = outbox_state(bundle)
-        if state.last_seq > beyond and state.acked >= state.last_seq and state.rows == 0:
-            return state
+        return state.last_seq > beyond and state.acked >= state.last_seq and state.rows == 0
+
+    await until(done, f"{bundle} drained", timeout)
+    return outbox_state(bundle)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll the files (no process announces it), bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{bundle}: not drained within {timeout} s: {state}")
+            raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.2)
 
 
@@ -288,8 +297,11 @@ async def test_a_cloned_image_is_reported_and_every_reading_of_both_boards_is_ke
         b = await start_agent(board_b / "agent.toml", *as_b, name="b")
         try:
             await b.wait_for(r"was made on another machine \(a cloned image\?\)")
-            await asyncio.sleep(TOGETHER)  # both sample all along; what they sample is checked below
             await b.wait_for(r"the hub refused our sequence numbers above \d+", timeout=60)
+            # Both sample all along (what they sampled is checked below) until the hub has
+            # acknowledged TOGETHER seconds of b's readings under its new numbers.
+            await until(lambda: outbox_state(board_b).acked > REGION_STRIDE + TOGETHER * RATE_HZ * 2,
+                        "b's renumbered readings acknowledged", timeout=90)
         finally:
             assert await b.stop() == 0
         b_stopped = time.time()
