@@ -20,6 +20,7 @@ instance id: both boards read the device's ack topic.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def judge(device: str, batch: Batch, known: dict[int, Instance], top_all: int) -
             return Accept(device, MAX_SEQ, Instance(batch.instance, device, floor, floor, batch.last))
         return Refuse(own_from, next_region(known, top_all, batch.last), True, _owner(known, own_from + 1))
     ceiling = min((i.floor for i in known.values() if i.floor > me.floor), default=MAX_SEQ)
-    if any(own_from < s <= me.floor for s in seqs):
+    if any(max(own_from, me.keep) < s <= me.floor for s in seqs):  # numbered before it was moved
         return Refuse(me.keep, me.floor, False, 0)
     if batch.last > ceiling:
         return Refuse(ceiling, next_region(known, top_all, batch.last), True, _owner(known, ceiling + 1))
@@ -104,13 +105,15 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
     accepted ones' rows and ranges to `work`, the refusals to `work.renumber`. Returns, per (device,
     instance) accepted, its stream and the ceiling of its region (its acks never go past it)."""
     placed: dict[tuple[str, int], tuple[str, int]] = {}
+    instances = await _instances(db, sorted({device for device, _ in work.claims}))
+    seen: dict[tuple[str, int], Instance] = {}  # what to write back, once per instance
+    conflicts: dict[tuple[str, int], int] = {}
     for device, batch in work.claims:
-        known = await _instances(db, device)
+        known, key = instances.setdefault(device, {}), (device, batch.instance)
         new = known and batch.instance not in known  # only a newcomer is measured against the device's top
         verdict = judge(device, batch, known, await _top(db, device, known) if new else 0)
-        key = (device, batch.instance)
         if isinstance(verdict, Accept):
-            await _save(db, device, verdict.row, work.now, conflict=False)
+            known[batch.instance] = seen[key] = verdict.row
             placed[key] = (verdict.stream, verdict.ceiling)
             work.add_rows(device, batch)
             work.ranges.setdefault(verdict.stream, []).append((batch.base, batch.last, batch.settled))
@@ -122,9 +125,9 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
         work.rejects[why] = work.rejects.get(why, 0) + 1
         if not verdict.conflict:
             continue
-        row = Instance(batch.instance, f"{device}/{batch.instance:x}", verdict.resume_after, verdict.keep,
-                       verdict.resume_after)
-        await _save(db, device, row, work.now, conflict=True)
+        known[batch.instance] = seen[key] = Instance(batch.instance, f"{device}/{batch.instance:x}",
+                                                     verdict.resume_after, verdict.keep, verdict.resume_after)
+        conflicts[key] = conflicts.get(key, 0) + 1
         log.warning("device %s: two machines use its certificate: outbox %x numbered records %d.. that outbox %x "
                     "uses; refused, and told to renumber them from %d", device, batch.instance, verdict.keep + 1,
                     verdict.other, verdict.resume_after + 1)
@@ -133,13 +136,25 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
             "renumbered_after": verdict.keep, "resume_after": verdict.resume_after,
             "detail": f"two machines use the certificate of {device}: give each board its own identity "
                       "(edge-hub provision) and re-image the copy; meanwhile every reading of both is kept"})
+    await db.executemany(
+        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, "
+        "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
+        "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, top = max(top, excluded.top), "
+        "conflicts = conflicts + excluded.conflicts, conflict_at = COALESCE(excluded.conflict_at, conflict_at), "
+        "last_seen = excluded.last_seen",
+        [(device, i.instance, i.stream, i.floor, i.keep, i.top, conflicts.get((device, i.instance), 0),
+          work.now if (device, i.instance) in conflicts else None, work.now, work.now)
+         for (device, _), i in seen.items()])
     return placed
 
 
-async def _instances(db: aiosqlite.Connection, device: str) -> dict[int, Instance]:
-    async with db.execute("SELECT instance, stream, floor, keep, top FROM ingest_instances WHERE device = ?",
-                          (device,)) as cur:
-        return {int(r[0]): Instance(int(r[0]), r[1], int(r[2]), int(r[3]), int(r[4])) for r in await cur.fetchall()}
+async def _instances(db: aiosqlite.Connection, devices: list[str]) -> dict[str, dict[int, Instance]]:
+    found: dict[str, dict[int, Instance]] = {}
+    async with db.execute("SELECT device, instance, stream, floor, keep, top FROM ingest_instances "
+                          "WHERE device IN (SELECT value FROM json_each(?))", (json.dumps(devices),)) as cur:
+        for r in await cur.fetchall():
+            found.setdefault(r[0], {})[int(r[1])] = Instance(int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]))
+    return found
 
 
 async def _top(db: aiosqlite.Connection, device: str, known: dict[int, Instance]) -> int:
@@ -149,14 +164,3 @@ async def _top(db: aiosqlite.Connection, device: str, known: dict[int, Instance]
                           (device, device)) as cur:
         row = await cur.fetchone()
     return max([int(row[0]) if row else 0, *(i.top for i in known.values())])
-
-
-async def _save(db: aiosqlite.Connection, device: str, row: Instance, now: float, *, conflict: bool) -> None:
-    await db.execute(
-        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, "
-        "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
-        "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, top = max(top, excluded.top), "
-        "conflicts = conflicts + excluded.conflicts, conflict_at = COALESCE(excluded.conflict_at, conflict_at), "
-        "last_seen = excluded.last_seen",
-        (device, row.instance, row.stream, row.floor, row.keep, row.top, int(conflict), now if conflict else None,
-         now, now))
