@@ -210,6 +210,11 @@ class Outbox:
         await self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('instance', ?), ('machine', ?), "
                                "('inherited', ?)", (self.instance, machine, self.inherited))
 
+    @property
+    def machine(self) -> int:
+        """The number of the machine this outbox instance numbers records on."""
+        return self._machine
+
     async def renumber(self, keep_through: int, resume_after: int) -> int | None:
         """The hub refused our numbers above `keep_through` (another machine uses them with our
         certificate): move every record above it, buffered or committed, to above `resume_after`,

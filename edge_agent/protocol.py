@@ -328,6 +328,7 @@ class Batch(msgspec.Struct, frozen=True, kw_only=True):
     # the hub had it renumber): the hub tells two machines with one certificate apart by it.
     instance: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
     inherited: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
+    machine: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0  # the board's number (edge_agent.machine)
 
 
 class Renumber(msgspec.Struct, frozen=True, kw_only=True):

@@ -32,7 +32,7 @@ class UplinkSettings:
 
 
 def encode_batch(base: int, records: list[Record], settled: bool, instance: int = 0,
-                 inherited: int = 0) -> tuple[Batch, bytes]:
+                 inherited: int = 0, machine: int = 0) -> tuple[Batch, bytes]:
     """Encode records (seq > base) as one batch; halve until it fits the payload limit."""
     while True:
         names: dict[str, int] = {}
@@ -50,7 +50,8 @@ def encode_batch(base: int, records: list[Record], settled: bool, instance: int 
             else:
                 events.append(EventRecord(r.seq, r.ts, r.kind or "event", r.body or ""))
         batch = Batch(base=base, last=records[-1].seq, settled=settled, names=list(names), seq=seq,
-                      ts=ts, metric=metric, value=value, events=events, instance=instance, inherited=inherited)
+                      ts=ts, metric=metric, value=value, events=events, instance=instance, inherited=inherited,
+                      machine=machine)
         try:
             return batch, pack(batch)
         except ProtocolError:
@@ -115,13 +116,14 @@ class Uplink:
             # query ran, so "no rows" below really means those numbers are gone.
             committed = self.outbox.last_seq
             records = await self.outbox.read_after(cursor, self.settings.batch_max)
-            instance, inherited = self.outbox.instance, self.outbox.inherited
+            instance, inherited, machine = self.outbox.instance, self.outbox.inherited, self.outbox.machine
             if records:
-                batch, payload = encode_batch(cursor, records, settled, instance, inherited)
+                batch, payload = encode_batch(cursor, records, settled, instance, inherited, machine)
             elif committed > cursor:
                 # Everything up to `committed` after the cursor was shed: an empty batch covers
                 # the range, so the hub's watermark (and our ack) can move past it.
-                batch = Batch(base=cursor, last=committed, settled=settled, instance=instance, inherited=inherited)
+                batch = Batch(base=cursor, last=committed, settled=settled, instance=instance, inherited=inherited,
+                              machine=machine)
                 payload = pack(batch)
             else:
                 await self._wait()

@@ -9,7 +9,9 @@ outbox on the same board (one replaced after corruption) and takes the rest of t
 One whose records overlap another's is a second machine with this certificate: its batch is
 refused (not stored, not acknowledged as duplicates), the conflict is recorded as an
 `identity_conflict` hub event and counted, and it is given a region of its own, above every
-number the device used, to renumber its records into (protocol.Renumber). Records <= `keep`
+number the device used, to renumber its records into (protocol.Renumber); when it runs on the
+same machine as the instance whose numbers it used (Batch.machine), it is that board's outbox
+started again without its state, moved the same way but not reported as a clone. Records <= `keep`
 were numbered before that (by the image it was cloned from): they keep their numbers, and the
 hub stores them once whoever sends them.
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 REGION_STRIDE: Final = 2**40
 CONFLICT: Final = "identity_conflict"  # the hub event's kind and the reject counter's reason
 STALE: Final = "renumbered"  # a batch numbered before its instance was moved (still in flight then)
+RESET: Final = "outbox_reset"  # a new outbox on the same board below numbers it used (its state was lost)
 
 log = logging.getLogger("hub.identities")
 
@@ -52,6 +55,7 @@ class Instance:
     floor: int
     keep: int
     top: int
+    machine: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ class Accept:
 class Refuse:
     keep: int
     resume_after: int
-    conflict: bool  # a new overlap (recorded, counted as a conflict), or a batch of the old numbering
-    other: int  # the instance whose numbers it used (0: none known)
+    moved: bool  # given a region of its own now; else a batch of the numbering it had before it was
+    clone: bool  # moved because another machine numbers the same records (recorded and counted)
+    other: int = 0  # the instance whose numbers it used (0: none known)
 
 
 def judge(device: str, batch: Batch, known: dict[int, Instance], top_all: int) -> Accept | Refuse:
@@ -77,15 +82,25 @@ def judge(device: str, batch: Batch, known: dict[int, Instance], top_all: int) -
     if me is None:
         if not known or own_from >= top_all:
             floor = own_from if known else 0
-            return Accept(device, MAX_SEQ, Instance(batch.instance, device, floor, floor, batch.last))
-        return Refuse(own_from, next_region(known, top_all, batch.last), True, _owner(known, own_from + 1))
+            return Accept(device, MAX_SEQ, Instance(batch.instance, device, floor, floor, batch.last, batch.machine))
+        return _move(batch, own_from, known, top_all)
     ceiling = min((i.floor for i in known.values() if i.floor > me.floor), default=MAX_SEQ)
     if any(max(own_from, me.keep) < s <= me.floor for s in seqs):  # numbered before it was moved
-        return Refuse(me.keep, me.floor, False, 0)
+        return Refuse(me.keep, me.floor, moved=False, clone=False)
     if batch.last > ceiling:
-        return Refuse(ceiling, next_region(known, top_all, batch.last), True, _owner(known, ceiling + 1))
+        return _move(batch, ceiling, known, top_all)
     me.top = max(me.top, batch.last)
     return Accept(me.stream, ceiling, me)
+
+
+def _move(batch: Batch, keep: int, known: dict[int, Instance], top_all: int) -> Refuse:
+    """Refuse the batch and give its instance a region above every number the device used. Another
+    machine's instance there means a clone; the same machine's, an outbox that lost its state."""
+    below = [i for i in known.values() if i.floor <= keep and i.instance != batch.instance]
+    other = max(below, key=lambda i: i.floor) if below else None  # whose numbers it used
+    same_board = other is not None and batch.machine != 0 and other.machine == batch.machine
+    return Refuse(keep, next_region(known, top_all, batch.last), moved=True, clone=not same_board,
+                  other=other.instance if other else 0)
 
 
 def next_region(known: dict[int, Instance], top_all: int, last: int) -> int:
@@ -93,10 +108,6 @@ def next_region(known: dict[int, Instance], top_all: int, last: int) -> int:
     return (highest // REGION_STRIDE + 1) * REGION_STRIDE
 
 
-def _owner(known: dict[int, Instance], seq: int) -> int:
-    """The instance whose region holds `seq`."""
-    below = [i for i in known.values() if i.floor < seq]
-    return max(below, key=lambda i: i.floor).instance if below else 0
 
 
 async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_event: EventSink) -> dict[
@@ -119,14 +130,20 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
             work.ranges.setdefault(verdict.stream, []).append((batch.base, batch.last, batch.settled))
             continue
         reason = (f"another machine numbers this device's records above {verdict.keep} with the same certificate "
-                  "(a cloned image?)")
+                  "(a cloned image?)" if verdict.clone else
+                  f"this board numbered records above {verdict.keep} before, in an outbox it no longer has")
         work.renumber[key] = Renumber(keep_through=verdict.keep, resume_after=verdict.resume_after, reason=reason)
-        why = CONFLICT if verdict.conflict else STALE
+        why = CONFLICT if verdict.clone else RESET if verdict.moved else STALE
         work.rejects[why] = work.rejects.get(why, 0) + 1
-        if not verdict.conflict:
+        if not verdict.moved:
             continue
         known[batch.instance] = seen[key] = Instance(batch.instance, f"{device}/{batch.instance:x}",
-                                                     verdict.resume_after, verdict.keep, verdict.resume_after)
+                                                     verdict.resume_after, verdict.keep, verdict.resume_after,
+                                                     batch.machine)
+        if not verdict.clone:
+            log.warning("device %s: a new outbox on the same board numbers records it numbered before (%d..); "
+                        "told to renumber them from %d", device, verdict.keep + 1, verdict.resume_after + 1)
+            continue
         conflicts[key] = conflicts.get(key, 0) + 1
         log.warning("device %s: two machines use its certificate: outbox %x numbered records %d.. that outbox %x "
                     "uses; refused, and told to renumber them from %d", device, batch.instance, verdict.keep + 1,
@@ -137,23 +154,24 @@ async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_even
             "detail": f"two machines use the certificate of {device}: give each board its own identity "
                       "(edge-hub provision) and re-image the copy; meanwhile every reading of both is kept"})
     await db.executemany(
-        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, "
-        "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
+        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, machine, "
+        "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
         "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, top = max(top, excluded.top), "
         "conflicts = conflicts + excluded.conflicts, conflict_at = COALESCE(excluded.conflict_at, conflict_at), "
         "last_seen = excluded.last_seen",
         [(device, i.instance, i.stream, i.floor, i.keep, i.top, conflicts.get((device, i.instance), 0),
-          work.now if (device, i.instance) in conflicts else None, work.now, work.now)
+          work.now if (device, i.instance) in conflicts else None, i.machine, work.now, work.now)
          for (device, _), i in seen.items()])
     return placed
 
 
 async def _instances(db: aiosqlite.Connection, devices: list[str]) -> dict[str, dict[int, Instance]]:
     found: dict[str, dict[int, Instance]] = {}
-    async with db.execute("SELECT device, instance, stream, floor, keep, top FROM ingest_instances "
+    async with db.execute("SELECT device, instance, stream, floor, keep, top, machine FROM ingest_instances "
                           "WHERE device IN (SELECT value FROM json_each(?))", (json.dumps(devices),)) as cur:
         for r in await cur.fetchall():
-            found.setdefault(r[0], {})[int(r[1])] = Instance(int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]))
+            found.setdefault(r[0], {})[int(r[1])] = Instance(int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]),
+                                                             int(r[6]))
     return found
 
 

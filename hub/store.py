@@ -204,6 +204,7 @@ MIGRATIONS: Final[Sequence[str]] = (
         top INTEGER NOT NULL,              -- the highest seq it sent
         conflicts INTEGER NOT NULL,        -- times it was found numbering records another machine numbers
         conflict_at REAL,                  -- the latest of them
+        machine INTEGER NOT NULL,          -- the number of the board it runs on (protocol.Batch.machine, 0 unknown)
         first_seen REAL NOT NULL, last_seen REAL NOT NULL,
         PRIMARY KEY (device, instance)
     ) WITHOUT ROWID;

@@ -344,3 +344,42 @@ async def test_a_cloned_image_is_reported_and_every_reading_of_both_boards_is_ke
     assert re.search(r'edgefleet_device_identity_conflicts_total\{[^}]*device="dev-clone"[^}]*\} [1-9]', metrics), \
         metrics
     assert re.search(r'edgefleet_ingest_rejects_total\{[^}]*reason="identity_conflict"[^}]*\} [1-9]', metrics)
+
+
+async def test_a_wiped_state_dir_on_the_same_board_loses_nothing_and_is_no_clone(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    """The operator deletes the state directory (outbox, reservation and all): the new outbox
+    numbers from 1 again, numbers the hub already holds. Before, the hub took them for
+    duplicates and they were lost; now they are renumbered, and no clone is reported."""
+    await hub_dir.provision(bundles, "dev-wiped")
+    board = bundles / "dev-wiped"
+    sets = (f"sim.rate_hz={RATE_HZ}", "report.default_deadband=0", "sim.signals=1", "state.machine=board-a")
+    agent = await start_agent(board / "agent.toml", *sets, name="before")
+    try:
+        await agent.wait_for(r"dev-wiped online")
+        await until(lambda: outbox_state(board).acked > 5 * RATE_HZ, "five seconds of readings acknowledged", 60)
+        await drained(board)
+    finally:
+        assert await agent.stop() == 0
+    shutil.rmtree(board / "state")
+    wiped_at = time.time()
+    agent = await start_agent(board / "agent.toml", *sets, name="after")
+    try:
+        await agent.wait_for(r"the hub refused our sequence numbers above 0 \(this board numbered", timeout=60)
+        await until(lambda: outbox_state(board).acked > REGION_STRIDE + 2 * RATE_HZ, "renumbered ones acked", 60)
+    finally:
+        assert await agent.stop() == 0
+    stopped_at = time.time()
+    await settle(board, *sets, name="settle")
+    sig0 = readings(hub_dir, "dev-wiped")["sig0"]
+    assert max(sig0.values()) == 1
+    after = sorted(t for t in sig0 if wiped_at < t <= stopped_at)
+    assert len(after) >= 2 * RATE_HZ
+    assert after == ticks(after[0], after[-1]), "readings after the wipe were lost"
+    code, out, err = await run_cli(HUB, "events", "--dir", str(hub_dir.dir), "--kind", "identity_conflict", "--json")
+    assert (code, out) == (0, ""), out + err
+    code, out, err = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["identity_conflicts"] == []
+    assert report["rejects"].get("outbox_reset", 0) >= 1

@@ -16,10 +16,11 @@ from hub.store import HubStore, IngestWork
 QUOTA = 64 * 1024 * 1024
 
 
-def batch(instance: int, base: int, last: int, inherited: int = 0, settled: bool = False) -> Batch:
+def batch(instance: int, base: int, last: int, inherited: int = 0, settled: bool = False, machine: int = 0) -> Batch:
     seqs = list(range(base + 1, last + 1))
     return Batch(base=base, last=last, settled=settled, names=["m"], seq=seqs, ts=[float(s) for s in seqs],
-                 metric=[0] * len(seqs), value=[float(s) for s in seqs], instance=instance, inherited=inherited)
+                 metric=[0] * len(seqs), value=[float(s) for s in seqs], instance=instance, inherited=inherited,
+                 machine=machine)
 
 
 # --- the machine ----------------------------------------------------------------------------
@@ -96,9 +97,9 @@ def test_regions_first_owner_takeover_clone_and_stale_numbering() -> None:
     assert (first.stream, first.row.floor, first.ceiling) == ("d", 0, MAX_SEQ)
     known[7] = first.row
     clone = judge("d", batch(8, 4, 12, inherited=6), known, 10)  # cloned at seq 6; its 7.. are its own
-    assert clone == Refuse(6, REGION_STRIDE, True, 7)
+    assert clone == Refuse(6, REGION_STRIDE, moved=True, clone=True, other=7)
     known[8] = Instance(8, "d/8", REGION_STRIDE, 6, REGION_STRIDE)
-    assert judge("d", batch(8, 6, 14, inherited=6), known, 10) == Refuse(6, REGION_STRIDE, False, 0)  # in flight
+    assert judge("d", batch(8, 6, 14, inherited=6), known, 10) == Refuse(6, REGION_STRIDE, moved=False, clone=False)
     renumbered = Batch(base=4, last=REGION_STRIDE + 2, settled=True, names=["m"], seq=[5, 6, REGION_STRIDE + 1,
                        REGION_STRIDE + 2], ts=[0.0] * 4, metric=[0] * 4, value=[0.0] * 4, instance=8, inherited=6)
     accepted = judge("d", renumbered, known, 10)
@@ -106,10 +107,18 @@ def test_regions_first_owner_takeover_clone_and_stale_numbering() -> None:
     assert accepted.stream == "d/8"
     assert isinstance(judge("d", batch(7, 10, 20), known, REGION_STRIDE + 2), Accept)  # the original goes on
     overflow = judge("d", batch(7, REGION_STRIDE - 1, REGION_STRIDE + 1), known, REGION_STRIDE + 2)
-    assert overflow == Refuse(REGION_STRIDE, 2 * REGION_STRIDE, True, 8)
+    assert overflow == Refuse(REGION_STRIDE, 2 * REGION_STRIDE, moved=True, clone=True, other=8)
     fresh = judge("d", batch(9, 3 * REGION_STRIDE, 3 * REGION_STRIDE + 5), known, REGION_STRIDE + 2)
     assert isinstance(fresh, Accept)  # a new outbox numbering past everything: a replaced one, not a clone
     assert (fresh.stream, fresh.row.floor) == ("d", 3 * REGION_STRIDE)
+
+
+def test_a_new_outbox_on_the_same_board_below_its_old_numbers_is_moved_but_is_no_clone() -> None:
+    known = {7: Instance(7, "d", 0, 0, 10, machine=5)}
+    assert judge("d", batch(9, 0, 4, machine=5), known, 10) == Refuse(0, REGION_STRIDE, moved=True, clone=False,
+                                                                       other=7)
+    assert judge("d", batch(9, 0, 4, machine=6), known, 10) == Refuse(0, REGION_STRIDE, moved=True, clone=True,
+                                                                       other=7)
 
 
 async def test_the_store_refuses_an_overlap_records_it_and_acks_each_instance_apart(tmp_path: Path) -> None:
