@@ -25,6 +25,7 @@ from edge_agent.coordination import HubCoordinator, bid_score
 from edge_agent.errors import ConnectionLost, TransientError
 from edge_agent.identity import IdentityFiles
 from edge_agent.link import Link
+from edge_agent.machine import fingerprint, machine_number
 from edge_agent.metrics import serve_agent_metrics
 from edge_agent.mqtt import MqttSession, Will
 from edge_agent.outbox import Outbox
@@ -61,6 +62,7 @@ from edge_agent.protocol import (
 from edge_agent.renewal import Renewal
 from edge_agent.report import ReportFilter
 from edge_agent.rules import TICK_INTERVAL, RuleEngine
+from edge_agent.runlock import AGENT_LOCK, RunLock
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from edge_agent.sensors import Reading, Sampler, build_sensors
 from edge_agent.uplink import Uplink, UplinkSettings
@@ -100,6 +102,7 @@ class Agent:
         self.engine: RuleEngine | None = None
         self._install(self.intake.load())
         self.watchdog = Watchdog.from_environment(status=self._systemd_status)
+        self.run_lock: RunLock | None = None  # Agent.open takes it; close() lets it go
 
     def _systemd_status(self) -> str:
         """What `systemctl status edge-agent` shows, refreshed with every watchdog ping."""
@@ -120,9 +123,18 @@ class Agent:
 
     @classmethod
     async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
-        """`policy` as validated by `settings.load_policy()` (the CLI does it before start)."""
-        outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
-        return cls(settings, outbox, policy)
+        """`policy` as validated by `settings.load_policy()` (the CLI does it before start). Raises
+        AlreadyRunning, before anything is opened, when another agent runs on the state directory."""
+        lock = RunLock.acquire(settings.state_dir / AGENT_LOCK, "edge-agent", settings.state_dir)
+        try:
+            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous,
+                                       machine=machine_number(fingerprint(settings.config.state.machine)))
+            agent = cls(settings, outbox, policy)
+        except BaseException:
+            lock.release()
+            raise
+        agent.run_lock = lock
+        return agent
 
     def _take(self, readings: list[Reading]) -> None:
         arrived = time.perf_counter()
@@ -180,7 +192,7 @@ class Agent:
                 if topic.device != self.device or topic.channel != "down":
                     raise ProtocolError("bad_topic", f"not ours: {message.topic}")
                 if topic.kind == ACK:
-                    self.uplink.on_ack(unpack(message.payload, Ack).through)
+                    await self.uplink.on_hub_ack(unpack(message.payload, Ack))
                 elif topic.kind == POLICY:
                     await self.take_policy(message.payload)
                 elif topic.kind == COORD:
@@ -354,8 +366,12 @@ class Agent:
 
     async def close(self) -> None:
         self.outbox.add(self.report.flush())  # partial aggregation windows are kept, not lost
-        async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
-            await self.outbox.close()
+        try:
+            async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
+                await self.outbox.close()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
 
 async def run_agent(settings: AgentSettings, policy: Policy | None) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,11 @@ from cryptography.x509.oid import NameOID
 from edge_agent.clock import CLOCK_FLOOR
 from edge_agent.config import AgentSettings
 from edge_agent.errors import ConnectRefused
-from edge_agent.identity import Credential, IdentityFiles
+from edge_agent.identity import Credential, IdentityFiles, key_permissions, wrong_device
 from edge_agent.mqtt import MqttSession, TlsIdentity
 from edge_agent.protocol import ProtocolError, ed25519_public_from_pem, key_id
 from edge_agent.renewal import RENEW_AT
+from edge_agent.runlock import AGENT_LOCK, RunLock
 from edge_agent.sensors import SensorError, ThermalSensor, thermal_root
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
@@ -107,15 +106,7 @@ def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
 
 
 def _check_key_mode(path: Path) -> Finding:
-    st = path.stat()
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        return Finding("key permissions", False,
-                       f"{path} is readable by other users (mode {mode:04o}): run `chmod 600 {path}`.")
-    if st.st_uid not in (os.geteuid(), 0):
-        return Finding("key permissions", False,
-                       f"{path} belongs to uid {st.st_uid}, not to the agent's user: chown it.")
-    return Finding("key permissions", True, f"{path} is private (mode {mode:04o}).")
+    return Finding("key permissions", *key_permissions(path))
 
 
 def _renewal(files: IdentityFiles, current: Credential | None, now: dt.datetime) -> Finding:
@@ -143,9 +134,9 @@ def _check_identity(settings: AgentSettings, tls: TlsIdentity, ca: x509.Certific
     device = settings.config.device_id
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(names[0].value) if names else ""
-    if cn != device:
-        return Finding("identity", False, f"the certificate is for {cn!r} but device_id is {device!r}: "
-                                          "use this device's own bundle.")
+    mismatch = wrong_device(cn, device)
+    if mismatch:
+        return Finding("identity", False, mismatch)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -227,6 +218,15 @@ async def check_connectivity(settings: AgentSettings) -> list[Finding]:
         return [Finding("network", False, f"cannot reach the broker at {where} ({exc.strerror or exc}): "
                                           "is the hub running, and are broker.host and broker.port right?")]
     found = [Finding("network", True, f"{where} accepts TCP connections.")]
+    running = RunLock.holder(settings.state_dir / AGENT_LOCK)
+    if running is not None:
+        # The broker forces the client id to the certificate's CN: a probe with this identity
+        # would close the running agent's session (and it would take it back, and so on).
+        who = f"edge-agent (pid {running})" if running else "an edge-agent"
+        return [*found, Finding("broker", True, f"not tried: {who} is running on {settings.state_dir} with this "
+                                                f"identity, and a second connection as {settings.config.device_id} "
+                                                "would take its session over; `edge-agent status` shows whether "
+                                                "the hub acknowledges it.")]
     session = MqttSession(client_id=settings.config.device_id, host=b.host, port=b.port,
                           tls=tls.context(), keepalive=b.keepalive, connect_timeout=b.connect_timeout)
     try:

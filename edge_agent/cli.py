@@ -171,21 +171,21 @@ def _status(settings: AgentSettings, policy: Policy | None, *, as_json: bool) ->
 
 def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.agent import run_agent
-    from edge_agent.errors import IdentityError
+    from edge_agent.errors import AlreadyRunning
     from edge_agent.identity import IdentityFiles
 
-    files = IdentityFiles(settings.tls, settings.state_dir)
-    if files.current() is None and files.pending() is None:
-        try:
-            files.load("bundle")
-        except IdentityError as exc:
-            print(f"edge-agent: cannot load the TLS identity ({exc}); run `edge-agent check --config "
-                  f"{settings.path}` for details", file=sys.stderr)
-            return EXIT_USAGE
+    refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
+    for sentence in refusals:  # each says what to do; nothing was started
+        print(f"edge-agent: {sentence}", file=sys.stderr)
+    if refusals:
+        return EXIT_USAGE
     try:
         asyncio.run(run_agent(settings, policy))
     except KeyboardInterrupt:
         pass
+    except AlreadyRunning as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:
         if isinstance(exc, PermissionError) or (isinstance(exc, sqlite3.OperationalError)
                                                 and database_access_denied(exc)):

@@ -36,6 +36,7 @@ class TlsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StateConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dir: str = "state"
+    machine: str = ""  # this board's identity for clone detection; "" reads it from the hardware (edge_agent.machine)
 
 
 class OutboxConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

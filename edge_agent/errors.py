@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AgentError(Exception):
     """Root of every error the agent raises on purpose."""
@@ -47,3 +49,12 @@ class IdentityError(AgentError):
 
 class KeyGenerationFailed(TransientError):
     """Making a key and certificate request on the device failed (the helper process said why)."""
+
+
+class AlreadyRunning(AgentError):
+    """Another process holds this identity's run lock (edge_agent.runlock); exit code 2."""
+
+    def __init__(self, what: str, where: Path, pid: int | None) -> None:
+        who = f"another {what} (pid {pid})" if pid else f"another {what}"
+        super().__init__(f"{who} is running on {where}; stop it first")
+        self.what, self.where, self.pid = what, where, pid

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +145,41 @@ class IdentityFiles:
         sync_directory(self.renewed_path.parent)
         return self.load("renewed")
 
+    def refusals(self, device: str) -> list[str]:
+        """Why an agent for `device` must not start on these files, in the sentences of `edge-agent check`:
+        a certificate for another device (the broker would refuse every publish and, with its client id
+        forced to the CN, kick the real device off), or a key others can read."""
+        credential = self.current() or self.pending()
+        if credential is None:
+            try:
+                self.load("bundle")
+            except IdentityError as exc:
+                return [f"cannot load the TLS identity ({exc}); `edge-agent check` says what is wrong with it."]
+            return []  # loaded since current() looked: nothing to refuse
+        problems = [p for p in (wrong_device(credential.cert.common_name, device),) if p]
+        private, sentence = key_permissions(credential.tls.key)
+        return problems if private else [*problems, sentence]
+
     def discard_next(self) -> None:
         """Drop the renewal in progress, key and all: the next one starts from a new key."""
         self.next_path.unlink(missing_ok=True)
         sync_directory(self.next_path.parent)
 
+
+
+def wrong_device(common_name: str, device: str) -> str | None:
+    """The sentence for a certificate that is not `device`'s, or None when it is."""
+    if common_name == device:
+        return None
+    return f"the certificate is for {common_name!r} but device_id is {device!r}: use this device's own bundle."
+
+
+def key_permissions(path: Path) -> tuple[bool, str]:
+    """Whether the key file is private to the agent's user, and the sentence that says so or what to do."""
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return False, f"{path} is readable by other users (mode {mode:04o}): run `chmod 600 {path}`."
+    if st.st_uid not in (os.geteuid(), 0):
+        return False, f"{path} belongs to uid {st.st_uid}, not to the agent's user: chown it."
+    return True, f"{path} is private (mode {mode:04o})."

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -31,9 +32,10 @@ from typing import Final, NamedTuple
 
 from edge_agent.clock import SYSTEM_CLOCKS, Change, Frame, Probes, RecordClock, Shift
 from edge_agent.files import write_atomic
+from edge_agent.machine import fingerprint, machine_number
 from edge_agent.protocol import MAX_EVENT_BODY, json_too_deep
 from edge_agent.sensors import Reading
-from edge_agent.sqlite import to_completion
+from edge_agent.sqlite import immediate, to_completion
 from edge_agent.sqlite_pool import PooledConnection, connect
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
@@ -107,6 +109,11 @@ class Outbox:
         self._thin_floor = meta.get("thin_floor", 0)
         self.dropped = meta.get("dropped", 0)
         self.corrupt_outboxes = meta.get("corrupt_outboxes", 0)
+        # Which outbox numbered the records, on which machine, and through which seq another one did
+        # (docs/store-and-forward.md, "Cloned devices"); set by _claim when the outbox opens.
+        self.instance = meta.get("instance", 0)
+        self._machine = meta.get("machine", 0)
+        self.inherited = meta.get("inherited", 0)
         self.rows = rows
         self._buffer: list[tuple[int, float, int, float]] = []
         self._held_events: list[tuple[int, float, str, str]] = []  # numbered, in a commit that failed
@@ -133,7 +140,8 @@ class Outbox:
 
     @classmethod
     async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full",
-                   probes: Probes = SYSTEM_CLOCKS) -> Outbox:
+                   probes: Probes = SYSTEM_CLOCKS, machine: int | None = None) -> Outbox:
+        """`machine`: edge_agent.machine's number for this board (None: read from the hardware)."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / DB_NAME
         moved: tuple[Path, str] | None = None
@@ -154,6 +162,7 @@ class Outbox:
                 outbox.last_seq = outbox.acked = reserved
                 outbox._next_seq = reserved + 1
             outbox._reserved = max(outbox._reserved, reserved)
+            await outbox._claim(machine_number(fingerprint()) if machine is None else machine)
             if moved is not None:
                 outbox.corrupt_outboxes += 1
                 log.error("outbox %s was corrupt (%s); moved it to %s and started a new one",
@@ -205,6 +214,51 @@ class Outbox:
             await db.close()
             raise
         return db
+
+    async def _claim(self, machine: int) -> None:
+        """Give a new outbox its random instance id, and an outbox found on another machine than
+        the one it was made on (a cloned SD card) a new one: its records so far were numbered
+        there, and the board it came from goes on numbering from the same point."""
+        if self.instance and self._machine == machine:
+            return
+        if self.instance:
+            self.inherited = max(self.inherited, self.last_seq)
+            log.warning("outbox %s was made on another machine (a cloned image?): it becomes a new instance; "
+                        "records through seq %d were numbered there", self.path, self.inherited)
+        self.instance, self._machine = secrets.randbits(63) or 1, machine
+        await self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('instance', ?), ('machine', ?), "
+                               "('inherited', ?)", (self.instance, machine, self.inherited))
+
+    @property
+    def machine(self) -> int:
+        """The number of the machine this outbox instance numbers records on."""
+        return self._machine
+
+    async def renumber(self, keep_through: int, resume_after: int) -> int | None:
+        """The hub refused our numbers above `keep_through` (another machine uses them with our
+        certificate): move every record above it, buffered or committed, to above `resume_after`,
+        in order, in one transaction. Returns how many committed records moved; None when an
+        earlier identical request already moved them."""
+        async with self._lock:
+            if self._next_seq > resume_after:
+                return None
+            shift = resume_after - keep_through
+            self._buffer = [(q + shift if q > keep_through else q, t, m, v) for q, t, m, v in self._buffer]
+            self._held_events = [(q + shift if q > keep_through else q, t, k, b) for q, t, k, b in self._held_events]
+            self._next_seq = max(self._next_seq + shift, resume_after + 1)
+            last = self.last_seq + shift if self.last_seq > keep_through else resume_after
+            if self._thin_floor > keep_through:
+                self._thin_floor += shift
+            self.protect_through = min(self.protect_through, keep_through)
+            self.inherited = max(self.inherited, keep_through)
+            await self._reserve(max(last, self._next_seq))
+            meta = {"last_seq": last, "inherited": self.inherited, "thin_floor": self._thin_floor}
+            return await to_completion(self._renumbered(keep_through, shift, meta))
+
+    async def _renumbered(self, above: int, shift: int, meta: dict[str, int]) -> int:
+        moved: int = await self._db.run(lambda db: _renumber(db, above, shift, meta))
+        self.last_seq = meta["last_seq"]
+        return moved
 
     async def close(self) -> None:
         await self.flush()
@@ -562,6 +616,15 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
             db.execute("ROLLBACK")
         raise
     return _Written(records - victims, w.dropped + victims, thin_floor, shed, stuck)
+
+
+def _renumber(db: sqlite3.Connection, above: int, shift: int, meta: dict[str, int]) -> int:
+    """Add `shift` to every seq above `above`, through negatives: no step collides with a row not moved yet."""
+    with immediate(db):
+        db.execute("UPDATE records SET seq = -seq WHERE seq > ?", (above,))
+        moved = db.execute("UPDATE records SET seq = ? - seq WHERE seq < 0", (shift,)).rowcount
+        db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", meta.items())
+    return int(moved)
 
 
 def _used_bytes(db: sqlite3.Connection) -> int:

@@ -377,12 +377,33 @@ class Batch(msgspec.Struct, frozen=True, kw_only=True):
     metric: list[Annotated[int, msgspec.Meta(ge=0)]] = []
     value: list[float] = []
     events: list[EventRecord] = []
+    # The outbox that numbered these records (a random id; 0 from an agent that has none) and the
+    # seq through which its records were numbered by an earlier one (a cloned image's, or before
+    # the hub had it renumber): the hub tells two machines with one certificate apart by it.
+    instance: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
+    inherited: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
+    machine: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0  # the board's number (edge_agent.machine)
+
+
+class Renumber(msgspec.Struct, frozen=True, kw_only=True):
+    """Part of an Ack: the batch was refused, not stored, because another machine uses these numbers
+    with this device's certificate. Keep the records <= keep_through as they are; number the rest
+    from resume_after + 1 on, in order, and send them again."""
+
+    keep_through: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    resume_after: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REFUSAL_DETAIL)] = ""
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
-    """Hub → device: every record with seq <= through is committed at the hub."""
+    """Hub → device: every record with seq <= through is committed at the hub.
+
+    `instance` (0: every instance) names the outbox it is for: with a cloned certificate both
+    boards read this topic, and one must not delete what the other's ack covers."""
 
     through: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+    instance: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
+    renumber: Renumber | None = None
 
 
 # Every counter a device reports is stored in a signed 64-bit SQLite INTEGER.

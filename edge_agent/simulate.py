@@ -30,8 +30,10 @@ import psutil
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.errors import ConfigError
+from edge_agent.errors import AlreadyRunning, ConfigError
+from edge_agent.identity import IdentityFiles
 from edge_agent.policy import Policy
+from edge_agent.runlock import AGENT_LOCK, RunLock
 
 OPENING_AT_ONCE: Final = 64  # outboxes opened concurrently at start: each open is a few statements on the pool
 CONNECTING_AT_ONCE: Final = 256  # agents started and not yet connected: a start-up, not a reconnect storm
@@ -87,6 +89,12 @@ def load_fleet(bundles: Sequence[Path], overrides: Sequence[str]) -> list[tuple[
             policy = settings.load_policy()
         except ConfigError as exc:
             raise SimulateError(f"bundle {bundle.name}: {exc}") from None
+        refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
+        if refusals:  # what `edge-agent run` refuses to start with
+            raise SimulateError(f"bundle {bundle.name}: {' '.join(refusals)}")
+        holder = RunLock.holder(settings.state_dir / AGENT_LOCK)
+        if holder is not None:
+            raise SimulateError(f"bundle {bundle.name}: {AlreadyRunning('edge-agent', settings.state_dir, holder)}")
         running = agent_process(settings.state_dir)
         if running.state == "running":
             # Two agents on one outbox would hand out the same sequence numbers.
@@ -149,8 +157,11 @@ class Fleet:
             async with asyncio.TaskGroup() as opening:
                 for settings, policy in loaded:
                     opening.create_task(open_one(settings, policy))
-        except BaseException:
+        except BaseException as exc:
             await self.close()
+            if isinstance(exc, BaseExceptionGroup) and (running := exc.subgroup(AlreadyRunning)):
+                # Started since load_fleet looked: a configuration problem, as it would have been then.
+                raise SimulateError(str(running.exceptions[0])) from None
             raise
         connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
         for device, agent in self.agents.items():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+import sqlite3
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -25,4 +27,18 @@ async def to_completion(work: Coroutine[Any, Any, T]) -> T:
         await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # a failed transaction is the cancelled caller's no more: not "never retrieved"
+        raise
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on a connection in autocommit mode (isolation_level None), on its
+    thread: committed if the block ends, rolled back if anything (COMMIT included) raises."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise

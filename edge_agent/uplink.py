@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from edge_agent.mqtt import MqttSession
 from edge_agent.outbox import Outbox, Record
-from edge_agent.protocol import TELEMETRY, Batch, EventRecord, ProtocolError, pack, up_topic
+from edge_agent.protocol import TELEMETRY, Ack, Batch, EventRecord, ProtocolError, pack, up_topic
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class UplinkSettings:
     ack_timeout: float = 15.0  # seconds without the hub's ack before we resend from the last one
 
 
-def encode_batch(base: int, records: list[Record], settled: bool) -> tuple[Batch, bytes]:
+def encode_batch(base: int, records: list[Record], settled: bool, instance: int = 0,
+                 inherited: int = 0, machine: int = 0) -> tuple[Batch, bytes]:
     """Encode records (seq > base) as one batch; halve until it fits the payload limit."""
     while True:
         names: dict[str, int] = {}
@@ -49,7 +50,8 @@ def encode_batch(base: int, records: list[Record], settled: bool) -> tuple[Batch
             else:
                 events.append(EventRecord(r.seq, r.ts, r.kind or "event", r.body or ""))
         batch = Batch(base=base, last=records[-1].seq, settled=settled, names=list(names), seq=seq,
-                      ts=ts, metric=metric, value=value, events=events)
+                      ts=ts, metric=metric, value=value, events=events, instance=instance, inherited=inherited,
+                      machine=machine)
         try:
             return batch, pack(batch)
         except ProtocolError:
@@ -65,6 +67,7 @@ class Uplink:
         self._in_flight: collections.deque[tuple[int, float]] = collections.deque()  # (last, sent at)
         self._news = asyncio.Event()  # records committed or an ack arrived
         outbox.watch(self._news)
+        self._rewind_now = False  # the outbox was renumbered: what is in flight is void
         self.batches_sent = 0
         self.resends = 0
         self.last_ack_at: float | None = None
@@ -77,11 +80,30 @@ class Uplink:
             self._in_flight.popleft()
         self._news.set()
 
+    async def on_hub_ack(self, ack: Ack) -> None:
+        """An ack from the hub: ours (or for every instance), or another board's with our certificate."""
+        outbox = self.outbox
+        if ack.instance and ack.instance != outbox.instance:
+            return  # a clone's: acting on it would delete what we have not delivered
+        if ack.renumber is None:
+            self.on_ack(ack.through)
+            return
+        r = ack.renumber
+        moved = await outbox.renumber(r.keep_through, r.resume_after)
+        if moved is not None:
+            log.warning("the hub refused our sequence numbers above %d (%s); our records above it (%d committed) are "
+                        "numbered from %d on and sent again", r.keep_through, r.reason, moved, r.resume_after + 1)
+        self._rewind_now = True
+        self._news.set()
+
     async def serve(self, session: MqttSession) -> None:
         """Send while connected; return or raise when the connection is done."""
         cursor = self._rewind()
         settled = True  # the first batch after a (re)start declares base acknowledged
         while True:
+            if self._rewind_now:
+                self._rewind_now = False
+                cursor, settled = self._rewind(), True
             if self._in_flight and time.monotonic() - self._in_flight[0][1] > self.settings.ack_timeout:
                 log.warning("no acknowledgment from the hub for %.0f s; resending from seq %d",
                             self.settings.ack_timeout, self.outbox.acked)
@@ -94,12 +116,14 @@ class Uplink:
             # query ran, so "no rows" below really means those numbers are gone.
             committed = self.outbox.last_seq
             records = await self.outbox.read_after(cursor, self.settings.batch_max)
+            instance, inherited, machine = self.outbox.instance, self.outbox.inherited, self.outbox.machine
             if records:
-                batch, payload = encode_batch(cursor, records, settled)
+                batch, payload = encode_batch(cursor, records, settled, instance, inherited, machine)
             elif committed > cursor:
                 # Everything up to `committed` after the cursor was shed: an empty batch covers
                 # the range, so the hub's watermark (and our ack) can move past it.
-                batch = Batch(base=cursor, last=committed, settled=settled)
+                batch = Batch(base=cursor, last=committed, settled=settled, instance=instance, inherited=inherited,
+                              machine=machine)
                 payload = pack(batch)
             else:
                 await self._wait()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from edge_agent import __version__, logfmt
-from edge_agent.errors import ConfigError
+from edge_agent.errors import AlreadyRunning, ConfigError
 from edge_agent.files import database_access_denied, database_advice, permission_advice
 from edge_agent.pipes import run_command
 from edge_agent.units import HUB_UNITS, units_command
@@ -393,7 +393,11 @@ def _run(args: argparse.Namespace) -> int:
     from hub.service import run_hub
 
     paths, config = load_hub(args.dir)
-    asyncio.run(run_hub(paths, config, args.replica))
+    try:
+        asyncio.run(run_hub(paths, config, args.replica))
+    except AlreadyRunning as exc:  # a second copy started by mistake: it must not touch the first's broker
+        print(f"edge-hub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

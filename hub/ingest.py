@@ -31,6 +31,7 @@ from edge_agent.protocol import (
     CoordUp,
     Presence,
     ProtocolError,
+    Renumber,
     Status,
     Topic,
     check_batch,
@@ -62,6 +63,8 @@ class CycleResult:
     stored: int
     coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.coordination
     certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.renewal
+    instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)  # (device, outbox instance) -> through
+    renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)  # refused: a cloned identity
 
 
 class Ingest:
@@ -95,7 +98,9 @@ class Ingest:
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
                            [p for r in results for p in r.presence], sum(r.stored for r in results),
-                           [c for r in results for c in r.coord], [c for r in results for c in r.certs])
+                           [c for r in results for c in r.coord], [c for r in results for c in r.certs],
+                           {k: w for r in results for k, w in r.instance_acks.items()},
+                           {k: n for r in results for k, n in r.renumber.items()})
 
     async def _process(self, messages: list[Message]) -> CycleResult:
         work = IngestWork(now=time.time(), messages=len(messages), hub=self._hub)
@@ -135,7 +140,7 @@ class Ingest:
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult(acks, presence, stored, coord, certs)
+        return CycleResult(acks, presence, stored, coord, certs, work.instance_acks, work.renumber)
 
     async def reject(self, reason: str, what: str, exc: Exception) -> None:
         """Count and log one message that failed after validation (its own transaction)."""
@@ -165,10 +170,8 @@ class Ingest:
 
     @staticmethod
     def _add_batch(device: str, batch: Batch, work: IngestWork) -> None:
-        names = batch.names
-        work.telemetry.extend(
-            (device, s, t, names[m], v) for s, t, m, v in zip(batch.seq, batch.ts, batch.metric, batch.value,
-                                                              strict=True)
-        )
-        work.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
+        if batch.instance:  # judged at the commit, against the device's other outboxes (hub/identities.py)
+            work.claims.append((device, batch))
+            return
+        work.add_rows(device, batch)
         work.ranges.setdefault(device, []).append((batch.base, batch.last, batch.settled))

@@ -220,6 +220,11 @@ class HubCollector(Collector):
                 "WHERE d.revoked_at IS NULL ORDER BY r.device, r.metric"):
             shed.add_metric([self._region, device, metric], count)
         yield shed
+        conflicts = dict(db.execute("SELECT device, SUM(conflicts) FROM ingest_instances GROUP BY device "
+                                    "HAVING SUM(conflicts) > 0 ORDER BY device").fetchall())
+        yield f.per_key("device_identity_conflicts", "Times the hub found two machines numbering a device's records "
+                        "with its one certificate (a cloned image; hub/identities.py).", conflicts, conflicts,
+                        counter=True)
         rejects = CounterMetricFamily("edgefleet_ingest_rejects", "Messages the hub rejected, by reason.",
                                       labels=["region", "reason"])
         for reason, count in db.execute("SELECT reason, count FROM rejects ORDER BY reason"):

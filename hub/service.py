@@ -20,11 +20,13 @@ from edge_agent.protocol import (
     UP_FILTER,
     Ack,
     Presence,
+    Renumber,
     down_topic,
     pack,
     pack_coord,
     shared_filter,
 )
+from edge_agent.runlock import RunLock
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
@@ -200,7 +202,7 @@ class HubService:
                 for message in messages:
                     session.ack(message)  # PUBACK only now that the database has it
                 outgoing.put_nowait(replies)
-                acks.put(result.acks)
+                acks.put(result.acks, result.instance_acks, result.renumber)
 
 
 class AckSender:
@@ -215,24 +217,29 @@ class AckSender:
     """
 
     def __init__(self) -> None:
-        self._due: dict[str, int] = {}
+        self._due: dict[tuple[str, int], int] = {}  # (device, outbox instance; 0 for an agent without) -> through
+        self._renumber: dict[tuple[str, int], Renumber] = {}  # refused batches: hub/identities.py
         self._news = asyncio.Event()
 
-    def put(self, acks: dict[str, int]) -> None:
+    def put(self, acks: dict[str, int], instances: dict[tuple[str, int], int] | None = None,
+            renumber: dict[tuple[str, int], Renumber] | None = None) -> None:
         due = self._due
-        for device, through in acks.items():
-            if through > due.get(device, 0):
-                due[device] = through
-        if due:
+        for key, through in [*(((d, 0), w) for d, w in acks.items()), *(instances or {}).items()]:
+            if through > due.get(key, 0):
+                due[key] = through
+        self._renumber.update(renumber or {})
+        if due or self._renumber:
             self._news.set()
 
     async def serve(self, session: MqttSession) -> None:
         while True:
             await self._news.wait()
             self._news.clear()
-            due, self._due = self._due, {}
-            await asyncio.gather(*(session.publish(down_topic(d, ACK), pack(Ack(through=w)), qos=1)
-                                   for d, w in due.items()))
+            (due, self._due), (renumber, self._renumber) = (self._due, {}), (self._renumber, {})
+            acks = {key: Ack(through=w, instance=key[1]) for key, w in due.items()}
+            acks |= {key: Ack(through=due.get(key, 0), instance=key[1], renumber=r) for key, r in renumber.items()}
+            await asyncio.gather(*(session.publish(down_topic(d, ACK), pack(ack), qos=1)
+                                   for (d, _), ack in acks.items()))
 
 
 async def _metrics(paths: HubPaths, config: HubConfig) -> None:
@@ -265,7 +272,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
         loop.add_signal_handler(sig, stop.set)
     if replica is not None:
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
-    store = await HubStore.open(paths.db)
+    lock = hold_run_lock(paths, replica)  # before anything of the hub's is touched
+    try:
+        store = await HubStore.open(paths.db)
+    except BaseException:
+        lock.release()
+        raise
     tasks: list[asyncio.Task[None]] = []
     supervisor = None
     try:
@@ -298,3 +310,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await store.close()
+        lock.release()
+
+
+def hold_run_lock(paths: HubPaths, replica: str | None) -> RunLock:
+    """One process per (hub directory, replica): a second one would take the first one's broker for
+    a leftover and stop it, and fight it for the hub's session. Raises AlreadyRunning."""
+    paths.run.mkdir(mode=0o711, exist_ok=True)
+    name, what = ("hub", "edge-hub run") if replica is None else (f"hub.{replica}", f"edge-hub run --replica {replica}")
+    return RunLock.acquire(paths.run / f"{name}.lock", what, paths.root)

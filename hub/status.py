@@ -106,6 +106,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                     "WHERE state = 'pending' ORDER BY id")
         leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
         lifecycle = await renewal.lifecycle_status(paths, config, store, now)
+        clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
+                                   "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
         await store.close()
     figures = Figures.collect(HubCollector(paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s,
@@ -142,6 +144,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                               for a in pending],
         "policy_drifted": [{"device": d.device, "applied": d.policy_version, "intended": d.policy_intended,
                             "refused": d.policy_refused} for d in live if d.policy_drifted],
+        "identity_conflicts": [{"device": c[0], "instances": c[1], "conflicts": c[2], "latest": c[3]}
+                               for c in clones],
     }, escalations, now)
 
 
@@ -199,6 +203,11 @@ def render(status: Status) -> str:
     lines += _capped([f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"
                       + (f"; refused it: {d['refused'].get('reason')}" if d["refused"] else "") for d in drifted],
                      "edge-hub policy status")
+    clones = report["identity_conflicts"]
+    lines.append(f"certificates in use on more than one machine (cloned images): {len(clones) or 'none'}")
+    lines += _capped([f"  {c['device']}  {c['instances']} machines use its certificate, latest conflict "
+                      f"{when(c['latest'])}: provision the copy as a device of its own" for c in clones],
+                     "edge-hub events --kind identity_conflict")
     expiring = report["cert_expiring"]
     lines.append(f"certificates expiring within {EXPIRY_WARNING_DAYS} days: {len(expiring) or 'none'}")
     lines += _capped([f"  {d['device']}  {'expired' if epoch(d['cert_expires']) < now else 'expires'} "

@@ -22,10 +22,11 @@ import aiosqlite
 import msgspec
 
 from edge_agent.files import database_access_denied
-from edge_agent.protocol import Presence, Status, json_body
+from edge_agent.protocol import Batch, Presence, Renumber, Status, json_body
 from edge_agent.sqlite import to_completion
 from hub.device_clocks import apply_clock_events
 from hub.errors import HubError
+from hub.identities import resolve_claims
 from hub.watermarks import Coverage
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
@@ -200,6 +201,21 @@ MIGRATIONS: Final[Sequence[str]] = (
     """
     ALTER TABLE telemetry ADD COLUMN clock_unknown INTEGER NOT NULL DEFAULT 0;  -- 1: a device clock never set
     """,
+    """
+    CREATE TABLE ingest_instances (        -- each outbox that numbered a device's records (hub/identities.py)
+        device TEXT NOT NULL,
+        instance INTEGER NOT NULL,         -- the outbox's random id (protocol.Batch.instance)
+        stream TEXT NOT NULL,              -- its key in ingest and ingest_ranges: the device id, or DEVICE/INSTANCE
+        floor INTEGER NOT NULL,            -- its own records are numbered above this
+        keep INTEGER NOT NULL,             -- records <= this keep the numbers an earlier instance gave them
+        top INTEGER NOT NULL,              -- the highest seq it sent
+        conflicts INTEGER NOT NULL,        -- times it was found numbering records another machine numbers
+        conflict_at REAL,                  -- the latest of them
+        machine INTEGER NOT NULL,          -- the number of the board it runs on (protocol.Batch.machine, 0 unknown)
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+        PRIMARY KEY (device, instance)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -288,6 +304,18 @@ class IngestWork:
     # Filled by the commit: (device, seq, kind) of records not stored because the device's seq is
     # already a record of the other kind (a reading vs an event); counted as SEQ_CONFLICT rejects.
     conflicts: list[tuple[str, int, str]] = field(default_factory=list)
+    claims: list[tuple[str, Batch]] = field(default_factory=list)  # batches with an outbox instance id
+    # Set by the commit (hub/identities.py): each instance's ack, and the batches refused for numbers
+    # another machine with the same certificate uses.
+    instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)
+    renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)
+
+    def add_rows(self, device: str, batch: Batch) -> None:
+        """A batch's readings and events, to be stored."""
+        names = batch.names
+        self.telemetry.extend((device, s, t, names[m], v) for s, t, m, v in zip(
+            batch.seq, batch.ts, batch.metric, batch.value, strict=True))
+        self.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
 
 
 def iso(ts: float | None) -> str | None:
@@ -525,6 +553,9 @@ class HubStore:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
+            legacy = set(work.ranges)  # devices whose agents send no outbox instance id
+            placed = await resolve_claims(db, work, lambda db, kind, body: self.hub_event(
+                db, work.hub or "hub", kind, body)) if work.claims else {}
             await self._drop_seq_conflicts(db, work)
             if work.telemetry:
                 await db.executemany(
@@ -536,6 +567,8 @@ class HubStore:
                     "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events
                 )
             marks = await self._advance_watermarks(db, work.ranges) if work.ranges else {}
+            work.instance_acks = {key: min(marks[stream], ceiling) for key, (stream, ceiling) in placed.items()}
+            marks = {stream: mark for stream, mark in marks.items() if stream in legacy}
             if work.messages:
                 minute = int(work.now // 60)
                 await db.execute(
@@ -625,7 +658,9 @@ class HubStore:
         await db.execute("DELETE FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))", (devices,))
         await db.executemany("INSERT INTO ingest_ranges(device, base, last) VALUES (?, ?, ?)",
                              [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
-        await apply_clock_events(db, [(d, before[d], c.watermark) for d, c in coverage.items()])
+        # A stream is a device id, or DEVICE/INSTANCE for an outbox moved to a region of its own
+        # (hub/identities.py); its records, clock events included, are stored under the device.
+        await apply_clock_events(db, [(d.split("/", 1)[0], before[d], c.watermark) for d, c in coverage.items()])
         return {d: c.watermark for d, c in coverage.items()}
 
     def telemetry(self, *, device: str | None = None, since: float | None = None,
