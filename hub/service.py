@@ -73,10 +73,15 @@ class HubService:
             # the broker instead of the devices' ack timeouts. With replicas it must not: the
             # broker goes on handing a stopped member of a shared subscription its share of the
             # messages, to hold until it returns. Then the devices' own resend covers a restart.
-            clean_start=not self._config.hub.replicas,
-            session_expiry=0 if self._config.hub.replicas else HUB_SESSION_EXPIRY,
+            clean_start=self._shares_ingest,
+            session_expiry=0 if self._shares_ingest else HUB_SESSION_EXPIRY,
             max_inflight=INGEST_MAX_MESSAGES,
         )
+
+    @property
+    def _shares_ingest(self) -> bool:
+        """Replicas are configured: other hub processes take part in the shared subscription."""
+        return bool(self._config.hub.replicas)
 
     async def run(self) -> None:
         await self.link.run()
