@@ -8,6 +8,7 @@ import logging
 import signal
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from edge_agent.link import SESSION_ENDED, Link
@@ -222,6 +223,14 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
         await asyncio.Event().wait()  # the hub's other work goes on
 
 
+async def _after_broker(supervisor: BrokerSupervisor | None, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` once the managed broker runs: a connection made sooner may reach whatever else
+    holds the port, and report its TLS error instead of the real cause."""
+    if supervisor is not None:
+        await supervisor.started.wait()
+    await work()
+
+
 async def _announce_ready(supervisor: BrokerSupervisor | None) -> None:
     """READY=1 once devices can connect: the managed broker is running (an external one is not ours)."""
     if supervisor is not None:
@@ -258,7 +267,7 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             lambda: keep_pki_fresh(paths, config, store)), name="pki"))
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
-        tasks.append(asyncio.create_task(service.run(), name="hub-service"))
+        tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
         tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
