@@ -88,9 +88,10 @@ PRESENCE_FILTER: Final = f"{TOPIC_ROOT}/dev/+/presence"
 UP_FILTER: Final = f"{TOPIC_ROOT}/dev/+/up/+"
 
 
-def shared_filter(region: str, topic_filter: str) -> str:
-    """An MQTT 5 shared subscription of the region's hub processes: each message goes to one of them."""
-    return f"$share/hub-{validate_name(region, 'region')}/{topic_filter}"
+def shared_filter(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription of the region's hub processes: each message goes to one of them.
+    `group` is the hub's secret group name: a device that could name it would get messages' turns."""
+    return f"$share/{validate_name(group, 'subscription group')}/{topic_filter}"
 
 
 def down_filter(device: str) -> str:

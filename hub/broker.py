@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -88,6 +89,7 @@ def render_conf(paths: HubPaths, config: HubConfig, account: BrokerAccount | Non
         "log_type warning",
         "log_type notice",
         "log_type information",
+        "log_type subscribe",  # who subscribed to what: hub.subscriptions tells of devices that stray
         "connection_messages true",
         # Nagle's algorithm holds small writes back for a delayed ACK (~40 ms each): acks,
         # lease grants and PUBACKs are all small writes that someone waits for.
@@ -232,8 +234,8 @@ def reload_broker(paths: HubPaths, config: HubConfig) -> bool:
 class BrokerSupervisor:
     """Runs Mosquitto, restarts it when it dies, stops it on exit. `run()` is the task."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig) -> None:
-        self._paths, self._config = paths, config
+    def __init__(self, paths: HubPaths, config: HubConfig, watch: Callable[[str], None] | None = None) -> None:
+        self._paths, self._config, self._watch = paths, config, watch  # watch: told every line of its log
         self._proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.Event()
         self.restarts = 0
@@ -283,6 +285,8 @@ class BrokerSupervisor:
                 self.started.set()
             if line.endswith(ADDRESS_IN_USE):
                 self._port_taken = True
+            if self._watch is not None:
+                self._watch(line)
             if "Error" in line or "Warning" in line:
                 log.warning("mosquitto: %s", line)
             else:

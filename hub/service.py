@@ -36,6 +36,7 @@ from hub.pki import load_policy_key
 from hub.renewal import CertificateDesk, keep_pki_fresh
 from hub.replicas import prepare_replica
 from hub.store import HubStore
+from hub.subscriptions import SubscriptionWatch, share_group
 
 DB_RETRY_WAIT: Final = 1.0  # after SQLite's own 10 s busy timeout ran out
 HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
@@ -60,6 +61,7 @@ class HubService:
         self.coordination = Coordination(store, config.identity)
         self.certificates = CertificateDesk(paths, config, store)  # devices' in-band renewals
         self.leadership = Leadership(store, self.identity)
+        self._group = share_group(paths)  # secret: no device can join the hub's share of the messages
         self.link = Link(f"hub {self.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
@@ -112,7 +114,7 @@ class HubService:
         # new session has none: subscribe on every connect.
         # Presence reaches every replica (each applies it; the same state twice changes nothing);
         # device messages are shared out, each to one replica.
-        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._config.region, UP_FILTER), 1)])
+        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._group, UP_FILTER), 1)])
         log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
                  self._config.broker.port)
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
@@ -261,7 +263,9 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
         if config.broker.mode == "managed" and replica is None:
             write_broker_files(paths, config)  # fail in words before anything starts
             broker_executable(config.broker.executable)
-            supervisor = BrokerSupervisor(paths, config)
+            watch = SubscriptionWatch(store, config)
+            tasks.append(asyncio.create_task(watch.serve(), name="subscriptions"))
+            supervisor = BrokerSupervisor(paths, config, watch.line)
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
         tasks.append(asyncio.create_task(service.leadership.while_leading(
             lambda: keep_pki_fresh(paths, config, store)), name="pki"))

@@ -18,6 +18,7 @@ from hub.config import HubConfig, HubPaths, render_hub_toml
 from hub.errors import UsageError
 from hub.pki import Authority, cert_pem, key_pem
 from hub.store import HubStore
+from hub.subscriptions import share_group
 
 log = logging.getLogger("hub.setup")
 
@@ -72,6 +73,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
         await store.close()
     write_atomic(paths.config, render_hub_toml(config).encode(), 0o644)
     write_broker_files(paths, config)
+    share_group(paths)
     if port_taken(bind, port):
         log.warning("port %d on %s is already used by %s: `edge-hub run` cannot start the broker there until "
                     "it is free; stop that, or change broker.port in %s before you provision devices", port, bind,
