@@ -34,6 +34,7 @@ from edge_agent.protocol import (
     Status,
     Topic,
     check_batch,
+    check_presence_size,
     decode,
     parse_topic,
     unpack,
@@ -54,6 +55,7 @@ class CycleResult:
     stored: int
     coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.coordination
     certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.renewal
+    clear: list[str] = field(default_factory=list)  # topics whose retained message the broker must drop: hub.retained
 
 
 class Ingest:
@@ -86,21 +88,28 @@ class Ingest:
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
                            [p for r in results for p in r.presence], sum(r.stored for r in results),
-                           [c for r in results for c in r.coord], [c for r in results for c in r.certs])
+                           [c for r in results for c in r.coord], [c for r in results for c in r.certs],
+                           [t for r in results for t in r.clear])
 
     async def _process(self, messages: list[Message]) -> CycleResult:
         work = IngestWork(now=time.time(), messages=len(messages), hub=self._hub)
         presence: list[tuple[str, Presence]] = []
         coord: list[tuple[str, CoordUp]] = []
         certs: list[tuple[str, CertRequest]] = []
+        clear: list[str] = []
         rejects: collections.Counter[str] = collections.Counter()
         for message in messages:
             try:
+                if message.retain and not message.payload:
+                    continue  # a retained message being cleared (hub.retained): nothing to take in
                 topic = parse_topic(message.topic)
                 if topic.channel == "presence":
                     if message.payload:  # an empty payload clears a retained message
+                        check_presence_size(message.payload)
                         presence.append((topic.device, decode(message.payload, Presence)))
                     continue
+                if message.retain:
+                    raise ProtocolError("retained", "devices never retain on up/ topics; the broker's copy is cleared")
                 if topic.channel == "up" and topic.kind == CERT:  # hub.renewal refuses, and audits, the unknown
                     certs.append((topic.device, unpack(message.payload, CertRequest)))
                     continue
@@ -113,12 +122,14 @@ class Ingest:
             except ProtocolError as exc:
                 rejects[exc.reason] += 1
                 self._log_reject(exc.reason, f"{message.topic}: {exc.detail}")
+                if message.retain:  # else the broker keeps it, and hands it to every new subscriber
+                    clear.append(message.topic)
         work.rejects = dict(rejects)
         acks = await self._store.commit_ingest(work)
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult(acks, presence, stored, coord, certs)
+        return CycleResult(acks, presence, stored, coord, certs, clear)
 
     def _log_reject(self, reason: str, detail: str) -> None:
         seen = self.rejects[reason]

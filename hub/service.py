@@ -35,6 +35,7 @@ from hub.metrics import MetricsError, serve_metrics
 from hub.pki import load_policy_key
 from hub.renewal import CertificateDesk, keep_pki_fresh
 from hub.replicas import prepare_replica
+from hub.retained import RetainedSweeper
 from hub.store import HubStore
 from hub.subscriptions import SubscriptionWatch, share_group
 
@@ -114,11 +115,14 @@ class HubService:
         # new session has none: subscribe on every connect.
         # Presence reaches every replica (each applies it; the same state twice changes nothing);
         # device messages are shared out, each to one replica.
-        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._group, UP_FILTER), 1)])
+        # Retain-as-published: a retained message a device may not keep shows its flag (hub.retained).
+        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._group, UP_FILTER), 1)],
+                                retain_as_published=True)
         log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
                  self._config.broker.port)
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
         acks = AckSender()
+        clears = RetainedSweeper()
 
         async def lead() -> None:
             async with asyncio.TaskGroup() as leader_tasks:
@@ -126,8 +130,9 @@ class HubService:
                 leader_tasks.create_task(self._coordinate(outgoing), name="coordination")
 
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._ingest(session, outgoing, acks), name="ingest")
+            tasks.create_task(self._ingest(session, outgoing, acks, clears), name="ingest")
             tasks.create_task(acks.serve(session), name="acks")
+            tasks.create_task(clears.serve(session), name="retained")
             tasks.create_task(self.leadership.while_leading(lead), name="leader")
             tasks.create_task(self._send_replies(session, outgoing), name="replies")
             tasks.create_task(self.certificates.serve(session), name="certificates")
@@ -172,7 +177,8 @@ class HubService:
             finally:
                 outgoing.task_done()
 
-    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies], acks: AckSender) -> None:
+    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies], acks: AckSender,
+                      clears: RetainedSweeper) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
             with self.watchdog.busy("ingest"):  # waiting for messages is not watched; a cycle is
@@ -181,6 +187,7 @@ class HubService:
                     session.ack(message)  # PUBACK only now that the database has it
                 outgoing.put_nowait(replies)
                 acks.put(result.acks)
+                clears.put(result.clear)
 
 
 class AckSender:
