@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hub.broker import port_holder, port_taken
 from tests.conftest import HUB, HubDir, run_cli
 from tests.net import free_port
 
@@ -65,3 +66,9 @@ async def test_init_is_quiet_when_the_port_is_free(workdir: Path) -> None:
                                  "--port", str(free_port()), "--host", "127.0.0.1")
     assert code == 0, err
     assert "already used" not in err, err
+
+
+def test_port_taken_means_a_listener_holds_it(squatter: socket.socket) -> None:
+    assert port_taken("127.0.0.1", _port(squatter))
+    assert port_holder(_port(squatter)) == _me()
+    assert not port_taken("127.0.0.1", free_port())
