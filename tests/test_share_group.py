@@ -35,9 +35,10 @@ STEALING = [
     UP_FILTER,
     "#",
 ]
-# A batch a thief swallowed would be resent after 5 s: stream well past that.
-AGENT = ("sim.rate_hz=10", "report.default_deadband=0", "uplink.ack_timeout=5", "uplink.status_interval=1")
-STREAM_S = 7.0  # of readings while the intruder is subscribed, then again after it left
+# A batch a thief swallowed would be resent after 8 s: stream well past that (an honest ack takes
+# milliseconds, so a resend means a lost batch, also on a loaded machine).
+AGENT = ("sim.rate_hz=10", "report.default_deadband=0", "uplink.ack_timeout=8", "uplink.status_interval=1")
+STREAM_S = 9.0  # of readings while the intruder is subscribed, then again after it left
 READINGS_PER_S = 40  # sim.rate_hz x its 4 signals
 STREAM_TIMEOUT = 40.0
 
