@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from hub.broker import port_holder, port_taken
-from tests.conftest import HUB, HubDir, run_cli
+from tests.conftest import HUB, HubDir, Proc, run_cli
 from tests.net import free_port
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,14 @@ async def test_run_exits_1_in_one_sentence_when_the_broker_port_is_taken(hub_dir
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", hub_dir.port))
         sock.listen()
-        code, _, err = await run_cli(HUB, "run", "--dir", str(hub_dir.dir), timeout=GIVE_UP_TIMEOUT)
+        hub = await Proc("hub", [HUB, "run", "--dir", str(hub_dir.dir)]).start()
+        try:
+            assert hub.proc is not None
+            async with asyncio.timeout(GIVE_UP_TIMEOUT):
+                code = await hub.proc.wait()
+        finally:
+            await hub.stop()  # collects its output; before the fix it ran (and restarted its broker) forever
+    err = "\n".join(hub.lines)
     lines = err.strip().splitlines()
     assert code == 1, err
     assert lines[-1] == (f"edge-hub: the broker cannot listen on 127.0.0.1 port {hub_dir.port}: {_me()} already "

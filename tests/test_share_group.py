@@ -63,16 +63,17 @@ async def test_a_device_cannot_take_a_share_of_the_hubs_messages(hub_dir: HubDir
                           clean_start=False, session_expiry=3600)
     agents: list[Proc] = []
     try:
-        await thief.subscribe([(f, 1) for f in STEALING])
-        await hub.wait_for(rf"device {INTRUDER} subscribed to {re.escape(STEALING[-1])}")
-        agents = [await start_agent(bundles / d / "agent.toml", *AGENT, name=d) for d in HONEST]
-        for device in HONEST:
-            await hub.wait_for(rf"device {device} is online")
-        await stream_for(hub_dir, STREAM_S)
-        assert thief.messages.empty(), thief.messages.get_nowait()
-    finally:
-        await thief.close()
-    try:
+        try:
+            await thief.subscribe([(f, 1) for f in STEALING])
+            await hub.wait_for(rf"device {INTRUDER} subscribed to {re.escape(STEALING[-1])}")
+            for device in HONEST:
+                agents.append(await start_agent(bundles / device / "agent.toml", *AGENT, name=device))
+            for device in HONEST:
+                await hub.wait_for(rf"device {device} is online")
+            await stream_for(hub_dir, STREAM_S)
+            assert thief.messages.empty(), thief.messages.get_nowait()
+        finally:
+            await thief.close()
         await stream_for(hub_dir, STREAM_S)  # its session lingers at the broker
         for agent in agents:
             resends = [line for line in agent.lines if "no acknowledgment" in line]
