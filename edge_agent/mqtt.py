@@ -240,8 +240,11 @@ class MqttSession:
         self._pending_topics[info.mid] = topic
         await future
 
-    async def subscribe(self, filters: list[tuple[str, int]]) -> None:
-        result, mid = self._client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in filters])
+    async def subscribe(self, filters: list[tuple[str, int]], *, retain_as_published: bool = False) -> None:
+        """Subscribe and wait for SUBACK. `retain_as_published`: messages keep the retain flag
+        their publisher set (else the broker clears it on everything but retained copies)."""
+        options = [(f, SubscribeOptions(qos=q, retainAsPublished=retain_as_published)) for f, q in filters]
+        result, mid = self._client.subscribe(options)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectionLost(f"subscribe failed: {paho.error_string(result)}")
         future = self._subacks[mid] = self._loop.create_future()

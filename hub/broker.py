@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,6 +34,9 @@ MAX_PACKET_BYTES: Final = MAX_PAYLOAD_BYTES + 4096
 # Messages queued per offline persistent session; ours are batches, so this is generous,
 # and nothing depends on it: the agent's outbox keeps everything until the hub acks.
 MAX_QUEUED: Final = 10_000
+# What Mosquitto prints, and then exits 1, when its listener's port is taken: restarting it
+# cannot help, so the supervisor gives up and says who holds the port.
+ADDRESS_IN_USE: Final = "Address already in use"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ def render_conf(paths: HubPaths, config: HubConfig, account: BrokerAccount | Non
         "log_type warning",
         "log_type notice",
         "log_type information",
+        "log_type subscribe",  # who subscribed to what: hub.subscriptions tells of devices that stray
         "connection_messages true",
         # Nagle's algorithm holds small writes back for a delayed ACK (~40 ms each): acks,
         # lease grants and PUBACKs are all small writes that someone waits for.
@@ -151,6 +158,43 @@ def _allows(st: os.stat_result, uid: int, gids: set[int], user: int, group: int,
     return bool(st.st_mode & other)
 
 
+def port_taken(bind: str, port: int) -> bool:
+    """True if a listener could not bind `bind`:`port` now (Mosquitto sets SO_REUSEADDR too, so a
+    connection of a previous broker waiting in TIME_WAIT does not count)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError):
+        return False  # a name that does not resolve: Mosquitto will say so itself
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE  # not, say, a privileged port we may not bind ourselves
+    return False
+
+
+def port_holder(port: int) -> str:
+    """Who listens on TCP `port`, as "NAME (pid N)", or "another process" when we cannot tell
+    (a process of another user seen without root, or one in another network namespace)."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
+    except (psutil.Error, OSError):
+        pass
+    return "another process"
+
+
+def port_taken_error(config: HubConfig) -> BrokerError:
+    b = config.broker
+    return BrokerError(
+        f"the broker cannot listen on {b.bind} port {b.port}: {port_holder(b.port)} already uses it; "
+        "stop that, or set another broker.port in hub.toml (and in the devices' agent.toml)"
+    )
+
+
 def broker_executable(name: str) -> str:
     """Find Mosquitto: on PATH, or in /usr/sbin where Debian puts it (often not on a user's PATH)."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
@@ -191,11 +235,12 @@ def reload_broker(paths: HubPaths, config: HubConfig) -> bool:
 class BrokerSupervisor:
     """Runs Mosquitto, restarts it when it dies, stops it on exit. `run()` is the task."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig) -> None:
-        self._paths, self._config = paths, config
+    def __init__(self, paths: HubPaths, config: HubConfig, watch: Callable[[str], None] | None = None) -> None:
+        self._paths, self._config, self._watch = paths, config, watch  # watch: told every line of its log
         self._proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.Event()
         self.restarts = 0
+        self._port_taken = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -207,6 +252,8 @@ class BrokerSupervisor:
                 write_broker_files(self._paths, self._config)
                 backoff.connected(loop.time())
                 code = await self._run_once()
+                if self._port_taken:
+                    raise port_taken_error(self._config)
                 delay = backoff.lost(loop.time())
                 self.restarts += 1
                 log.warning("mosquitto exited with code %s; restarting in %.1f s", code, delay)
@@ -237,6 +284,10 @@ class BrokerSupervisor:
             line = raw.decode(errors="replace").rstrip()
             if line.endswith(" running"):
                 self.started.set()
+            if line.endswith(ADDRESS_IN_USE):
+                self._port_taken = True
+            if self._watch is not None:
+                self._watch(line)
             if "Error" in line or "Warning" in line:
                 log.warning("mosquitto: %s", line)
             else:
@@ -246,14 +297,15 @@ class BrokerSupervisor:
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
         self.started.clear()
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        proc.terminate()
-        try:
-            async with asyncio.timeout(STOP_GRACE):
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(STOP_GRACE):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
                 await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
         with contextlib.suppress(FileNotFoundError):
             self._paths.broker_pid.unlink()

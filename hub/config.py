@@ -182,6 +182,11 @@ class HubPaths:
         return self.pki / f"hub-{replica}.key"
 
     @property
+    def share_group(self) -> Path:
+        """The secret name of the hub processes' shared subscription group (hub/subscriptions.py)."""
+        return self.pki / "share-group"
+
+    @property
     def policy_key(self) -> Path:
         return self.pki / "policy.key"
 

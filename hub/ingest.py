@@ -35,6 +35,7 @@ from edge_agent.protocol import (
     Status,
     Topic,
     check_batch,
+    check_presence_size,
     decode,
     parse_topic,
     unpack,
@@ -65,6 +66,7 @@ class CycleResult:
     certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.renewal
     instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)  # (device, outbox instance) -> through
     renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)  # refused: a cloned identity
+    clear: list[str] = field(default_factory=list)  # topics whose retained message the broker must drop: hub.retained
 
 
 class Ingest:
@@ -94,27 +96,34 @@ class Ingest:
             if len(messages) == 1:
                 reason = "unstorable" if isinstance(exc, UNSTORABLE) else INTERNAL_ERROR
                 await self.reject(reason, messages[0].topic, exc)
-                return CycleResult({}, [], 0)
+                return CycleResult({}, [], 0, clear=[messages[0].topic] if messages[0].retain else [])
         results = [await self.process([m]) for m in messages]
         return CycleResult({d: w for r in results for d, w in r.acks.items()},
                            [p for r in results for p in r.presence], sum(r.stored for r in results),
                            [c for r in results for c in r.coord], [c for r in results for c in r.certs],
                            {k: w for r in results for k, w in r.instance_acks.items()},
-                           {k: n for r in results for k, n in r.renumber.items()})
+                           {k: n for r in results for k, n in r.renumber.items()},
+                           [t for r in results for t in r.clear])
 
     async def _process(self, messages: list[Message]) -> CycleResult:
         work = IngestWork(now=time.time(), messages=len(messages), hub=self._hub)
         presence: list[tuple[str, Presence]] = []
         coord: list[tuple[str, CoordUp]] = []
         certs: list[tuple[str, CertRequest]] = []
+        clear: list[str] = []
         rejects: collections.Counter[str] = collections.Counter()
         for message in messages:
             try:
+                if message.retain and not message.payload:
+                    continue  # a retained message being cleared (hub.retained): nothing to take in
                 topic = parse_topic(message.topic)
                 if topic.channel == "presence":
                     if message.payload:  # an empty payload clears a retained message
+                        check_presence_size(message.payload)
                         presence.append((topic.device, decode(message.payload, Presence)))
                     continue
+                if message.retain:
+                    raise ProtocolError("retained", "devices never retain on up/ topics; the broker's copy is cleared")
                 if topic.channel == "up" and topic.kind == CERT:  # hub.renewal refuses, and audits, the unknown
                     certs.append((topic.device, unpack(message.payload, CertRequest)))
                     continue
@@ -127,11 +136,15 @@ class Ingest:
             except ProtocolError as exc:
                 rejects[exc.reason] += 1
                 self._log_reject(exc.reason, f"{message.topic}: {exc.detail}")
+                if message.retain:  # else the broker keeps it, and hands it to every new subscriber
+                    clear.append(message.topic)
             except Exception as exc:  # one message must not stop the ingest, whatever it triggers
                 if not blames_message(exc):
                     raise
                 rejects[INTERNAL_ERROR] += 1
                 self._log_reject(INTERNAL_ERROR, f"{message.topic}: {exc!r}", exc)
+                if message.retain:
+                    clear.append(message.topic)
         work.rejects = dict(rejects)
         acks = await self._store.commit_ingest(work)
         for device, seq, kind in work.conflicts:
@@ -140,7 +153,7 @@ class Ingest:
         self.rejects.update(rejects)
         stored = len(work.telemetry) + len(work.events)
         self.records += stored
-        return CycleResult(acks, presence, stored, coord, certs, work.instance_acks, work.renumber)
+        return CycleResult(acks, presence, stored, coord, certs, work.instance_acks, work.renumber, clear)
 
     async def reject(self, reason: str, what: str, exc: Exception) -> None:
         """Count and log one message that failed after validation (its own transaction)."""

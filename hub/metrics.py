@@ -47,6 +47,7 @@ from edge_agent.metrics import LatencyTally, MetricsUnavailable, exposition_serv
 from edge_agent.protocol import ProtocolError, hub_identity, json_body, read_json
 from hub.config import HubPaths, RolloutConf
 from hub.errors import HubError
+from hub.subscriptions import FOREIGN, NOTICE_INTERVAL_S
 
 DEFAULT_LISTEN: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464  # hub.toml [metrics] port; 0 turns the endpoint off
@@ -230,6 +231,17 @@ class HubCollector(Collector):
         for reason, count in db.execute("SELECT reason, count FROM rejects ORDER BY reason"):
             rejects.add_metric([self._region, reason], count)
         yield rejects
+        yield self._foreign_subscriptions(db)
+
+    def _foreign_subscriptions(self, db: sqlite3.Connection) -> Metric:
+        foreign = _Families(self._region).counter(
+            "foreign_subscriptions", "Subscriptions a device made outside its own down/ topics, as the hub noticed "
+            f"them (once per device and filter every {NOTICE_INTERVAL_S:g} s): who probes the hub's messages.")
+        for device, count in db.execute(
+                "SELECT json_extract(body, '$.device') AS d, COUNT(*) FROM events WHERE device = ? AND kind = ? "
+                "AND json_valid(body) AND d IS NOT NULL GROUP BY d ORDER BY d", (self._identity, FOREIGN)):
+            foreign.add_metric([self._region, str(device)], count)
+        return foreign
 
     # --- actions and decision latency --------------------------------------------------------
 

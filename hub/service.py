@@ -38,7 +38,9 @@ from hub.metrics import MetricsError, serve_metrics
 from hub.pki import load_policy_key
 from hub.renewal import CertificateDesk, keep_pki_fresh
 from hub.replicas import prepare_replica
+from hub.retained import RetainedSweeper
 from hub.store import HubStore
+from hub.subscriptions import SubscriptionWatch, share_group
 
 DB_RETRY_WAIT: Final = 1.0  # after SQLite's own 10 s busy timeout ran out
 HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
@@ -65,6 +67,7 @@ class HubService:
         self.coordination = Coordination(store, config.identity)
         self.certificates = CertificateDesk(paths, config, store)  # devices' in-band renewals
         self.leadership = Leadership(store, self.identity)
+        self._group = share_group(paths)  # secret: no device can join the hub's share of the messages
         self.link = Link(f"hub {self.identity}", self._session, self._serve, logger=log)
 
     def _session(self) -> MqttSession:
@@ -79,10 +82,15 @@ class HubService:
             # the broker instead of the devices' ack timeouts. With replicas it must not: the
             # broker goes on handing a stopped member of a shared subscription its share of the
             # messages, to hold until it returns. Then the devices' own resend covers a restart.
-            clean_start=not self._config.hub.replicas,
-            session_expiry=0 if self._config.hub.replicas else HUB_SESSION_EXPIRY,
+            clean_start=self._shares_ingest,
+            session_expiry=0 if self._shares_ingest else HUB_SESSION_EXPIRY,
             max_inflight=INGEST_MAX_MESSAGES,
         )
+
+    @property
+    def _shares_ingest(self) -> bool:
+        """Replicas are configured: other hub processes take part in the shared subscription."""
+        return bool(self._config.hub.replicas)
 
     async def run(self) -> None:
         await self.link.run()
@@ -134,11 +142,14 @@ class HubService:
         # new session has none: subscribe on every connect.
         # Presence reaches every replica (each applies it; the same state twice changes nothing);
         # device messages are shared out, each to one replica.
-        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._config.region, UP_FILTER), 1)])
+        # Retain-as-published: a retained message a device may not keep shows its flag (hub.retained).
+        await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._group, UP_FILTER), 1)],
+                                retain_as_published=True)
         log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
                  self._config.broker.port)
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
         acks = AckSender()
+        clears = RetainedSweeper()
 
         async def lead() -> None:
             async with asyncio.TaskGroup() as leader_tasks:
@@ -146,8 +157,9 @@ class HubService:
                 leader_tasks.create_task(self._coordinate(outgoing), name="coordination")
 
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._ingest(session, outgoing, acks), name="ingest")
+            tasks.create_task(self._ingest(session, outgoing, acks, clears), name="ingest")
             tasks.create_task(acks.serve(session), name="acks")
+            tasks.create_task(clears.serve(session), name="retained")
             tasks.create_task(self.leadership.while_leading(lead), name="leader")
             tasks.create_task(self._send_replies(session, outgoing), name="replies")
             tasks.create_task(self.certificates.serve(session), name="certificates")
@@ -194,7 +206,8 @@ class HubService:
             finally:
                 outgoing.task_done()
 
-    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies], acks: AckSender) -> None:
+    async def _ingest(self, session: MqttSession, outgoing: asyncio.Queue[Replies], acks: AckSender,
+                      clears: RetainedSweeper) -> None:
         while True:
             messages = [await session.next_message(), *session.drain(INGEST_MAX_MESSAGES - 1)]
             with self.watchdog.busy("ingest"):  # waiting for messages is not watched; a cycle is
@@ -203,6 +216,7 @@ class HubService:
                     session.ack(message)  # PUBACK only now that the database has it
                 outgoing.put_nowait(replies)
                 acks.put(result.acks, result.instance_acks, result.renumber)
+                clears.put(result.clear)
 
 
 class AckSender:
@@ -252,6 +266,14 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
         await asyncio.Event().wait()  # the hub's other work goes on
 
 
+async def _after_broker(supervisor: BrokerSupervisor | None, work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` once the managed broker runs: a connection made sooner may reach whatever else
+    holds the port, and report its TLS error instead of the real cause."""
+    if supervisor is not None:
+        await supervisor.started.wait()
+    await work()
+
+
 async def _announce_ready(supervisor: BrokerSupervisor | None) -> None:
     """READY=1 once devices can connect: the managed broker is running (an external one is not ours)."""
     if supervisor is not None:
@@ -289,13 +311,15 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
         if config.broker.mode == "managed" and replica is None:
             write_broker_files(paths, config)  # fail in words before anything starts
             broker_executable(config.broker.executable)
-            supervisor = BrokerSupervisor(paths, config)
+            watch = SubscriptionWatch(store, config)
+            tasks.append(asyncio.create_task(watch.serve(), name="subscriptions"))
+            supervisor = BrokerSupervisor(paths, config, watch.line)
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
         tasks.append(asyncio.create_task(service.leadership.while_leading(
             lambda: keep_pki_fresh(paths, config, store)), name="pki"))
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
-        tasks.append(asyncio.create_task(service.run(), name="hub-service"))
+        tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
         tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -12,11 +13,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from edge_agent.files import write_atomic
 from edge_agent.protocol import ProtocolError, validate_name
 from edge_agent.settings import to_struct
-from hub.broker import write_broker_files
+from hub.broker import port_holder, port_taken, write_broker_files
 from hub.config import HubConfig, HubPaths, render_hub_toml
 from hub.errors import UsageError
 from hub.pki import Authority, cert_pem, key_pem
 from hub.store import HubStore
+from hub.subscriptions import share_group
+
+log = logging.getLogger("hub.setup")
 
 
 async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: str, force: bool) -> HubPaths:
@@ -69,6 +73,11 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
         await store.close()
     write_atomic(paths.config, render_hub_toml(config).encode(), 0o644)
     write_broker_files(paths, config)
+    share_group(paths)
+    if port_taken(bind, port):
+        log.warning("port %d on %s is already used by %s: `edge-hub run` cannot start the broker there until "
+                    "it is free; stop that, or change broker.port in %s before you provision devices", port, bind,
+                    port_holder(port), paths.config)
     return paths
 
 

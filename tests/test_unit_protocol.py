@@ -180,10 +180,16 @@ ACL = acl_rules([hub_identity("eu-1")])
 
 
 @pytest.mark.parametrize(
-    "topic", [presence_topic("dev-a"), up_topic("dev-a", "telemetry"), up_topic("dev-a", "events")]
+    "topic", [presence_topic("dev-a"), *(up_topic("dev-a", kind) for kind in ("telemetry", "status", "coord", "cert"))]
 )
 def test_a_device_may_write_its_own_uplink(topic: str) -> None:
     assert _allowed(ACL, "dev-a", topic, "write")
+
+
+@pytest.mark.parametrize("kind", ["events", "x0", "+", "#"])
+def test_a_device_may_write_no_up_kind_the_hub_does_not_define(kind: str) -> None:
+    """Anything there, retained, would stay at the broker: the hub takes no other kind in."""
+    assert not _allowed(ACL, "dev-a", up_topic("dev-a", kind), "write")
 
 
 @pytest.mark.parametrize(
