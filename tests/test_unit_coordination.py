@@ -53,6 +53,7 @@ from hub.config import HubConfig, HubPaths
 from hub.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
 from hub.ingest import Ingest
 from hub.renewal import CertificateDesk
+from hub.retained import RetainedSweeper
 from hub.service import AckSender, HubService
 from hub.store import HubStore
 
@@ -811,7 +812,7 @@ class FakeSession:
         """Run the hub's ingest loop until it has handled the batch, then stop it; the replies it
         queued go out through the hub's own reply sender."""
         outgoing: asyncio.Queue[Replies] = asyncio.Queue()
-        task = asyncio.create_task(service._ingest(self, outgoing, AckSender()))  # type: ignore[arg-type]
+        task = asyncio.create_task(service._ingest(self, outgoing, AckSender(), RetainedSweeper()))  # type: ignore[arg-type]
         try:
             async with asyncio.timeout(5):
                 await self.idle.wait()
@@ -927,7 +928,7 @@ async def test_the_ingest_goes_on_while_its_acks_wait_for_their_pubacks(hub: Hub
     service, session = _ingest_only_service(hub), StalledAcks()
     acks = AckSender()
     outgoing: asyncio.Queue[Replies] = asyncio.Queue()
-    tasks = [asyncio.create_task(service._ingest(session, outgoing, acks)),  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(service._ingest(session, outgoing, acks, RetainedSweeper())),  # type: ignore[arg-type]
              asyncio.create_task(acks.serve(session))]  # type: ignore[arg-type]
     try:
         session.inbox.put_nowait(batch(0, 3, mid=1))
