@@ -4,7 +4,7 @@ The usual alternative to our agent is a Mosquitto on each device, bridged to the
 broker and used as the buffer (shared/NOTES-mqtt.md, last section). This measures it on the
 same machine and backlog as P2:
 
-1. a throw-away CA (hub.pki.Authority) with a central server certificate and client
+1. a throw-away CA (hub.pki.authority.Authority) with a central server certificate and client
    certificates for the bridge ('edge-bridge') and the subscriber ('bench-sub');
 2. a central Mosquitto configured like ours (mTLS, require_certificate,
    use_identity_as_username, an ACL: the bridge writes bench/edge-bridge/#, the subscriber
@@ -47,9 +47,9 @@ from typing import Any
 
 import psutil
 
-from edge_agent.files import write_atomic
-from hub.pki import Authority, cert_pem, key_pem
-from tests.net import free_port
+from edgefleet.runtime.files import write_atomic
+from hub.pki.authority import Authority, cert_pem, key_pem
+from tests.support.net import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BRIDGE_CN = "edge-bridge"

@@ -38,8 +38,8 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_agent.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402 - after the path fix above
-from edge_agent.sensors import Reading  # noqa: E402
+from edge_agent.buffer.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402 - after the path fix above
+from edge_agent.sense.sensors import Reading  # noqa: E402
 
 TARGET_PER_S: Final = 200_000  # SPEC P1
 TARGET_RATIO: Final = 0.35  # SPEC P1: outbox / raw sqlite3 in the same run

@@ -49,12 +49,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.bridge_baseline import Child, run_bridge_baseline  # noqa: E402  # one process wrapper for both
+from edge_agent.buffer.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402
 from edge_agent.config import AgentSettings, load_settings  # noqa: E402 - after the path fix above
-from edge_agent.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402
-from edge_agent.profiles import SimSpec  # noqa: E402
-from edge_agent.sensors import SimSensor, device_seed  # noqa: E402
-from tests.exactly_once import assert_exactly_once, hub_watermark, outbox_state  # noqa: E402
-from tests.net import free_port  # noqa: E402
+from edge_agent.sense.sensors import SimSensor, device_seed  # noqa: E402
+from edgefleet.policy.profiles import SimSpec  # noqa: E402
+from tests.support.exactly_once import assert_exactly_once, hub_watermark, outbox_state  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 BIN: Final = Path(sys.executable).parent  # the venv's bin: edge-hub and edge-agent live beside python
 HUB: Final = str(BIN / "edge-hub")

@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:
 from bench.bridge_baseline import Child  # noqa: E402
 from bench.p2_drain import build_backlog, make_fleet, make_workdir  # noqa: E402
 from edge_agent.config import load_settings  # noqa: E402
-from tests.exactly_once import outbox_state  # noqa: E402
-from tests.net import free_port  # noqa: E402
+from tests.support.exactly_once import outbox_state  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 TARGET_MB: Final = 40.0  # SPEC P3: RSS
 # "No growth", made measurable: a slope this small is under 150 MB a day, and in a short run

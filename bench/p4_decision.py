@@ -50,14 +50,14 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_agent.actuators import Actuators  # noqa: E402 - after the path fix above
-from edge_agent.outbox import DB_NAME, Outbox  # noqa: E402
-from edge_agent.policy import validate_policy  # noqa: E402
-from edge_agent.profiles import ActuatorSpec, ReportSpec, SimSpec, load_profile  # noqa: E402
-from edge_agent.report import ReportFilter  # noqa: E402
-from edge_agent.rules import RuleEngine  # noqa: E402
-from edge_agent.sensors import Reading, Sampler, SimSensor  # noqa: E402
-from edge_agent.windows import ReadingWindows  # noqa: E402
+from edge_agent.buffer.outbox import DB_NAME, Outbox  # noqa: E402
+from edge_agent.decide.actuators import Actuators  # noqa: E402 - after the path fix above
+from edge_agent.decide.rules import RuleEngine  # noqa: E402
+from edge_agent.decide.windows import ReadingWindows  # noqa: E402
+from edge_agent.sense.report import ReportFilter  # noqa: E402
+from edge_agent.sense.sensors import Reading, Sampler, SimSensor  # noqa: E402
+from edgefleet.policy.document import validate_policy  # noqa: E402
+from edgefleet.policy.profiles import ActuatorSpec, ReportSpec, SimSpec, load_profile  # noqa: E402
 
 TARGET_P99_MS: Final = 5.0  # SPEC P4
 SIGNALS: Final = 4

@@ -53,14 +53,14 @@ if str(ROOT) not in sys.path:
 from bench.bridge_baseline import Child  # noqa: E402 - after the path fix above
 from bench.p2_drain import AGENT, HUB, make_workdir, run_cli  # noqa: E402
 from bench.p4_decision import verdict  # noqa: E402
-from edge_agent.errors import TransientError  # noqa: E402
-from edge_agent.mqtt import MqttSession, TlsIdentity  # noqa: E402
-from edge_agent.protocol import POLICY, PolicyDocument, down_filter, down_topic, pack, seal  # noqa: E402
+from edgefleet.errors import TransientError  # noqa: E402
+from edgefleet.mqtt.session import MqttSession, TlsIdentity  # noqa: E402
+from edgefleet.wire.protocol import POLICY, PolicyDocument, down_filter, down_topic, pack, seal  # noqa: E402
 from hub.broker import broker_executable, write_broker_files  # noqa: E402
 from hub.config import load_hub  # noqa: E402
-from hub.distribution import PUBLISH_CHUNK  # noqa: E402
-from hub.pki import load_policy_key  # noqa: E402
-from tests.net import free_port  # noqa: E402
+from hub.pki.authority import load_policy_key  # noqa: E402
+from hub.rollout.distribution import PUBLISH_CHUNK  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 SPEC_DEVICES: Final = 2000
 TARGET_POLICY_S: Final = 10.0  # SPEC P5: policy at 100 % within this
@@ -407,7 +407,7 @@ async def bare_main(hub_dir: Path, bundles: Path, count: int) -> int:
 
 
 async def chunked(publishes: list[Any]) -> None:
-    """Await publishes PUBLISH_CHUNK at a time, as hub.distribution does (the rest wait unstarted)."""
+    """Await publishes PUBLISH_CHUNK at a time, as hub.rollout.distribution does (the rest wait unstarted)."""
     for start in range(0, len(publishes), PUBLISH_CHUNK):
         await asyncio.gather(*publishes[start:start + PUBLISH_CHUNK])
 

@@ -77,9 +77,9 @@ if str(ROOT) not in sys.path:
 from bench.bridge_baseline import Child  # noqa: E402 - after the path fix above
 from bench.p2_drain import HUB, Fleet, make_fleet, make_workdir  # noqa: E402
 from bench.p4_decision import percentile  # noqa: E402
-from edge_agent.errors import TransientError  # noqa: E402
-from edge_agent.mqtt import MqttSession, TlsIdentity, Will  # noqa: E402
-from edge_agent.protocol import (  # noqa: E402
+from edgefleet.errors import TransientError  # noqa: E402
+from edgefleet.mqtt.session import MqttSession, TlsIdentity, Will  # noqa: E402
+from edgefleet.wire.protocol import (  # noqa: E402
     COORD,
     UP_FILTER,
     LeaseGrant,

@@ -4,8 +4,8 @@
 
 The agent's own pipeline, in simulated time (no clock, no network): SimSensor (the sim
 profile's signals at `--rate-hz`, read every sensor interval of the profile) -> ReportFilter
--> sequence numbers as the outbox assigns them -> edge_agent.uplink.encode_batch (which
-packs with edge_agent.protocol.pack). Two paths over the very same samples:
+-> sequence numbers as the outbox assigns them -> edge_agent.sync.uplink.encode_batch (which
+packs with edgefleet.wire.protocol.pack). Two paths over the very same samples:
 
 - filtered: the sim profile's [report] settings (deadband, heartbeat, aggregation);
 - raw (the baseline): the same with every deadband 0 (the filter passes everything).
@@ -42,12 +42,12 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_agent.outbox import COMMIT_INTERVAL, Record  # noqa: E402 - after the path fix above
-from edge_agent.profiles import load_profile  # noqa: E402
-from edge_agent.protocol import TELEMETRY, up_topic  # noqa: E402
-from edge_agent.report import ReportFilter  # noqa: E402
-from edge_agent.sensors import Reading, SimSensor, device_seed  # noqa: E402
-from edge_agent.uplink import UplinkSettings, encode_batch  # noqa: E402
+from edge_agent.buffer.outbox import COMMIT_INTERVAL, Record  # noqa: E402 - after the path fix above
+from edge_agent.sense.report import ReportFilter  # noqa: E402
+from edge_agent.sense.sensors import Reading, SimSensor, device_seed  # noqa: E402
+from edge_agent.sync.uplink import UplinkSettings, encode_batch  # noqa: E402
+from edgefleet.policy.profiles import load_profile  # noqa: E402
+from edgefleet.wire.protocol import TELEMETRY, up_topic  # noqa: E402
 
 TARGET_RATIO: Final = 10.0  # SPEC P7
 DEVICE: Final = "p7-bench"

@@ -18,20 +18,28 @@ from functools import partial
 from typing import Any, Final
 
 from edge_agent import __version__
-from edge_agent.actuators import Actuators
-from edge_agent.clock import unset_clock_warning
+from edge_agent.buffer.machine import fingerprint, machine_number
+from edge_agent.buffer.outbox import Outbox
 from edge_agent.config import AgentSettings
-from edge_agent.coordination import HubCoordinator, bid_score
-from edge_agent.errors import ConnectionLost, TransientError
-from edge_agent.identity import IdentityFiles
-from edge_agent.link import Link
-from edge_agent.machine import fingerprint, machine_number
-from edge_agent.metrics import serve_agent_metrics
-from edge_agent.mqtt import MqttSession, Will
-from edge_agent.outbox import Outbox
-from edge_agent.policy import Policy
-from edge_agent.policy_intake import PolicyIntake
-from edge_agent.protocol import (
+from edge_agent.decide.actuators import Actuators
+from edge_agent.decide.coordination import HubCoordinator, bid_score
+from edge_agent.decide.policy_intake import PolicyIntake
+from edge_agent.decide.rules import TICK_INTERVAL, RuleEngine
+from edge_agent.decide.windows import ReadingWindows
+from edge_agent.identity.clock import unset_clock_warning
+from edge_agent.identity.renewal import Renewal
+from edge_agent.identity.tls import IdentityFiles
+from edge_agent.ops.metrics import serve_agent_metrics
+from edge_agent.sense.report import ReportFilter
+from edge_agent.sense.sensors import Reading, Sampler, build_sensors
+from edge_agent.sync.uplink import Uplink, UplinkSettings
+from edgefleet.errors import ConnectionLost, TransientError
+from edgefleet.mqtt.link import Link
+from edgefleet.mqtt.session import MqttSession, Will
+from edgefleet.policy.document import Policy
+from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
+from edgefleet.runtime.sdnotify import READY, STOPPING, Watchdog, notify
+from edgefleet.wire.protocol import (
     ACK,
     CERT,
     COORD,
@@ -59,14 +67,6 @@ from edge_agent.protocol import (
     unpack_down,
     up_topic,
 )
-from edge_agent.renewal import Renewal
-from edge_agent.report import ReportFilter
-from edge_agent.rules import TICK_INTERVAL, RuleEngine
-from edge_agent.runlock import AGENT_LOCK, RunLock
-from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
-from edge_agent.sensors import Reading, Sampler, build_sensors
-from edge_agent.uplink import Uplink, UplinkSettings
-from edge_agent.windows import ReadingWindows
 
 STOP_FLUSH_TIMEOUT: Final = 5.0  # a clean stop commits what is buffered; bounded for systemd
 

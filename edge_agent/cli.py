@@ -9,14 +9,15 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from edge_agent import __version__, logfmt
+from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG, AgentSettings, load_settings
-from edge_agent.errors import ConfigError
-from edge_agent.files import database_access_denied, database_advice, permission_advice
-from edge_agent.pipes import run_command
-from edge_agent.policy import Policy
-from edge_agent.settings import duration_arg
-from edge_agent.units import AGENT_UNITS, units_command
+from edgefleet.errors import ConfigError
+from edgefleet.policy.document import Policy
+from edgefleet.runtime import logfmt
+from edgefleet.runtime.files import database_access_denied, database_advice, permission_advice
+from edgefleet.runtime.pipes import run_command
+from edgefleet.runtime.settings import duration_arg
+from edgefleet.runtime.units import AGENT_UNITS, units_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SUMMARY_EVERY = 10.0  # seconds between `simulate` summary lines: a long run's log stays short
@@ -143,7 +144,7 @@ def _main(argv: list[str] | None) -> int:
     except sqlite3.OperationalError as exc:
         if not database_access_denied(exc):
             raise
-        from edge_agent.outbox import DB_NAME
+        from edge_agent.buffer.outbox import DB_NAME
 
         print(f"edge-agent: cannot use the outbox ({exc}): {database_advice(settings.state_dir / DB_NAME)}",
               file=sys.stderr)
@@ -151,7 +152,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _check(settings: AgentSettings) -> int:
-    from edge_agent.checks import run_checks  # keeps `run` start-up lean
+    from edge_agent.ops.checks import run_checks  # keeps `run` start-up lean
 
     findings = asyncio.run(run_checks(settings))
     for f in findings:
@@ -162,7 +163,7 @@ def _check(settings: AgentSettings) -> int:
 def _status(settings: AgentSettings, policy: Policy | None, *, as_json: bool) -> int:
     import msgspec
 
-    from edge_agent.status import collect, render
+    from edge_agent.ops.status import collect, render
 
     report = collect(settings, policy)
     print(msgspec.json.encode(report).decode() if as_json else render(report))
@@ -171,8 +172,8 @@ def _status(settings: AgentSettings, policy: Policy | None, *, as_json: bool) ->
 
 def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.agent import run_agent
-    from edge_agent.errors import AlreadyRunning
-    from edge_agent.identity import IdentityFiles
+    from edge_agent.identity.tls import IdentityFiles
+    from edgefleet.errors import AlreadyRunning
 
     refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
     for sentence in refusals:  # each says what to do; nothing was started
@@ -196,7 +197,7 @@ def _run(settings: AgentSettings, policy: Policy | None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from edge_agent import simulate
+    from edge_agent.ops import simulate
 
     _logging(args.log_level)
     try:

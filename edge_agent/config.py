@@ -10,13 +10,13 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from edge_agent.actuators import actuator_call, allowlist_refusal
-from edge_agent.errors import ConfigError
-from edge_agent.mqtt import TlsIdentity
-from edge_agent.policy import Policy, PolicyError, Problem, validate_policy
-from edge_agent.profiles import PROFILE_DIRS, PROFILE_KEYS, SYSTEM_METRICS, Profile, load_profile, produced_metric
-from edge_agent.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
-from edge_agent.settings import apply_override, read_toml, split_overrides, to_struct
+from edgefleet.errors import ConfigError
+from edgefleet.mqtt.session import TlsIdentity
+from edgefleet.policy.check import check_policy
+from edgefleet.policy.document import Policy, PolicyError
+from edgefleet.policy.profiles import PROFILE_DIRS, PROFILE_KEYS, Profile, load_profile
+from edgefleet.runtime.settings import apply_override, read_toml, split_overrides, to_struct
+from edgefleet.wire.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 
 DEFAULT_CONFIG: Final = Path("/etc/edge-agent/agent.toml")
 
@@ -36,7 +36,8 @@ class TlsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StateConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dir: str = "state"
-    machine: str = ""  # this board's identity for clone detection; "" reads it from the hardware (edge_agent.machine)
+    # this board's identity for clone detection; "" reads it from the hardware (edge_agent.buffer.machine)
+    machine: str = ""
 
 
 class OutboxConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -135,50 +136,6 @@ class AgentSettings:
         return int(mb * 1_000_000)
 
 
-def check_policy(text: str, profile: Profile) -> Policy:
-    """Every check an agent of `profile` applies to a policy before it runs it (the hub runs
-    the same ones before it signs); raises PolicyError with lines and columns."""
-    try:
-        policy = validate_policy(text, metrics=known_metrics(profile), actuators_allowed=profile.actuators.allowed)
-    except PolicyError as exc:
-        at = [i for i, p in enumerate(exc.problems) if "unknown metric" in p.message]
-        if at:  # the hint goes under the last unknown-metric problem, not whatever came last
-            produced = ", ".join(sorted(known_metrics(profile) or ()))
-            p = exc.problems[at[-1]]
-            exc.problems[at[-1]] = Problem(p.line, p.col, f"{p.message}\n  (profile {profile.name!r} produces: "
-                                                               f"{produced})")
-            raise PolicyError(exc.problems) from None
-        raise
-    problems = []
-    for rule in policy.rules:
-        unknown = sorted(m for m in rule.when.metrics | rule.clear.metrics if not produced_metric(profile, m))
-        if unknown:
-            problems.append(Problem(rule.line, 1, f"rule {rule.name!r} reads {', '.join(unknown)}, which profile "
-                                                  f"{profile.name!r} does not produce"))
-        kind, args, _ = actuator_call(rule)
-        refused = allowlist_refusal(profile.actuators, kind, args)
-        if refused:  # the refusal the rule would meet each time it fires, caught before the policy runs
-            problems.append(Problem(rule.line, 1, f"rule {rule.name!r}: its {kind} action would be refused on "
-                                                  f"profile {profile.name!r}: {refused.rstrip('.')}"))
-    if problems:
-        raise PolicyError(problems)
-    return policy
-
-
-def known_metrics(profile: Profile) -> set[str] | None:
-    """Every metric the profile can produce, or None when some are only known at run time
-    (thermal zones); then rules are checked with `produced_metric` instead, without a column."""
-    names: set[str] = set()
-    for sensor in profile.sensors:
-        if sensor.kind == "thermal":
-            return None
-        if sensor.kind == "sim":
-            names |= {f"sig{i}" for i in range(profile.sim.signals)}
-        elif sensor.kind == "system":
-            names |= set(sensor.metrics) or set(SYSTEM_METRICS)
-    return names
-
-
 def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     raw = read_toml(path)
     routed = split_overrides(overrides, {"config": set(CONFIG_KEYS), "profile": set(PROFILE_KEYS)})
@@ -192,7 +149,7 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     except ProtocolError as exc:
         raise ConfigError(exc.detail, str(path)) from None
     if config.metrics.port:
-        from edge_agent.metrics import loopback
+        from edgefleet.runtime.exposition import loopback
 
         loopback(config.metrics.listen)  # a device's metrics never leave it
     search: tuple[Path, ...] = PROFILE_DIRS

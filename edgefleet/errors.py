@@ -52,7 +52,7 @@ class KeyGenerationFailed(TransientError):
 
 
 class AlreadyRunning(AgentError):
-    """Another process holds this identity's run lock (edge_agent.runlock); exit code 2."""
+    """Another process holds this identity's run lock (edgefleet.runtime.runlock); exit code 2."""
 
     def __init__(self, what: str, where: Path, pid: int | None) -> None:
         who = f"another {what} (pid {pid})" if pid else f"another {what}"

@@ -1,5 +1,5 @@
 """edgefleet regional hub: fleet PKI, managed Mosquitto, device registry and ingest."""
 
-from edge_agent import __version__
+from edgefleet import __version__
 
 __all__ = ["__version__"]

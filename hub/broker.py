@@ -21,10 +21,10 @@ from typing import Final
 
 import psutil
 
-from edge_agent.files import write_atomic
-from edge_agent.protocol import MAX_PAYLOAD_BYTES, acl_rules
-from edge_agent.reconnect import Backoff
-from edge_agent.sdnotify import child_environment
+from edgefleet.mqtt.reconnect import Backoff
+from edgefleet.runtime.files import write_atomic
+from edgefleet.runtime.sdnotify import child_environment
+from edgefleet.wire.protocol import MAX_PAYLOAD_BYTES, acl_rules
 from hub.config import HubConfig, HubPaths
 from hub.errors import BrokerError
 
@@ -90,7 +90,7 @@ def render_conf(paths: HubPaths, config: HubConfig, account: BrokerAccount | Non
         "log_type warning",
         "log_type notice",
         "log_type information",
-        "log_type subscribe",  # who subscribed to what: hub.subscriptions tells of devices that stray
+        "log_type subscribe",  # who subscribed to what: hub.ingest.subscriptions tells of devices that stray
         "connection_messages true",
         # Nagle's algorithm holds small writes back for a delayed ACK (~40 ms each): acks,
         # lease grants and PUBACKs are all small writes that someone waits for.

@@ -10,9 +10,9 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import ProtocolError, hub_identity, validate_name
-from edge_agent.settings import read_toml, to_struct, toml_value
+from edgefleet.errors import ConfigError
+from edgefleet.runtime.settings import read_toml, to_struct, toml_value
+from edgefleet.wire.protocol import ProtocolError, hub_identity, validate_name
 from hub.errors import NotInitialised, UsageError
 
 DEFAULT_PORT: Final = 8883

@@ -43,11 +43,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from edge_agent.metrics import LatencyTally, MetricsUnavailable, exposition_server
-from edge_agent.protocol import ProtocolError, hub_identity, json_body, read_json
+from edgefleet.runtime.exposition import LatencyTally, MetricsUnavailable, exposition_server
+from edgefleet.wire.protocol import ProtocolError, hub_identity, json_body, read_json
 from hub.config import HubPaths, RolloutConf
 from hub.errors import HubError
-from hub.subscriptions import FOREIGN, NOTICE_INTERVAL_S
+from hub.ingest.subscriptions import FOREIGN, NOTICE_INTERVAL_S
 
 DEFAULT_LISTEN: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464  # hub.toml [metrics] port; 0 turns the endpoint off

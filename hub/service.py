@@ -11,9 +11,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from edge_agent.link import SESSION_ENDED, Link
-from edge_agent.mqtt import Message, MqttSession, TlsIdentity
-from edge_agent.protocol import (
+from edgefleet.mqtt.link import SESSION_ENDED, Link
+from edgefleet.mqtt.session import Message, MqttSession, TlsIdentity
+from edgefleet.runtime.runlock import RunLock
+from edgefleet.runtime.sdnotify import READY, STOPPING, Watchdog, notify
+from edgefleet.wire.protocol import (
     ACK,
     COORD,
     PRESENCE_FILTER,
@@ -26,21 +28,19 @@ from edge_agent.protocol import (
     pack_coord,
     shared_filter,
 )
-from edge_agent.runlock import RunLock
-from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
-from hub.coordination import Coordination, Replies
-from hub.distribution import PolicyPublisher
-from hub.ingest import INTERNAL_ERROR, CycleResult, Ingest, blames_message
-from hub.leadership import Leadership
+from hub.db.store import HubStore
+from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
+from hub.ingest.retained import RetainedSweeper
+from hub.ingest.subscriptions import SubscriptionWatch, share_group
 from hub.metrics import MetricsError, serve_metrics
-from hub.pki import load_policy_key
-from hub.renewal import CertificateDesk, keep_pki_fresh
-from hub.replicas import prepare_replica
-from hub.retained import RetainedSweeper
-from hub.store import HubStore
-from hub.subscriptions import SubscriptionWatch, share_group
+from hub.pki.authority import load_policy_key
+from hub.pki.renewal import CertificateDesk, keep_pki_fresh
+from hub.region.coordination import Coordination, Replies
+from hub.region.leadership import Leadership
+from hub.region.replicas import prepare_replica
+from hub.rollout.distribution import PolicyPublisher
 
 DB_RETRY_WAIT: Final = 1.0  # after SQLite's own 10 s busy timeout ran out
 HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue while it restarts
@@ -142,7 +142,7 @@ class HubService:
         # new session has none: subscribe on every connect.
         # Presence reaches every replica (each applies it; the same state twice changes nothing);
         # device messages are shared out, each to one replica.
-        # Retain-as-published: a retained message a device may not keep shows its flag (hub.retained).
+        # Retain-as-published: a retained message a device may not keep shows its flag (hub.ingest.retained).
         await session.subscribe([(PRESENCE_FILTER, 1), (shared_filter(self._group, UP_FILTER), 1)],
                                 retain_as_published=True)
         log.info("hub ready: %s subscribed on %s:%d", self.identity, self._config.broker.host,
@@ -223,7 +223,7 @@ class AckSender:
     """The devices' end-to-end acks, published apart from the ingest loop.
 
     The ingest must not wait for their PUBACKs: when more messages wait than the session reads
-    ahead (it stops reading the socket, edge_agent.mqtt.READ_HIGH_WATER), those PUBACKs cannot
+    ahead (it stops reading the socket, edgefleet.mqtt.session.READ_HIGH_WATER), those PUBACKs cannot
     arrive until the ingest takes more messages, and the hub stalled until the broker dropped it
     for keepalive (seen at 2,000 devices sending every second). Pending acks are kept one per
     device, the highest watermark: a slow broker makes them fewer, never a growing queue. An ack

@@ -23,8 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the demo runs from a checkout: share the tests' exactly-once check
 
-from tests.exactly_once import account, hub_seqs, outbox_state  # noqa: E402
-from tests.net import free_port  # noqa: E402
+from tests.support.exactly_once import account, hub_seqs, outbox_state  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RATE_HZ = 25  # per signal; 4 signals per sim device

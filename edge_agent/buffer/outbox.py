@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from edge_agent.clock import SYSTEM_CLOCKS, Change, Frame, Probes, RecordClock, Shift
-from edge_agent.files import write_atomic
-from edge_agent.machine import fingerprint, machine_number
-from edge_agent.protocol import MAX_EVENT_BODY, json_too_deep
-from edge_agent.sensors import Reading
-from edge_agent.sqlite import immediate, to_completion
-from edge_agent.sqlite_pool import PooledConnection, connect
+from edge_agent.buffer.machine import fingerprint, machine_number
+from edge_agent.buffer.sqlite_pool import PooledConnection, connect
+from edge_agent.identity.clock import SYSTEM_CLOCKS, Change, Frame, Probes, RecordClock, Shift
+from edge_agent.sense.sensors import Reading
+from edgefleet.runtime.files import write_atomic
+from edgefleet.runtime.sqlite import immediate, to_completion
+from edgefleet.wire.protocol import MAX_EVENT_BODY, json_too_deep
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
 COMMIT_ROWS: Final = 50_000  # ...or sooner, once this many wait (a burst is committed early; add() never blocks)
@@ -141,7 +141,7 @@ class Outbox:
     @classmethod
     async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full",
                    probes: Probes = SYSTEM_CLOCKS, machine: int | None = None) -> Outbox:
-        """`machine`: edge_agent.machine's number for this board (None: read from the hardware)."""
+        """`machine`: edge_agent.buffer.machine's number for this board (None: read from the hardware)."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / DB_NAME
         moved: tuple[Path, str] | None = None

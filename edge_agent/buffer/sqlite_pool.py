@@ -9,7 +9,7 @@ out), and a pool thread that finds more work goes on without sleeping. Results r
 event loop in batches, one wake-up for all those that are ready.
 
 As with aiosqlite, a statement handed over runs to its end even if the task awaiting it is
-cancelled: `edge_agent.sqlite.to_completion` keeps transactions whole on top of that.
+cancelled: `edgefleet.runtime.sqlite.to_completion` keeps transactions whole on top of that.
 """
 
 from __future__ import annotations

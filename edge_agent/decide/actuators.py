@@ -19,14 +19,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
-import msgspec
-
-from edge_agent.errors import AgentError, ConfigError
-from edge_agent.policy import CommandArgs, RecordArgs, Rule
-from edge_agent.profiles import ActuatorSpec
-from edge_agent.sensors import SensorError
+from edge_agent.sense.sensors import SensorError
+from edgefleet.errors import AgentError, ConfigError
+from edgefleet.policy.allowlist import BadArgs as _BadArgs
+from edgefleet.policy.allowlist import Refused as _Refused
+from edgefleet.policy.allowlist import allowlisted as _allowlisted
+from edgefleet.policy.allowlist import number_arg as _number
+from edgefleet.policy.allowlist import only_args as _only
+from edgefleet.policy.allowlist import text_arg as _text
+from edgefleet.policy.profiles import ActuatorSpec
 
 log = logging.getLogger("edge_agent.actuators")
 
@@ -42,7 +45,7 @@ DEFAULT_SEVERITY: Final = "warning"
 SEVERITIES: Final = ("info", "warning", "critical")
 # The hub has no terminal to ask on; polkit must fail rather than prompt.
 SYSTEMCTL_ARGS: Final = ("--no-ask-password", "restart")
-ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer
+
 
 AlertSink = Callable[[str, str], Awaitable[None]]
 RateSetter = Callable[[str, float], None]
@@ -87,14 +90,6 @@ class _Outcome(NamedTuple):
     exit_code: int | None = None
     output: str = ""
     timed_out: bool = False
-
-
-class _Refused(Exception):
-    """The allowlist says no; the message says what is allowed."""
-
-
-class _BadArgs(Exception):
-    """The action's arguments are malformed; the message says which and how."""
 
 
 Runner = Callable[[float], Awaitable[_Outcome]]
@@ -229,82 +224,6 @@ class Actuators:
 
 
 # --- the allowlists ----------------------------------------------------------------------
-
-
-def allowlist_refusal(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> str | None:
-    """Why the profile's allowlists refuse this action (its kind, a command's argv, a systemd
-    unit), or None. The same check refuses an action when its rule fires (`Actuators.run`) and
-    a policy before it is accepted (`config.check_policy`, which `edge-hub policy` runs)."""
-    try:
-        _allowlisted(spec, kind, args)
-    except (_Refused, _BadArgs) as exc:
-        return str(exc)
-    return None
-
-
-def _allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> list[str]:
-    """The argv a command may run, or [unit] for a restart ([] otherwise); _Refused if the lists say no."""
-    if kind not in spec.allowed:
-        allowed = ", ".join(spec.allowed) or "nothing"
-        raise _Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
-    if kind == "command":
-        _only(args, kind, {"argv"})
-        argv = _required(args, "argv")
-        if not isinstance(argv, list | tuple) or not argv or not all(isinstance(a, str) for a in argv):
-            raise _Refused("argv must be a non-empty list of strings; a shell command line is never run.")
-        words = [str(a) for a in argv]
-        if not any(words[: len(prefix)] == list(prefix) for prefix in spec.commands):
-            allowed = "; ".join(" ".join(prefix) for prefix in spec.commands) or "none"
-            raise _Refused(f"command {words[:3]!r} does not start with an allowed prefix: {allowed}.")
-        return words
-    if kind == "systemd_restart":
-        _only(args, kind, {"unit"})
-        unit = _required(args, "unit")
-        if not isinstance(unit, str) or unit not in spec.units:
-            allowed = ", ".join(spec.units) or "none"
-            raise _Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
-        return [unit]
-    return []
-
-
-def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
-    """The actuator's own argument shape for a validated rule: (kind, args, timeout)."""
-    args = rule.args
-    if isinstance(args, CommandArgs):
-        return "command", {"argv": list(args.argv)}, args.timeout_s
-    if isinstance(args, RecordArgs):
-        return "record", dict(args.values), ACTION_TIMEOUT
-    return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT
-
-
-# --- argument checks --------------------------------------------------------------------
-
-
-def _only(args: Mapping[str, object], kind: str, known: set[str]) -> None:
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise _BadArgs(f"{kind} does not take {', '.join(unknown)}; it takes {', '.join(sorted(known))}.")
-
-
-def _required(args: Mapping[str, object], key: str) -> object:
-    if key not in args:
-        raise _BadArgs(f"argument {key!r} is missing.")
-    return args[key]
-
-
-def _text(args: Mapping[str, object], key: str) -> str:
-    value = _required(args, key)
-    if not isinstance(value, str) or not value:
-        raise _BadArgs(f"argument {key!r} must be a non-empty string, not {value!r}.")
-    return value
-
-
-def _number(args: Mapping[str, object], key: str) -> float:
-    value = _required(args, key)
-    # bool is an int in Python; `true` as a number is a policy mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise _BadArgs(f"argument {key!r} must be a finite number >= 0, not {value!r}.")
-    return float(value)
 
 
 # --- processes --------------------------------------------------------------------------

@@ -22,11 +22,11 @@ from typing import Final
 
 import psutil
 
-from edge_agent.actuators import actuator_call
-from edge_agent.errors import PublishRefused, TransientError
-from edge_agent.policy import Rule
-from edge_agent.profiles import Profile
-from edge_agent.protocol import (
+from edgefleet.errors import PublishRefused, TransientError
+from edgefleet.policy.allowlist import actuator_call
+from edgefleet.policy.document import Rule
+from edgefleet.policy.profiles import Profile
+from edgefleet.wire.protocol import (
     ApprovalDecision,
     ApprovalRequest,
     CoordDown,

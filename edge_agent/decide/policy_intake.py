@@ -18,10 +18,11 @@ from typing import Final, Literal
 
 import msgspec
 
-from edge_agent.config import AgentSettings, check_policy
-from edge_agent.files import write_atomic
-from edge_agent.policy import Policy, PolicyError
-from edge_agent.protocol import (
+from edge_agent.config import AgentSettings
+from edgefleet.policy.check import check_policy
+from edgefleet.policy.document import Policy, PolicyError
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.protocol import (
     MAX_REFUSAL_DETAIL,
     PolicyDocument,
     PolicyRefusal,

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from edge_agent.actuators import ActionResult, Actuators, actuator_call
-from edge_agent.outbox import Outbox
-from edge_agent.policy import Policy, Rule
-from edge_agent.sensors import Reading
-from edge_agent.windows import ReadingWindows
+from edge_agent.buffer.outbox import Outbox
+from edge_agent.decide.actuators import ActionResult, Actuators
+from edge_agent.decide.windows import ReadingWindows
+from edge_agent.sense.sensors import Reading
+from edgefleet.policy.allowlist import actuator_call
+from edgefleet.policy.document import Policy, Rule
 
 TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
 OUTCOMES: Final = ("action_succeeded", "action_failed", "action_refused", "action_skipped")

@@ -1,6 +1,6 @@
 """Recent readings per metric, kept only as long as some rule's window needs them.
 
-This is what rule expressions are evaluated against (the `Env` of edge_agent.expr):
+This is what rule expressions are evaluated against (the `Env` of edgefleet.policy.expr):
 `latest(metric)`, `window(metric, seconds)` and `now()`.
 """
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
-from edge_agent.sensors import Reading
+from edge_agent.sense.sensors import Reading
 
 # Beyond what the longest window needs, per metric: bounds memory whatever the sample rate
 # (1,000 Hz x 300 s would otherwise be 300,000 readings of one metric).

@@ -2,7 +2,7 @@
 
 `cryptography` would cost the daemon 8-15 MB of RSS for good (docs/performance.md P3) for a
 few milliseconds of work every couple of months. So the daemon runs
-`python -m edge_agent.keygen --key PATH --cn DEVICE` (`make_request`) and reads the result
+`python -m edge_agent.identity.keygen --key PATH --cn DEVICE` (`make_request`) and reads the result
 from its stdout; only that process ever imports `cryptography`.
 
 The key is written to PATH (mode 0600, atomically) before the request is made, and a key
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from edge_agent.errors import KeyGenerationFailed
+from edgefleet.errors import KeyGenerationFailed
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    pass
 
 # A Raspberry Pi Zero takes seconds to start Python and load `cryptography`; the work itself
 # (one P-256 key, one signature) takes milliseconds.
@@ -40,7 +40,7 @@ class KeyRequest(msgspec.Struct, frozen=True):
 async def make_request(key: Path, cn: str) -> KeyRequest:
     """Run the helper process; raise KeyGenerationFailed with its reason."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge_agent.keygen", "--key", str(key), "--cn", cn,
+        sys.executable, "-m", "edge_agent.identity.keygen", "--key", str(key), "--cn", cn,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -68,16 +68,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-def public_key_id(public_key: PublicKeyTypes) -> str:
-    """protocol.key_id of the key's DER SubjectPublicKeyInfo: how the device (here) and the hub
-    (hub.renewal, for the request it signs) name a renewal's key."""
-    from cryptography.hazmat.primitives import serialization
-
-    from edge_agent.protocol import key_id
-
-    return key_id(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
-
-
 def request_for(key: Path, cn: str) -> KeyRequest:
     """Make (or reuse) the key at `key` and a request for `cn`: the helper process's work."""
     from cryptography import x509
@@ -85,7 +75,8 @@ def request_for(key: Path, cn: str) -> KeyRequest:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from edge_agent.files import write_atomic
+    from edgefleet.runtime.files import write_atomic
+    from edgefleet.wire.keys import public_key_id
 
     reused = key.exists()
     if reused:
@@ -105,7 +96,7 @@ def request_for(key: Path, cn: str) -> KeyRequest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge_agent.keygen",
+    parser = argparse.ArgumentParser(prog="python -m edge_agent.identity.keygen",
                                      description="Make (or reuse) a P-256 key at --key and print a certificate "
                                                  "request for --cn, as JSON {csr, key_id, reused}.")
     parser.add_argument("--key", type=Path, required=True)
@@ -114,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = request_for(args.key, args.cn)
     except (OSError, ValueError) as exc:
-        print(f"edge_agent.keygen: {exc}", file=sys.stderr)
+        print(f"edge_agent.identity.keygen: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(msgspec.json.encode(result).decode())
     return 0

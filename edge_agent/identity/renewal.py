@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from edge_agent.certinfo import CertificateInfo
-from edge_agent.errors import ConnectRefused, IdentityError, KeyGenerationFailed
-from edge_agent.identity import Credential, IdentityFiles
-from edge_agent.keygen import KeyRequest, make_request
-from edge_agent.link import SESSION_ENDED, Link
-from edge_agent.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, pack, up_topic
+from edge_agent.identity.certinfo import CertificateInfo
+from edge_agent.identity.keygen import KeyRequest, make_request
+from edge_agent.identity.tls import Credential, IdentityFiles
+from edgefleet.errors import ConnectRefused, IdentityError, KeyGenerationFailed
+from edgefleet.mqtt.link import SESSION_ENDED, Link
+from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, pack, up_topic
 
 RENEW_AT: Final = 2 / 3  # share of its life after which a certificate is renewed: a third is left to retry
 RECHECK_INTERVAL: Final = 3600.0  # the files and the clock are looked at again at least hourly (NTP steps)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from edge_agent.certinfo import CertificateInfo, CertificateUnreadable, read_certificate, read_certificate_file
-from edge_agent.errors import IdentityError
-from edge_agent.files import sync_directory, write_atomic
-from edge_agent.mqtt import TlsIdentity
+from edge_agent.identity.certinfo import CertificateInfo, CertificateUnreadable, read_certificate, read_certificate_file
+from edgefleet.errors import IdentityError
+from edgefleet.mqtt.session import TlsIdentity
+from edgefleet.runtime.files import sync_directory, write_atomic
 
 RENEWED: Final = "identity.pem"
 NEXT: Final = "identity.next.pem"

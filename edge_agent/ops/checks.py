@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
-from edge_agent.clock import CLOCK_FLOOR
 from edge_agent.config import AgentSettings
-from edge_agent.errors import ConnectRefused
-from edge_agent.identity import Credential, IdentityFiles, key_permissions, wrong_device
-from edge_agent.mqtt import MqttSession, TlsIdentity
-from edge_agent.protocol import ProtocolError, ed25519_public_from_pem, key_id
-from edge_agent.renewal import RENEW_AT
-from edge_agent.runlock import AGENT_LOCK, RunLock
-from edge_agent.sensors import SensorError, ThermalSensor, thermal_root
+from edge_agent.identity.clock import CLOCK_FLOOR
+from edge_agent.identity.renewal import RENEW_AT
+from edge_agent.identity.tls import Credential, IdentityFiles, key_permissions, wrong_device
+from edge_agent.sense.sensors import SensorError, ThermalSensor, thermal_root
+from edgefleet.errors import ConnectRefused
+from edgefleet.mqtt.session import MqttSession, TlsIdentity
+from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
+from edgefleet.wire.protocol import ProtocolError, ed25519_public_from_pem, key_id
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
@@ -152,7 +152,7 @@ def _check_identity(settings: AgentSettings, tls: TlsIdentity, ca: x509.Certific
 
 def check_policy_key(settings: AgentSettings) -> Finding:
     """The hub's policy-signing key, and the signed policy the agent would start with."""
-    from edge_agent.policy_intake import PolicyIntake
+    from edge_agent.decide.policy_intake import PolicyIntake
 
     path = settings.policy_key
     try:

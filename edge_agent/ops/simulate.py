@@ -3,7 +3,7 @@
 Each one is the real `Agent` that `edge-agent run` runs: its own settings from its bundle
 (`DIR/<id>/agent.toml`), its own outbox, certificate and mutual-TLS connection, its own rule
 engine and coordinator. Only the process, its event loop and the outboxes' SQLite threads
-(edge_agent.sqlite_pool) are shared.
+(edge_agent.buffer.sqlite_pool) are shared.
 
     async with Fleet(bundles, overrides) as fleet:
         ...   # fleet.agents, fleet.connected(), fleet.tally()
@@ -30,10 +30,10 @@ import psutil
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.errors import AlreadyRunning, ConfigError
-from edge_agent.identity import IdentityFiles
-from edge_agent.policy import Policy
-from edge_agent.runlock import AGENT_LOCK, RunLock
+from edge_agent.identity.tls import IdentityFiles
+from edgefleet.errors import AlreadyRunning, ConfigError
+from edgefleet.policy.document import Policy
+from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
 
 OPENING_AT_ONCE: Final = 64  # outboxes opened concurrently at start: each open is a few statements on the pool
 CONNECTING_AT_ONCE: Final = 256  # agents started and not yet connected: a start-up, not a reconnect storm
@@ -80,7 +80,7 @@ def find_bundles(root: Path, count: int | None) -> list[Path]:
 
 def load_fleet(bundles: Sequence[Path], overrides: Sequence[str]) -> list[tuple[AgentSettings, Policy | None]]:
     """Every agent's settings and local policy, checked before anything is opened."""
-    from edge_agent.status import agent_process  # the outbox lock test; not needed by the daemon
+    from edge_agent.ops.status import agent_process  # the outbox lock test; not needed by the daemon
 
     loaded = []
     for bundle in bundles:
@@ -228,7 +228,8 @@ class Fleet:
 
 def _of_an_agent(task: asyncio.Task[object]) -> bool:
     code = getattr(task.get_coro(), "cr_code", None)
-    return code is not None and "/edge_agent/" in code.co_filename and code.co_filename != __file__
+    where = code.co_filename if code is not None else ""
+    return ("/edge_agent/" in where or "/edgefleet/" in where) and where != __file__
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ from urllib.parse import quote
 
 import msgspec
 
+from edge_agent.buffer.outbox import DB_NAME, QUOTA_TARGET
 from edge_agent.config import AgentSettings
-from edge_agent.logfmt import redact
-from edge_agent.outbox import DB_NAME, QUOTA_TARGET
-from edge_agent.policy import Policy
-from edge_agent.policy_intake import PolicyIntake
-from edge_agent.protocol import json_body
+from edge_agent.decide.policy_intake import PolicyIntake
+from edgefleet.policy.document import Policy
+from edgefleet.runtime.logfmt import redact
+from edgefleet.wire.protocol import json_body
 
 ERROR_KINDS: Final = ("policy_refused", "action_failed", "escalation", "outbox_corrupt", "alert")
 ERRORS_SHOWN: Final = 8  # the newest; the rest are counted, so the text stays on one screen

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 
-from edge_agent.profiles import ReportSpec
-from edge_agent.sensors import Reading
+from edge_agent.sense.sensors import Reading
+from edgefleet.policy.profiles import ReportSpec
 
 
 class ReportFilter:

@@ -17,9 +17,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from edge_agent.mqtt import MqttSession
-from edge_agent.outbox import Outbox, Record
-from edge_agent.protocol import TELEMETRY, Ack, Batch, EventRecord, ProtocolError, pack, up_topic
+from edge_agent.buffer.outbox import Outbox, Record
+from edgefleet.mqtt.session import MqttSession
+from edgefleet.wire.protocol import TELEMETRY, Ack, Batch, EventRecord, ProtocolError, pack, up_topic
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from edge_agent.errors import ConnectionLost, ConnectRefused, PublishRefused
-from edge_agent.mqtt import MqttSession
-from edge_agent.reconnect import Backoff, LinkState
+from edgefleet.errors import ConnectionLost, ConnectRefused, PublishRefused
+from edgefleet.mqtt.reconnect import Backoff, LinkState
+from edgefleet.mqtt.session import MqttSession
 
 # A wall-clock jump this large means the clock was just set (NTP on a board without a
 # real-time clock): TLS failures caused by the wrong clock heal then, so retry at once.

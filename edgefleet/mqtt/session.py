@@ -8,7 +8,7 @@ connection fails every waiting publish with ConnectionLost, and `manual_ack` let
 receiver acknowledge only after it has committed.
 
 A session is one connection: reconnecting means a new session (and a new paho client, so
-paho never re-sends stale messages from an old connection). `edge_agent.link` loops.
+paho never re-sends stale messages from an old connection). `edgefleet.mqtt.link` loops.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.errors import ConnectionLost, ConnectRefused, PublishRefused
+from edgefleet.errors import ConnectionLost, ConnectRefused, PublishRefused
 
 MISC_INTERVAL: Final = 1.0  # paho's keepalive bookkeeping wants a tick about once a second
 READ_HIGH_WATER: Final = 1000  # incoming messages queued before we stop reading the socket

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from edge_agent.errors import ConfigError
-from edge_agent.expr import Expr, ExprError, parse, parse_duration
+from edgefleet.errors import ConfigError
+from edgefleet.policy.expr import Expr, ExprError, parse, parse_duration
 
 EXAMPLE_POLICY: Final = '''\
 # A worked example: cool down a hot board, keep a service alive, tell the hub.

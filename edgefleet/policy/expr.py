@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from edge_agent.errors import AgentError
+from edgefleet.errors import AgentError
 
 MAX_EXPR_CHARS: Final = 1000  # a condition is a sentence, not a program; bounds parse time
 MAX_NESTING: Final = 32  # parser recursion and closure call depth stay far below Python's limit

@@ -11,14 +11,14 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import NAME_PATTERN
-from edge_agent.settings import apply_override, read_toml, to_struct
+from edgefleet.errors import ConfigError
+from edgefleet.runtime.settings import apply_override, read_toml, to_struct
+from edgefleet.wire.protocol import NAME_PATTERN
 
-# Installed wheels carry the profiles inside the package; a source checkout has them at
-# the top level, beside the package.
-_PACKAGE_DIR: Final = Path(__file__).resolve().parent
-BUILTIN_PROFILE_DIRS: Final = (_PACKAGE_DIR / "firmware_profiles", _PACKAGE_DIR.parent / "firmware_profiles")
+# Installed wheels carry the profiles inside the edge_agent package (a folder beside this one,
+# never imported from here); a source checkout has them at the top level.
+_SITE_DIR: Final = Path(__file__).resolve().parents[2]
+BUILTIN_PROFILE_DIRS: Final = (_SITE_DIR / "edge_agent" / "firmware_profiles", _SITE_DIR / "firmware_profiles")
 # A site's own profiles, searched before the built-in ones (a file there with a built-in's name
 # replaces it), so that no installed file is ever edited; agent.toml's profiles_dir comes first.
 SITE_PROFILE_DIR: Final = Path("/etc/edge-agent/profiles")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-from edge_agent.errors import AlreadyRunning
+from edgefleet.errors import AlreadyRunning
 
 AGENT_LOCK: Final = "agent.lock"  # in an agent's state directory: one agent per outbox and device session
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from edge_agent.errors import ConfigError
-from edge_agent.expr import parse_duration
+from edgefleet.errors import ConfigError
+from edgefleet.policy.expr import parse_duration
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ async def to_completion(work: Coroutine[Any, Any, T]) -> T:
     """Run a database transaction to its end (committed or rolled back) even if our caller
     is cancelled meanwhile; then let the cancellation through.
 
-    Statements run on another thread (aiosqlite's for the hub, edge_agent.sqlite_pool's for the
+    Statements run on another thread (aiosqlite's for the hub, edge_agent.buffer.sqlite_pool's for the
     outbox): cancelling the awaiting task does not stop a BEGIN or COMMIT already handed over,
     so cancelling mid-transaction would leave the connection inside a transaction, or believe a
     committed one failed.

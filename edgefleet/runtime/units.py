@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 from typing import Final, TextIO
 
-from edge_agent.errors import ConfigError
-from edge_agent.files import permission_advice, write_atomic
+from edgefleet.errors import ConfigError
+from edgefleet.runtime.files import permission_advice, write_atomic
 
-# An installed wheel carries them inside the package; a source checkout has them at the top level.
-_PACKAGE_DIR: Final = Path(__file__).resolve().parent
-UNIT_DIRS: Final = (_PACKAGE_DIR / "systemd", _PACKAGE_DIR.parent / "systemd")
+# An installed wheel carries them inside the edge_agent package (a folder beside this one, never
+# imported from here); a source checkout has them at the top level.
+_SITE_DIR: Final = Path(__file__).resolve().parents[2]
+UNIT_DIRS: Final = (_SITE_DIR / "edge_agent" / "systemd", _SITE_DIR / "systemd")
 AGENT_UNITS: Final = ("edge-agent.service",)
 HUB_UNITS: Final = ("edge-hub.service", "mosquitto-edgefleet.conf")
 _NEXT: Final = {

@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 
-from edge_agent.protocol import ProtocolError, json_body, read_json
-from edge_agent.settings import duration_arg
+from edgefleet.runtime.settings import duration_arg
+from edgefleet.wire.protocol import ProtocolError, json_body, read_json
 from hub.config import load_hub
+from hub.db.store import HubStore
 from hub.errors import UsageError
-from hub.rollout import Selector, operator_name
-from hub.store import HubStore
+from hub.rollout.rollouts import Selector, operator_name
 
 EXIT_OK = 0
 
@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace) -> int:
             return await _leases(store, args)
         if args.command == "tasks":
             return await _tasks(store, args)
-        from hub.coordination import Coordination
+        from hub.region.coordination import Coordination
 
         coordination = Coordination(store, config.identity)
         if args.command == "task":

@@ -16,18 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from edge_agent import __version__, logfmt
-from edge_agent.errors import AlreadyRunning, ConfigError
-from edge_agent.files import database_access_denied, database_advice, permission_advice
-from edge_agent.pipes import run_command
-from edge_agent.units import HUB_UNITS, units_command
-from hub import coordination_commands, policy_commands
+from edgefleet import __version__
+from edgefleet.errors import AlreadyRunning, ConfigError
+from edgefleet.runtime import logfmt
+from edgefleet.runtime.files import database_access_denied, database_advice, permission_advice
+from edgefleet.runtime.pipes import run_command
+from edgefleet.runtime.units import HUB_UNITS, units_command
+from hub.cli import coordination as coordination_commands
+from hub.cli import policy as policy_commands
 from hub.config import DEFAULT_PORT, HubPaths, load_hub
 from hub.errors import HubError, UsageError
 
 if TYPE_CHECKING:
-    from hub.rollout import Admission
-    from hub.store import DeviceRow, EventRow, HubStore, TelemetryRow
+    from hub.db.store import DeviceRow, EventRow, HubStore, TelemetryRow
+    from hub.rollout.rollouts import Admission
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LOOPBACK_HOST = "127.0.0.1"  # init's broker host without --host: enough for a demo on one machine
@@ -167,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
 
-    from hub.status import EXPIRY_WARNING_DAYS
+    from hub.cli.status import EXPIRY_WARNING_DAYS
 
     st = sub.add_parser("status", help="the region's figures and what needs a person, on one screen",
                         description="Figures: telemetry coverage, ingest rate, device backlogs, action "
@@ -248,7 +250,7 @@ def _main(argv: list[str] | None) -> int:
 async def _init(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from hub.setup import init_hub
+    from hub.pki.init import init_hub
 
     if args.host is None:
         args.host = LOOPBACK_HOST
@@ -272,8 +274,8 @@ async def _init(args: argparse.Namespace) -> int:
 
 
 async def _provision(args: argparse.Namespace) -> int:
-    from hub import rollout
-    from hub.provision import (
+    from hub.db.store import HubStore
+    from hub.pki.provision import (
         DeviceSpec,
         Provisioner,
         load_csr,
@@ -282,7 +284,7 @@ async def _provision(args: argparse.Namespace) -> int:
         read_inventory,
         validate_specs,
     )
-    from hub.store import HubStore
+    from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
     tags = parse_tags(args.tag)
@@ -368,8 +370,8 @@ async def _with_progress(total: int, work: Callable[[Callable[[str], None]], Awa
 
 
 async def _revoke(args: argparse.Namespace) -> int:
-    from hub.revocation import revoke
-    from hub.store import HubStore
+    from hub.db.store import HubStore
+    from hub.pki.revocation import revoke
 
     paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
@@ -402,7 +404,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _devices(args: argparse.Namespace) -> int:
-    from hub.store import HubStore
+    from hub.db.store import HubStore
 
     paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
@@ -424,7 +426,7 @@ async def _devices(args: argparse.Namespace) -> int:
                       r.last_seen or "never", _policy_cell(r), _dash(r.backlog), _dash(r.dropped),
                       (r.cert_expires or "-")[:10])
     class PipedConsole(Console):
-        def on_broken_pipe(self) -> None:  # rich would exit 1 itself; edge_agent.pipes gives 141
+        def on_broken_pipe(self) -> None:  # rich would exit 1 itself; edgefleet.runtime.pipes gives 141
             raise BrokenPipeError
 
     # Piped output (logs, CI) gets a fixed width instead of rich's 80-column fallback.
@@ -455,7 +457,7 @@ async def _events(args: argparse.Namespace) -> int:
 async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str],
                   rows: Callable[[HubStore], AsyncGenerator[Any, None]]) -> int:
     """Print a listing as it is read: JSON lines, or tab-separated text with a count on stderr."""
-    from hub.store import HubStore
+    from hub.db.store import HubStore
 
     paths, config = load_hub(args.dir)
     store = await HubStore.open(paths.db)
@@ -519,7 +521,7 @@ def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from hub import status
+    from hub.cli import status
 
     paths, config = load_hub(args.dir)
     current = await status.build(paths, config)

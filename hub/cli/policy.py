@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from edge_agent.config import check_policy
-from edge_agent.errors import ConfigError
-from edge_agent.policy import Policy, PolicyError, validate_policy
-from edge_agent.profiles import load_profile
-from edge_agent.settings import duration_arg
+from edgefleet.errors import ConfigError
+from edgefleet.policy.check import check_policy
+from edgefleet.policy.document import Policy, PolicyError, validate_policy
+from edgefleet.policy.profiles import load_profile
+from edgefleet.runtime.settings import duration_arg
 from hub.config import load_hub
 from hub.errors import UsageError
 
 if TYPE_CHECKING:
-    from hub.store import DeviceRow, HubStore
+    from hub.db.store import DeviceRow, HubStore
 
 EXIT_OK, EXIT_INVALID = 0, 2
 
@@ -144,7 +144,7 @@ async def _validate(args: argparse.Namespace) -> int:
     if not profiles and policy.target and policy.target.profile:
         profiles = {policy.target.profile}
     if not profiles and args.dir:
-        from hub import rollout
+        from hub.rollout import rollouts as rollout
 
         paths, config = load_hub(args.dir)
         store = await _open(paths.db)
@@ -161,7 +161,7 @@ async def _validate(args: argparse.Namespace) -> int:
 
 
 async def _push(args: argparse.Namespace) -> int:
-    from hub import rollout
+    from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
     text, policy = _read(args.file)
@@ -189,7 +189,7 @@ async def _push(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from hub import rollout
+    from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
     store = await _open(paths.db)
@@ -262,7 +262,7 @@ def _status_lines(report: dict[str, Any]) -> list[str]:
 
 
 async def _decide(args: argparse.Namespace) -> int:
-    from hub import rollout
+    from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
     store = await _open(paths.db)
@@ -277,6 +277,6 @@ async def _decide(args: argparse.Namespace) -> int:
 
 
 async def _open(db: Path) -> HubStore:
-    from hub.store import HubStore
+    from hub.db.store import HubStore
 
     return await HubStore.open(db)

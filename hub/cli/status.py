@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from hub import renewal, rollout
 from hub.config import HubConfig, HubPaths
+from hub.db.store import EventRow, HubStore, iso
 from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
-from hub.store import EventRow, HubStore, iso
+from hub.pki import renewal
+from hub.rollout import rollouts as rollout
 
 LIST_LINES: Final = 10  # per list on the screen; --json has them all
 EXPIRY_WARNING_DAYS: Final = 14  # certificates (devices' and the broker's) listed this long before they expire
@@ -156,7 +157,7 @@ def _escalation(e: EventRow) -> dict[str, Any]:
 
 def render(status: Status) -> str:
     """The one screen: the figures first, then what needs a person."""
-    from hub.cli import event_detail, when  # the listing commands' formats
+    from hub.cli.main import event_detail, when  # the listing commands' formats
 
     report, escalations, now = status.report, status.escalations, status.now
     n, f = report["devices"], report["figures"]

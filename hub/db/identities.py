@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiosqlite
 
-from edge_agent.protocol import MAX_SEQ, Batch, Renumber
+from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
 
 if TYPE_CHECKING:
-    from hub.store import IngestWork
+    from hub.db.store import IngestWork
 
 # A moved instance starts at the next multiple of this above every number the device used:
 # the instance below it would need 2**40 records (350 years at 100 a second) to reach it.

@@ -21,13 +21,13 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from edge_agent.files import database_access_denied
-from edge_agent.protocol import Batch, Presence, Renumber, Status, json_body
-from edge_agent.sqlite import to_completion
-from hub.device_clocks import apply_clock_events
+from edgefleet.runtime.files import database_access_denied
+from edgefleet.runtime.sqlite import to_completion
+from edgefleet.wire.protocol import Batch, Presence, Renumber, Status, json_body
+from hub.db.device_clocks import apply_clock_events
+from hub.db.identities import resolve_claims
+from hub.db.watermarks import Coverage
 from hub.errors import HubError
-from hub.identities import resolve_claims
-from hub.watermarks import Coverage
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
 INGEST_MINUTES_KEPT: Final = 24 * 60  # the per-minute ingest counts behind the status's ingest rate

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from edge_agent.mqtt import Message
-from edge_agent.protocol import (
+from edgefleet.mqtt.session import Message
+from edgefleet.wire.protocol import (
     CERT,
     COORD,
     STATUS,
@@ -41,7 +41,7 @@ from edge_agent.protocol import (
     unpack,
     unpack_up,
 )
-from hub.store import SEQ_CONFLICT, HubStore, IngestWork
+from hub.db.store import SEQ_CONFLICT, HubStore, IngestWork
 
 # Errors of the data, not of the database's health: retried message by message.
 UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
@@ -62,11 +62,12 @@ class CycleResult:
     acks: dict[str, int]  # device -> cumulative watermark to acknowledge
     presence: list[tuple[str, Presence]]
     stored: int
-    coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.coordination
-    certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.renewal
+    coord: list[tuple[str, CoordUp]] = field(default_factory=list)  # leases, approvals, bids: hub.region.coordination
+    certs: list[tuple[str, CertRequest]] = field(default_factory=list)  # renewal requests: hub.pki.renewal
     instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)  # (device, outbox instance) -> through
     renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)  # refused: a cloned identity
-    clear: list[str] = field(default_factory=list)  # topics whose retained message the broker must drop: hub.retained
+    # topics whose retained message the broker must drop: hub.ingest.retained
+    clear: list[str] = field(default_factory=list)
 
 
 class Ingest:
@@ -115,7 +116,7 @@ class Ingest:
         for message in messages:
             try:
                 if message.retain and not message.payload:
-                    continue  # a retained message being cleared (hub.retained): nothing to take in
+                    continue  # a retained message being cleared (hub.ingest.retained): nothing to take in
                 topic = parse_topic(message.topic)
                 if topic.channel == "presence":
                     if message.payload:  # an empty payload clears a retained message
@@ -124,7 +125,7 @@ class Ingest:
                     continue
                 if message.retain:
                     raise ProtocolError("retained", "devices never retain on up/ topics; the broker's copy is cleared")
-                if topic.channel == "up" and topic.kind == CERT:  # hub.renewal refuses, and audits, the unknown
+                if topic.channel == "up" and topic.kind == CERT:  # hub.pki.renewal refuses, and audits, the unknown
                     certs.append((topic.device, unpack(message.payload, CertRequest)))
                     continue
                 if not await self._known(topic.device):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from edge_agent.mqtt import MqttSession
+from edgefleet.mqtt.session import MqttSession
 
 log = logging.getLogger("hub.retained")
 

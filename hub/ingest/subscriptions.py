@@ -23,11 +23,11 @@ from typing import Final
 
 import aiosqlite
 
-from edge_agent.files import sync_directory, write_atomic
-from edge_agent.protocol import NAME_PATTERN, down_topic
+from edgefleet.runtime.files import sync_directory, write_atomic
+from edgefleet.wire.protocol import NAME_PATTERN, down_topic
 from hub.config import HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.errors import HubError
-from hub.store import HubStore
 
 GROUP_PATTERN: Final = re.compile(r"ingest-[0-9a-f]{32}")  # 128 random bits: not guessable
 # Mosquitto's `log_type subscribe` line: "<time>: <client id> <qos> <topic filter>". The client

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.files import permission_advice
+from edgefleet.runtime.files import permission_advice
 from hub.errors import UsageError
 
 CA_LIFETIME: Final = dt.timedelta(days=3650)  # re-rooting a fleet is an operation, not a routine

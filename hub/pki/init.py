@@ -10,15 +10,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge_agent.files import write_atomic
-from edge_agent.protocol import ProtocolError, validate_name
-from edge_agent.settings import to_struct
+from edgefleet.runtime.files import write_atomic
+from edgefleet.runtime.settings import to_struct
+from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.broker import port_holder, port_taken, write_broker_files
 from hub.config import HubConfig, HubPaths, render_hub_toml
+from hub.db.store import HubStore
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, key_pem
-from hub.store import HubStore
-from hub.subscriptions import share_group
+from hub.ingest.subscriptions import share_group
+from hub.pki.authority import Authority, cert_pem, key_pem
 
 log = logging.getLogger("hub.setup")
 

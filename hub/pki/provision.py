@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes as PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from edge_agent.errors import ConfigError
-from edge_agent.files import write_atomic
-from edge_agent.profiles import find_profile, load_profile
-from edge_agent.protocol import ProtocolError, validate_name
-from edge_agent.settings import toml_value
+from edgefleet.errors import ConfigError
+from edgefleet.policy.profiles import find_profile, load_profile
+from edgefleet.runtime.files import write_atomic
+from edgefleet.runtime.settings import toml_value
+from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.config import HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, common_name, key_pem, utcnow
-from hub.store import HubStore
+from hub.pki.authority import Authority, cert_pem, common_name, key_pem, utcnow
 
 # A bundle's certificate is kept on a re-run unless it has less than this left.
 RENEW_BEFORE: Final = dt.timedelta(days=7)

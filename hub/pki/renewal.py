@@ -32,14 +32,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from edge_agent.errors import PublishRefused
-from edge_agent.files import write_atomic
-from edge_agent.keygen import public_key_id
-from edge_agent.mqtt import MqttSession
-from edge_agent.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
+from edgefleet.errors import PublishRefused
+from edgefleet.mqtt.session import MqttSession
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.keys import public_key_id
+from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
-from hub.pki import (
+from hub.db.store import HubStore, fetch_one, iso
+from hub.pki.authority import (
     Authority,
     CsrRefused,
     cert_pem,
@@ -48,8 +49,7 @@ from hub.pki import (
     renewal_due_in,
     utcnow,
 )
-from hub.revocation import renew_crl_if_due
-from hub.store import HubStore, fetch_one, iso
+from hub.pki.revocation import renew_crl_if_due
 
 CHECK_INTERVAL: Final = 3600.0  # the hub's certificates live for months: hourly looks leave ample margin
 MIN_CHECK_WAIT: Final = 1.0  # between looks, however short the configured lifetimes (tests, drills)

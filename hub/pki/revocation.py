@@ -24,14 +24,14 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge_agent.errors import ConnectRefused
-from edge_agent.files import write_atomic
-from edge_agent.mqtt import MqttSession, TlsIdentity
+from edgefleet.errors import ConnectRefused
+from edgefleet.mqtt.session import MqttSession, TlsIdentity
+from edgefleet.runtime.files import write_atomic
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, key_pem, renewal_due_in, utcnow
-from hub.store import HubStore
+from hub.pki.authority import Authority, cert_pem, key_pem, renewal_due_in, utcnow
 
 THROWAWAY_LIFETIME: Final = dt.timedelta(minutes=10)  # probe and takeover certs; keys never touch disk for long
 CONFIRM_TIMEOUT: Final = 4.0  # the whole revoke must close the session within 5 s

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from edge_agent.protocol import (
+from edgefleet.wire.protocol import (
     ApprovalDecision,
     ApprovalRequest,
     Bid,
@@ -45,9 +45,9 @@ from edge_agent.protocol import (
     TaskDone,
     TaskOffer,
 )
+from hub.db.store import HubStore, fetch_all, fetch_one
 from hub.errors import HubError
-from hub.rollout import Selector
-from hub.store import HubStore, fetch_all, fetch_one
+from hub.rollout.rollouts import Selector
 
 BID_WINDOW_S: Final = 2.0  # how long a task waits for bids (less when every device answered)
 DEFAULT_TASK_TIMEOUT_S: Final = 60.0  # an awarded device that says nothing this long loses the award

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from hub.store import HubStore, fetch_one
+from hub.db.store import HubStore, fetch_one
 
 LEADER_TTL_S: Final = 10.0  # a killed leader's loops resume in another replica within this (+ a renewal)
 LEADER_RENEW_S: Final = 2.0  # several renewals fit in the TTL: one slow transaction does not lose it

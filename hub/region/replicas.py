@@ -7,13 +7,13 @@ import logging
 
 from cryptography import x509
 
-from edge_agent.files import write_atomic
-from edge_agent.protocol import acl_rules
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.protocol import acl_rules
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, common_name, key_pem, renewal_due_in, utcnow
-from hub.store import HubStore
+from hub.pki.authority import Authority, cert_pem, common_name, key_pem, renewal_due_in, utcnow
 
 log = logging.getLogger("hub.replicas")
 
@@ -29,7 +29,7 @@ async def prepare_replica(paths: HubPaths, config: HubConfig, replica: str) -> N
 
 async def _ensure_certificate(paths: HubPaths, config: HubConfig, replica: str) -> None:
     """The replica's certificate, issued anew at its start unless it has one that the leader's
-    upkeep (hub.renewal) would not renew yet: the same lifetime and the same rule."""
+    upkeep (hub.pki.renewal) would not renew yet: the same lifetime and the same rule."""
     identity, pki = config.replica_identity(replica), config.pki
     ca = Authority.load(paths.ca_key, paths.ca_cert)
     try:

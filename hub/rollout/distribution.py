@@ -16,12 +16,12 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Final
 
-from edge_agent.link import SESSION_ENDED
-from edge_agent.mqtt import MqttSession
-from edge_agent.protocol import POLICY, PolicyDocument, down_topic, pack, seal
-from hub import rollout
+from edgefleet.mqtt.link import SESSION_ENDED
+from edgefleet.mqtt.session import MqttSession
+from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack, seal
 from hub.config import HubConfig
-from hub.store import HubStore
+from hub.db.store import HubStore
+from hub.rollout import rollouts as rollout
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

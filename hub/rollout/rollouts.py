@@ -29,10 +29,10 @@ from typing import Any, Final, NamedTuple
 
 import aiosqlite
 
-from edge_agent.policy import Policy
+from edgefleet.policy.document import Policy
 from hub.config import RolloutConf
+from hub.db.store import HubStore, fetch_all, fetch_one
 from hub.errors import HubError, UsageError
-from hub.store import HubStore, fetch_all, fetch_one
 
 ACTIVE: Final = "baking"
 FINISHED: Final = ("complete", "rolled_back", "aborted")
@@ -267,10 +267,10 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
     whose rules do not fit the device's profile (checked as `policy push` checks) is not given:
     the Admission says why, and the device keeps its local policy until the next push.
     """
-    from edge_agent.config import check_policy
-    from edge_agent.errors import ConfigError
-    from edge_agent.policy import validate_policy
-    from edge_agent.profiles import load_profile
+    from edgefleet.errors import ConfigError
+    from edgefleet.policy.check import check_policy
+    from edgefleet.policy.document import validate_policy
+    from edgefleet.policy.profiles import load_profile
 
     wanted = set(devices)
     fits: dict[tuple[int, str], str | None] = {}  # (version, profile) -> why not

@@ -19,14 +19,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edge_agent.buffer.outbox import DB_NAME, Outbox
 from edge_agent.config import load_settings
-from edge_agent.outbox import DB_NAME, Outbox
-from edge_agent.policy_intake import STORED_NAME
-from edge_agent.protocol import PolicyDocument, pack, seal
-from edge_agent.sensors import Reading
-from edge_agent.status import ERRORS_SHOWN, STALE_AFTER_S, collect
-from tests.conftest import AGENT, HubDir, Proc, free_port, run_cli, start_agent
-from tests.test_store_forward_faults import wait_until
+from edge_agent.decide.policy_intake import STORED_NAME
+from edge_agent.ops.status import ERRORS_SHOWN, STALE_AFTER_S, collect
+from edge_agent.sense.sensors import Reading
+from edgefleet.wire.protocol import PolicyDocument, pack, seal
+from tests.integration.test_store_forward_faults import wait_until
+from tests.support.harness import AGENT, HubDir, Proc, free_port, run_cli, start_agent
 
 AGENT_TOML = """\
 device_id = "dev-1"

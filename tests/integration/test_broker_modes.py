@@ -13,14 +13,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge_agent.errors import ConnectionLost
-from edge_agent.files import write_atomic
-from edge_agent.protocol import up_topic
+from edgefleet.errors import ConnectionLost
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.protocol import up_topic
 from hub.broker import broker_executable
 from hub.config import HubPaths, load_hub
-from hub.pki import Authority
-from hub.revocation import crl_due_in
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
+from hub.pki.authority import Authority
+from hub.pki.revocation import crl_due_in
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
 

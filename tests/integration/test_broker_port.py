@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from hub.broker import port_holder, port_taken
-from tests.conftest import HUB, HubDir, Proc, run_cli
-from tests.net import free_port
+from tests.support.harness import HUB, HubDir, Proc, run_cli
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

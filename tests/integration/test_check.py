@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import AGENT, HUB, HubDir, Proc, free_port, run_cli
+from tests.support.harness import AGENT, HUB, HubDir, Proc, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 

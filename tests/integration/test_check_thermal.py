@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HubDir, Proc
-from tests.test_check import check
+from tests.integration.test_check import check
+from tests.support.harness import HubDir, Proc
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.config import CONFIG_KEYS, load_settings
-from edge_agent.profiles import PROFILE_KEYS, available_profiles
-from tests.conftest import AGENT, HUB, HubDir, free_port, run_cli
+from edgefleet.policy.profiles import PROFILE_KEYS, available_profiles
+from tests.support.harness import AGENT, HUB, HubDir, free_port, run_cli
 
 NAME_RULE = "1 to 64 of the characters A-Z a-z 0-9 _ -"
 PRIVATE_KEYS = ("pki/ca.key", "pki/hub.key", "pki/policy.key", "broker/server.key")
@@ -668,7 +668,7 @@ def _all_options(parser: object) -> dict[str, set[str]]:
 @pytest.mark.parametrize("program", ["edge-hub", "edge-agent"])
 async def test_help_mentions_every_option_the_parser_has(program: str) -> None:
     if program == "edge-hub":
-        from hub.cli import _parser
+        from hub.cli.main import _parser
 
         exe = HUB
     else:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AGENT, HUB, HubDir, run_cli
-from tests.test_unit_allowlists import RESTART_COLLECTOR
+from tests.support.harness import AGENT, HUB, HubDir, run_cli
+from tests.unit.test_unit_allowlists import RESTART_COLLECTOR
 
 pytestmark = pytest.mark.integration
 

@@ -23,11 +23,11 @@ from typing import TypeVar
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.clock import FLOOR_TS, Probes, boot_time
+from edge_agent.buffer.outbox import Outbox
 from edge_agent.config import load_settings
-from edge_agent.outbox import Outbox
-from edge_agent.sensors import SIM_MAX_CATCHUP_S
-from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli
+from edge_agent.identity.clock import FLOOR_TS, Probes, boot_time
+from edge_agent.sense.sensors import SIM_MAX_CATCHUP_S
+from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli
 
 pytestmark = [
     pytest.mark.integration,

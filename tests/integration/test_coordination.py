@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_hub
-from tests.exactly_once import wait_drained
-from tests.faultproxy import FaultProxy
-from tests.inprocess import InProcessFleet
-from tests.test_rules_integration import local_events
-from tests.test_store_forward_faults import kill_9, wait_until
+from tests.integration.test_rules_integration import local_events
+from tests.integration.test_store_forward_faults import kill_9, wait_until
+from tests.support.exactly_once import wait_drained
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli, start_hub
+from tests.support.inprocess import InProcessFleet
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,8 @@ APPLY_TIMEOUT = 20.0  # a push to every agent's "applied"
 DELIVERY_TIMEOUT = 20.0  # an audit record committed on a device to the hub's events table
 POLL = 0.25
 ONCE = 'when = "sig0 > -1000"\nclear = "sig0 < -2000"'  # fires once when the policy starts
-RECORD_TIMEOUT_S = 30.0  # edge_agent.rules.ACTION_TIMEOUT: the record action's own timeout
-LEASE_TTL_S = RECORD_TIMEOUT_S + 30.0  # + edge_agent.coordination.LEASE_TTL_MARGIN_S
+RECORD_TIMEOUT_S = 30.0  # edge_agent.decide.rules.ACTION_TIMEOUT: the record action's own timeout
+LEASE_TTL_S = RECORD_TIMEOUT_S + 30.0  # + edge_agent.decide.coordination.LEASE_TTL_MARGIN_S
 GRANTED = re.compile(r"lease (\S+): granted to (\S+), token (\d+)")
 
 

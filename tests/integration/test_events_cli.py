@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.protocol import (
+from edgefleet.wire.protocol import (
     ACK,
     TELEMETRY,
     Ack,
@@ -25,7 +25,7 @@ from edge_agent.protocol import (
     unpack,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli
 
 pytestmark = pytest.mark.integration
 

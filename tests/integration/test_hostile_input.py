@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from edge_agent.mqtt import MqttSession
-from edge_agent.protocol import (
+from edgefleet.mqtt.session import MqttSession
+from edgefleet.wire.protocol import (
     ACK,
     CERT,
     COORD,
@@ -43,10 +43,10 @@ from edge_agent.protocol import (
     unpack_cert_reply,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub
-from tests.exactly_once import hub_watermark
-from tests.hostile import BODY, csr_of_unknown_key_type, nested_json, nested_msgpack
-from tests.test_store_forward_input import events, rejects, start_streaming, telemetry, wait_until
+from tests.integration.test_store_forward_input import events, rejects, start_streaming, telemetry, wait_until
+from tests.support.exactly_once import hub_watermark
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub
+from tests.support.hostile import BODY, csr_of_unknown_key_type, nested_json, nested_msgpack
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import pytest
 
 from hub.broker import broker_executable
 from hub.config import HubPaths
-from tests.conftest import HubDir, Proc, start_agent, start_hub
-from tests.exactly_once import hub_watermark, outbox_state
-from tests.test_store_forward_faults import finish, stop_cleanly, wait_streaming, wait_until
+from tests.integration.test_store_forward_faults import finish, stop_cleanly, wait_streaming, wait_until
+from tests.support.exactly_once import hub_watermark, outbox_state
+from tests.support.harness import HubDir, Proc, start_agent, start_hub
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from edge_agent import logfmt
-from tests.conftest import AGENT, HubDir, Proc, free_port
-from tests.test_store_forward_faults import wait_until
+from edgefleet.runtime import logfmt
+from tests.integration.test_store_forward_faults import wait_until
+from tests.support.harness import AGENT, HubDir, Proc, free_port
 
 LINE = re.compile(r'^ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(\w+) logger=(\S+) msg=(.*)$')
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?: |$)')

@@ -24,12 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.errors import AlreadyRunning
-from edge_agent.runlock import RunLock
-from hub.identities import REGION_STRIDE
-from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_agent
-from tests.exactly_once import QUIET as SETTLING
-from tests.exactly_once import OutboxState, outbox_state
+from edgefleet.errors import AlreadyRunning
+from edgefleet.runtime.runlock import RunLock
+from hub.db.identities import REGION_STRIDE
+from tests.support.exactly_once import QUIET as SETTLING
+from tests.support.exactly_once import OutboxState, outbox_state
+from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.profiles import PROFILE_DIRS, SITE_PROFILE_DIR
-from tests.conftest import AGENT, HUB, HubDir, run_cli
+from edgefleet.policy.profiles import PROFILE_DIRS, SITE_PROFILE_DIR
+from tests.support.harness import AGENT, HUB, HubDir, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("edge-agent.service", "edge-hub.service", "mosquitto-edgefleet.conf")
 BUILD_TIMEOUT = 300.0  # pip fetches the build backend when its cache has none
 
@@ -119,7 +119,8 @@ def test_etc_edge_agent_profiles_replaces_a_built_in_one_without_editing_install
     script = (
         f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc && "
         "mkdir -p /etc/edge-agent/profiles && cat > /etc/edge-agent/profiles/sim.toml && "
-        f"{sys.executable} -c 'from edge_agent.profiles import load_profile; print(load_profile(\"sim\").description)'"
+        f"{sys.executable} -c 'from edgefleet.policy.profiles import load_profile; "
+        "print(load_profile(\"sim\").description)'"
     )
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           input=SITE_PROFILE.format(name="sim", description="the site's own sim"),

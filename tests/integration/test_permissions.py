@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AGENT, HUB, HubDir
+from tests.support.harness import AGENT, HUB, HubDir
 
 OTHER = "nobody"  # the account that owns the files in these tests
 EXIT_USAGE = 2

@@ -26,11 +26,11 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_settings
-from edge_agent.policy_intake import Outcome
-from edge_agent.protocol import PolicyDocument, pack, seal
-from hub.pki import load_policy_key
-from hub.rollout import cohort_rank
-from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli, start_hub
+from edge_agent.decide.policy_intake import Outcome
+from edgefleet.wire.protocol import PolicyDocument, pack, seal
+from hub.pki.authority import load_policy_key
+from hub.rollout.rollouts import cohort_rank
+from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli, start_hub
 
 pytestmark = pytest.mark.integration
 
@@ -524,7 +524,7 @@ async def test_hub_killed_while_a_bad_canary_bakes_rolls_it_back(
 
 
 def signed_policy(hub_dir: HubDir, device: str, version: int, text: str) -> bytes:
-    """What the hub publishes on the device's down/policy topic (hub.distribution)."""
+    """What the hub publishes on the device's down/policy topic (hub.rollout.distribution)."""
     doc = PolicyDocument(version=version, device=device, profile="sim", region=hub_dir.region, text=text,
                          issued_at=time.time())
     return pack(seal(pack(doc), load_policy_key(hub_dir.dir / "pki" / "policy.key")))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HUB, HubDir, Proc, run_cli
-from tests.test_policy_rollout import cli, fleet, good_policy, push, ranked, reported, status, wait_applied
+from tests.integration.test_policy_rollout import cli, fleet, good_policy, push, ranked, reported, status, wait_applied
+from tests.support.harness import HUB, HubDir, Proc, run_cli
 
 pytestmark = pytest.mark.integration
 

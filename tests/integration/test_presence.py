@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.errors import ConnectRefused
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
+from edgefleet.errors import ConnectRefused
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from edge_agent.files import write_atomic
-from hub.pki import Authority, cert_pem, key_pem
-from tests.conftest import HUB, HubDir, Proc, device_identity, run_cli, start_agent
-from tests.test_security import assert_connects, assert_refused, tls_context
+from edgefleet.runtime.files import write_atomic
+from hub.pki.authority import Authority, cert_pem, key_pem
+from tests.integration.test_security import assert_connects, assert_refused, tls_context
+from tests.support.harness import HUB, HubDir, Proc, device_identity, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
 

@@ -22,19 +22,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from edge_agent.certinfo import read_certificate, read_certificate_file
-from edge_agent.errors import PublishRefused
-from edge_agent.files import write_atomic
-from edge_agent.identity import NEXT, RENEWED, IdentityFiles
-from edge_agent.mqtt import MqttSession, TlsIdentity
-from edge_agent.protocol import CERT, CertRefused, CertRequest, down_filter, pack, unpack_cert_reply, up_topic
+from edge_agent.identity.certinfo import read_certificate, read_certificate_file
+from edge_agent.identity.tls import NEXT, RENEWED, IdentityFiles
+from edgefleet.errors import PublishRefused
+from edgefleet.mqtt.session import MqttSession, TlsIdentity
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.protocol import CERT, CertRefused, CertRequest, down_filter, pack, unpack_cert_reply, up_topic
 from hub.config import HubPaths
-from hub.pki import Authority, cert_pem, host_names, key_pem
-from hub.store import HubStore
-from tests.conftest import HubDir, Proc, connect, device_identity, start_hub
-from tests.test_check import check_after_expiry, needs_faketime
-from tests.test_store_forward_faults import STREAM, agent_argv, finish, kill_9
-from tests.test_unit_renewal import csr_for
+from hub.db.store import HubStore
+from hub.pki.authority import Authority, cert_pem, host_names, key_pem
+from tests.integration.test_check import check_after_expiry, needs_faketime
+from tests.integration.test_store_forward_faults import STREAM, agent_argv, finish, kill_9
+from tests.support.harness import HubDir, Proc, connect, device_identity, start_hub
+from tests.unit.test_unit_renewal import csr_for
 
 pytestmark = pytest.mark.integration
 

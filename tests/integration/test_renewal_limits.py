@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import (
+from edgefleet.wire.protocol import (
     CERT,
     CertIssued,
     CertRefused,
@@ -24,11 +24,11 @@ from edge_agent.protocol import (
     unpack_cert_reply,
     up_topic,
 )
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli
-from tests.test_check import libfaketime, needs_libfaketime
-from tests.test_renewal import IN_USE, hub_events, hub_rows
-from tests.test_store_forward_faults import agent_argv
-from tests.test_unit_renewal import csr_for
+from tests.integration.test_check import libfaketime, needs_libfaketime
+from tests.integration.test_renewal import IN_USE, hub_events, hub_rows
+from tests.integration.test_store_forward_faults import agent_argv
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli
+from tests.unit.test_unit_renewal import csr_for
 
 pytestmark = pytest.mark.integration
 

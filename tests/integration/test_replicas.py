@@ -12,9 +12,9 @@ from pathlib import Path
 
 from hub.broker import broker_process
 from hub.config import HubPaths
-from tests.conftest import HUB, HubDir, Proc, run_cli, start_agent, start_hub
-from tests.exactly_once import QUIET, outbox_state
-from tests.test_store_forward_faults import agent_argv, settle
+from tests.integration.test_store_forward_faults import agent_argv, settle
+from tests.support.exactly_once import QUIET, outbox_state
+from tests.support.harness import HUB, HubDir, Proc, run_cli, start_agent, start_hub
 
 DEVICES = tuple(f"rep-{i}" for i in range(6))
 # Fast readings, prompt resends: what the killed replica held in flight comes again in 2 s.

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.errors import PublishRefused
-from edge_agent.mqtt import Message, MqttSession
-from edge_agent.protocol import (
+from edgefleet.errors import PublishRefused
+from edgefleet.mqtt.session import Message, MqttSession
+from edgefleet.wire.protocol import (
     MAX_PRESENCE_BYTES,
     TOPIC_ROOT,
     UP_KINDS,
@@ -29,8 +29,8 @@ from edge_agent.protocol import (
     up_topic,
 )
 from hub.config import HubPaths
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub
-from tests.test_hub_session import start_external_broker
+from tests.integration.test_hub_session import start_external_broker
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AGENT, HUB, HubDir, Proc, run_cli
-from tests.exactly_once import QUIET, OutboxState, wait_drained
-from tests.faultproxy import FaultProxy
-from tests.test_store_forward_faults import kill_9, stop_cleanly, wait_until
-from tests.test_store_forward_faults import settle as settle_quietly
+from tests.integration.test_store_forward_faults import kill_9, stop_cleanly, wait_until
+from tests.integration.test_store_forward_faults import settle as settle_quietly
+from tests.support.exactly_once import QUIET, OutboxState, wait_drained
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli
 
 pytestmark = pytest.mark.integration
 

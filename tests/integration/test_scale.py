@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AGENT, HubDir, Proc
-from tests.exactly_once import account, hub_watermark, outbox_state
+from tests.support.exactly_once import account, hub_watermark, outbox_state
+from tests.support.harness import AGENT, HubDir, Proc
 
 pytestmark = pytest.mark.integration
 

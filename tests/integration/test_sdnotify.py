@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import sdnotify
-from edge_agent.sdnotify import READY, STOPPING, WATCHDOG, Watchdog, notify
-from tests.conftest import BIN, HubDir, Proc, connect, device_identity
-from tests.test_systemd_units import INSTALL_BIN, exec_start
+from edgefleet.runtime import sdnotify
+from edgefleet.runtime.sdnotify import READY, STOPPING, WATCHDOG, Watchdog, notify
+from tests.integration.test_systemd_units import INSTALL_BIN, exec_start
+from tests.support.harness import BIN, HubDir, Proc, connect, device_identity
 
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 WAIT = 10.0  # bound on every wait for a datagram; generous for a loaded CI machine
@@ -157,7 +157,7 @@ def test_an_unreachable_socket_is_reported_once_and_never_raises(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     assert notify(WATCHDOG) is False
     assert notify(WATCHDOG) is False
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "edge_agent.sdnotify"]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "edgefleet.runtime.sdnotify"]
     assert len(warnings) == 1
     assert str(tmp_path / "gone") in warnings[0].getMessage()
 
@@ -255,7 +255,7 @@ async def test_ready_then_pings_while_healthy_none_once_stuck_and_again_after(
         assert listener.with_line(WATCHDOG, after=after_stall) == []
         last_ping = listener.with_line(WATCHDOG)[-1]
         assert last_ping.at <= sampler.last_beat + INTERVAL + SLACK
-        errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "edge_agent.sdnotify"]
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "edgefleet.runtime.sdnotify"]
         assert len(errors) == 1  # said once, not at every turn
         assert "sampler made no progress" in errors[0].getMessage()
 

@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.errors import ConnectRefused, PublishRefused
-from edge_agent.files import write_atomic
-from edge_agent.mqtt import Message, MqttSession, TlsIdentity
-from edge_agent.protocol import down_filter, down_topic, presence_topic, up_topic
-from hub.pki import Authority, cert_pem, key_pem, new_ec_key, utcnow
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli
+from edgefleet.errors import ConnectRefused, PublishRefused
+from edgefleet.mqtt.session import Message, MqttSession, TlsIdentity
+from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.protocol import down_filter, down_topic, presence_topic, up_topic
+from hub.pki.authority import Authority, cert_pem, key_pem, new_ec_key, utcnow
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli
 
 pytestmark = pytest.mark.integration
 

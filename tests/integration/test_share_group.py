@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import TOPIC_ROOT, UP_FILTER
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
-from tests.exactly_once import hub_watermark
-from tests.test_store_forward_faults import settle, stop_cleanly, wait_until
+from edgefleet.wire.protocol import TOPIC_ROOT, UP_FILTER
+from tests.integration.test_store_forward_faults import settle, stop_cleanly, wait_until
+from tests.support.exactly_once import hub_watermark
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli, start_agent
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import Batch
-from tests.conftest import HUB, HubDir, Proc, run_cli
-from tests.test_events_cli import ev, send
+from edgefleet.wire.protocol import Batch
+from tests.integration.test_events_cli import ev, send
+from tests.support.harness import HUB, HubDir, Proc, run_cli
 
 pytestmark = pytest.mark.integration
 

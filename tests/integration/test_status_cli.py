@@ -9,11 +9,11 @@ from typing import Any
 
 import aiosqlite
 
-from edge_agent.protocol import ApprovalRequest, LeaseRequest, Presence, Status
-from hub.coordination import Coordination
-from hub.status import LIST_LINES, _capped
-from hub.store import HubStore, IngestWork
-from tests.conftest import HUB, HubDir, run_cli
+from edgefleet.wire.protocol import ApprovalRequest, LeaseRequest, Presence, Status
+from hub.cli.status import LIST_LINES, _capped
+from hub.db.store import HubStore, IngestWork
+from hub.region.coordination import Coordination
+from tests.support.harness import HUB, HubDir, run_cli
 
 
 async def test_status_flags_offline_drifted_pending_approval_and_expiring_certificate(hub_dir: HubDir) -> None:

@@ -22,12 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.mqtt import MqttSession
-from edge_agent.outbox import SLOW_COMMIT
-from edge_agent.protocol import ACK, TELEMETRY, Ack, Batch, EventRecord, down_topic, pack, unpack, up_topic
-from tests.conftest import AGENT, START_TIMEOUT, HubDir, Proc, connect, device_identity
-from tests.conftest import start_hub as conftest_start_hub
-from tests.exactly_once import (
+from edge_agent.buffer.outbox import SLOW_COMMIT
+from edgefleet.mqtt.session import MqttSession
+from edgefleet.wire.protocol import ACK, TELEMETRY, Ack, Batch, EventRecord, down_topic, pack, unpack, up_topic
+from tests.support.exactly_once import (
     QUIET,
     OutboxState,
     assert_exactly_once,
@@ -36,7 +34,9 @@ from tests.exactly_once import (
     outbox_state,
     wait_drained,
 )
-from tests.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import AGENT, START_TIMEOUT, HubDir, Proc, connect, device_identity
+from tests.support.harness import start_hub as conftest_start_hub
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +261,7 @@ async def test_agent_sigterm_during_an_outbox_commit(hub_dir: HubDir, hub: Proc,
     cleanly, having committed what it buffered. On an SD card a synchronous=FULL commit can
     take long; here a write lock on outbox.db (taken by the test) holds the flusher in BEGIN
     IMMEDIATE, within the agent's 5 s busy timeout, and the stop lands there every time.
-    (Before edge_agent.sqlite.to_completion, a few percent of the clean stops at 2,000
+    (Before edgefleet.runtime.sqlite.to_completion, a few percent of the clean stops at 2,000
     readings/s in the tests above hung this way: the cancelled BEGIN or COMMIT still ran.)"""
     await hub_dir.provision(bundles, "dev-t")
     bundle = bundles / "dev-t"
@@ -375,7 +375,7 @@ async def test_broker_kill_9_while_the_hub_commits(hub_dir: HubDir, bundles: Pat
     that moment every time, the test holds hub.db's write lock (as an operator's CLI write
     may, for up to the hub's busy timeout), so the hub waits in BEGIN IMMEDIATE; the broker
     dies; the lock is released. The hub must reconnect, and everything arrive exactly once.
-    (Before edge_agent.sqlite.to_completion the cancelled BEGIN left the hub's connection in a
+    (Before edgefleet.runtime.sqlite.to_completion the cancelled BEGIN left the hub's connection in a
     transaction and the next ingest cycle killed the whole edge-hub.)"""
     await hub_dir.provision(bundles, "dev-c")
     bundle = bundles / "dev-c"

@@ -26,8 +26,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge_agent.errors import PublishRefused
-from edge_agent.protocol import (
+from edgefleet.errors import PublishRefused
+from edgefleet.wire.protocol import (
     CERT,
     COORD,
     MAX_BATCH_RECORDS,
@@ -44,9 +44,20 @@ from edge_agent.protocol import (
     unpack,
     up_topic,
 )
-from tests.conftest import AGENT, HUB, HubDir, Proc, connect, device_identity, free_port, hub_tap, run_cli, start_agent
-from tests.exactly_once import QUIET, OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
-from tests.hostile import BODY, nested_msgpack
+from tests.support.exactly_once import QUIET, OutboxState, assert_exactly_once, hub_seqs, hub_watermark, outbox_state
+from tests.support.harness import (
+    AGENT,
+    HUB,
+    HubDir,
+    Proc,
+    connect,
+    device_identity,
+    free_port,
+    hub_tap,
+    run_cli,
+    start_agent,
+)
+from tests.support.hostile import BODY, nested_msgpack
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.files import write_atomic
+from edgefleet.runtime.files import write_atomic
 from hub.broker import broker_executable, render_conf
 from hub.config import HubConfig, HubPaths
-from tests.conftest import BIN, HUB, HubDir, Proc, run_cli, start_agent
+from tests.support.harness import BIN, HUB, HubDir, Proc, run_cli, start_agent
 
-SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("edge-agent.service", "edge-hub.service")
 SNIPPET = SYSTEMD_DIR / "mosquitto-edgefleet.conf"
 INSTALL_BIN = "/opt/edgefleet/bin/"  # the venv of docs/operations.md

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import ACK, TELEMETRY, Ack, Batch, down_topic, pack, unpack, up_topic
-from tests.conftest import HUB, HubDir, Proc, connect, device_identity, run_cli
+from edgefleet.wire.protocol import ACK, TELEMETRY, Ack, Batch, down_topic, pack, unpack, up_topic
+from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, run_cli
 
 pytestmark = pytest.mark.integration
 

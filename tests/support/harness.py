@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.mqtt import MqttSession, TlsIdentity
-from tests.net import free_port
+from edgefleet.mqtt.session import MqttSession, TlsIdentity
+from tests.support.net import free_port
 
 BIN = Path(sys.executable).parent
 HUB = str(BIN / "edge-hub")

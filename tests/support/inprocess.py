@@ -1,6 +1,6 @@
 """Complete agents inside the test process, for fleets too large to run as processes here.
 
-The fleet is `edge_agent.simulate.Fleet`, what `edge-agent simulate` runs: each agent the real
+The fleet is `edge_agent.ops.simulate.Fleet`, what `edge-agent simulate` runs: each agent the real
 `Agent` of `edge-agent run`, with its own bundle, outbox, certificate and mutual-TLS
 connection. Only the process is shared: fifty agent processes would take the two cores of a
 CI machine away from the hub under test. This adds the bounded waits tests need.
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from edge_agent.simulate import Fleet
+from edge_agent.ops.simulate import Fleet
 
 # At DEBUG (pytest's log_level here) fifty agents log every connect, batch and ack into the
 # captured log, and the event loop spends its time there.

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.conftest import free_port
-from tests.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy
+from tests.support.harness import free_port
 
 QUIET = 0.3  # how long "nothing arrives" is watched for
 

@@ -23,13 +23,13 @@ from typing import Any
 import psutil
 import pytest
 
-from edge_agent.actuators import KILL_GRACE_S, Actuators, Recorder
-from edge_agent.outbox import Outbox
-from edge_agent.policy import validate_policy
-from edge_agent.profiles import ActuatorSpec
-from edge_agent.rules import RuleEngine
-from edge_agent.sensors import Reading
-from edge_agent.windows import ReadingWindows
+from edge_agent.buffer.outbox import Outbox
+from edge_agent.decide.actuators import KILL_GRACE_S, Actuators, Recorder
+from edge_agent.decide.rules import RuleEngine
+from edge_agent.decide.windows import ReadingWindows
+from edge_agent.sense.sensors import Reading
+from edgefleet.policy.document import validate_policy
+from edgefleet.policy.profiles import ActuatorSpec
 
 QUOTA = 50_000_000
 DRAIN_TIMEOUT = 10.0  # one step's decisions and actions; each takes milliseconds

@@ -10,16 +10,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.actuators import (
+from edge_agent.decide.actuators import (
     KILL_GRACE_S,
     OUTPUT_LIMIT_BYTES,
     ActionResult,
     Actuators,
     Recorder,
 )
-from edge_agent.errors import ConfigError, TransientError
-from edge_agent.profiles import ActuatorSpec, SimSpec, load_profile
-from edge_agent.sensors import Sampler, SimSensor
+from edge_agent.sense.sensors import Sampler, SimSensor
+from edgefleet.errors import ConfigError, TransientError
+from edgefleet.policy.profiles import ActuatorSpec, SimSpec, load_profile
 
 TIMEOUT_S = 5.0  # for actions expected to finish: generous on a loaded CI machine
 SHORT_S = 0.3  # for actions expected to overrun
@@ -283,7 +283,8 @@ async def test_restart_runs_systemctl_restart_for_an_allowed_unit(
     fake = tmp_path / "systemctl"
     fake.write_text('#!/bin/sh\necho "$@"\n')
     fake.chmod(0o755)
-    monkeypatch.setattr("edge_agent.actuators.shutil.which", lambda name: str(fake) if name == "systemctl" else None)
+    monkeypatch.setattr("edge_agent.decide.actuators.shutil.which",
+                        lambda name: str(fake) if name == "systemctl" else None)
     actuators, hook = make()
     result = await actuators.run("systemd_restart", {"unit": "edge-sensor.service"}, timeout=TIMEOUT_S)
     assert (result.ok, result.exit_code) == (True, 0)
@@ -292,7 +293,7 @@ async def test_restart_runs_systemctl_restart_for_an_allowed_unit(
 
 
 async def test_restart_without_systemctl_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("edge_agent.actuators.shutil.which", lambda name: None)
+    monkeypatch.setattr("edge_agent.decide.actuators.shutil.which", lambda name: None)
     actuators, _ = make()
     result = await actuators.run("systemd_restart", {"unit": "edge-sensor.service"}, timeout=TIMEOUT_S)
     assert (result.ok, result.refused, result.exit_code) == (False, False, None)

@@ -20,14 +20,17 @@ import msgspec
 import psutil
 import pytest
 
-from edge_agent import coordination
-from edge_agent.actuators import Actuators, Recorder
-from edge_agent.coordination import APPROVAL_MARGIN_S, LEASE_TTL_MARGIN_S, HubCoordinator, bid_score
-from edge_agent.errors import ConnectionLost
-from edge_agent.outbox import Outbox
-from edge_agent.policy import DEFAULT_APPROVAL_TIMEOUT_S, PolicyError, Rule, validate_policy
-from edge_agent.profiles import ActuatorSpec, load_profile
-from edge_agent.protocol import (
+from edge_agent.buffer.outbox import Outbox
+from edge_agent.decide import coordination
+from edge_agent.decide.actuators import Actuators, Recorder
+from edge_agent.decide.coordination import APPROVAL_MARGIN_S, LEASE_TTL_MARGIN_S, HubCoordinator, bid_score
+from edge_agent.decide.rules import RuleEngine
+from edge_agent.decide.windows import ReadingWindows
+from edge_agent.sense.sensors import Reading
+from edgefleet.errors import ConnectionLost
+from edgefleet.policy.document import DEFAULT_APPROVAL_TIMEOUT_S, PolicyError, Rule, validate_policy
+from edgefleet.policy.profiles import ActuatorSpec, load_profile
+from edgefleet.wire.protocol import (
     ApprovalDecision,
     ApprovalRequest,
     CoordUp,
@@ -39,9 +42,6 @@ from edge_agent.protocol import (
     pack_coord,
     unpack_up,
 )
-from edge_agent.rules import RuleEngine
-from edge_agent.sensors import Reading
-from edge_agent.windows import ReadingWindows
 
 BOUND = 5.0  # no single wait below takes more than milliseconds unless it times out on purpose
 T0 = 1_700_000_000.0

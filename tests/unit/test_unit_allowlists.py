@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.actuators import Actuators
-from edge_agent.config import check_policy
-from edge_agent.policy import PolicyError
-from edge_agent.profiles import load_profile
+from edge_agent.decide.actuators import Actuators
+from edgefleet.policy.check import check_policy
+from edgefleet.policy.document import PolicyError
+from edgefleet.policy.profiles import load_profile
 
 RESTART_COLLECTOR = '''\
 [[rules]]

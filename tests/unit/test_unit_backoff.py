@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edge_agent.reconnect import INITIAL_DELAY, MAX_DELAY, STABLE_AFTER, Backoff, LinkState
+from edgefleet.mqtt.reconnect import INITIAL_DELAY, MAX_DELAY, STABLE_AFTER, Backoff, LinkState
 
 
 def make(seed: int = 7, **kwargs: float) -> Backoff:

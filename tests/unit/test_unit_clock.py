@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.clock import FLOOR_TS, STEP_TOLERANCE, Frame, Probes, RecordClock, Shift, Unknown
-from edge_agent.outbox import DB_NAME, Outbox
-from edge_agent.sensors import Reading
+from edge_agent.buffer.outbox import DB_NAME, Outbox
+from edge_agent.identity.clock import FLOOR_TS, STEP_TOLERANCE, Frame, Probes, RecordClock, Shift, Unknown
+from edge_agent.sense.sensors import Reading
 
 BIG_QUOTA = 10**9
 REAL = 1_790_000_000.0  # the right time (2026)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import load_settings
-from edge_agent.errors import ConfigError
-from edge_agent.profiles import PROFILE_DIRS, SYSTEM_METRICS, available_profiles, load_profile
+from edgefleet.errors import ConfigError
+from edgefleet.policy.profiles import PROFILE_DIRS, SYSTEM_METRICS, available_profiles, load_profile
 
 AGENT_TOML = """\
 device_id = "dev-1"

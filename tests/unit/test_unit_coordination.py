@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.mqtt import Message
-from edge_agent.protocol import (
+from edgefleet.mqtt.session import Message
+from edgefleet.runtime.sdnotify import Watchdog
+from edgefleet.wire.protocol import (
     ACK,
     COORD,
     TELEMETRY,
@@ -48,14 +49,13 @@ from edge_agent.protocol import (
     unpack_up,
     up_topic,
 )
-from edge_agent.sdnotify import Watchdog
 from hub.config import HubConfig, HubPaths
-from hub.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
-from hub.ingest import Ingest
-from hub.renewal import CertificateDesk
-from hub.retained import RetainedSweeper
+from hub.db.store import HubStore
+from hub.ingest.batches import Ingest
+from hub.ingest.retained import RetainedSweeper
+from hub.pki.renewal import CertificateDesk
+from hub.region.coordination import BID_WINDOW_S, Coordination, CoordinationError, Replies
 from hub.service import AckSender, HubService
-from hub.store import HubStore
 
 HUB = "hub.eu-1"
 T0 = 1_700_000_000.0

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.mqtt import Message
-from edge_agent.outbox import Record
-from edge_agent.protocol import TELEMETRY, up_topic
-from edge_agent.uplink import encode_batch
-from hub.ingest import Ingest
-from hub.store import MIGRATIONS, HubStore, TelemetryRow
+from edge_agent.buffer.outbox import Record
+from edge_agent.sync.uplink import encode_batch
+from edgefleet.mqtt.session import Message
+from edgefleet.wire.protocol import TELEMETRY, up_topic
+from hub.db.store import MIGRATIONS, HubStore, TelemetryRow
+from hub.ingest.batches import Ingest
 
 DEVICE = "dev-1"
 T1970 = 1_000.0

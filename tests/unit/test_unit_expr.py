@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from edge_agent.expr import MAX_EXPR_CHARS, MAX_NESTING, Expr, ExprError, parse, parse_duration
+from edgefleet.policy.expr import MAX_EXPR_CHARS, MAX_NESTING, Expr, ExprError, parse, parse_duration
 
 NOW = 1_700_000_000.0
 

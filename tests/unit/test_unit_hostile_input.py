@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge_agent.mqtt import Message
-from edge_agent.outbox import Outbox
-from edge_agent.policy import PolicyError, validate_policy
-from edge_agent.protocol import (
+from edge_agent.buffer.outbox import Outbox
+from edgefleet.mqtt.session import Message
+from edgefleet.policy.document import PolicyError, validate_policy
+from edgefleet.wire.protocol import (
     MAX_JSON_DEPTH,
     Ack,
     ApprovalRequest,
@@ -48,15 +48,15 @@ from edge_agent.protocol import (
     unpack_up,
     up_topic,
 )
-from hub import ingest as hub_ingest
 from hub.config import load_hub
-from hub.coordination import Replies
-from hub.ingest import Ingest
+from hub.db.store import HubStore, IngestWork, event_row
+from hub.ingest import batches as hub_ingest
+from hub.ingest.batches import Ingest
+from hub.pki.init import init_hub
+from hub.region.coordination import Replies
 from hub.service import HubService
-from hub.setup import init_hub
-from hub.store import HubStore, IngestWork, event_row
-from tests.hostile import BODY, DEEP, nested_json, nested_msgpack
-from tests.net import free_port
+from tests.support.hostile import BODY, DEEP, nested_json, nested_msgpack
+from tests.support.net import free_port
 
 DECODERS: list[tuple[str, Callable[[bytes], object], bytes]] = [
     ("presence", lambda b: decode(b, Presence), nested_json({"state": "online", "session": "s"})),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_agent.machine import fingerprint, machine_number
-from edge_agent.outbox import Outbox
-from edge_agent.protocol import MAX_SEQ, Batch, Renumber
-from edge_agent.sensors import Reading
-from hub.identities import CONFLICT, REGION_STRIDE, STALE, Accept, Instance, Refuse, judge
-from hub.store import HubStore, IngestWork
+from edge_agent.buffer.machine import fingerprint, machine_number
+from edge_agent.buffer.outbox import Outbox
+from edge_agent.sense.sensors import Reading
+from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
+from hub.db.identities import CONFLICT, REGION_STRIDE, STALE, Accept, Instance, Refuse, judge
+from hub.db.store import HubStore, IngestWork
 
 QUOTA = 64 * 1024 * 1024
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.leadership import Leadership
-from hub.store import HubStore
+from hub.db.store import HubStore
+from hub.region.leadership import Leadership
 
 TTL, RENEW = 10.0, 2.0
 

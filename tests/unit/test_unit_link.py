@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import ConnectionLost, ConnectRefused
-from edge_agent.link import Link
-from edge_agent.reconnect import Backoff
+from edgefleet.errors import ConnectionLost, ConnectRefused
+from edgefleet.mqtt.link import Link
+from edgefleet.mqtt.reconnect import Backoff
 
 
 class FakeSession:

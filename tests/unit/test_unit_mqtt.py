@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import ConnectRefused
-from edge_agent.mqtt import MqttSession, describe_tls_failure
-from tests.conftest import free_port
+from edgefleet.errors import ConnectRefused
+from edgefleet.mqtt.session import MqttSession, describe_tls_failure
+from tests.support.harness import free_port
 
 
 async def test_close_does_not_swallow_a_cancellation_of_its_caller() -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import outbox as outbox_module
-from edge_agent import sqlite_pool
-from edge_agent.outbox import COMMIT_INTERVAL, DB_NAME, SCHEMA_VERSION, Outbox
-from edge_agent.sensors import Reading
+from edge_agent.buffer import outbox as outbox_module
+from edge_agent.buffer import sqlite_pool
+from edge_agent.buffer.outbox import COMMIT_INTERVAL, DB_NAME, SCHEMA_VERSION, Outbox
+from edge_agent.sense.sensors import Reading
 
 BIG_QUOTA = 10**9  # bytes: no shedding
 QUOTA = 100_000  # bytes: a few thousand readings
@@ -288,7 +288,7 @@ async def test_a_commit_held_by_another_writer_is_reported_once_and_then_complet
     outbox = await Outbox.open(tmp_path, BIG_QUOTA)
     lock = sqlite3.connect(tmp_path / DB_NAME, timeout=5, isolation_level=None)
     try:
-        with caplog.at_level(logging.WARNING, logger="edge_agent.outbox"):
+        with caplog.at_level(logging.WARNING, logger="edge_agent.buffer.outbox"):
             outbox.add(ticks(1))
             await outbox.flush()
             assert caplog.records == [], "a prompt commit was reported as slow"
@@ -327,7 +327,7 @@ async def test_a_lock_past_the_busy_timeout_keeps_readings_and_events_until_it_g
     """Another process holds outbox.db for longer than SQLite's busy timeout, several times
     over: the flusher keeps everything in memory (readings, and an event whose number is taken),
     keeps beating, and commits all of it, numbered without a gap, once the lock goes."""
-    caplog.set_level(logging.DEBUG, logger="edge_agent.outbox")
+    caplog.set_level(logging.DEBUG, logger="edge_agent.buffer.outbox")
     beats: list[float] = []
     outbox = await Outbox.open(tmp_path, BIG_QUOTA)
     flusher = asyncio.create_task(outbox.flusher(lambda: beats.append(time.monotonic())))
@@ -621,7 +621,7 @@ async def test_a_corrupt_outbox_is_moved_aside_and_a_new_one_continues_above_its
     path = tmp_path / DB_NAME
     damage(path)
     corrupt = digest(path)
-    with caplog.at_level(logging.ERROR, logger="edge_agent.outbox"):
+    with caplog.at_level(logging.ERROR, logger="edge_agent.buffer.outbox"):
         async with opened(tmp_path) as outbox:
             first = await outbox.read_after(0, 10)
             outbox.add(ticks(1))

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.files import write_atomic
+from edgefleet.runtime.files import write_atomic
 from hub.errors import UsageError
-from hub.pki import Authority, cert_pem, common_name, key_pem, utcnow
+from hub.pki.authority import Authority, cert_pem, common_name, key_pem, utcnow
 
 DAY = dt.timedelta(days=1)
 

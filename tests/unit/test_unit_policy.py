@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from edge_agent.errors import ConfigError
-from edge_agent.policy import (
+from edgefleet.errors import ConfigError
+from edgefleet.policy.document import (
     ACTIONS,
     EXAMPLE_POLICY,
     AlertArgs,
@@ -19,7 +19,7 @@ from edge_agent.policy import (
     SystemdRestartArgs,
     validate_policy,
 )
-from edge_agent.profiles import SYSTEM_METRICS
+from edgefleet.policy.profiles import SYSTEM_METRICS
 
 METRICS = SYSTEM_METRICS | {"sig0", "sig1"}
 

@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge_agent import policy_intake
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.policy import Policy
-from edge_agent.policy_intake import STORED_NAME, Outcome, PolicyIntake
-from edge_agent.protocol import PolicyDocument, SignedEnvelope, pack, seal, unpack
+from edge_agent.decide import policy_intake
+from edge_agent.decide.policy_intake import STORED_NAME, Outcome, PolicyIntake
+from edgefleet.policy.document import Policy
+from edgefleet.wire.protocol import PolicyDocument, SignedEnvelope, pack, seal, unpack
 
 DEVICE, REGION = "dev-1", "eu-1"
 

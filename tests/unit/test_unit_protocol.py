@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge_agent.protocol import (
+from edgefleet.wire.protocol import (
     MAX_PAYLOAD_BYTES,
     PRESENCE_FILTER,
     UP_FILTER,

@@ -25,21 +25,22 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from edge_agent.certinfo import CertificateUnreadable, read_certificate
-from edge_agent.errors import ConfigError, ConnectRefused, IdentityError, KeyGenerationFailed
-from edge_agent.files import write_atomic
-from edge_agent.identity import Credential, IdentityFiles
-from edge_agent.keygen import make_request, public_key_id
-from edge_agent.mqtt import TlsIdentity
-from edge_agent.protocol import CertIssued, CertRefused, CertRequest, parse_topic, unpack
-from edge_agent.renewal import RENEW_AT, Renewal
-from edge_agent.settings import to_struct
+from edge_agent.identity.certinfo import CertificateUnreadable, read_certificate
+from edge_agent.identity.keygen import make_request
+from edge_agent.identity.renewal import RENEW_AT, Renewal
+from edge_agent.identity.tls import Credential, IdentityFiles
+from edgefleet.errors import ConfigError, ConnectRefused, IdentityError, KeyGenerationFailed
+from edgefleet.mqtt.session import TlsIdentity
+from edgefleet.runtime.files import write_atomic
+from edgefleet.runtime.settings import to_struct
+from edgefleet.wire.keys import public_key_id
+from edgefleet.wire.protocol import CertIssued, CertRefused, CertRequest, parse_topic, unpack
 from hub.config import HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.metrics import render
-from hub.pki import Authority, CsrRefused, cert_pem, common_name, host_names, key_pem, utcnow
-from hub.renewal import CertificateDesk, OwnCertificate, lifecycle_status, own_certificates, renew_if_due
-from hub.replicas import prepare_replica
-from hub.store import HubStore
+from hub.pki.authority import Authority, CsrRefused, cert_pem, common_name, host_names, key_pem, utcnow
+from hub.pki.renewal import CertificateDesk, OwnCertificate, lifecycle_status, own_certificates, renew_if_due
+from hub.region.replicas import prepare_replica
 
 DAY = dt.timedelta(days=1)
 DEVICE = "dev-1"
@@ -149,8 +150,8 @@ def test_a_truncated_certificate_is_refused(hub: Hub) -> None:
 
 def test_the_agent_daemon_never_imports_cryptography() -> None:
     """P3: `cryptography` is 8-15 MB of RSS; the daemon (renewal included) must not load it."""
-    code = ("import sys, edge_agent.agent, edge_agent.renewal, edge_agent.identity, edge_agent.keygen, "
-            "edge_agent.cli; sys.exit('cryptography' in sys.modules)")
+    code = ("import sys, edge_agent.agent, edge_agent.identity.renewal, edge_agent.identity.tls, "
+            "edge_agent.identity.keygen, edge_agent.cli; sys.exit('cryptography' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -384,7 +385,7 @@ def device(hub: Hub, tmp_path: Path, *, lifetime: dt.timedelta = DAY, age: float
     """A device whose bundle certificate is `age` of the way through `lifetime` (issued that long
     ago by a hub whose clock agrees with the device's)."""
     issued_at = utcnow() - lifetime * age
-    with mock.patch("hub.pki.utcnow", return_value=issued_at):
+    with mock.patch("hub.pki.authority.utcnow", return_value=issued_at):
         bundle = bundle_of(hub, tmp_path / "bundle", lifetime)
     files = IdentityFiles(bundle, tmp_path / "state")
     link = FakeLink(hub.desk)
@@ -688,8 +689,8 @@ async def test_a_device_clock_weeks_ahead_renews_once_not_in_a_loop(
 
 
 def test_a_certificate_ages_by_the_monotonic_clock_whatever_the_wall_clock_says() -> None:
-    from edge_agent.certinfo import CertificateInfo
-    from edge_agent.renewal import CertificateAge
+    from edge_agent.identity.certinfo import CertificateInfo
+    from edge_agent.identity.renewal import CertificateAge
 
     wall, mono = [0.0], [1000.0]  # a board booted in 1970
     audit: list[tuple[str, dict[str, Any]]] = []

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
-from edge_agent.profiles import ReportSpec, load_profile
-from edge_agent.report import ReportFilter
-from edge_agent.sensors import Reading, SimSensor, device_seed
+from edge_agent.sense.report import ReportFilter
+from edge_agent.sense.sensors import Reading, SimSensor, device_seed
+from edgefleet.errors import ConfigError
+from edgefleet.policy.profiles import ReportSpec, load_profile
 
 T0 = 1_700_000_000.0
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from edge_agent.mqtt import Message
-from edge_agent.protocol import MAX_PRESENCE_BYTES, STATUS, TELEMETRY, Presence, encode, presence_topic, up_topic
-from hub.ingest import Ingest
-from hub.retained import RetainedSweeper
-from hub.store import HubStore
+from edgefleet.mqtt.session import Message
+from edgefleet.wire.protocol import MAX_PRESENCE_BYTES, STATUS, TELEMETRY, Presence, encode, presence_topic, up_topic
+from hub.db.store import HubStore
+from hub.ingest.batches import Ingest
+from hub.ingest.retained import RetainedSweeper
 
 
 def online(device_tag: str = "") -> bytes:

@@ -17,13 +17,22 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge_agent.policy import Policy, validate_policy
-from edge_agent.protocol import PolicyRefusal, Presence, Status
-from hub import rollout
+from edgefleet.policy.document import Policy, validate_policy
+from edgefleet.wire.protocol import PolicyRefusal, Presence, Status
 from hub.config import RolloutConf
+from hub.db.store import HubStore, IngestWork
 from hub.errors import UsageError
-from hub.rollout import Health, Pushed, RolloutError, Selector, Transition, cohort_rank, reached_count, wave_plan
-from hub.store import HubStore, IngestWork
+from hub.rollout import rollouts as rollout
+from hub.rollout.rollouts import (
+    Health,
+    Pushed,
+    RolloutError,
+    Selector,
+    Transition,
+    cohort_rank,
+    reached_count,
+    wave_plan,
+)
 
 REGION, HUB = "eu-1", "hub.eu-1"
 T0 = 1_700_000_000.0

@@ -14,9 +14,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from edge_agent.errors import ConfigError
-from edge_agent.profiles import SYSTEM_METRICS, SimSpec, load_profile
-from edge_agent.sensors import (
+from edge_agent.sense.sensors import (
     SIM_MAX_CATCHUP_S,
     SLOW_READ_S,
     Reading,
@@ -28,6 +26,8 @@ from edge_agent.sensors import (
     build_sensors,
     device_seed,
 )
+from edgefleet.errors import ConfigError
+from edgefleet.policy.profiles import SYSTEM_METRICS, SimSpec, load_profile
 
 T0 = 1_700_000_000.0  # a fixed "now", so sim timestamps are reproducible
 WAIT_S = 5.0  # bound on every wait for the sampler; a loaded CI machine is slow, not stuck

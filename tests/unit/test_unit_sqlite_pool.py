@@ -1,4 +1,4 @@
-"""edge_agent.sqlite_pool: many SQLite connections on a few shared threads (the outboxes of
+"""edge_agent.buffer.sqlite_pool: many SQLite connections on a few shared threads (the outboxes of
 `edge-agent simulate`; the one outbox of `edge-agent run`)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.sqlite import to_completion
-from edge_agent.sqlite_pool import POOL_THREADS, connect
+from edge_agent.buffer.sqlite_pool import POOL_THREADS, connect
+from edgefleet.runtime.sqlite import to_completion
 
 
 async def test_each_connection_runs_its_statements_in_order_and_results_come_back(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ async def test_hundreds_of_connections_share_a_few_threads(tmp_path: Path) -> No
 
 
 async def test_a_statement_handed_over_runs_to_its_end_when_its_caller_is_cancelled(tmp_path: Path) -> None:
-    """As with aiosqlite: edge_agent.sqlite.to_completion builds whole transactions on this."""
+    """As with aiosqlite: edgefleet.runtime.sqlite.to_completion builds whole transactions on this."""
     db = await connect(tmp_path / "a.db", isolation_level=None)
     try:
         await db.execute("CREATE TABLE t (n INTEGER)")

@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from edge_agent.protocol import Presence
-from hub.store import SCHEMA_VERSION, HubStore, StoreError
+from edgefleet.wire.protocol import Presence
+from hub.db.store import SCHEMA_VERSION, HubStore, StoreError
 
 PAGE = 4096
 

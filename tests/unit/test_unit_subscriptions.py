@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.protocol import UP_FILTER, down_filter, shared_filter
+from edgefleet.wire.protocol import UP_FILTER, down_filter, shared_filter
 from hub.config import HubConf, HubConfig, HubPaths
+from hub.db.store import HubStore
 from hub.errors import HubError
-from hub.store import HubStore
-from hub.subscriptions import FOREIGN, GROUP_PATTERN, SubscriptionWatch, own_filter, share_group
+from hub.ingest.subscriptions import FOREIGN, GROUP_PATTERN, SubscriptionWatch, own_filter, share_group
 
 CONFIG = HubConfig(region="r1", hub=HubConf(replicas=("b",)))
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from edge_agent.outbox import Outbox
-from edge_agent.protocol import Batch, unpack
-from edge_agent.sensors import Reading
-from edge_agent.uplink import Uplink, UplinkSettings
+from edge_agent.buffer.outbox import Outbox
+from edge_agent.sense.sensors import Reading
+from edge_agent.sync.uplink import Uplink, UplinkSettings
+from edgefleet.wire.protocol import Batch, unpack
 
 
 class FakeSession:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.store import HubStore, IngestWork
-from hub.watermarks import MAX_PENDING_RANGES, Coverage
+from hub.db.store import HubStore, IngestWork
+from hub.db.watermarks import MAX_PENDING_RANGES, Coverage
 
 
 def test_in_order_batches_move_the_watermark() -> None:

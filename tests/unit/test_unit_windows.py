@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edge_agent.sensors import Reading
-from edge_agent.windows import MAX_KEPT_PER_METRIC, ReadingWindows
+from edge_agent.decide.windows import MAX_KEPT_PER_METRIC, ReadingWindows
+from edge_agent.sense.sensors import Reading
 
 
 class Clock:

@@ -1,0 +1,1 @@
+"""The outbox: every reading and event in SQLite until the hub acknowledges it."""

@@ -1,0 +1,1 @@
+"""Local decisions: rule windows, the rule engine, actuators, coordination, policy intake."""

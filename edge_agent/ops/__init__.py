@@ -1,0 +1,1 @@
+"""Operating a device: `status`, `check`, `simulate` and the agent's metrics."""

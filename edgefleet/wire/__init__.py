@@ -1,0 +1,1 @@
+"""What travels between device and hub: topics, message schemas, the signing envelope."""

@@ -1,0 +1,1 @@
+"""Ingest: batches from devices validated, stored idempotently and acknowledged."""

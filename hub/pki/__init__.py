@@ -1,0 +1,1 @@
+"""The fleet PKI: the authority, provisioning, renewal, revocation and `edge-hub init`."""

@@ -1,0 +1,1 @@
+"""The region: coordination (leases, approvals, tasks), leadership among replicas, replicas."""

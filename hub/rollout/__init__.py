@@ -1,0 +1,1 @@
+"""Policy rollouts and their distribution to devices, signed."""

@@ -1,0 +1,1 @@
+"""What the tests share: the process harness, the fault proxy, the exactly-once check."""
