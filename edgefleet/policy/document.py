@@ -17,7 +17,8 @@ import msgspec
 from msgspec import Meta
 
 from edgefleet.errors import ConfigError
-from edgefleet.policy.expr import Expr, ExprError, parse, parse_duration
+from edgefleet.policy.expr import Expr, ExprError, parse
+from edgefleet.runtime.durations import parse_duration
 
 EXAMPLE_POLICY: Final = '''\
 # A worked example: cool down a hot board, keep a service alive, tell the hub.

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from edgefleet.errors import AgentError
+from edgefleet.runtime.durations import DURATION_UNITS
 
 MAX_EXPR_CHARS: Final = 1000  # a condition is a sentence, not a program; bounds parse time
 MAX_NESTING: Final = 32  # parser recursion and closure call depth stay far below Python's limit
 MAX_WINDOW_S: Final = 86400.0  # the engine keeps every reading of a window in memory
-DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 WINDOW_FUNCTIONS: Final = frozenset({"avg", "min", "max", "count", "delta"})
 LATEST_FUNCTIONS: Final = frozenset({"last", "age"})
 FUNCTIONS: Final = WINDOW_FUNCTIONS | LATEST_FUNCTIONS | {"abs"}
@@ -71,14 +71,6 @@ class Env(Protocol):
         """(ts, value) readings with ts in [now - seconds, now], oldest first."""
 
     def now(self) -> float: ...
-
-
-def parse_duration(text: str) -> float:
-    """'500ms', '30s', '5m', '1h' → seconds; ValueError says what is accepted."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a duration: use a number and a unit, e.g. 500ms, 30s, 5m or 1h")
-    return float(match[1]) * DURATION_UNITS[match[2]]
 
 
 # --- syntax tree ---------------------------------------------------------------------------
@@ -172,7 +164,6 @@ def parse(source: str, *, metrics: Iterable[str] | None = None, line: int = 1, c
 
 # --- tokenizer -----------------------------------------------------------------------------
 
-_DURATION: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _SPACE: Final = re.compile(r"\s*")
 _NUMBER: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _WORD: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from edgefleet.errors import ConfigError
-from edgefleet.policy.expr import parse_duration
+from edgefleet.runtime.durations import parse_duration
 
 T = TypeVar("T")
 

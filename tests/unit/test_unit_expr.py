@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from edgefleet.policy.expr import MAX_EXPR_CHARS, MAX_NESTING, Expr, ExprError, parse, parse_duration
+from edgefleet.policy.expr import MAX_EXPR_CHARS, MAX_NESTING, Expr, ExprError, parse
+from edgefleet.runtime.durations import parse_duration
 
 NOW = 1_700_000_000.0
 
