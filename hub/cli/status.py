@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from hub.cli.format import event_detail, when  # the listing commands' formats
 from hub.config import HubConfig, HubPaths
 from hub.db.store import EventRow, HubStore, iso
 from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
@@ -157,7 +158,6 @@ def _escalation(e: EventRow) -> dict[str, Any]:
 
 def render(status: Status) -> str:
     """The one screen: the figures first, then what needs a person."""
-    from hub.cli.main import event_detail, when  # the listing commands' formats
 
     report, escalations, now = status.report, status.escalations, status.now
     n, f = report["devices"], report["figures"]
