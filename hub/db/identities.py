@@ -26,14 +26,11 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import aiosqlite
 
 from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
-
-if TYPE_CHECKING:
-    from hub.db.store import IngestWork
 
 # A moved instance starts at the next multiple of this above every number the device used:
 # the instance below it would need 2**40 records (350 years at 100 a second) to reach it.
@@ -110,7 +107,19 @@ def next_region(known: dict[int, Instance], top_all: int, last: int) -> int:
 
 
 
-async def resolve_claims(db: aiosqlite.Connection, work: IngestWork, record_event: EventSink) -> dict[
+class ClaimWork(Protocol):
+    """What resolve_claims reads and fills of an ingest cycle (hub.db.store.IngestWork)."""
+
+    now: float
+    claims: list[tuple[str, Batch]]
+    ranges: dict[str, list[tuple[int, int, bool]]]
+    rejects: dict[str, int]
+    renumber: dict[tuple[str, int], Renumber]
+
+    def add_rows(self, device: str, batch: Batch) -> None: ...
+
+
+async def resolve_claims(db: aiosqlite.Connection, work: ClaimWork, record_event: EventSink) -> dict[
         tuple[str, int], tuple[str, int]]:
     """Judge the cycle's batches that carry an instance id, inside the ingest's transaction: add the
     accepted ones' rows and ranges to `work`, the refusals to `work.renumber`. Returns, per (device,
