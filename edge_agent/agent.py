@@ -29,7 +29,7 @@ from edge_agent.decide.windows import ReadingWindows
 from edge_agent.identity.clock import unset_clock_warning
 from edge_agent.identity.renewal import Renewal
 from edge_agent.identity.tls import IdentityFiles
-from edge_agent.ops.metrics import serve_agent_metrics
+from edge_agent.metrics import serve_agent_metrics
 from edge_agent.sense.report import ReportFilter
 from edge_agent.sense.sensors import Reading, Sampler, build_sensors
 from edge_agent.sync.uplink import Uplink, UplinkSettings

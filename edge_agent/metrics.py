@@ -23,16 +23,38 @@ import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from edgefleet.runtime.exposition import LatencyTally, exposition_server, labelled, loopback, render_text
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from edge_agent.agent import Agent
+    from edge_agent.buffer.outbox import Outbox
+    from edge_agent.decide.policy_intake import PolicyIntake
+    from edge_agent.decide.rules import RuleEngine
+    from edge_agent.sense.sensors import Sampler
+    from edge_agent.sync.uplink import Uplink
+    from edgefleet.mqtt.link import Link
 
 log = logging.getLogger(__name__)
+
+class ScrapedAgent(Protocol):
+    """What a scrape reads of the running agent (edge_agent.agent.Agent), without importing it."""
+
+    @property
+    def engine(self) -> RuleEngine | None: ...
+    @property
+    def outbox(self) -> Outbox: ...
+    @property
+    def sampler(self) -> Sampler: ...
+    @property
+    def uplink(self) -> Uplink: ...
+    @property
+    def intake(self) -> PolicyIntake: ...
+    @property
+    def link(self) -> Link: ...
+
 
 @dataclass(frozen=True)
 class AgentFigures:
@@ -50,7 +72,7 @@ class AgentFigures:
     outcomes: Mapping[str, int] | None
 
 
-async def agent_figures(agent: Agent) -> AgentFigures:
+async def agent_figures(agent: ScrapedAgent) -> AgentFigures:
     engine = agent.engine
     # RuleEngine.outcomes ({"succeeded": n, ...}) is read when the engine keeps it.
     outcomes = engine.outcomes if engine is not None else None
@@ -66,7 +88,7 @@ async def agent_figures(agent: Agent) -> AgentFigures:
 class AgentMetrics:
     """The agent's /metrics: `await render()` on the agent's event loop."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: ScrapedAgent) -> None:
         self._agent = agent
         self._latency = LatencyTally()
 
@@ -106,7 +128,7 @@ def _agent_families(f: AgentFigures, latency: LatencyTally) -> Iterator[Metric]:
                               value=f.resends)
 
 
-async def serve_agent_metrics(agent: Agent, host: str, port: int) -> None:
+async def serve_agent_metrics(agent: ScrapedAgent, host: str, port: int) -> None:
     """Serve the agent's /metrics on a loopback address until cancelled; port 0: off (returns at once).
 
     A port that cannot be bound is logged as an ERROR and the agent carries on without metrics:

@@ -1,5 +1,5 @@
 """Prometheus text exposition: the small HTTP server both sides use, a latency histogram and
-the text rendering; the agent's figures are in edge_agent.ops.metrics, the hub's in hub.metrics."""
+the text rendering; the agent's figures are in edge_agent.metrics, the hub's in hub.metrics."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_settings
-from edge_agent.ops.metrics import serve_agent_metrics
+from edge_agent.metrics import serve_agent_metrics
 from edge_agent.sense.sensors import Reading
 from edgefleet.errors import ConfigError
 from edgefleet.runtime.exposition import LatencyTally, exposition_server, loopback
@@ -414,7 +414,7 @@ async def test_agent_carries_on_when_its_metrics_port_is_taken(agent: Agent, cap
 
 def test_importing_the_agent_metrics_module_does_not_load_prometheus_client() -> None:
     """The agent pays for prometheus_client (about 1 MB of RSS) only when the endpoint is on."""
-    code = "import sys, edge_agent.agent, edge_agent.ops.metrics; print('prometheus_client' in sys.modules)"
+    code = "import sys, edge_agent.agent, edge_agent.metrics; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
 
