@@ -13,4 +13,5 @@ if ! command -v systemd-analyze >/dev/null; then
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports  # the layers and cycles of docs/architecture.md (pyproject's [tool.importlinter])
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"
