@@ -1,15 +1,18 @@
-"""The agent's exception root; transient failures are kept apart from fatal ones."""
+"""The shared layer's exception root; transient failures are kept apart from fatal ones.
+
+The agent raises these too (`edge_agent.errors.AgentError` is this root); the hub raises only its
+own `hub.errors.HubError`, and its CLI reports a ConfigError from shared code as a usage error."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class AgentError(Exception):
-    """Root of every error the agent raises on purpose."""
+class EdgefleetError(Exception):
+    """Root of every error the shared layer and the agent raise on purpose."""
 
 
-class ConfigError(AgentError):
+class ConfigError(EdgefleetError):
     """A configuration or profile that cannot be used; exit code 2. `path` is the file."""
 
     def __init__(self, message: str, path: str | None = None) -> None:
@@ -17,7 +20,7 @@ class ConfigError(AgentError):
         self.path = path
 
 
-class TransientError(AgentError):
+class TransientError(EdgefleetError):
     """Worth retrying: the broker is down, the network is partitioned."""
 
 
@@ -33,7 +36,7 @@ class ConnectionLost(TransientError):
     """The MQTT connection dropped while an operation was waiting on it."""
 
 
-class PublishRefused(AgentError):
+class PublishRefused(EdgefleetError):
     """The broker answered a QoS 1 publish with a failure reason code (e.g. 135)."""
 
     def __init__(self, topic: str, reason: str, code: int) -> None:
@@ -43,7 +46,7 @@ class PublishRefused(AgentError):
         self.code = code
 
 
-class IdentityError(AgentError):
+class IdentityError(EdgefleetError):
     """A certificate or key file that cannot serve as the device's TLS identity; the message says why."""
 
 
@@ -51,7 +54,7 @@ class KeyGenerationFailed(TransientError):
     """Making a key and certificate request on the device failed (the helper process said why)."""
 
 
-class AlreadyRunning(AgentError):
+class AlreadyRunning(EdgefleetError):
     """Another process holds this identity's run lock (edgefleet.runtime.runlock); exit code 2."""
 
     def __init__(self, what: str, where: Path, pid: int | None) -> None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Final, NamedTuple
 
+from edge_agent.errors import AgentError
 from edge_agent.sense.sensors import SensorError
-from edgefleet.errors import AgentError, ConfigError
+from edgefleet.errors import ConfigError
 from edgefleet.policy.allowlist import BadArgs as _BadArgs
 from edgefleet.policy.allowlist import Refused as _Refused
 from edgefleet.policy.allowlist import allowlisted as _allowlisted

@@ -19,7 +19,7 @@ from typing import Final, NamedTuple, Protocol
 
 import psutil
 
-from edgefleet.errors import AgentError
+from edge_agent.errors import AgentError
 from edgefleet.policy.profiles import SYSTEM_METRICS, THERMAL_PREFIX, Profile, SensorSpec, SimSpec
 
 log = logging.getLogger("edge_agent.sensors")

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from edgefleet.errors import AgentError
+from edgefleet.errors import EdgefleetError
 from edgefleet.runtime.durations import DURATION_UNITS
 
 MAX_EXPR_CHARS: Final = 1000  # a condition is a sentence, not a program; bounds parse time
@@ -51,7 +51,7 @@ Value = float | bool | None
 Kind = Literal["number", "condition", "duration"]
 
 
-class ExprError(AgentError, ValueError):
+class ExprError(EdgefleetError, ValueError):
     """An expression that does not parse; `line` and `col` are 1-based, in the policy file."""
 
     def __init__(self, message: str, line: int, col: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from edgefleet.errors import AgentError, ConfigError
+from edgefleet.errors import ConfigError, EdgefleetError
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -35,7 +35,7 @@ Render = Callable[[], Awaitable[bytes]]
 Family = TypeVar("Family", "CounterMetricFamily", "GaugeMetricFamily")
 
 
-class MetricsUnavailable(AgentError):
+class MetricsUnavailable(EdgefleetError):
     """The figures cannot be read now (the database is busy or gone); the scrape gets a 503."""
 
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from edgefleet.errors import ConfigError
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import Policy, PolicyError, validate_policy
 from edgefleet.policy.profiles import load_profile
@@ -116,7 +115,7 @@ def _read(path: Path) -> tuple[str, Policy]:
         raise PolicyInvalid(path, {"": exc}) from None
 
 
-class PolicyInvalid(ConfigError):
+class PolicyInvalid(UsageError):
     """Problems per profile ('' = in any profile), printed as FILE:LINE:COL: message."""
 
     def __init__(self, path: Path, errors: dict[str, PolicyError]) -> None:
