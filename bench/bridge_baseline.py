@@ -1,7 +1,7 @@
 """P2 baseline: a backlog drained through a per-device Mosquitto bridged (mTLS) to a central one.
 
 The usual alternative to our agent is a Mosquitto on each device, bridged to the central
-broker and used as the buffer (shared/NOTES-mqtt.md, last section). This measures it on the
+broker and used as the buffer (docs/mosquitto.md, "The broker is not a durable queue"). This measures it on the
 same machine and backlog as P2:
 
 1. a throw-away CA (hub.pki.authority.Authority) with a central server certificate and client

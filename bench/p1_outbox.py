@@ -15,7 +15,7 @@ each repetition prints how many commits it made.
 
 Both use `journal_mode=WAL` and the same `synchronous` (FULL by default: the agent's default,
 a commit survives power loss), on the same filesystem. Repetitions alternate the two sides;
-the figures are medians. Prints one line per figure, PASS/MISS against the SPEC target, and
+the figures are medians. Prints one line per figure, PASS/MISS against the target (docs/performance.md), and
 a final JSON line. Always exits 0.
 """
 
@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:
 from edge_agent.buffer.outbox import COMMIT_ROWS, DB_NAME, Outbox  # noqa: E402 - after the path fix above
 from edge_agent.sense.sensors import Reading  # noqa: E402
 
-TARGET_PER_S: Final = 200_000  # SPEC P1
-TARGET_RATIO: Final = 0.35  # SPEC P1: outbox / raw sqlite3 in the same run
+TARGET_PER_S: Final = 200_000  # P1 (docs/performance.md)
+TARGET_RATIO: Final = 0.35  # P1 (docs/performance.md): outbox / raw sqlite3 in the same run
 CHUNK: Final = 1_000  # readings per add() call: a busy sampler's batch
 METRICS: Final = 4  # like the sim profile: sig0..sig3
 NO_QUOTA: Final = 10**12  # P1 measures writing, not shedding (used_bytes still runs every commit)

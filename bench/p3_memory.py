@@ -14,7 +14,7 @@ for the same `--seconds`, sampled every `--interval`:
 
 Per process: RSS (psutil) and PSS (/proc/PID/smaps_rollup), in MB of 2**20 bytes; the first
 sample, the steady value (median of the second half), the maximum, and the growth slope
-(least squares over the second half, MB/min). Prints PASS/MISS against the SPEC target and
+(least squares over the second half, MB/min). Prints PASS/MISS against the target (docs/performance.md) and
 a final JSON line. Always exits 0.
 """
 
@@ -44,7 +44,7 @@ from edge_agent.config import load_settings  # noqa: E402
 from tests.support.exactly_once import outbox_state  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
-TARGET_MB: Final = 40.0  # SPEC P3: RSS
+TARGET_MB: Final = 40.0  # P3 (docs/performance.md): RSS
 # "No growth", made measurable: a slope this small is under 150 MB a day, and in a short run
 # it is below what one allocator arena step shows; a real leak at 10 Hz shows well above it.
 GROWTH_LIMIT_MB_PER_MIN: Final = 0.1

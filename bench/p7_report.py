@@ -22,7 +22,7 @@ AES-GCM record (29 bytes). Status messages (every 10 s, the same in both paths) 
 Error: after every sample, for every metric, |true value - last value reported| (what the
 hub holds); its maximum must stay within the metric's deadband (with aggregate_s set, which
 the sim profile does not, the filter bounds the error against window means instead). Prints PASS/MISS against
-the SPEC target (>= 10 x fewer bytes) and a final JSON line. Always exits 0.
+the target (docs/performance.md: >= 10 x fewer bytes) and a final JSON line. Always exits 0.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from edge_agent.sync.uplink import UplinkSettings, encode_batch  # noqa: E402
 from edgefleet.policy.profiles import load_profile  # noqa: E402
 from edgefleet.wire.protocol import TELEMETRY, up_topic  # noqa: E402
 
-TARGET_RATIO: Final = 10.0  # SPEC P7
+TARGET_RATIO: Final = 10.0  # P7 (docs/performance.md)
 DEVICE: Final = "p7-bench"
 T0: Final = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a fixed start makes every run identical
 TLS12_RECORD: Final = 5 + 8 + 16  # header, explicit nonce, GCM tag

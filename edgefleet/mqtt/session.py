@@ -1,7 +1,7 @@
 """One MQTT v5 connection over mutual TLS, driven by the asyncio event loop.
 
 We drive paho ourselves instead of using aiomqtt 2.x because three facts decide
-correctness (shared/NOTES-mqtt.md): aiomqtt ignores PUBACK reason codes, leaves a QoS 1
+correctness (docs/mosquitto.md): aiomqtt ignores PUBACK reason codes, leaves a QoS 1
 publish hanging when the connection drops, and acknowledges incoming messages before the
 application has seen them. Here a refused publish raises PublishRefused, a dropped
 connection fails every waiting publish with ConnectionLost, and `manual_ack` lets the

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION: Final = 1
 TOPIC_ROOT: Final = "edgefleet/v1"
 # Ids end up inside topic names and ACL patterns: Mosquitto's %u patterns refuse
-# '+' and '#', and '/' would split the topic (shared/NOTES-mqtt.md).
+# '+' and '#', and '/' would split the topic (docs/mosquitto.md).
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Largest payload either side sends or accepts; the broker's max_packet_size sits just
 # above it so the client-side check is the one that speaks first.

@@ -1,7 +1,7 @@
 """Revocation: the CRL, the broker reload, and closing a revoked device's live session.
 
 Mosquitto re-reads its CRL on SIGHUP but keeps already-connected clients
-(shared/NOTES-mqtt.md). So after the reload we (1) confirm that the broker really refuses
+(docs/mosquitto.md). So after the reload we (1) confirm that the broker really refuses
 revoked certificates now, with a throw-away probe certificate revoked together with the
 device, and (2) take over the device's session with a throw-away certificate that carries
 the device's CN: the broker forces the client id to the CN, so the new connection

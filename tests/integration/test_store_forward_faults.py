@@ -1,4 +1,4 @@
-"""Store and forward under faults: no loss, no duplicates (SPEC "Guarantees").
+"""Store and forward under faults: no loss, no duplicates (docs/store-and-forward.md).
 
 Every test drives real processes (agent, hub, managed Mosquitto) at 2,000 readings/s,
 breaks something on purpose — the network, the agent, the broker, the hub — and ends with
