@@ -44,6 +44,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgefleet.runtime.exposition import LatencyTally, MetricsUnavailable, exposition_server
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import ProtocolError, hub_identity, json_body, read_json
 from hub.config import HubPaths, RolloutConf
 from hub.errors import HubError
@@ -55,8 +56,8 @@ INGEST_RATE_MINUTES: Final = 5  # the ingest rate gauges average over the last 4
 COVERAGE_WINDOW_S: Final = 300.0  # "has data": a reading taken in the last five minutes is at the hub
 # A WAL reader waits only for a checkpoint or a recovery; longer than this and the scrape gets a 503.
 READ_TIMEOUT_S: Final = 5.0
-OUTCOMES: Final = {"action_succeeded": "succeeded", "action_failed": "failed",
-                   "action_refused": "refused", "action_skipped": "skipped"}
+OUTCOMES: Final = {EventKind.ACTION_SUCCEEDED: "succeeded", EventKind.ACTION_FAILED: "failed",
+                   EventKind.ACTION_REFUSED: "refused", EventKind.ACTION_SKIPPED: "skipped"}
 # The rule engine's wording for actions refused by coordination (edge_agent/rules.py, _coordinate).
 REFUSAL_NEEDS: Final = (("no lease ", "lease"), ("no approval", "approval"))
 

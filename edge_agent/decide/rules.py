@@ -35,9 +35,10 @@ from edge_agent.decide.windows import ReadingWindows
 from edge_agent.sense.sensors import Reading
 from edgefleet.policy.allowlist import actuator_call
 from edgefleet.policy.document import Policy, Rule
+from edgefleet.wire.events import ACTION_OUTCOMES, EventKind
 
 TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
-OUTCOMES: Final = ("action_succeeded", "action_failed", "action_refused", "action_skipped")
+OUTCOMES: Final = ACTION_OUTCOMES
 LATENCY_SAMPLES: Final = 10_000  # decision latencies kept for the P4 figures and metrics
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class RuleEngine:
         # lags a rising signal must not re-arm it. A clear is taken even while an action runs.
         if st.active and not holds and rule.clear.evaluate(self.windows) is True:
             st.active, st.fires_without_clear = False, 0
-            self._spawn(self._audit("rule_cleared", rule, {}))
+            self._spawn(self._audit(EventKind.RULE_CLEARED, rule, {}))
             return
         if not holds or st.busy:
             return
@@ -156,8 +157,8 @@ class RuleEngine:
         try:
             why_not = self._why_not(rule, now)
             if why_not:
-                await self._audit_many([("rule_fired", {"readings": readings}),
-                                        ("action_skipped", {"action": rule.action, "detail": why_not})], rule)
+                await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}),
+                                        (EventKind.ACTION_SKIPPED, {"action": rule.action, "detail": why_not})], rule)
                 return
             granted = await self._coordinate(rule, readings)
             if granted is None:
@@ -184,7 +185,8 @@ class RuleEngine:
                 if approved_by:
                     body["approved_by"] = approved_by
                 # Committed before the actuator starts: it survives a crash between the two.
-                await self._audit_many([("rule_fired", {"readings": readings}), ("action_started", body)], rule)
+                await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}),
+                                        (EventKind.ACTION_STARTED, body)], rule)
                 # The decision latency (P4): sample arrival to the actuator starting, which is
                 # now; it includes the durable audit commit, as it must.
                 latency.append((time.perf_counter() - arrived) * 1000)
@@ -222,7 +224,7 @@ class RuleEngine:
             # offline = "skip" never gets here (_why_not skipped it): the policy says act alone
             # when the hub cannot be asked. Audited as such.
             without = " and ".join(w for w, on in (("a lease", rule.lease), ("an approval", rule.approval)) if on)
-            await self._audit("coordination_skipped", rule, {
+            await self._audit(EventKind.COORDINATION_SKIPPED, rule, {
                 "detail": f'the hub is unreachable and the rule says offline = "act": acting without {without}'})
             return "", ""
         token = who = ""
@@ -239,8 +241,8 @@ class RuleEngine:
         return token, who
 
     async def _refused(self, rule: Rule, readings: dict[str, float], detail: str) -> None:
-        await self._audit_many([("rule_fired", {"readings": readings}),
-                                ("action_refused", {"action": rule.action, "detail": detail})], rule)
+        await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}),
+                                (EventKind.ACTION_REFUSED, {"action": rule.action, "detail": detail})], rule)
 
     async def _finished(self, rule: Rule, result: ActionResult, readings: dict[str, float],
                         latency_ms: float | None) -> None:
@@ -251,13 +253,14 @@ class RuleEngine:
                 "latency_ms": None if latency_ms is None else round(latency_ms, 3)}
         if result.refused:
             # The allowlist said no: no action started (the hook did not run).
-            await self._audit_many([("rule_fired", {"readings": readings}), ("action_refused", body)], rule)
+            await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}),
+                                    (EventKind.ACTION_REFUSED, body)], rule)
             log.warning("rule %s: action refused: %s", rule.name, result.detail)
             return
-        outcome = "action_succeeded" if result.ok else "action_failed"
+        outcome = EventKind.ACTION_SUCCEEDED if result.ok else EventKind.ACTION_FAILED
         if latency_ms is None:
             # It failed before starting (bad arguments): no start record was written.
-            await self._audit_many([("rule_fired", {"readings": readings}), (outcome, body)], rule)
+            await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}), (outcome, body)], rule)
         else:
             await self._audit(outcome, rule, body)
         if result.ok:
@@ -271,7 +274,7 @@ class RuleEngine:
     def _suspend(self, rule: Rule, reason: str, detail: str) -> None:
         self.states[rule.name].suspended = reason
         log.error("rule %s suspended and escalated to the hub: %s", rule.name, detail)
-        self._spawn(self._audit("escalation", rule, {"reason": reason, "detail": detail}))
+        self._spawn(self._audit(EventKind.ESCALATION, rule, {"reason": reason, "detail": detail}))
 
     # --- audit --------------------------------------------------------------------------
 

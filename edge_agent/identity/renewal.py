@@ -30,6 +30,7 @@ from edge_agent.identity.keygen import KeyRequest, make_request
 from edge_agent.identity.tls import Credential, IdentityFiles
 from edgefleet.errors import ConnectRefused, IdentityError, KeyGenerationFailed
 from edgefleet.mqtt.link import SESSION_ENDED, Link
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, pack, up_topic
 
 RENEW_AT: Final = 2 / 3  # share of its life after which a certificate is renewed: a third is left to retry
@@ -94,7 +95,8 @@ class CertificateAge:
         when = f"{_span(age)} ago" if age > dt.timedelta(0) else f"{_span(-age)} from now"
         log.warning("renewal: the system clock runs %s %s by that clock (certificate serial %x); its age is judged "
                     "from its own start and the time since: set the clock (NTP)", how, when, cert.serial)
-        self._audit("cert_clock_skew", {"serial": f"{cert.serial:x}", "clock_minus_start_s": age.total_seconds()})
+        self._audit(EventKind.CERT_CLOCK_SKEW,
+                    {"serial": f"{cert.serial:x}", "clock_minus_start_s": age.total_seconds()})
 
 
 def _span(delta: dt.timedelta) -> str:
@@ -162,7 +164,7 @@ class Renewal:
             took = f" {time.monotonic() - self._started:.2f} s after the renewal began" if self._started else ""
             self._reset()
             log.info("renewal: certificate %s is in use%s; the previous one is retired", promoted.describe(), took)
-            self._audit("cert_renewed", {"serial": f"{promoted.cert.serial:x}",
+            self._audit(EventKind.CERT_RENEWED, {"serial": f"{promoted.cert.serial:x}",
                                           "not_after": promoted.cert.not_after.timestamp()})
         elif self._fallback and (pending := self.files.pending()) is not None:
             log.warning("renewal: the renewed certificate (%s) failed %d times while the previous one (%s) "
@@ -210,7 +212,7 @@ class Renewal:
     def _drop(self, why: str, pending: Credential) -> None:
         self.files.discard_next()
         self._reset()
-        self._audit("cert_fallback", {"serial": f"{pending.cert.serial:x}", "reason": why})
+        self._audit(EventKind.CERT_FALLBACK, {"serial": f"{pending.cert.serial:x}", "reason": why})
 
     def _reset(self) -> None:
         self._failures, self._fallback, self._started = 0, False, None

@@ -29,9 +29,11 @@ from edge_agent.config import AgentSettings
 from edge_agent.decide.policy_intake import PolicyIntake
 from edgefleet.policy.document import Policy
 from edgefleet.runtime.logfmt import redact
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import json_body
 
-ERROR_KINDS: Final = ("policy_refused", "action_failed", "escalation", "outbox_corrupt", "alert")
+ERROR_KINDS: Final = (EventKind.POLICY_REFUSED, EventKind.ACTION_FAILED, EventKind.ESCALATION, EventKind.OUTBOX_CORRUPT,
+                      EventKind.ALERT)
 ERRORS_SHOWN: Final = 8  # the newest; the rest are counted, so the text stays on one screen
 DETAIL_WIDTH: Final = 100  # characters of an error's detail in the text output
 # A connected agent has its records acknowledged within seconds (unacknowledged batches are
@@ -203,7 +205,7 @@ def _errors(db: sqlite3.Connection, acked: int) -> tuple[list[RecentError], int]
     total = 0
     for seq, ts, kind, text in rows:
         body = json_body(text)
-        if kind == "alert" and body.get("severity") == "info":
+        if kind == EventKind.ALERT and body.get("severity") == "info":
             continue  # an alert a rule raises for information is not an error
         total += 1
         if len(found) < ERRORS_SHOWN:
@@ -226,17 +228,17 @@ def _detail(kind: str, body: dict[str, Any]) -> str:
 
     if body.get("truncated"):
         text = get("head")
-    elif kind == "policy_refused":
+    elif kind == EventKind.POLICY_REFUSED:
         text = f"version {get('policy_version')} refused ({get('reason')}): {get('detail')}"
-    elif kind == "action_failed":
+    elif kind == EventKind.ACTION_FAILED:
         how = "timed out" if body.get("timed_out") else f"exit {get('exit_code')}" if "exit_code" in body else ""
         head = get("action") + (f" ({how})" if how else "")
         text = f"{head}: {get('detail')}" if get("detail") else head
-    elif kind == "escalation":
+    elif kind == EventKind.ESCALATION:
         text = f"{get('reason')}: {get('detail')}"
-    elif kind == "outbox_corrupt":
+    elif kind == EventKind.OUTBOX_CORRUPT:
         text = f"{get('reason')}; moved to {get('moved_to')}"
-    elif kind == "alert":
+    elif kind == EventKind.ALERT:
         text = f"{get('severity')}: {get('message')}"
     else:
         text = json.dumps(body)

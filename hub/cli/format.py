@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 
+from edgefleet.wire.events import EventKind
+
 
 def when(ts: float) -> str:
     import datetime as dt
@@ -21,11 +23,11 @@ def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
     parts: list[str] = []
     if body.keys() == {"unreadable", "text"}:  # as protocol.json_body marks a body it cannot read
         parts = [f"unreadable body ({short(body['unreadable'])}):", short(body["text"])]
-    elif kind == "rule_fired" and isinstance(body.get("readings"), dict):
+    elif kind == EventKind.RULE_FIRED and isinstance(body.get("readings"), dict):
         parts = [f"{k}={short(v)}" for k, v in body["readings"].items()]
     elif kind.startswith("action_"):
         parts = [short(body.get("action", "?"))]
-        if kind == "action_started" and body.get("args"):
+        if kind == EventKind.ACTION_STARTED and body.get("args"):
             parts.append(short(body["args"]))
         if body.get("timed_out"):
             parts.append("timed out")
@@ -35,11 +37,11 @@ def event_detail(kind: str, body: dict[str, Any], width: int = 100) -> str:
             parts.append(f"{body['latency_ms']} ms")
         if body.get("detail"):
             parts.append(short(body["detail"]))
-    elif kind == "escalation":
+    elif kind == EventKind.ESCALATION:
         parts = [short(body.get("reason", "?")) + ":", short(body.get("detail", ""))]
-    elif kind == "alert":
+    elif kind == EventKind.ALERT:
         parts = [short(body.get("severity", "?")) + ":", short(body.get("message", ""))]
-    elif kind == "outbox_corrupt":
+    elif kind == EventKind.OUTBOX_CORRUPT:
         parts = [short(body.get("reason", "?")), f"moved to {short(body.get('moved_to', '?'))}"]
     elif body:
         parts = [short(body)]

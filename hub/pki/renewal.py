@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from edgefleet.errors import PublishRefused
 from edgefleet.mqtt.session import MqttSession
 from edgefleet.runtime.files import write_atomic
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.keys import public_key_id
 from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
 from hub.broker import reload_broker
@@ -122,7 +123,7 @@ class CertificateDesk:
                 "INSERT INTO certificates(serial, device, purpose, issued_at, not_after, key_id, pem) "
                 "VALUES (?, ?, 'device', ?, ?, ?, ?)",
                 (format(cert.serial_number, "x"), device, now, cert.not_valid_after_utc.timestamp(), key, pem))
-            await self._store.hub_event(db, self._config.identity, "cert_issued", {
+            await self._store.hub_event(db, self._config.identity, EventKind.CERT_ISSUED, {
                 "device": device, "serial": format(cert.serial_number, "x"), "key_id": key,
                 "not_after": cert.not_valid_after_utc.timestamp()})
             return CertIssued(key_id=key, cert=pem), False
@@ -166,7 +167,7 @@ class CertificateDesk:
         return refused, True
 
     async def _refusal(self, db: aiosqlite.Connection, device: str, refused: CertRefused) -> CertRefused:
-        await self._store.hub_event(db, self._config.identity, "cert_refused", {
+        await self._store.hub_event(db, self._config.identity, EventKind.CERT_REFUSED, {
             "device": device, "reason": refused.reason, "detail": refused.detail, "key_id": refused.key_id})
         return refused
 

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import aiosqlite
 
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import (
     ApprovalDecision,
     ApprovalRequest,
@@ -222,7 +223,7 @@ class Coordination:
             for name, device, token in await fetch_all(
                     db, "SELECT name, device, token FROM lease_holders WHERE expires_at <= ?", (now,)):
                 await db.execute("DELETE FROM lease_holders WHERE name = ? AND token = ?", (name, token))
-                await self._store.hub_event(db, self._identity, "lease_expired", {
+                await self._store.hub_event(db, self._identity, EventKind.LEASE_EXPIRED, {
                     "lease": name, "device": device, "token": token}, ts=now)
                 out.notes.append(f"lease {name}: token {token} of {device} expired (no release before its TTL)")
                 await self._promote(db, name, now, out)
@@ -230,7 +231,7 @@ class Coordination:
                     db, "SELECT id, device FROM approvals WHERE state = 'pending' AND expires_at <= ?", (now,)):
                 await db.execute("UPDATE approvals SET state = 'expired', decided_by = 'expired', decided_at = ?, "
                                  "reason = 'nobody decided in time' WHERE id = ?", (now, approval_id))
-                await self._store.hub_event(db, self._identity, "approval_expired", {
+                await self._store.hub_event(db, self._identity, EventKind.APPROVAL_EXPIRED, {
                     "approval": approval_id, "device": device, "by": "expired"}, ts=now)
                 out.notes.append(f"approval {approval_id} of {device} expired: treated as denied")
             for approval_id, device, request, state, by, reason in await fetch_all(
@@ -318,7 +319,7 @@ class Coordination:
                 "VALUES (?, ?, ?, ?, ?, 'new', 0, ?, ?)",
                 (kind, json.dumps(args), json.dumps(target), deadline, timeout_s, now, now))
             task = int(cur.lastrowid or 0)
-            await self._store.hub_event(db, self._identity, "task_offered", {
+            await self._store.hub_event(db, self._identity, EventKind.TASK_OFFERED, {
                 "task": task, "kind": kind, "args": args, "target": target, "deadline": deadline}, ts=now)
             return task
 

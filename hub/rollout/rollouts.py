@@ -30,13 +30,14 @@ from typing import Any, Final, NamedTuple
 import aiosqlite
 
 from edgefleet.policy.document import Policy
+from edgefleet.wire.events import EventKind
 from hub.config import RolloutConf
 from hub.db.store import HubStore, fetch_all, fetch_one
 from hub.errors import HubError, UsageError
 
 ACTIVE: Final = "baking"
 FINISHED: Final = ("complete", "rolled_back", "aborted")
-GATED_EVENTS: Final = ("action_succeeded", "action_failed", "escalation")
+GATED_EVENTS: Final = (EventKind.ACTION_SUCCEEDED, EventKind.ACTION_FAILED, EventKind.ESCALATION)
 
 
 class RolloutError(HubError):
@@ -189,7 +190,7 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
             "VALUES (?, ?, ?, (SELECT version FROM assignments WHERE device = ?))",
             [(rollout, device, rank, device) for rank, device in enumerate(ranked)])
         reached = await _reach(db, rollout, version, 0, waves[0], now)
-        await store.hub_event(db, identity, "rollout_started", {
+        await store.hub_event(db, identity, EventKind.ROLLOUT_STARTED, {
             "policy_version": version, "rollout": rollout, "targeted": len(ranked), "reached": reached,
             "waves": waves, "bake_s": bake_s, "target": selector.describe(), "origin": origin,
             "by": operator_name()}, ts=now)
@@ -381,9 +382,9 @@ async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf,
         "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND json_valid(body) AND "
         "json_extract(body, '$.policy_version') = ? AND json_extract(body, '$.policy_local') IS NULL GROUP BY kind",
         (*GATED_EVENTS, rollout, version)))
-    h.action_failures = counts.get("action_failed", 0)
-    h.actions = h.action_failures + counts.get("action_succeeded", 0)
-    h.escalations = counts.get("escalation", 0)
+    h.action_failures = counts.get(EventKind.ACTION_FAILED, 0)
+    h.actions = h.action_failures + counts.get(EventKind.ACTION_SUCCEEDED, 0)
+    h.escalations = counts.get(EventKind.ESCALATION, 0)
     h.breach = _breach(h, version, conf)
     return h
 
@@ -443,13 +444,13 @@ async def _tick_one(store: HubStore, identity: str, conf: RolloutConf, now: floa
             await _reach(db, rollout, version, wave, waves[wave], now)  # members who joined since (admit)
             await _finish(db, rollout, "complete", None, now)
             message = f"rollout {rollout}: version {version} reached all {h.reached} targeted devices"
-            await store.hub_event(db, identity, "rollout_complete", {
+            await store.hub_event(db, identity, EventKind.ROLLOUT_COMPLETE, {
                 "policy_version": version, "rollout": rollout, "reached": h.reached}, ts=now)
             return Transition(rollout, version, "complete", message)
         reached = await _reach(db, rollout, version, wave + 1, waves[wave + 1], now)
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ?, updated_at = ? WHERE id = ?",
                          (wave + 1, now, now, rollout))
-        await store.hub_event(db, identity, "rollout_wave", {
+        await store.hub_event(db, identity, EventKind.ROLLOUT_WAVE, {
             "policy_version": version, "rollout": rollout, "wave": wave + 1, "percent": waves[wave + 1],
             "reached": reached, "healthy": {"applied": h.applied, "actions": h.actions,
                                             "action_failures": h.action_failures}}, ts=now)
@@ -502,7 +503,7 @@ async def promote(store: HubStore, identity: str, now: float, rollout_id: int | 
         reached = await _reach(db, rollout, version, last, 100.0, now)
         await db.execute("UPDATE rollouts SET wave = ?, wave_started_at = ? WHERE id = ?", (last, now, rollout))
         await _finish(db, rollout, "complete", f"promoted by {operator_name()}", now)
-        await store.hub_event(db, identity, "rollout_promoted", {
+        await store.hub_event(db, identity, EventKind.ROLLOUT_PROMOTED, {
             "policy_version": version, "rollout": rollout, "reached": reached, "by": operator_name()}, ts=now)
         return Transition(rollout, version, "promoted",
                           f"rollout {rollout}: version {version} promoted to all {reached} targeted devices")
