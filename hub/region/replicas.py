@@ -8,8 +8,7 @@ import logging
 from cryptography import x509
 
 from edgefleet.runtime.files import write_atomic
-from edgefleet.wire.protocol import acl_rules
-from hub.broker import reload_broker
+from hub.broker import acl_rules, reload_broker
 from hub.config import HubConfig, HubPaths
 from hub.db.store import HubStore
 from hub.errors import UsageError

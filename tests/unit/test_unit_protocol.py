@@ -15,7 +15,6 @@ from edgefleet.wire.protocol import (
     ProtocolError,
     SignedEnvelope,
     Topic,
-    acl_rules,
     decode,
     down_filter,
     down_topic,
@@ -30,6 +29,7 @@ from edgefleet.wire.protocol import (
     up_topic,
     validate_name,
 )
+from hub.broker import acl_rules
 
 # --- names ---------------------------------------------------------------------------
 
