@@ -37,6 +37,7 @@ from edgefleet.errors import ConnectionLost, TransientError
 from edgefleet.mqtt.link import Link
 from edgefleet.mqtt.session import MqttSession, Will
 from edgefleet.policy.document import Policy
+from edgefleet.runtime.lifecycle import Opening
 from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
 from edgefleet.runtime.sdnotify import READY, STOPPING, Watchdog, notify
 from edgefleet.wire.protocol import (
@@ -74,7 +75,8 @@ log = logging.getLogger("edge_agent")
 
 
 class Agent:
-    """One device. Build with `await Agent.open(settings, policy)`, then `run()`; `close()` at the end."""
+    """One device. Build with `async with Agent.open(settings, policy) as agent:` (or await it and
+    `close()` at the end), then `run()`."""
 
     def __init__(self, settings: AgentSettings, outbox: Outbox, policy: Policy | None = None) -> None:
         self.settings = settings
@@ -122,7 +124,12 @@ class Agent:
                                  hub_reachable=lambda: self.link.connected.is_set(), coordinator=self.coordinator)
 
     @classmethod
-    async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
+    def open(cls, settings: AgentSettings, policy: Policy | None) -> Opening[Agent]:
+        """`await Agent.open(...)` (then `close()`), or `async with Agent.open(...) as agent:`."""
+        return Opening(cls._open(settings, policy))
+
+    @classmethod
+    async def _open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
         """`policy` as validated by `settings.load_policy()` (the CLI does it before start). Raises
         AlreadyRunning, before anything is opened, when another agent runs on the state directory."""
         lock = RunLock.acquire(settings.state_dir / AGENT_LOCK, "edge-agent", settings.state_dir)
