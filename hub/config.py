@@ -183,7 +183,7 @@ class HubPaths:
 
     @property
     def share_group(self) -> Path:
-        """The secret name of the hub processes' shared subscription group (hub/subscriptions.py)."""
+        """The secret name of the hub processes' shared subscription group (hub/ingest/subscriptions.py)."""
         return self.pki / "share-group"
 
     @property

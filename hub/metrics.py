@@ -58,7 +58,7 @@ COVERAGE_WINDOW_S: Final = 300.0  # "has data": a reading taken in the last five
 READ_TIMEOUT_S: Final = 5.0
 OUTCOMES: Final = {EventKind.ACTION_SUCCEEDED: "succeeded", EventKind.ACTION_FAILED: "failed",
                    EventKind.ACTION_REFUSED: "refused", EventKind.ACTION_SKIPPED: "skipped"}
-# The rule engine's wording for actions refused by coordination (edge_agent/rules.py, _coordinate).
+# The rule engine's wording for actions refused by coordination (edge_agent/decide/rules.py, _coordinate).
 REFUSAL_NEEDS: Final = (("no lease ", "lease"), ("no approval", "approval"))
 
 
@@ -225,7 +225,7 @@ class HubCollector(Collector):
         conflicts = dict(db.execute("SELECT device, SUM(conflicts) FROM ingest_instances GROUP BY device "
                                     "HAVING SUM(conflicts) > 0 ORDER BY device").fetchall())
         yield f.per_key("device_identity_conflicts", "Times the hub found two machines numbering a device's records "
-                        "with its one certificate (a cloned image; hub/identities.py).", conflicts, conflicts,
+                        "with its one certificate (a cloned image; hub/db/identities.py).", conflicts, conflicts,
                         counter=True)
         rejects = CounterMetricFamily("edgefleet_ingest_rejects", "Messages the hub rejected, by reason.",
                                       labels=["region", "reason"])

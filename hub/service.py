@@ -232,7 +232,7 @@ class AckSender:
 
     def __init__(self) -> None:
         self._due: dict[tuple[str, int], int] = {}  # (device, outbox instance; 0 for an agent without) -> through
-        self._renumber: dict[tuple[str, int], Renumber] = {}  # refused batches: hub/identities.py
+        self._renumber: dict[tuple[str, int], Renumber] = {}  # refused batches: hub/db/identities.py
         self._news = asyncio.Event()
 
     def put(self, acks: dict[str, int], instances: dict[tuple[str, int], int] | None = None,

@@ -9,7 +9,7 @@
 - Rows are deleted only up to the hub's end-to-end acknowledgment.
 - Over quota, raw telemetry is shed (events never): see `_shed` and docs/store-and-forward.md.
 - A corrupt outbox is moved aside, reported, and a new one started; never deleted.
-- Records are stamped by a RecordClock (edge_agent/clock.py): those stamped before the wall
+- Records are stamped by a RecordClock (edge_agent/identity/clock.py): those stamped before the wall
   clock was set are moved when it is, here if unsent, at the hub (a `clock_corrected` event)
   if maybe sent; see `_clock_changed`.
 """

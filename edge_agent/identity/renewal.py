@@ -1,7 +1,7 @@
 """In-band certificate renewal: a key made on the device, a request on up/cert, the hub's
 certificate on down/cert, and the switch to it without losing a reading.
 
-Steps, each one durable before the next (edge_agent/identity.py keeps the files):
+Steps, each one durable before the next (edge_agent/identity/tls.py keeps the files):
 
 1. two thirds into the certificate's life, a helper process makes a new key (identity.next.pem)
    and a certificate request; the daemon itself never loads `cryptography`;

@@ -64,7 +64,7 @@ class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ReportSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Report by exception (edge_agent/report.py has the exact semantics)."""
+    """Report by exception (edge_agent/sense/report.py has the exact semantics)."""
 
     default_deadband: Annotated[float, Meta(ge=0)] = 0.0  # 0 = send every reading
     deadband: dict[str, float] = {}  # per-metric overrides, e.g. { sig0 = 0.5 }

@@ -1,7 +1,7 @@
 """One certificate, two machines: outbox instances and the sequence numbers each may use.
 
 Every outbox has a random instance id, made anew when the outbox finds itself on another
-machine than the one it was made on (edge_agent/outbox.py `_claim`). A device's sequence space
+machine than the one it was made on (edge_agent/buffer/outbox.py `_claim`). A device's sequence space
 is shared out among the instances the hub has seen, in regions: an instance numbers its own
 records above its `floor`, up to the next instance's floor. The first instance of a device owns
 the space from 0; one whose records all come after everything the device ever sent is a new

@@ -305,7 +305,7 @@ class IngestWork:
     # already a record of the other kind (a reading vs an event); counted as SEQ_CONFLICT rejects.
     conflicts: list[tuple[str, int, str]] = field(default_factory=list)
     claims: list[tuple[str, Batch]] = field(default_factory=list)  # batches with an outbox instance id
-    # Set by the commit (hub/identities.py): each instance's ack, and the batches refused for numbers
+    # Set by the commit (hub/db/identities.py): each instance's ack, and the batches refused for numbers
     # another machine with the same certificate uses.
     instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)
     renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)
@@ -659,7 +659,7 @@ class HubStore:
         await db.executemany("INSERT INTO ingest_ranges(device, base, last) VALUES (?, ?, ?)",
                              [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
         # A stream is a device id, or DEVICE/INSTANCE for an outbox moved to a region of its own
-        # (hub/identities.py); its records, clock events included, are stored under the device.
+        # (hub/db/identities.py); its records, clock events included, are stored under the device.
         await apply_clock_events(db, [(d.split("/", 1)[0], before[d], c.watermark) for d, c in coverage.items()])
         return {d: c.watermark for d, c in coverage.items()}
 

@@ -3,7 +3,7 @@
 The device id always comes from the topic the broker authorised (ACL: a device writes only
 its own topics), never from a payload. A batch is stored whatever its position; the
 cumulative watermark acknowledged to the device advances only across contiguous coverage
-(hub/watermarks.py), in the same transaction as the rows.
+(hub/db/watermarks.py), in the same transaction as the rows.
 
 Nothing here is kept between cycles but the list of registered devices: the watermarks and
 the ranges waiting beyond a gap are in the database, so hub replicas that share the ingest
@@ -184,7 +184,7 @@ class Ingest:
 
     @staticmethod
     def _add_batch(device: str, batch: Batch, work: IngestWork) -> None:
-        if batch.instance:  # judged at the commit, against the device's other outboxes (hub/identities.py)
+        if batch.instance:  # judged at the commit, against the device's other outboxes (hub/db/identities.py)
             work.claims.append((device, batch))
             return
         work.add_rows(device, batch)

@@ -57,7 +57,8 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     write_atomic(paths.server_key, key_pem(server_key), 0o600)
     write_atomic(paths.server_cert, cert_pem(server_cert), 0o644)
 
-    hub_key, hub_cert = ca.issue_client(config.identity, config.pki.server_cert_lifetime)  # renewed by hub/renewal.py
+    # renewed by hub/pki/renewal.py
+    hub_key, hub_cert = ca.issue_client(config.identity, config.pki.server_cert_lifetime)
     assert hub_key is not None
     write_atomic(paths.hub_key, key_pem(hub_key), 0o600)
     write_atomic(paths.hub_cert, cert_pem(hub_cert), 0o644)

@@ -1,6 +1,6 @@
 """Certificate lifecycle at the hub: devices' in-band renewals, and the broker's and the hub's
 own certificates renewed before they expire, in one upkeep loop with the CRL's
-(`keep_pki_fresh`; the CRL itself is hub/revocation.py's).
+(`keep_pki_fresh`; the CRL itself is hub/pki/revocation.py's).
 
 Devices: an agent sends a certificate request (made on the device, for a key that never
 leaves it) on its own up/cert; the broker's ACL lets it publish only there, so the topic

@@ -18,7 +18,7 @@ its release is a new request: the device hands back a grant it no longer waits f
 
 The transactions re-read what they change, so the CLI and the hub can act together, and so can
 hub replicas: each answers the requests the shared subscription hands it. `tick` runs in the
-leading replica only (hub/leadership.py).
+leading replica only (hub/region/leadership.py).
 """
 
 from __future__ import annotations

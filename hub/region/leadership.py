@@ -6,9 +6,9 @@ them) and answers the coordination requests it receives: those are transactions 
 re-read what they change, so it does not matter which replica runs them. The loops that act
 on time rather than on a message run in the leader only:
 
-- rollouts and policy publication (hub/distribution.py): one replica publishes, so a device
+- rollouts and policy publication (hub/rollout/distribution.py): one replica publishes, so a device
   is not sent its policy twice and a wave is judged once;
-- coordination's timers (hub/coordination.py `tick`): lease expiries, approval expiries,
+- coordination's timers (hub/region/coordination.py `tick`): lease expiries, approval expiries,
   task phases;
 - the CRL upkeep: one writer of the file and one broker reload.
 

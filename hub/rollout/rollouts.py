@@ -14,7 +14,7 @@ was offline through a push and its rollback goes straight to the rollback's vers
 Every transition is one IMMEDIATE transaction that re-reads the state it changes, so two
 writers (the CLI and the hub, or two hub processes on one database file) cannot both advance
 the same wave; with a shared database server the same statements hold. The hub's `tick` runs
-in the leading process only (hub/leadership.py).
+in the leading process only (hub/region/leadership.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ RECONNECT_BOUND = 70.0
 # Backoff delays double from 0.5 s (equal jitter) to a 60 s cap: a delay of 30 s or more is
 # announced after at most 0.5 + 1 + ... + 32 = 63.5 s of pauses, plus the failed handshakes.
 BACKOFF_GROWTH = 80.0
-# What the running agent logs (edge_agent/mqtt.py describe_tls_failure, edge_agent/link.py).
+# What the running agent logs (edgefleet/mqtt/session.py describe_tls_failure, edgefleet/mqtt/link.py).
 WRONG_CLOCK = r"broker's certificate is not yet valid by this machine's clock: is the clock right\?"
 RETRY = r"retrying in ([0-9.]+) s"
 STEPPED = r"the system clock was stepped; retrying now"

@@ -283,7 +283,7 @@ async def test_a_blocked_event_loop_sends_no_pings(listener: NotifyListener) -> 
 
 
 # --- the real daemons, started as their units start them ----------------------------------
-# These pass once the lead has wired edge_agent/sdnotify.py into the agent and the hub.
+# These pass once the lead has wired edgefleet/runtime/sdnotify.py into the agent and the hub.
 
 
 def systemd_env(sock: NotifyListener) -> dict[str, str]:

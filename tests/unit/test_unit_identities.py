@@ -1,5 +1,5 @@
 """Two machines, one certificate: the outbox's instance id, its renumbering, and the hub's regions
-(hub/identities.py) — fast, against real SQLite files."""
+(hub/db/identities.py) — fast, against real SQLite files."""
 
 from __future__ import annotations
 
