@@ -64,3 +64,40 @@ def _from_file_system(directory: Path) -> Trouble | None:
     if fs.f_bavail == 0 or fs.f_favail == 0:
         return Trouble.FULL
     return None
+
+
+class Ballast:
+    """Disk space held back beside the outbox (a file of `size` bytes, allocated, not sparse),
+    given up when the disk fills: a full disk otherwise leaves SQLite no room to checkpoint its
+    WAL into the database, which it must do before it can delete anything to make room."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+
+    def release(self) -> bool:
+        """Give the space back to the file system; False if none was held."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def restore(self) -> bool:
+        """Hold the space back again; False (and nothing left behind) while the disk cannot spare it."""
+        try:
+            if self.path.stat().st_size >= self.size:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            return False
+        finally:
+            os.close(fd)
+        return True

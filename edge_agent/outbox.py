@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 from edge_agent import salvage
-from edge_agent.disk import Trouble, corrupt, trouble
+from edge_agent.disk import Ballast, Trouble, corrupt, trouble
 from edge_agent.errors import TransientError
 from edge_agent.files import write_atomic
 from edge_agent.protocol import MAX_EVENT_BODY
@@ -56,15 +56,17 @@ BUSY_RETRY: Final = 1.0
 # dropped at once (counted per metric; dropping them one by one would copy the buffer per sample).
 UNWRITABLE_RETRY: Final = 1.0
 MEMORY_ROWS: Final = COMMIT_ROWS
-# On a full disk that room is made for by shedding, commits fail now and then for as long as it
-# lasts: its log lines are WARNING once, then DEBUG, until commits have gone through this long.
-DISK_CALM: Final = 60.0
 # An outbox that cannot be opened yet (locked, or its disk full or read-only) is tried again this often.
 OPEN_RETRY: Final = 1.0
 RESERVE_STEP: Final = 1_000_000  # sequence numbers reserved per reservation-file write
 QUOTA_TARGET: Final = 0.9  # shedding frees down to this share of the quota, so it does not run every commit
 SCHEMA_VERSION: Final = 1
 DB_NAME: Final = "outbox.db"
+# Disk space held back in outbox.ballast and given up when the disk fills: room for SQLite to
+# checkpoint its WAL (which grows to about 4 MB, 1,000 pages, between checkpoints) before the
+# oldest readings can be deleted to make room. Taken again once the disk takes writes.
+BALLAST_NAME: Final = "outbox.ballast"
+BALLAST_BYTES: Final = 4 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,10 @@ class Outbox:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._synchronous = synchronous
+        self._ballast = Ballast(path.with_name(BALLAST_NAME), BALLAST_BYTES)
         self.unwritable: Trouble | None = None  # set while the disk refuses commits
-        self._trouble_since: float | None = None  # the first failure of this outage (see DISK_CALM)
-        self._trouble_at = 0.0  # the latest failure
+        self._trouble_since: float | None = None  # the first failure of this outage
+        self._room_checked = 0.0  # when the ballast was last tried again, on a full disk
         self._unwritable_failures = 0
         self._dropped_while_unwritable = 0
         self._memory_shed: collections.Counter[str] = collections.Counter()  # dropped from memory, not yet on disk
@@ -161,6 +164,10 @@ class Outbox:
                 why = trouble(error, state_dir)
                 if why is None:
                     raise
+                if why is Trouble.FULL and await asyncio.to_thread(Ballast(state_dir / BALLAST_NAME, 0).release):
+                    log.warning("outbox: the disk is full: gave up the %.0f MB held back for this, to start",
+                                BALLAST_BYTES / 1e6)
+                    continue
                 failures += 1
                 (log.warning if failures == 1 else log.debug)(
                     "outbox: cannot open %s yet: %s (%s); nothing is moved or lost, trying again every %g s",
@@ -169,6 +176,7 @@ class Outbox:
                 continue
             if failures:
                 log.warning("outbox: opened %s, after %d failed attempts", outbox.path, failures)
+            await asyncio.to_thread(outbox._ballast.restore)  # if the disk can spare it
             return outbox
 
     @classmethod
@@ -366,12 +374,14 @@ class Outbox:
     async def _commit_patiently(self) -> None:
         """Commit; while another process holds the database (SQLITE_BUSY), try again every
         BUSY_RETRY with everything kept in memory (events too: their numbers are taken), and
-        beat meanwhile: waiting on a lock is not a hang. On a full disk, make room and try once
-        more; a full or read-only disk then raises OutboxUnwritable, everything still in memory.
+        beat meanwhile: waiting on a lock is not a hang. On a full disk, give up the ballast, then
+        delete the oldest readings, trying again after each; a full or read-only disk then
+        raises OutboxUnwritable, everything still in memory (bounded: _drop_from_memory).
         Other errors, or more than COMMIT_ROWS readings waiting on a lock, are raised. Callers
         hold self._lock."""
         failures = 0
-        made_room = False
+        # On a full disk, each in turn until a commit goes through: the ballast, then old readings.
+        room = [self._give_up_ballast, self._make_room]
         while True:
             try:
                 await to_completion(self._commit(report_slow=not failures))  # once is enough
@@ -379,12 +389,13 @@ class Outbox:
                 why = trouble(error, self.path.parent)
                 if why is Trouble.FULL or why is Trouble.READ_ONLY:
                     self._note_unwritable(why, error)
-                    if why is Trouble.FULL and not made_room:
-                        made_room = True
-                        if await self._make_room():
-                            continue
-                    self._drop_from_memory()
-                    raise OutboxUnwritable(self.path, why) from None
+                    while why is Trouble.FULL and room:
+                        if await room.pop(0)():
+                            break
+                    else:
+                        self._drop_from_memory()
+                        raise OutboxUnwritable(self.path, why) from None
+                    continue
                 if why is not Trouble.LOCKED:
                     raise
                 if len(self._buffer) > COMMIT_ROWS:
@@ -400,20 +411,30 @@ class Outbox:
                 continue
             if failures:
                 log.warning("outbox: committed again, after %d failed attempts", failures)
-            self.unwritable = None
-            now = time.monotonic()
-            if self._trouble_since is not None and now - self._trouble_at >= DISK_CALM:
-                log.warning("outbox: %s takes writes again: %d commits failed over %.0f s, %d readings were "
-                            "dropped (oldest first)", self.path, self._unwritable_failures,
-                            self._trouble_at - self._trouble_since, self._dropped_while_unwritable)
-                self._trouble_since, self._unwritable_failures, self._memory_shed_logged = None, 0, False
+            if self.unwritable is not None:
+                await self._writable_again()
             return
 
+    async def _writable_again(self) -> None:
+        """After a commit went through. A read-only disk is over; a full one only once the ballast
+        can be taken again (until then each commit makes its own room: the outbox stops growing)."""
+        if self.unwritable is Trouble.FULL:
+            now = time.monotonic()
+            if now - self._room_checked < UNWRITABLE_RETRY:
+                return
+            self._room_checked = now
+            if not await asyncio.to_thread(self._ballast.restore):
+                return
+        log.warning("outbox: %s takes writes again: %d commits failed over %.0f s, %d readings were dropped "
+                    "(oldest first)", self.path, self._unwritable_failures,
+                    time.monotonic() - (self._trouble_since or 0.0), self._dropped_while_unwritable)
+        self.unwritable, self._trouble_since, self._unwritable_failures = None, None, 0
+        self._memory_shed_logged = False
+
     def _note_unwritable(self, why: Trouble, error: BaseException) -> None:
-        self._trouble_at = time.monotonic()
         first = self._trouble_since is None
         if first:
-            self._trouble_since, self._dropped_while_unwritable = self._trouble_at, 0
+            self._trouble_since, self._dropped_while_unwritable = time.monotonic(), 0
         self.unwritable = why
         self._unwritable_failures += 1
         (log.warning if first else log.debug)(
@@ -421,10 +442,16 @@ class Outbox:
             "the oldest are dropped, events never), trying again every %g s", self.path, why.value, error,
             len(self._buffer), len(self._held_events), MEMORY_ROWS, UNWRITABLE_RETRY)
 
+    async def _give_up_ballast(self) -> bool:
+        released = await asyncio.to_thread(self._ballast.release)
+        if released:
+            log.warning("outbox: the disk is full: gave up the %.0f MB held back for this", BALLAST_BYTES / 1e6)
+        return released
+
     async def _make_room(self) -> bool:
         """On a full disk: delete the oldest unsent telemetry outright (never events, never what
         was sent), as many rows as wait in memory; True if some went. Thinning would rewrite
-        rows, which takes space the disk does not have; a delete only needs the WAL's."""
+        rows, which takes space the disk does not have."""
         need = len(self._buffer) + len(self._held_events) + len(self._new_metrics) + 1
         try:
             # One call on the database's thread: cancelling us cannot split its transaction.
@@ -437,12 +464,15 @@ class Outbox:
         victims = sum(shed.values())
         self.rows -= victims
         self.dropped += victims
-        self._dropped_while_unwritable += victims
-        (log.warning if not self._memory_shed_logged else log.debug)(
-            "outbox: the disk is full: dropped the %d oldest unsent readings to make room (%s)",
-            victims, _summary(shed))
-        self._memory_shed_logged = True
+        self._made_room(shed)
         return True
+
+    def _made_room(self, shed: dict[str, int]) -> None:
+        self._dropped_while_unwritable += sum(shed.values())
+        (log.warning if not self._memory_shed_logged else log.debug)(
+            "outbox: the disk is full: dropped the %d oldest unsent readings to make room (%s); while it "
+            "stays full, each commit drops as many as it adds", sum(shed.values()), _summary(shed))
+        self._memory_shed_logged = True
 
     def _drop_from_memory(self) -> None:
         """Past MEMORY_ROWS readings waiting for the disk, drop the oldest tenth (events are never
@@ -471,6 +501,8 @@ class Outbox:
             beat()
             self._wake.clear()
             if not self._to_commit():
+                if self.unwritable is Trouble.FULL:
+                    await self._writable_again()  # has the disk room again, with nothing to commit?
                 await self._woken(loop.time() + IDLE_BEAT)
                 continue
             # An acknowledgment is committed at once (its rows leave the disk, and the uplink's
@@ -506,7 +538,8 @@ class Outbox:
         work = _Write(rows=rows, events=events, metrics=metrics, ack=ack, last=last, acked=self.acked,
                       records=self.rows, dropped=self.dropped, thin_floor=self._thin_floor,
                       protect_through=self.protect_through, quota_bytes=self.quota_bytes,
-                      corrupt_outboxes=self.corrupt_outboxes, memory_shed=memory_shed)
+                      corrupt_outboxes=self.corrupt_outboxes, memory_shed=memory_shed,
+                      room=self.unwritable is Trouble.FULL)
         slow = asyncio.get_running_loop().call_later(
             SLOW_COMMIT, log.warning, "outbox: a commit of %d records has taken over %g s so far (a slow disk, "
             "or another process holds a write lock on %s)", len(rows) + len(events), SLOW_COMMIT, self.path,
@@ -530,6 +563,8 @@ class Outbox:
         if ack is not None and self._ack_pending == ack:
             self._ack_pending = None
         self.last_seq = last
+        if done.room:
+            self._made_room(done.room)
         if done.shed:
             log.warning("outbox over its %.1f MB quota: shed %d telemetry readings (%s)",
                         self.quota_bytes / 1e6, sum(done.shed.values()), _summary(done.shed))
@@ -604,6 +639,7 @@ class _Write:
     quota_bytes: int
     corrupt_outboxes: int
     memory_shed: dict[str, int]  # readings dropped from memory while the disk refused them, by metric
+    room: bool  # the disk is full: drop as many of the oldest unsent readings as this adds, first
 
 
 @dataclass(frozen=True)
@@ -612,6 +648,7 @@ class _Written:
     dropped: int
     thin_floor: int
     shed: dict[str, int]  # readings shed by this commit, by metric
+    room: dict[str, int]  # readings dropped to make room on a full disk, by metric
     stuck: bool  # over quota, and nothing it may shed
 
 
@@ -619,6 +656,9 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
     """The commit's transaction, on the database's thread: all of it, or (rolled back) none."""
     try:
         db.execute("BEGIN IMMEDIATE")
+        room: dict[str, int] = {}
+        if w.room:  # deleted first: the rows added reuse the pages this frees
+            room = _drop(db, _drop_oldest(db, len(w.rows) + len(w.events), w.protect_through))
         if w.metrics:
             db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", w.metrics)
         if w.rows:
@@ -626,11 +666,11 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
         if w.events:
             db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", w.events)
         deleted = db.execute("DELETE FROM records WHERE seq <= ?", (w.ack,)).rowcount if w.ack is not None else 0
-        records = w.records + len(w.rows) + len(w.events) - deleted
+        records = w.records + len(w.rows) + len(w.events) - deleted - sum(room.values())
         shed, thin_floor, stuck = _shed_if_over_quota(db, w, records)
         victims = sum(shed.values())
         _count_shed(db, w.memory_shed)
-        victims_in_memory = sum(w.memory_shed.values())
+        victims_in_memory = sum(w.memory_shed.values()) + sum(room.values())
         meta = {"last_seq": w.last, "acked": w.acked, "thin_floor": thin_floor,
                 "dropped": w.dropped + victims + victims_in_memory, "corrupt_outboxes": w.corrupt_outboxes}
         db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", meta.items())
@@ -639,7 +679,7 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return _Written(records - victims, w.dropped + victims + victims_in_memory, thin_floor, shed, stuck)
+    return _Written(records - victims, w.dropped + victims + victims_in_memory, thin_floor, shed, room, stuck)
 
 
 def _used_bytes(db: sqlite3.Connection) -> int:
@@ -680,18 +720,25 @@ def _count_shed(db: sqlite3.Connection, counts: dict[str, int]) -> dict[str, int
     return counts
 
 
+def _drop(db: sqlite3.Connection, victims: list[tuple[int, int]]) -> dict[str, int]:
+    """Delete these (seq, metric) telemetry rows, counted as shed; return the counts by metric."""
+    db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in victims])
+    return _count_shed(db, _by_metric(db, victims))
+
+
 def _make_room(db: sqlite3.Connection, need: int, protect_through: int, dropped: int) -> dict[str, int]:
     """The disk is full: delete the `need` oldest unsent telemetry rows in a transaction of
     their own, then checkpoint so that the next commit reuses the freed pages; return what went."""
+    # First move what the WAL holds into the database: once all of it is there, the next
+    # transaction writes the WAL from its start again, into space the file already has.
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
     try:
         db.execute("BEGIN IMMEDIATE")
-        victims = _drop_oldest(db, need, protect_through)
-        if not victims:
+        counts = _drop(db, _drop_oldest(db, need, protect_through))
+        if not counts:
             db.execute("ROLLBACK")
             return {}
-        db.executemany("DELETE FROM records WHERE seq = ?", [(s,) for s, _ in victims])
-        counts = _count_shed(db, _by_metric(db, victims))
-        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dropped', ?)", (dropped + len(victims),))
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('dropped', ?)", (dropped + sum(counts.values()),))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

@@ -10,14 +10,11 @@ and a real small tmpfs filled with a file (where the test may mount one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import sqlite3
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,15 +22,16 @@ import pytest
 from edge_agent import outbox as outbox_module
 from edge_agent import sqlite_pool
 from edge_agent.disk import Trouble
-from edge_agent.outbox import DB_NAME, Outbox, OutboxUnwritable
+from edge_agent.outbox import BALLAST_BYTES, BALLAST_NAME, DB_NAME, Outbox, OutboxUnwritable
 from edge_agent.sensors import Reading
+from tests.tmpfs import fill, remount, tmpfs
 
 BIG_QUOTA = 10**9
 METRICS = ("a", "b", "c")
 T0 = 1_700_000_000.0
 WAIT_S = 10.0  # bound on every wait; a loaded 2-core machine is slow, not stuck
 MEMORY = 3_000  # MEMORY_ROWS for these tests
-CALM = 0.3  # DISK_CALM for these tests
+NO_ROOM = 2**50  # a ballast no disk can hold: SQLite's page limit stands for a full disk
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +41,6 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outbox_module, "OPEN_RETRY", 0.05)
     monkeypatch.setattr(outbox_module, "BUSY_RETRY", 0.05)
     monkeypatch.setattr(outbox_module, "MEMORY_ROWS", MEMORY)
-    monkeypatch.setattr(outbox_module, "DISK_CALM", CALM)
     monkeypatch.setattr(sqlite_pool, "BUSY_TIMEOUT", 0.2)
 
 
@@ -92,8 +89,10 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
 
 
 async def cap_pages(outbox: Outbox, pages: int | None) -> None:
-    """SQLite answers SQLITE_FULL ('database or disk is full') past `pages`, as a full disk does."""
+    """SQLite answers SQLITE_FULL ('database or disk is full') past `pages`, as a full disk does;
+    the ballast cannot be taken again either (None: space is back, for both)."""
     await outbox._db.execute(f"PRAGMA max_page_count = {pages or 1_073_741_823}")  # the fault goes in at SQLite
+    outbox._ballast.size = NO_ROOM if pages else 4096
 
 
 async def page_count(outbox: Outbox) -> int:
@@ -106,11 +105,10 @@ async def page_count(outbox: Outbox) -> int:
 
 async def test_a_full_disk_sheds_the_oldest_unsent_readings_keeps_events_and_resumes_by_itself(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """SQLITE_FULL at every commit for a while: the flusher never stops; it frees room by dropping
-    the oldest unsent readings on disk (never events, never what was sent), keeps the rest in memory
-    (at most MEMORY_ROWS, oldest dropped past that), counts every drop per metric, and when space
-    returns commits everything it kept, each number once. An event waits in memory; one that an
-    action would follow is refused instead (OutboxUnwritable), in its place the refusal."""
+    """SQLITE_FULL at every commit: the flusher never stops; it makes room by dropping the oldest
+    unsent readings (never events, never what was sent), and while the disk stays full each commit
+    drops as many as it adds, so the outbox stops growing; every drop is counted per metric. Events
+    are committed meanwhile. When space returns (the ballast can be taken again) it says so, once."""
     caplog.set_level(logging.DEBUG, logger="edge_agent.outbox")
     outbox = await Outbox.open(tmp_path, BIG_QUOTA)
     beats: list[float] = []
@@ -119,30 +117,23 @@ async def test_a_full_disk_sheds_the_oldest_unsent_readings_keeps_events_and_res
         outbox.add(ticks(1000))
         boot = await outbox.add_event("boot", {})
         outbox.protect_through = 300  # sent, not yet acknowledged: never shed
-        await cap_pages(outbox, await page_count(outbox))
-        for start in range(1000, 4000, 100):
+        pages = await page_count(outbox)
+        await cap_pages(outbox, pages)
+        for start in range(1000, 8000, 100):
             outbox.add(ticks(100, start))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
         await wait_until(lambda: outbox.unwritable is Trouble.FULL, "the full disk noticed")
-        held = await asyncio.wait_for(outbox.add_event("alert", {"message": "kept"}), WAIT_S)  # does not wait
-        with pytest.raises(OutboxUnwritable):
-            await outbox.add_events([("action_started", {"rule": "r"})],
-                                    otherwise=[("action_refused", {"rule": "r", "detail": "disk full"})])
-        for start in range(4000, 8000, 500):  # past MEMORY_ROWS
-            outbox.add(ticks(500, start))
-            await asyncio.sleep(0.02)
+        alert = await asyncio.wait_for(outbox.add_event("alert", {"message": "committed"}), WAIT_S)
         full_since = time.monotonic()
         await wait_until(lambda: beats[-1] > full_since + 0.1, "beats while the disk is full")
         assert not flusher.done()
-        assert len(outbox._buffer) <= MEMORY  # the bound is the point
+        assert await page_count(outbox) <= pages
         report = await outbox.shed_report()
         assert report.dropped > 0
         assert sum(report.by_metric.values()) == report.dropped
         await cap_pages(outbox, None)  # space is back
-        await wait_until(lambda: outbox.unwritable is None and not outbox._buffer, "everything committed")
-        await asyncio.sleep(CALM)
         outbox.add(ticks(1, 8000))
-        await outbox.flush()
+        await wait_until(lambda: outbox.unwritable is None and not outbox._buffer, "everything committed")
         last = outbox._next_seq - 1  # every number handed out
     finally:
         flusher.cancel()
@@ -155,33 +146,41 @@ async def test_a_full_disk_sheds_the_oldest_unsent_readings_keeps_events_and_res
     assert sum(shed_on_disk(tmp_path).values()) == dropped >= report.dropped
     assert all(s in rows for s in range(1, 301)), "a reading already sent was shed"
     kinds = {s: k for s, (_, _, k, _) in rows.items() if k is not None}
-    assert kinds[boot] == "boot"
-    assert kinds[held] == "alert"
-    assert sorted(kinds.values()) == ["action_refused", "alert", "boot"], "an event was lost, or the unwritten one kept"
-    refused = next(b for (_, _, k, b) in rows.values() if k == "action_refused")
-    assert json.loads(refused or "{}")["detail"] == "disk full"
-    assert max(rows) > 7900 * len(METRICS), "the newest readings were dropped instead of the oldest"
+    assert kinds == {boot: "boot", alert: "alert"}
+    assert all(s in rows for s in range(last - 1000, last + 1)), "the newest readings were dropped, not the oldest"
     assert len(messages(caplog, "cannot commit to", logging.WARNING)) == 1  # then DEBUG while it lasts
     assert len(messages(caplog, "takes writes again", logging.WARNING)) == 1
-    dropping = [m for m in messages(caplog, "dropped the") if "oldest" in m]
-    assert dropping
-    assert len([r for r in caplog.records if "dropped the" in r.getMessage() and r.levelno == logging.WARNING]) == 1
+    assert len(messages(caplog, "dropped the", logging.WARNING)) == 1
+    assert messages(caplog, "dropped the", logging.DEBUG)
 
 
-async def test_with_nothing_it_may_shed_on_disk_the_oldest_readings_in_memory_go_first(tmp_path: Path) -> None:
-    """Everything on disk was sent (protected): only memory can give. The newest readings are the
-    ones kept; the oldest in memory are dropped and counted, so the numbers still add up."""
+async def test_with_nothing_it_may_shed_on_disk_the_oldest_readings_in_memory_go_first(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Everything on disk was sent (protected): only memory can give. Readings wait there, at most
+    MEMORY_ROWS: the oldest are dropped and counted (reported before they reach the disk), the
+    newest kept. An event waits in memory too; one an action would follow is refused instead
+    (OutboxUnwritable), the refusal kept in its place. When space returns all of it is committed."""
+    caplog.set_level(logging.DEBUG, logger="edge_agent.outbox")
     outbox = await Outbox.open(tmp_path, BIG_QUOTA)
-    flusher = asyncio.create_task(outbox.flusher())
+    beats: list[float] = []
+    flusher = asyncio.create_task(outbox.flusher(lambda: beats.append(time.monotonic())))
     try:
         outbox.add(ticks(200))
         await outbox.flush()
         outbox.protect_through = outbox.last_seq
         await cap_pages(outbox, await page_count(outbox))
-        for start in range(200, 3200, 200):
+        outbox.add(ticks(2000, 200))
+        await wait_until(lambda: outbox.unwritable is Trouble.FULL, "the full disk noticed")
+        held = await asyncio.wait_for(outbox.add_event("alert", {"message": "kept"}), WAIT_S)  # does not wait
+        with pytest.raises(OutboxUnwritable):
+            await outbox.add_events([("action_started", {"rule": "r"})],
+                                    otherwise=[("action_refused", {"rule": "r", "detail": "disk full"})])
+        for start in range(2200, 4200, 200):
             outbox.add(ticks(200, start))
             await asyncio.sleep(0.01)
         await wait_until(lambda: outbox._memory_shed.total() > 0, "readings dropped from memory")
+        full_since = time.monotonic()
+        await wait_until(lambda: beats[-1] > full_since + 0.1, "beats while the disk is full")
         kept = list(outbox._buffer)  # the newest, as promised
         assert len(kept) <= MEMORY
         assert kept[-1][0] == outbox._next_seq - 1
@@ -197,6 +196,12 @@ async def test_with_nothing_it_may_shed_on_disk_the_oldest_readings_in_memory_go
     assert all(s in rows for s in range(1, 601)), "a reading already sent was shed"
     assert len(rows) + meta(tmp_path)["dropped"] == meta(tmp_path)["last_seq"]
     assert meta(tmp_path)["dropped"] >= report.dropped > 0
+    kinds = {s: k for s, (_, _, k, _) in rows.items() if k is not None}
+    assert kinds[held] == "alert"
+    assert sorted(kinds.values()) == ["action_refused", "alert"], "an event was lost, or the unwritten one kept"
+    refused = next(b for (_, _, k, b) in rows.values() if k == "action_refused")
+    assert json.loads(refused or "{}")["detail"] == "disk full"
+    assert len(messages(caplog, "cannot commit to", logging.WARNING)) == 1
 
 
 async def test_a_stop_on_a_full_disk_says_what_it_could_not_write_and_does_not_raise(
@@ -262,39 +267,6 @@ async def test_an_outbox_locked_by_another_process_at_start_is_waited_for_never_
     assert messages(caplog, "opened", logging.WARNING)
 
 
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A real small file system of its own (root and CAP_SYS_ADMIN needed, else the test is skipped)."""
-    where.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the SQLite-level tests cover it")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
-
-
-def remount(where: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True, capture_output=True)
-
-
-def fill(where: Path) -> Path:
-    """Fill the file system with one file, to the last byte; return it (delete it to free the space)."""
-    filler = where / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):  # big blocks, then the last page, then the last byte
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\0" * size):
-                    pass
-    finally:
-        os.close(fd)
-    assert os.statvfs(where).f_bavail == 0
-    return filler
-
-
 async def test_a_read_only_state_directory_at_start_is_reported_and_retried_never_moved_aside(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with tmpfs(tmp_path / "state", "8m") as state:
@@ -324,37 +296,40 @@ async def test_a_read_only_state_directory_at_start_is_reported_and_retried_neve
 
 async def test_a_full_disk_at_start_is_reported_and_retried_never_moved_aside(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Full to the last byte: the outbox cannot even make its WAL; it waits, and starts on the
-    same file (same numbers, nothing moved) once the space is freed."""
-    with tmpfs(tmp_path / "state", "4m") as state:
+    """Full to the last byte: the outbox gives up its ballast and starts on the same file; with no
+    ballast left it cannot even make its WAL, so it waits, and starts (same numbers, nothing moved)
+    once space is freed. Before, a full disk at start read as corruption."""
+    with tmpfs(tmp_path / "state", "16m") as state:
         last = await make_outbox(state)
+        assert (state / BALLAST_NAME).stat().st_size == BALLAST_BYTES
         filler = fill(state)
         with caplog.at_level(logging.DEBUG, logger="edge_agent.outbox"):
+            outbox = await asyncio.wait_for(Outbox.open(state, BIG_QUOTA), WAIT_S)  # the ballast goes
+            await outbox.close()
+            fill(state)  # what the ballast held, too
             opening = asyncio.create_task(Outbox.open(state, BIG_QUOTA))
             try:
-                await wait_until(lambda: opening.done() or len(messages(caplog, "cannot open")) >= 3,
-                                 "three attempts on a full disk")
-                if opening.done():  # SQLite found room for its WAL after all: it must run, not be moved aside
-                    outbox = opening.result()
-                else:
-                    assert Trouble.FULL.value in messages(caplog, "cannot open", logging.WARNING)[0]
-                    filler.unlink()
-                    outbox = await asyncio.wait_for(opening, WAIT_S)
+                await wait_until(lambda: len(messages(caplog, "cannot open")) >= 3, "three attempts on a full disk")
+                assert not opening.done()
             finally:
-                filler.unlink(missing_ok=True)
+                filler.unlink()
+            outbox = await asyncio.wait_for(opening, WAIT_S)
         try:
             assert outbox.corrupt_outboxes == 0
             assert outbox.last_seq == last
         finally:
             await outbox.close()
         assert moved_aside(state) == []
+        assert (state / BALLAST_NAME).stat().st_size == BALLAST_BYTES, "the ballast was not taken again"
+    assert messages(caplog, "gave up the 4 MB held back", logging.WARNING)
+    assert Trouble.FULL.value in messages(caplog, "cannot open", logging.WARNING)[0]
 
 
 async def test_a_real_full_file_system_while_running_loses_nothing_it_did_not_count(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """ENOSPC from the kernel, not SQLite's limit: a 4 MB tmpfs filled up mid-stream, then freed."""
     caplog.set_level(logging.WARNING, logger="edge_agent.outbox")
-    with tmpfs(tmp_path / "state", "4m") as state:
+    with tmpfs(tmp_path / "state", "16m") as state:
         outbox = await Outbox.open(state, BIG_QUOTA)
         flusher = asyncio.create_task(outbox.flusher())
         try:
@@ -364,7 +339,7 @@ async def test_a_real_full_file_system_while_running_loses_nothing_it_did_not_co
             for start in range(2000, 12000, 250):
                 outbox.add(ticks(250, start))
                 await asyncio.sleep(0.01)
-            await wait_until(lambda: outbox.unwritable is Trouble.FULL, "ENOSPC noticed")
+            await wait_until(lambda: bool(messages(caplog, "cannot commit to")), "ENOSPC noticed")
             event = await asyncio.wait_for(outbox.add_event("alert", {"message": "disk full"}), WAIT_S)
             assert not flusher.done()
             filler.unlink()
