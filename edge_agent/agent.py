@@ -118,7 +118,9 @@ class Agent:
     @classmethod
     async def open(cls, settings: AgentSettings, policy: Policy | None) -> Agent:
         """`policy` as validated by `settings.load_policy()` (the CLI does it before start)."""
-        outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous)
+        conf = settings.config.outbox
+        outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, conf.synchronous,
+                                   ballast_bytes=int(conf.ballast_mb * 1024 * 1024))
         return cls(settings, outbox, policy)
 
     def _take(self, readings: list[Reading]) -> None:

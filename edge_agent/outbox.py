@@ -153,20 +153,23 @@ class Outbox:
     # --- lifecycle ------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full") -> Outbox:
+    async def open(cls, state_dir: Path, quota_bytes: int, synchronous: str = "full", *,
+                   ballast_bytes: int = BALLAST_BYTES) -> Outbox:
         """Open the outbox, or start one; while another process holds it locked, or its disk is
-        full or read-only, say so (WARNING once, then DEBUG) and try again every OPEN_RETRY."""
+        full or read-only, say so (WARNING once, then DEBUG) and try again every OPEN_RETRY.
+        `ballast_bytes` of disk are held back for a full disk (0: none)."""
         failures = 0
         while True:
             try:
                 outbox = await cls._open(state_dir, quota_bytes, synchronous)
+                outbox._ballast.size = ballast_bytes
             except (sqlite3.OperationalError, OSError) as error:
                 why = trouble(error, state_dir)
                 if why is None:
                     raise
                 if why is Trouble.FULL and await asyncio.to_thread(Ballast(state_dir / BALLAST_NAME, 0).release):
-                    log.warning("outbox: the disk is full: gave up the %.0f MB held back for this, to start",
-                                BALLAST_BYTES / 1e6)
+                    log.warning("outbox: the disk is full: gave up the space held back for this (%s), to start",
+                                BALLAST_NAME)
                     continue
                 failures += 1
                 (log.warning if failures == 1 else log.debug)(
@@ -445,7 +448,7 @@ class Outbox:
     async def _give_up_ballast(self) -> bool:
         released = await asyncio.to_thread(self._ballast.release)
         if released:
-            log.warning("outbox: the disk is full: gave up the %.0f MB held back for this", BALLAST_BYTES / 1e6)
+            log.warning("outbox: the disk is full: gave up the %.0f MB held back for this", self._ballast.size / 2**20)
         return released
 
     async def _make_room(self) -> bool:

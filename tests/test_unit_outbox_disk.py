@@ -321,7 +321,7 @@ async def test_a_full_disk_at_start_is_reported_and_retried_never_moved_aside(
             await outbox.close()
         assert moved_aside(state) == []
         assert (state / BALLAST_NAME).stat().st_size == BALLAST_BYTES, "the ballast was not taken again"
-    assert messages(caplog, "gave up the 4 MB held back", logging.WARNING)
+    assert messages(caplog, "gave up the space held back for this", logging.WARNING)
     assert Trouble.FULL.value in messages(caplog, "cannot open", logging.WARNING)[0]
 
 
@@ -355,3 +355,15 @@ async def test_a_real_full_file_system_while_running_loses_nothing_it_did_not_co
         assert len(rows) + meta(state)["dropped"] == last == meta(state)["last_seq"]
         assert sum(shed_on_disk(state).values()) == meta(state)["dropped"]
     assert len(messages(caplog, "cannot commit to", logging.WARNING)) == 1
+
+
+async def test_the_ballast_is_taken_at_open_and_none_is_kept_when_turned_off(tmp_path: Path) -> None:
+    """`outbox.ballast_mb` (4 MB by default; `edge-agent simulate` runs 0 for its thousands of outboxes)."""
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    await outbox.close()
+    ballast = tmp_path / BALLAST_NAME
+    assert ballast.stat().st_size == BALLAST_BYTES
+    assert ballast.stat().st_blocks * 512 >= BALLAST_BYTES, "a sparse ballast holds no space back"
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA, ballast_bytes=0)
+    await outbox.close()
+    assert not ballast.exists()
