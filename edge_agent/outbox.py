@@ -281,6 +281,10 @@ class Outbox:
             await db.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
             if version == 0:
                 await db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            # SQLite opens a file it cannot write (a read-only file system) read-only, for good:
+            # better to wait for a writable one here than to find out at every commit. A write
+            # that changes nothing, rolled back, tells (BEGIN IMMEDIATE alone does not).
+            await db.executescript(f"BEGIN IMMEDIATE; PRAGMA user_version = {version or SCHEMA_VERSION}; ROLLBACK;")
         except sqlite3.DatabaseError as exc:
             await db.close()
             if not corrupt(exc):

@@ -27,7 +27,7 @@ from tests.test_store_forward_faults import (
     wait_streaming,
     wait_until,
 )
-from tests.tmpfs import fill, tmpfs
+from tests.tmpfs import fill, remount, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +171,81 @@ async def test_a_corrupt_outbox_is_moved_aside_and_what_it_still_holds_reaches_t
         db.close()
     assert all(original[s] == v for s, v in arrived.items()), "a record read back from the damaged file changed"
     assert list(bundle.joinpath("state").glob("outbox.db.corrupt-*")), "the damaged file was not kept"
+
+
+def corrupt_files(bundle: Path) -> list[Path]:
+    return list((bundle / "state").glob("outbox.db.corrupt-*"))
+
+
+async def test_a_locked_read_only_or_full_outbox_at_start_is_waited_for_never_declared_corrupt(
+        hub_dir: HubDir, hub: Proc, bundles: Path) -> None:
+    """A backlog waits in the outbox, on a tmpfs of its own. The agent is started three times:
+    with an operator's `sqlite3` holding the file exclusively, with the file system remounted
+    read-only, and with the disk full to the last byte. Each time it says what is wrong and waits
+    (or, on the full disk, gives up its ballast and runs); nothing is moved aside, the numbers go
+    on, and in the end the hub holds every one exactly once."""
+    await hub_dir.provision(bundles, "dev-s")
+    bundle = bundles / "dev-s"
+    with tmpfs(bundle / "state", "16m") as state:
+        async with FaultProxy("127.0.0.1", hub_dir.port) as proxy:
+            proxy.partition()
+            agent = await run_agent(bundle, f"broker.port={proxy.port}")
+            try:
+                await wait_until(lambda: (state / "outbox.db-wal").exists(), "the outbox made")
+                await wait_backlog(bundle, 5_000, timeout=30)
+                await stop_cleanly(agent)
+            finally:
+                await agent.stop()
+        backlog = outbox_state(bundle)
+
+        holder = sqlite3.connect(state / "outbox.db", isolation_level=None)
+        try:
+            holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+            holder.execute("BEGIN EXCLUSIVE")
+            holder.execute("UPDATE meta SET value = value WHERE key = 'last_seq'")
+            agent = await run_agent(bundle)
+            await agent.wait_for(r"outbox: cannot open .*: another process holds a lock on it")
+            await asyncio.sleep(2.0)  # a few more attempts: nothing to await, it must simply wait
+            still_running(agent)
+            assert corrupt_files(bundle) == []
+        finally:
+            holder.close()  # the lock goes
+        try:
+            await agent.wait_for(r"outbox: opened .*, after \d+ failed attempts")
+            await agent.wait_for(r"dev-s online")
+            await wait_streaming(hub_dir, bundle, above=backlog.last_seq)
+            await stop_cleanly(agent)
+        finally:
+            await agent.stop()
+        assert corrupt_files(bundle) == []
+        assert outbox_state(bundle).last_seq > backlog.last_seq
+
+        remount(state, "ro")
+        try:
+            agent = await run_agent(bundle)
+            await agent.wait_for(r"outbox: cannot open .*: the file system is read-only")
+            await asyncio.sleep(2.0)
+            still_running(agent)
+        finally:
+            remount(state, "rw")
+        try:
+            await agent.wait_for(r"outbox: opened .*, after \d+ failed attempts")
+            await agent.wait_for(r"dev-s online")
+            await stop_cleanly(agent)
+        finally:
+            await agent.stop()
+        assert corrupt_files(bundle) == []
+
+        filler = fill(state)
+        try:
+            agent = await run_agent(bundle)
+            await agent.wait_for(r"outbox: the disk is full: gave up the space held back for this")
+            await agent.wait_for(r"dev-s online")
+            await wait_streaming(hub_dir, bundle, above=outbox_state(bundle).last_seq)
+        finally:
+            filler.unlink()
+        try:
+            await finish(hub_dir, bundle, agent)
+        finally:
+            await agent.stop()
+        assert corrupt_files(bundle) == []
