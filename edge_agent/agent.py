@@ -101,7 +101,8 @@ class Agent:
     def _systemd_status(self) -> str:
         """What `systemctl status edge-agent` shows, refreshed with every watchdog ping."""
         link = "connected to the hub" if self.link.connected.is_set() else "not connected to the hub"
-        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}"
+        disk = f"; the outbox cannot write: {self.outbox.unwritable.value}" if self.outbox.unwritable else ""
+        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}{disk}"
 
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""

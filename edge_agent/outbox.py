@@ -462,7 +462,8 @@ class Outbox:
         need = len(self._buffer) + len(self._held_events) + len(self._new_metrics) + 1
         try:
             # One call on the database's thread: cancelling us cannot split its transaction.
-            shed = await self._db.run(lambda db: _make_room(db, need, self.protect_through, self.dropped))
+            protect, dropped = self.protect_through, self.dropped
+            shed = await self._db.run(lambda db: _make_room(db, need, protect, dropped))
         except (sqlite3.OperationalError, OSError) as error:
             log.debug("outbox: could not make room either (%s)", error)
             return False
