@@ -159,9 +159,10 @@ class Outbox:
         full or read-only, say so (WARNING once, then DEBUG) and try again every OPEN_RETRY.
         `ballast_bytes` of disk are held back for a full disk (0: none)."""
         failures = 0
+        aside: list[tuple[Path, str]] = []  # moved aside by an attempt that failed after: the next one replaces it
         while True:
             try:
-                outbox = await cls._open(state_dir, quota_bytes, synchronous)
+                outbox = await cls._open(state_dir, quota_bytes, synchronous, aside)
                 outbox._ballast.size = ballast_bytes
             except (sqlite3.OperationalError, OSError) as error:
                 why = trouble(error, state_dir)
@@ -183,15 +184,16 @@ class Outbox:
             return outbox
 
     @classmethod
-    async def _open(cls, state_dir: Path, quota_bytes: int, synchronous: str) -> Outbox:
+    async def _open(cls, state_dir: Path, quota_bytes: int, synchronous: str,
+                    aside: list[tuple[Path, str]]) -> Outbox:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = state_dir / DB_NAME
-        moved: tuple[Path, str] | None = None
         try:
             db = await cls._connect(path, synchronous)
         except OutboxCorrupt as exc:
-            moved = (_move_aside(path), str(exc))
+            aside.append((_move_aside(path), str(exc)))
             db = await cls._connect(path, synchronous)
+        moved = aside[-1] if aside else None
         try:
             meta = dict(await db.fetchall("SELECT key, value FROM meta"))
             metrics = {name: mid for mid, name in await db.fetchall("SELECT id, name FROM metrics")}
@@ -206,6 +208,7 @@ class Outbox:
             outbox._reserved = max(outbox._reserved, reserved)
             if moved is not None:
                 await outbox._replace(*moved)
+                aside.clear()
         except BaseException:
             await db.close()
             raise
@@ -237,11 +240,18 @@ class Outbox:
             "unsent_after_seq": found.acked, "old_last_seq": found.last_seq})
 
     async def _restore(self, readings: list[salvage.Reading], events: list[salvage.Event]) -> None:
-        """Records read back from a corrupt outbox, with their own numbers (all below ours)."""
-        if readings or events:
-            top = max([r[0] for r in readings] + [e[0] for e in events])
-            if top >= self._next_seq:  # no reservation file survived: go on above them
-                self.last_seq, self._next_seq = top, top + 1
+        """Records read back from a corrupt outbox, with their own numbers (all below ours); those
+        an earlier, interrupted attempt already took over are skipped."""
+        if not (readings or events):
+            return
+        seqs = [r[0] for r in readings] + [e[0] for e in events]
+        top = max(seqs)
+        if top >= self._next_seq:  # no reservation file survived: go on above them
+            self.last_seq, self._next_seq = top, top + 1
+        have = {s for (s,) in await self._db.fetchall("SELECT seq FROM records WHERE seq BETWEEN ? AND ?",
+                                                       (min(seqs), top))}
+        readings = [r for r in readings if r[0] not in have]
+        events = [e for e in events if e[0] not in have]
         ids = self._metric_ids
         self._buffer += [(seq, ts, ids.get(name) or self._intern(name), value) for seq, ts, name, value in readings]
         self._held_events += events

@@ -222,7 +222,7 @@ async def test_a_stop_on_a_full_disk_says_what_it_could_not_write_and_does_not_r
 
 
 def moved_aside(state: Path) -> list[Path]:
-    return sorted(state.glob(f"{DB_NAME}.corrupt-*"))
+    return sorted(p for p in state.glob(f"{DB_NAME}.corrupt-*") if not p.name.endswith(("-wal", "-shm")))
 
 
 async def make_outbox(state: Path) -> int:
@@ -367,3 +367,39 @@ async def test_the_ballast_is_taken_at_open_and_none_is_kept_when_turned_off(tmp
     outbox = await Outbox.open(tmp_path, BIG_QUOTA, ballast_bytes=0)
     await outbox.close()
     assert not ballast.exists()
+
+
+async def test_a_corrupt_outbox_on_a_full_disk_is_still_taken_over_once_space_returns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Damaged and the disk full (no ballast): it is moved aside, the new outbox cannot be made, so
+    the open waits; once space is freed the records it still holds are taken over and the
+    `outbox_corrupt` event written, as without the full disk, and it is moved aside only once."""
+    with tmpfs(tmp_path / "state", "16m") as state:
+        outbox = await Outbox.open(state, BIG_QUOTA, ballast_bytes=0)
+        outbox.add(ticks(5000))
+        await outbox.close()
+        old_last = outbox.last_seq
+        data = bytearray((state / DB_NAME).read_bytes())
+        middle = len(data) // 2 // 4096 * 4096
+        data[middle:middle + 4096] = bytes((i * 151 + 17) % 256 for i in range(4096))
+        (state / DB_NAME).write_bytes(bytes(data))
+        filler = fill(state)
+        with caplog.at_level(logging.DEBUG, logger="edge_agent.outbox"):
+            opening = asyncio.create_task(Outbox.open(state, BIG_QUOTA, ballast_bytes=0))
+            try:
+                await wait_until(lambda: len(messages(caplog, "cannot open")) >= 3, "three attempts on a full disk")
+                assert not opening.done()
+            finally:
+                filler.unlink()
+            outbox = await asyncio.wait_for(opening, WAIT_S)
+        try:
+            records = await outbox.read_after(0, 100_000)
+        finally:
+            await outbox.close()
+        assert len(moved_aside(state)) == 1
+    [event] = [r for r in records if r.kind == "outbox_corrupt"]
+    body = json.loads(event.body or "{}")
+    taken_over = [r for r in records if r.seq <= old_last]
+    assert body["recovered"] == len(taken_over) > old_last - 1_000
+    assert body["recovered"] + body["lost"] == old_last
+    assert len({r.seq for r in taken_over}) == len(taken_over)
