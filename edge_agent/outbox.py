@@ -164,8 +164,9 @@ class Outbox:
             try:
                 outbox = await cls._open(state_dir, quota_bytes, synchronous, aside)
                 outbox._ballast.size = ballast_bytes
-            except (sqlite3.OperationalError, OSError) as error:
-                why = trouble(error, state_dir)
+            except (sqlite3.OperationalError, OSError, OutboxUnwritable) as error:
+                # OutboxUnwritable: taking over a corrupt outbox's records ran out of room.
+                why = error.why if isinstance(error, OutboxUnwritable) else trouble(error, state_dir)
                 if why is None:
                     raise
                 if why is Trouble.FULL and await asyncio.to_thread(Ballast(state_dir / BALLAST_NAME, 0).release):

@@ -371,9 +371,9 @@ async def test_the_ballast_is_taken_at_open_and_none_is_kept_when_turned_off(tmp
 
 async def test_a_corrupt_outbox_on_a_full_disk_is_still_taken_over_once_space_returns(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Damaged and the disk full (no ballast): it is moved aside, the new outbox cannot be made, so
-    the open waits; once space is freed the records it still holds are taken over and the
-    `outbox_corrupt` event written, as without the full disk, and it is moved aside only once."""
+    """Damaged and the disk full (no ballast): SQLite cannot even check it, so the open waits (it
+    says so); once space is freed it is moved aside, the records it still holds are taken over and
+    the `outbox_corrupt` event written, as without the full disk, and it is moved aside only once."""
     with tmpfs(tmp_path / "state", "16m") as state:
         outbox = await Outbox.open(state, BIG_QUOTA, ballast_bytes=0)
         outbox.add(ticks(5000))
