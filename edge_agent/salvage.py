@@ -35,7 +35,6 @@ class Found:
     last_seq: int | None = None
     claimed: int | None = None  # unsent rows it says it holds, None when it cannot count them
     recovered: int = 0
-    highest: int = 0  # the highest seq read back
 
     def lost(self) -> int | None:
         """Unsent records not read back: exact when the old outbox could count them, else an
@@ -104,13 +103,14 @@ class DamagedOutbox:
             if rows:
                 last = rows[-1][0]
                 cursor = last if isinstance(last, int) else None
-                yield self._sorted(rows)
+                yield self._usable(rows)
             if damaged and cursor is not None:
                 cursor = self._past_damage(cursor)
             elif len(rows) < CHUNK:
                 return
 
-    def _sorted(self, rows: list[tuple[object, ...]]) -> tuple[list[Reading], list[Event]]:
+    def _usable(self, rows: list[tuple[object, ...]]) -> tuple[list[Reading], list[Event]]:
+        """The rows the hub would take, as readings and events; the others are left out (lost)."""
         readings: list[Reading] = []
         events: list[Event] = []
         for seq, ts, metric, value, kind, body in rows:
@@ -124,7 +124,6 @@ class DamagedOutbox:
                   and len(body) <= MAX_EVENT_BODY):
                 events.append((seq, ts, kind, body))
         self.found.recovered += len(readings) + len(events)
-        self.found.highest = max([self.found.highest] + [r[0] for r in readings] + [e[0] for e in events])
         return readings, events
 
     def _readable_after(self, seq: int) -> bool:
