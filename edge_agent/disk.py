@@ -74,13 +74,14 @@ class Ballast:
     def __init__(self, path: Path, size: int) -> None:
         self.path, self.size = path, size
 
-    def release(self) -> bool:
-        """Give the space back to the file system; False if none was held."""
+    def release(self) -> int:
+        """Give the space back to the file system; return how many bytes (0: none was held)."""
         try:
+            size = self.path.stat().st_size
             self.path.unlink()
         except FileNotFoundError:
-            return False
-        return True
+            return 0
+        return size
 
     def restore(self) -> bool:
         """Hold the space back again; False (and nothing left behind) while the disk cannot spare it."""

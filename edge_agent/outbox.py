@@ -67,6 +67,8 @@ DB_NAME: Final = "outbox.db"
 # oldest readings can be deleted to make room. Taken again once the disk takes writes.
 BALLAST_NAME: Final = "outbox.ballast"
 BALLAST_BYTES: Final = 4 * 1024 * 1024
+# Rows deleted to make room beyond those waiting: a page is free only once all its rows are gone.
+ROOM_SLACK: Final = 1_000
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ class Outbox:
                 why = error.why if isinstance(error, OutboxUnwritable) else trouble(error, state_dir)
                 if why is None:
                     raise
-                if why is Trouble.FULL and await asyncio.to_thread(Ballast(state_dir / BALLAST_NAME, 0).release):
+                if why is Trouble.FULL and await asyncio.to_thread(Ballast(state_dir / BALLAST_NAME, 0).release) > 0:
                     log.warning("outbox: the disk is full: gave up the space held back for this (%s), to start",
                                 BALLAST_NAME)
                     continue
@@ -463,14 +465,14 @@ class Outbox:
     async def _give_up_ballast(self) -> bool:
         released = await asyncio.to_thread(self._ballast.release)
         if released:
-            log.warning("outbox: the disk is full: gave up the %.0f MB held back for this", self._ballast.size / 2**20)
-        return released
+            log.warning("outbox: the disk is full: gave up the %.0f MB held back for this", released / 2**20)
+        return released > 0
 
     async def _make_room(self) -> bool:
         """On a full disk: delete the oldest unsent telemetry outright (never events, never what
         was sent), as many rows as wait in memory; True if some went. Thinning would rewrite
         rows, which takes space the disk does not have."""
-        need = len(self._buffer) + len(self._held_events) + len(self._new_metrics) + 1
+        need = len(self._buffer) + len(self._held_events) + ROOM_SLACK
         try:
             # One call on the database's thread: cancelling us cannot split its transaction.
             protect, dropped = self.protect_through, self.dropped
@@ -490,7 +492,8 @@ class Outbox:
         self._dropped_while_unwritable += sum(shed.values())
         (log.warning if not self._memory_shed_logged else log.debug)(
             "outbox: the disk is full: dropped the %d oldest unsent readings to make room (%s); while it "
-            "stays full, each commit drops as many as it adds", sum(shed.values()), _summary(shed))
+            "stays full, each commit drops as many as it adds beyond the room acknowledged ones left",
+            sum(shed.values()), _summary(shed))
         self._memory_shed_logged = True
 
     def _drop_from_memory(self) -> None:
@@ -675,16 +678,18 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
     """The commit's transaction, on the database's thread: all of it, or (rolled back) none."""
     try:
         db.execute("BEGIN IMMEDIATE")
+        # Deletions first: the rows added reuse the pages they free (on a full disk, all there is).
+        deleted = db.execute("DELETE FROM records WHERE seq <= ?", (w.ack,)).rowcount if w.ack is not None else 0
         room: dict[str, int] = {}
-        if w.room:  # deleted first: the rows added reuse the pages this frees
-            room = _drop(db, _drop_oldest(db, len(w.rows) + len(w.events), w.protect_through))
+        if w.room:
+            need = len(w.rows) + len(w.events) - _rows_free(db, w.records - deleted)
+            room = _drop(db, _drop_oldest(db, need, w.protect_through)) if need > 0 else {}
         if w.metrics:
             db.executemany("INSERT OR IGNORE INTO metrics(id, name) VALUES (?, ?)", w.metrics)
         if w.rows:
             db.executemany("INSERT INTO records(seq, ts, metric, value) VALUES (?, ?, ?, ?)", w.rows)
         if w.events:
             db.executemany("INSERT INTO records(seq, ts, kind, body) VALUES (?, ?, ?, ?)", w.events)
-        deleted = db.execute("DELETE FROM records WHERE seq <= ?", (w.ack,)).rowcount if w.ack is not None else 0
         records = w.records + len(w.rows) + len(w.events) - deleted - sum(room.values())
         shed, thin_floor, stuck = _shed_if_over_quota(db, w, records)
         victims = sum(shed.values())
@@ -699,6 +704,14 @@ def _write(db: sqlite3.Connection, w: _Write) -> _Written:
             db.execute("ROLLBACK")
         raise
     return _Written(records - victims, w.dropped + victims + victims_in_memory, thin_floor, shed, room, stuck)
+
+
+def _rows_free(db: sqlite3.Connection, records: int) -> int:
+    """About how many more rows fit in the pages the file already has (acknowledged rows freed them)."""
+    free = db.execute("SELECT f.freelist_count * s.page_size FROM pragma_freelist_count() f, "
+                      "pragma_page_size() s").fetchone()[0]
+    per_row = _used_bytes(db) / records if records > 0 else 4096
+    return int(free // max(per_row, 1))
 
 
 def _used_bytes(db: sqlite3.Connection) -> int:

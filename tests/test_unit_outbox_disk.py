@@ -403,3 +403,31 @@ async def test_a_corrupt_outbox_on_a_full_disk_is_still_taken_over_once_space_re
     assert body["recovered"] == len(taken_over) > old_last - 1_000
     assert body["recovered"] + body["lost"] == old_last
     assert len({r.seq for r in taken_over}) == len(taken_over)
+
+
+async def test_on_a_full_disk_the_room_acknowledged_readings_leave_is_used_before_anything_is_dropped(
+        tmp_path: Path) -> None:
+    """The hub acknowledges while the disk is still full: the pages those rows leave take new
+    readings first; only what does not fit drops the oldest unsent ones."""
+    outbox = await Outbox.open(tmp_path, BIG_QUOTA)
+    try:
+        outbox.add(ticks(3000))
+        await outbox.flush()
+        await cap_pages(outbox, await page_count(outbox))
+        outbox.add(ticks(100, 3000))
+        await outbox.flush()  # fails, makes room, goes through: full from here on
+        assert outbox.unwritable is Trouble.FULL
+        dropped = outbox.dropped
+        assert dropped > 0
+        outbox.acknowledge(4500)  # about 3,000 rows go (the oldest were dropped)
+        outbox.add(ticks(500, 3100))  # 1,500 readings: half as many
+        await outbox.flush()
+        assert outbox.dropped == dropped, "readings were dropped though acknowledged ones had left room"
+        outbox.add(ticks(2000, 3600))  # 6,000: more than is left
+        await outbox.flush()
+        assert outbox.dropped > dropped
+    finally:
+        await outbox.close()
+    rows = on_disk(tmp_path)
+    # Every number is on disk, counted as dropped, or acknowledged (those dropped before were the oldest).
+    assert len(rows) + meta(tmp_path)["dropped"] + (4500 - dropped) == meta(tmp_path)["last_seq"]
