@@ -28,7 +28,7 @@ from edge_agent.link import Link
 from edge_agent.machine import fingerprint, machine_number
 from edge_agent.metrics import serve_agent_metrics
 from edge_agent.mqtt import MqttSession, Will
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxUnwritable
 from edge_agent.policy import Policy
 from edge_agent.policy_intake import PolicyIntake
 from edge_agent.protocol import (
@@ -61,7 +61,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.renewal import Renewal
 from edge_agent.report import ReportFilter
-from edge_agent.rules import TICK_INTERVAL, RuleEngine
+from edge_agent.rules import TICK_INTERVAL, UNAUDITED, RuleEngine
 from edge_agent.runlock import AGENT_LOCK, RunLock
 from edge_agent.sdnotify import READY, STOPPING, Watchdog, notify
 from edge_agent.sensors import Reading, Sampler, build_sensors
@@ -107,7 +107,8 @@ class Agent:
     def _systemd_status(self) -> str:
         """What `systemctl status edge-agent` shows, refreshed with every watchdog ping."""
         link = "connected to the hub" if self.link.connected.is_set() else "not connected to the hub"
-        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}"
+        disk = f"; the outbox cannot write: {self.outbox.unwritable.value}" if self.outbox.unwritable else ""
+        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}{disk}"
 
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""
@@ -127,8 +128,10 @@ class Agent:
         AlreadyRunning, before anything is opened, when another agent runs on the state directory."""
         lock = RunLock.acquire(settings.state_dir / AGENT_LOCK, "edge-agent", settings.state_dir)
         try:
-            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous,
-                                       machine=machine_number(fingerprint(settings.config.state.machine)))
+            conf = settings.config.outbox
+            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, conf.synchronous,
+                                       machine=machine_number(fingerprint(settings.config.state.machine)),
+                                       ballast_bytes=int(conf.ballast_mb * 1024 * 1024))
             agent = cls(settings, outbox, policy)
         except BaseException:
             lock.release()
@@ -255,13 +258,19 @@ class Agent:
             await self.outbox.add_event("task_refused", {**base, "detail": why_not})
         else:
             async def started(_kind: str, _args: object) -> None:
-                await self.outbox.add_event("task_started", {**base, "args": args})
+                # No task runs unaudited: on a full or read-only disk it is refused (OutboxUnwritable).
+                await self.outbox.add_event("task_started", {**base, "args": args},
+                                            otherwise=("task_refused", {**base, "detail": UNAUDITED}))
 
-            result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
-            done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
-                            detail=result.detail[:1000], exit_code=result.exit_code)
-            await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
-                                                      "exit_code": result.exit_code, "output": result.output})
+            try:
+                result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
+            except OutboxUnwritable:
+                done = TaskDone(task=award.task, attempt=award.attempt, ok=False, refused=True, detail=UNAUDITED)
+            else:
+                done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
+                                detail=result.detail[:1000], exit_code=result.exit_code)
+                await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
+                                                          "exit_code": result.exit_code, "output": result.output})
         log.info("task %d: %s", award.task, "done" if done.ok else f"not done: {done.detail}")
         with contextlib.suppress(TransientError):  # the hub times the award out and moves on
             await self._send_coord(done)
