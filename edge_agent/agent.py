@@ -19,12 +19,12 @@ from typing import Any, Final
 
 from edge_agent import __version__
 from edge_agent.buffer.machine import fingerprint, machine_number
-from edge_agent.buffer.outbox import Outbox
+from edge_agent.buffer.outbox import Outbox, OutboxUnwritable
 from edge_agent.config import AgentSettings
 from edge_agent.decide.actuators import Actuators
 from edge_agent.decide.coordination import HubCoordinator, bid_score
 from edge_agent.decide.policy_intake import PolicyIntake
-from edge_agent.decide.rules import TICK_INTERVAL, RuleEngine
+from edge_agent.decide.rules import TICK_INTERVAL, UNAUDITED, RuleEngine
 from edge_agent.decide.windows import ReadingWindows
 from edge_agent.identity.clock import unset_clock_warning
 from edge_agent.identity.renewal import Renewal
@@ -109,7 +109,8 @@ class Agent:
     def _systemd_status(self) -> str:
         """What `systemctl status edge-agent` shows, refreshed with every watchdog ping."""
         link = "connected to the hub" if self.link.connected.is_set() else "not connected to the hub"
-        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}"
+        disk = f"; the outbox cannot write: {self.outbox.unwritable.value}" if self.outbox.unwritable else ""
+        return f"{link}, backlog {self.outbox.backlog}, policy version {self.intake.version}{disk}"
 
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""
@@ -134,8 +135,10 @@ class Agent:
         AlreadyRunning, before anything is opened, when another agent runs on the state directory."""
         lock = RunLock.acquire(settings.state_dir / AGENT_LOCK, "edge-agent", settings.state_dir)
         try:
-            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, settings.config.outbox.synchronous,
-                                       machine=machine_number(fingerprint(settings.config.state.machine)))
+            conf = settings.config.outbox
+            outbox = await Outbox.open(settings.state_dir, settings.quota_bytes, conf.synchronous,
+                                       machine=machine_number(fingerprint(settings.config.state.machine)),
+                                       ballast_bytes=int(conf.ballast_mb * 1024 * 1024))
             agent = cls(settings, outbox, policy)
         except BaseException:
             lock.release()
@@ -262,13 +265,19 @@ class Agent:
             await self.outbox.add_event("task_refused", {**base, "detail": why_not})
         else:
             async def started(_kind: str, _args: object) -> None:
-                await self.outbox.add_event("task_started", {**base, "args": args})
+                # No task runs unaudited: on a full or read-only disk it is refused (OutboxUnwritable).
+                await self.outbox.add_event("task_started", {**base, "args": args},
+                                            otherwise=("task_refused", {**base, "detail": UNAUDITED}))
 
-            result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
-            done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
-                            detail=result.detail[:1000], exit_code=result.exit_code)
-            await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
-                                                      "exit_code": result.exit_code, "output": result.output})
+            try:
+                result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
+            except OutboxUnwritable:
+                done = TaskDone(task=award.task, attempt=award.attempt, ok=False, refused=True, detail=UNAUDITED)
+            else:
+                done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
+                                detail=result.detail[:1000], exit_code=result.exit_code)
+                await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
+                                                          "exit_code": result.exit_code, "output": result.output})
         log.info("task %d: %s", award.task, "done" if done.ok else f"not done: {done.detail}")
         with contextlib.suppress(TransientError):  # the hub times the award out and moves on
             await self._send_coord(done)

@@ -45,6 +45,9 @@ class OutboxConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     synchronous: Literal["full", "normal"] = "full"
     # Overrides the profile's budgets.disk_mb when set (MB).
     quota_mb: Annotated[float, Meta(gt=0)] | None = None
+    # Disk held back beside the outbox and given up when the disk fills (MB; 0: none), so that
+    # the agent can make room and go on; see docs/store-and-forward.md.
+    ballast_mb: Annotated[float, Meta(ge=0, le=1024)] = 4.0
 
 
 class UplinkConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

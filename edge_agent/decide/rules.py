@@ -16,7 +16,9 @@ For each rule of the active policy, on every reading of a metric it reads:
   coordination work implements it; until then the default one declines, and says why).
 
 Every decision is an event in the outbox, so it reaches the hub exactly once like any
-reading; the record that an action starts is committed before the actuator starts.
+reading; the record that an action starts is committed before the actuator starts. When the
+outbox cannot commit it (a full or read-only disk), the action is refused instead, and that
+refusal is what the audit trail keeps (in memory until the disk takes it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from edge_agent.buffer.outbox import Outbox
+from edge_agent.buffer.outbox import Outbox, OutboxUnwritable
 from edge_agent.decide.actuators import ActionResult, Actuators
 from edge_agent.decide.windows import ReadingWindows
 from edge_agent.sense.sensors import Reading
@@ -40,6 +42,8 @@ from edgefleet.wire.events import ACTION_OUTCOMES, EventKind
 TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
 OUTCOMES: Final = ACTION_OUTCOMES
 LATENCY_SAMPLES: Final = 10_000  # decision latencies kept for the P4 figures and metrics
+UNAUDITED: Final = ("its audit record cannot be written (the outbox's disk is full or read-only); "
+                    "no action runs unaudited")
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +188,23 @@ class RuleEngine:
                     body["lease_token"] = int(token)
                 if approved_by:
                     body["approved_by"] = approved_by
-                # Committed before the actuator starts: it survives a crash between the two.
-                await self._audit_many([(EventKind.RULE_FIRED, {"readings": readings}),
-                                        (EventKind.ACTION_STARTED, body)], rule)
+                # Committed before the actuator starts: it survives a crash between the two. If it
+                # cannot be, the action is refused (OutboxUnwritable), audited as such.
+                fired = (EventKind.RULE_FIRED, {"readings": readings})
+                await self._audit_many([fired, (EventKind.ACTION_STARTED, body)], rule, otherwise=[
+                    fired, (EventKind.ACTION_REFUSED, {"action": rule.action, "detail": UNAUDITED})])
                 # The decision latency (P4): sample arrival to the actuator starting, which is
                 # now; it includes the durable audit commit, as it must.
                 latency.append((time.perf_counter() - arrived) * 1000)
                 self.latencies_ms.append(latency[0])
 
             try:
-                result = await self.actuators.run(kind, args, timeout=timeout, started=started, env=env)
+                try:
+                    result = await self.actuators.run(kind, args, timeout=timeout, started=started, env=env)
+                except OutboxUnwritable as exc:
+                    self.outcomes["refused"] += 1
+                    log.warning("rule %s: action %s refused: %s", rule.name, rule.action, exc)
+                    return
                 await self._finished(rule, result, readings, latency[0] if latency else None)
             finally:
                 if token:  # after the outcome is audited: the audit never shows more holders than the limit
@@ -281,14 +292,17 @@ class RuleEngine:
     async def _audit(self, kind: str, rule: Rule, body: dict[str, Any]) -> None:
         await self._audit_many([(kind, body)], rule)
 
-    async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule) -> None:
+    async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule, *,
+                          otherwise: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+        """Audit records, committed; `otherwise` as Outbox.add_events takes it (raises OutboxUnwritable)."""
         for kind, _ in records:
             if kind in OUTCOMES:
                 self.outcomes[kind.removeprefix("action_")] += 1
         base: dict[str, Any] = {"policy_version": self.policy.version, "rule": rule.name}
         if not self.policy.signed:
             base["policy_local"] = True  # a local file's number: never mistaken for the hub's version
-        await self.outbox.add_events([(kind, {**base, **body}) for kind, body in records])
+        await self.outbox.add_events([(kind, {**base, **body}) for kind, body in records], otherwise=None
+                                     if otherwise is None else [(kind, {**base, **body}) for kind, body in otherwise])
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -35,6 +35,7 @@ from edgefleet.errors import AlreadyRunning, ConfigError
 from edgefleet.policy.document import Policy
 from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
 
+NO_BALLAST: Final = "outbox.ballast_mb=0"
 OPENING_AT_ONCE: Final = 64  # outboxes opened concurrently at start: each open is a few statements on the pool
 CONNECTING_AT_ONCE: Final = 256  # agents started and not yet connected: a start-up, not a reconnect storm
 CONNECT_SLOT_S: Final = 10.0  # an agent that has not connected by then (broker down?) frees its slot anyway
@@ -85,7 +86,8 @@ def load_fleet(bundles: Sequence[Path], overrides: Sequence[str]) -> list[tuple[
     loaded = []
     for bundle in bundles:
         try:
-            settings = load_settings(bundle / "agent.toml", overrides)
+            # No ballast unless asked for: 2,000 outboxes on one disk would hold 8 GB back.
+            settings = load_settings(bundle / "agent.toml", [NO_BALLAST, *overrides])
             policy = settings.load_policy()
         except ConfigError as exc:
             raise SimulateError(f"bundle {bundle.name}: {exc}") from None

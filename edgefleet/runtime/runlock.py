@@ -11,6 +11,7 @@ in the file, for the message of the one refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -32,7 +33,7 @@ class RunLock:
         """Take the lock at `path`, or raise AlreadyRunning naming the holder: "another `what` (pid N)
         is running on `where`"."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd, writable = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -42,9 +43,10 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        mine = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, mine, 0)
-        os.ftruncate(fd, len(mine))
+        if writable:
+            mine = f"{os.getpid()}\n".encode()
+            os.pwrite(fd, mine, 0)
+            os.ftruncate(fd, len(mine))
         return cls(path, fd)
 
     @staticmethod
@@ -69,6 +71,22 @@ class RunLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """The lock file, read-write (to write our pid in it); on a read-only file system read-only
+    (flock needs no write access: the lock holds all the same, only the pid is not written), and
+    if it does not exist there either, the folder itself (nobody can have made the file, so nobody
+    holds it; the daemon then waits for its disk as usual)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), True
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+    except FileNotFoundError:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), False
 
 
 def _read_pid(fd: int) -> int | None:

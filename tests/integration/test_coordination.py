@@ -275,10 +275,10 @@ async def test_the_audit_never_shows_more_holders_than_the_limit_when_an_outbox_
         outbox = fleet.agents["dev-s1"].outbox
         commit = outbox.add_events
 
-        async def slow_outcomes(records: list[tuple[str, dict[str, object]]]) -> list[int]:
+        async def slow_outcomes(records: list[tuple[str, dict[str, object]]], **options: Any) -> list[int]:
             if any(kind in ("action_succeeded", "action_failed") for kind, _ in records):
                 await asyncio.sleep(1.0)
-            return await commit(records)
+            return await commit(records, **options)  # options: `otherwise`, for a disk that refuses writes
 
         monkeypatch.setattr(outbox, "add_events", slow_outcomes)
         await push_policy(hub_dir, hub, single, target="turn=first")

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from edge_agent.buffer.outbox import Outbox
+from edge_agent.buffer.outbox import Outbox, OutboxUnwritable
 from edge_agent.decide.actuators import KILL_GRACE_S, Actuators, Recorder
 from edge_agent.decide.rules import RuleEngine
 from edge_agent.decide.windows import ReadingWindows
@@ -526,3 +526,40 @@ async def test_skipped_repeats_are_timed_like_acted_ones(rig: RigFactory) -> Non
     assert r.engine.states["repeat"].suspended == "fires_without_clear"
     assert [e["detail"] for e in await r.events("action_skipped")] == [
         'the hub is unreachable and the rule says offline = "skip"'] * 4
+
+
+# --- a full disk: no action without its audit record -------------------------------------------
+
+
+async def fill_up(outbox: Outbox) -> None:
+    """Readings until a commit fails: the page limit is reached, they wait in memory."""
+    for t in range(10_000):
+        outbox.add([Reading("other", T0 + t, float(t))] * 20)
+        try:
+            await outbox.flush()
+        except OutboxUnwritable:
+            return
+    raise AssertionError("the outbox never filled up")
+
+
+async def test_on_a_full_disk_an_action_whose_audit_cannot_be_written_is_refused_not_run(rig: RigFactory) -> None:
+    """SQLite answers SQLITE_FULL (its page limit, as a full disk would) and the outbox holds no
+    telemetry to make room with: the start record cannot be committed, so the action does not
+    run; the refusal is audited in its place and reaches the disk when space returns; the engine
+    goes on deciding, and acts again once the disk takes writes."""
+    r: Rig = await rig(policy(rule("hot")))
+    pages = (await r.outbox._db.fetchone("PRAGMA page_count"))[0]
+    await r.outbox._db.execute(f"PRAGMA max_page_count = {pages}")  # the fault goes in at SQLite
+    r.outbox.protect_through = 10**9  # all of it sent: nothing the outbox may shed to make room
+    await fill_up(r.outbox)
+    await r.feed("temp", 80.0)
+    assert r.calls == [], "an action ran without its audit record on disk"
+    assert r.engine.outcomes["refused"] == 1
+    await r.feed("temp", 60.0)  # cleared: still deciding, the clear waits in memory
+    await r.outbox._db.execute("PRAGMA max_page_count = 1073741823")  # space is back
+    await r.feed("temp", 81.0)
+    assert len(r.calls) == 1
+    assert await r.kinds("hot") == ["rule_fired", "action_refused", "rule_cleared", "rule_fired", "action_started",
+                                    "action_succeeded"]
+    refused = await r.events("action_refused", "hot")
+    assert "audit record cannot be written" in refused[0]["detail"]
