@@ -102,7 +102,6 @@ async def test_a_retained_nested_presence_does_not_stop_the_hub_at_each_restart(
         finally:
             await session.close()
         await wait_until(lambda: rejects(hub_dir).get("too_deep", 0) == 1, "the first rejection", log=hub)
-        assert await hub.stop() == 0
         await hub.wait_for(r"cleared .*dev-evil/presence|dev-evil/presence.*cleared", timeout=ARRIVAL)
         assert await hub.stop() == 0
         hub = await start_hub(hub_dir)  # a persisted retained message would be handed over at its subscribe
