@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgefleet needs on a fresh Debian/Ubuntu machine: Mosquitto and its
-# clients, libfaketime (tests only), and the package in .venv. Safe to run again.
+# clients, libfaketime, socat and PostgreSQL (tests only), and the package in .venv.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -12,6 +13,10 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitt
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 if [ "$extras" = test ]; then
   command -v faketime >/dev/null || need+=(faketime)
+  # A pseudo-terminal pair for the Modbus RTU tests, and a PostgreSQL server the tests run
+  # as a private cluster in a temporary folder (never the system's own).
+  command -v socat >/dev/null || need+=(socat)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
