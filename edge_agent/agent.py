@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Coroutine
 from functools import partial
@@ -37,9 +36,10 @@ from edgefleet.errors import ConnectionLost, TransientError
 from edgefleet.mqtt.link import Link
 from edgefleet.mqtt.session import MqttSession, Will
 from edgefleet.policy.document import Policy
-from edgefleet.runtime.lifecycle import Opening
+from edgefleet.runtime.lifecycle import Opening, run_until_signal
 from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
-from edgefleet.runtime.sdnotify import READY, STOPPING, Watchdog, notify
+from edgefleet.runtime.sdnotify import READY, Watchdog, notify
+from edgefleet.runtime.tasks import TaskSet
 from edgefleet.wire.protocol import (
     ACK,
     CERT,
@@ -93,15 +93,16 @@ class Agent:
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
         self.renewal = Renewal(self.device, IdentityFiles(settings.tls, settings.state_dir), self.link,
-                               audit=lambda kind, body: self._spawn(self._record(kind, body)))
+                               audit=lambda kind, body: self._spawn(self._record(kind, body), f"audit {kind}"))
         self._session_id = ""
         self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
         self.coordinator = HubCoordinator(self._send_coord)
-        self._tasks: set[asyncio.Task[None]] = set()  # policies being applied, bids, awarded tasks
+        self._jobs = TaskSet(f"agent {self.device}", log)  # policies being applied, bids, awarded tasks, audits
         self._policy_lock = asyncio.Lock()
         # The signed policy kept from the hub outranks the local file it was given.
         self.intake = PolicyIntake(settings, local=policy)
         self.engine: RuleEngine | None = None
+        self._retired: list[RuleEngine] = []  # replaced engines whose actions still run under their audit
         self._install(self.intake.load())
         self.watchdog = Watchdog.from_environment(status=self._systemd_status)
         self.run_lock: RunLock | None = None  # Agent.open takes it; close() lets it go
@@ -115,6 +116,8 @@ class Agent:
     def _install(self, policy: Policy | None) -> None:
         """Switch the rules over; actions the old engine started finish under its audit."""
         self.coordinator.policy_version = policy.version if policy is not None else 0
+        if self.engine is not None:
+            self._retired = [e for e in self._retired if e.busy] + [self.engine]
         if policy is None or not policy.rules:
             self.engine = None
             return
@@ -224,16 +227,15 @@ class Agent:
 
     async def _coordination(self, message: CoordDown) -> None:
         if isinstance(message, TaskOffer):
-            self._spawn(self._bid(message))
+            self._spawn(self._bid(message), f"bid for task {message.task}")
         elif isinstance(message, TaskAward):
-            self._spawn(self._run_task(message))
+            self._spawn(self._run_task(message), f"task {message.task}")
         else:
             await self.coordinator.on_message(message)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Work of the agent's, not of the connection's: it outlives a disconnect, not the agent."""
+        self._jobs.spawn(work, name=name)
 
     def _task_args(self, kind: str, args_json: str) -> tuple[dict[str, Any], str | None]:
         try:
@@ -288,10 +290,8 @@ class Agent:
         The work belongs to the agent, not to the connection: a disconnect in the middle must
         not leave a policy stored (and reported) but not installed, or installed but unaudited.
         """
-        task = asyncio.get_running_loop().create_task(self._take_policy(payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        # Quiet: its failure reaches the caller through the shield (and ends the session, as before).
+        await asyncio.shield(self._jobs.spawn(self._take_policy(payload), name="policy", quiet=True))
 
     async def _take_policy(self, payload: bytes) -> None:
         async with self._policy_lock:  # one at a time, in the order received
@@ -381,6 +381,10 @@ class Agent:
             await self.link.session.close(with_will=True)
 
     async def close(self) -> None:
+        # Bids, tasks and audits first, then the rule engines' actions: none of them outlives the agent.
+        await self._jobs.close()
+        for engine in reversed([*self._retired, *([self.engine] if self.engine else [])]):
+            await engine.close()
         self.outbox.add(self.report.flush())  # partial aggregation windows are kept, not lost
         try:
             async with asyncio.timeout(STOP_FLUSH_TIMEOUT):
@@ -391,21 +395,6 @@ class Agent:
 
 
 async def run_agent(settings: AgentSettings, policy: Policy | None) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    agent = await Agent.open(settings, policy)
-    try:
-        task = asyncio.create_task(agent.run(), name="agent")
-        stopper = asyncio.create_task(stop.wait(), name="stop")
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if task.done():
-            task.result()  # re-raise what ended it
-        notify(STOPPING)
-        await agent.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    finally:
-        await agent.close()
+    """`edge-agent run`: until SIGTERM or SIGINT, then leave the broker cleanly and close."""
+    async with Agent.open(settings, policy) as agent:
+        await run_until_signal(agent.run(), leave=agent.stop)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -13,8 +12,10 @@ from typing import Final, TypeVar
 
 from edgefleet.mqtt.link import SESSION_ENDED, Link
 from edgefleet.mqtt.session import Message, MqttSession, TlsIdentity
+from edgefleet.runtime.lifecycle import run_until_signal
 from edgefleet.runtime.runlock import RunLock
-from edgefleet.runtime.sdnotify import READY, STOPPING, Watchdog, notify
+from edgefleet.runtime.sdnotify import READY, Watchdog, notify
+from edgefleet.runtime.tasks import TaskSet
 from edgefleet.wire.protocol import (
     ACK,
     COORD,
@@ -28,7 +29,7 @@ from edgefleet.wire.protocol import (
     pack_coord,
     shared_filter,
 )
-from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
+from hub.broker import STOP_GRACE, BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.db.store import HubStore
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
@@ -48,6 +49,9 @@ HUB_SESSION_EXPIRY: Final = 600  # seconds the broker keeps the hub's queue whil
 # small enough that one cycle stays well under a second.
 INGEST_MAX_MESSAGES: Final = 200
 COORDINATION_TICK: Final = 0.5  # lease expiries and task timeouts are seen within this
+# Each of run_hub's tasks gets this long to end once cancelled: the broker's takes up to
+# STOP_GRACE and a kill; all of them stay within the unit's TimeoutStopSec (30 s).
+TASK_STOP_TIMEOUT: Final = 2 * STOP_GRACE
 
 log = logging.getLogger("hub")
 R = TypeVar("R")
@@ -288,10 +292,6 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     A replica (`replica` names one of hub.toml's [hub] replicas) shares the primary's broker
     and database: it runs no broker and no metrics endpoint of its own.
     """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if replica is not None:
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
     lock = hold_run_lock(paths, replica)  # before anything of the hub's is touched
@@ -300,41 +300,41 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     except BaseException:
         lock.release()
         raise
-    tasks: list[asyncio.Task[None]] = []
+    # Quiet: the first of them to end stops the hub, and what it raised is raised here (not logged twice).
+    tasks = TaskSet("hub", log, close_timeout=TASK_STOP_TIMEOUT)
     supervisor = None
     try:
         # Inside the try: a service that cannot be built (an unreadable policy key) must close the
         # store, whose thread would otherwise keep the process alive after the error is printed.
         service = HubService(paths, config, store, Watchdog.from_environment(), replica)
-        tasks.append(asyncio.create_task(service.watchdog.run(), name="watchdog"))
-        tasks.append(asyncio.create_task(service.leadership.run(), name="leadership"))
+        tasks.spawn(service.watchdog.run(), name="watchdog", quiet=True)
+        tasks.spawn(service.leadership.run(), name="leadership", quiet=True)
         if config.broker.mode == "managed" and replica is None:
             write_broker_files(paths, config)  # fail in words before anything starts
             broker_executable(config.broker.executable)
             watch = SubscriptionWatch(store, config)
-            tasks.append(asyncio.create_task(watch.serve(), name="subscriptions"))
+            tasks.spawn(watch.serve(), name="subscriptions", quiet=True)
             supervisor = BrokerSupervisor(paths, config, watch.line)
-            tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
-        tasks.append(asyncio.create_task(service.leadership.while_leading(
-            lambda: keep_pki_fresh(paths, config, store)), name="pki"))
+            tasks.spawn(supervisor.run(), name="broker", quiet=True)
+        tasks.spawn(service.leadership.while_leading(lambda: keep_pki_fresh(paths, config, store)),
+                    name="pki", quiet=True)
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
-            tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
-        tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
-        tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))
-        stopper = asyncio.create_task(stop.wait(), name="stop")
-        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        notify(STOPPING)
-        for task in done:
-            if task is not stopper and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            tasks.spawn(_metrics(paths, config), name="metrics", quiet=True)
+        tasks.spawn(_after_broker(supervisor, service.run), name="hub-service", quiet=True)
+        tasks.spawn(_announce_ready(supervisor), name="ready", quiet=True)
+        await run_until_signal(_until_one_ends(tasks))
         log.info("stopping")
     finally:
-        for task in reversed(tasks):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await tasks.close()  # in reverse order of start
         await store.close()
         lock.release()
+
+
+async def _until_one_ends(tasks: TaskSet) -> None:
+    """Return when one of the hub's tasks ends; raise what it raised."""
+    ended = await tasks.first_to_end()
+    if ended is not None and not ended.cancelled() and (exc := ended.exception()) is not None:
+        raise exc
 
 
 def hold_run_lock(paths: HubPaths, replica: str | None) -> RunLock:

@@ -23,11 +23,10 @@ refusal is what the audit trail keeps (in memory until the disk takes it).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -37,6 +36,7 @@ from edge_agent.decide.windows import ReadingWindows
 from edge_agent.sense.sensors import Reading
 from edgefleet.policy.allowlist import actuator_call
 from edgefleet.policy.document import Policy, Rule
+from edgefleet.runtime.tasks import TaskSet
 from edgefleet.wire.events import ACTION_OUTCOMES, EventKind
 
 TICK_INTERVAL: Final = 1.0  # how soon a condition on time alone (age, an emptying window) is seen
@@ -97,7 +97,7 @@ class RuleEngine:
             for metric in rule.when.metrics | rule.clear.metrics:
                 self._by_metric[metric].append(rule)
         self._device_actions: collections.deque[float] = collections.deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs = TaskSet(f"rule engine (policy {policy.version})", log)  # decisions being acted on, audits
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.outcomes: collections.Counter[str] = collections.Counter()  # succeeded, failed, refused, skipped
 
@@ -128,7 +128,7 @@ class RuleEngine:
         # lags a rising signal must not re-arm it. A clear is taken even while an action runs.
         if st.active and not holds and rule.clear.evaluate(self.windows) is True:
             st.active, st.fires_without_clear = False, 0
-            self._spawn(self._audit(EventKind.RULE_CLEARED, rule, {}))
+            self._spawn(self._audit(EventKind.RULE_CLEARED, rule, {}), f"rule {rule.name}: clear")
             return
         if not holds or st.busy:
             return
@@ -144,7 +144,7 @@ class RuleEngine:
         st.active = True
         st.busy = True
         st.last_fire = now
-        self._spawn(self._fire(rule, arrived, now, self._snapshot(rule)))
+        self._spawn(self._fire(rule, arrived, now, self._snapshot(rule)), f"rule {rule.name}: fire")
 
     def _snapshot(self, rule: Rule) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -285,7 +285,8 @@ class RuleEngine:
     def _suspend(self, rule: Rule, reason: str, detail: str) -> None:
         self.states[rule.name].suspended = reason
         log.error("rule %s suspended and escalated to the hub: %s", rule.name, detail)
-        self._spawn(self._audit(EventKind.ESCALATION, rule, {"reason": reason, "detail": detail}))
+        self._spawn(self._audit(EventKind.ESCALATION, rule, {"reason": reason, "detail": detail}),
+                    f"rule {rule.name}: escalation")
 
     # --- audit --------------------------------------------------------------------------
 
@@ -304,20 +305,21 @@ class RuleEngine:
         await self.outbox.add_events([(kind, {**base, **body}) for kind, body in records], otherwise=None
                                      if otherwise is None else [(kind, {**base, **body}) for kind, body in otherwise])
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._jobs.spawn(work, name=name)  # a failure is logged there, at ERROR with its traceback
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("rule engine task failed", exc_info=task.exception())
+    @property
+    def busy(self) -> bool:
+        """Decisions or actions are still running."""
+        return bool(self._jobs)
 
     async def drain(self) -> None:
         """Wait for running decisions and actions (tests, and a clean stop)."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._jobs.drain()
+
+    async def close(self) -> None:
+        """Cancel the decisions and actions still running and wait for them (the agent stops)."""
+        await self._jobs.close()
 
 
 def _expire(times: collections.deque[float], before: float) -> None:

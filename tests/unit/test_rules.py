@@ -484,9 +484,7 @@ async def test_the_start_record_is_committed_before_the_action_runs(rig: RigFact
     finally:
         db.close()
     assert committed == ["rule_fired", "action_started"]
-    for task in list(r.engine._tasks):
-        task.cancel()
-    await asyncio.gather(*r.engine._tasks, return_exceptions=True)
+    await r.engine.close()  # the sleeping action is cancelled and awaited
 
 
 # --- time alone, and skipped repeats -------------------------------------------------------------
