@@ -18,7 +18,7 @@ from msgspec import Meta
 
 from edgefleet.errors import ConfigError
 from edgefleet.policy.expr import Expr, ExprError, parse
-from edgefleet.runtime.durations import parse_duration
+from edgefleet.runtime.durations import POLICY_UNITS, parse_duration
 
 EXAMPLE_POLICY: Final = '''\
 # A worked example: cool down a hot board, keep a service alive, tell the hub.
@@ -385,7 +385,7 @@ class _RuleChecker:
     def duration(self, section: Section, key: str, value: str | float, label: str) -> float | None:
         if isinstance(value, str):
             try:
-                seconds = parse_duration(value)
+                seconds = parse_duration(value, POLICY_UNITS)
             except ValueError as exc:
                 self.add(section, key, f"{label}: `{key}`: {exc}")
                 return None

@@ -14,8 +14,9 @@ Grammar, loosest binding first (every binary operator is left-associative):
               | ("last" | "age") "(" METRIC ")"
               | "abs" "(" sum ")"
 
-Tokens: NUMBER is `[0-9]+(.[0-9]+)?([eE][+-]?[0-9]+)?`; DURATION is a NUMBER followed at
-once by ms, s, m or h (500ms, 30s, 5m, 1h) and is only allowed as a window argument.
+Tokens: NUMBER is `[0-9]+(.[0-9]+)?([eE][+-]?[0-9]+)?`; DURATION is a policy's duration
+(edgefleet.runtime.durations: ms, s, m or h, as in 500ms, 30s, 5m, 1h) and is only allowed
+as a window argument.
 METRIC is `[A-Za-z_][A-Za-z0-9_.]*`: dots belong to the name (`disk.root`), '-' is always
 the minus operator (`a-b` is a minus b), '__' and Python keywords are refused, and the
 function names are reserved. A bare metric means its latest value.
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from edgefleet.errors import EdgefleetError
-from edgefleet.runtime.durations import DURATION_UNITS
+from edgefleet.runtime.durations import DURATION_UNITS, POLICY_UNITS, unit_names
 
 MAX_EXPR_CHARS: Final = 1000  # a condition is a sentence, not a program; bounds parse time
 MAX_NESTING: Final = 32  # parser recursion and closure call depth stay far below Python's limit
@@ -210,12 +211,12 @@ def _tokens(src: str, error: Callable[[str, int], ExprError]) -> Iterator[_Token
             unit = _UNIT.match(src, number.end())
             if unit is None:
                 yield _Token("num", number[0], pos, float(number[0]))
-            elif unit[0] in DURATION_UNITS:
+            elif unit[0] in POLICY_UNITS:
                 text = number[0] + unit[0]
                 yield _Token("dur", text, pos, float(number[0]) * DURATION_UNITS[unit[0]])
             else:
-                raise error(f"{number[0] + unit[0]!r} is not a number or a duration: durations end in ms, s, m or h",
-                            pos)
+                raise error(f"{number[0] + unit[0]!r} is not a number or a duration: durations end in "
+                            f"{unit_names(POLICY_UNITS)}", pos)
             pos = (unit or number).end()
         elif word := _WORD.match(src, pos):
             yield _word_token(word[0], pos, error)

@@ -100,12 +100,8 @@ def toml_value(value: Any) -> str:
 
 
 def duration_arg(text: str) -> float:
-    """An argparse type: seconds, or a number and a unit (500ms, 30s, 5m, 1h)."""
+    """An argparse type: seconds, or a duration (edgefleet.runtime.durations: 500ms, 30s, 5m, 1h, 7d)."""
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return parse_duration(text)
+        return parse_duration(text, bare_seconds=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -19,6 +19,7 @@ import msgspec
 from edgefleet import __version__
 from edgefleet.errors import AlreadyRunning, ConfigError
 from edgefleet.runtime import logfmt
+from edgefleet.runtime.durations import parse_duration
 from edgefleet.runtime.files import database_access_denied, database_advice, permission_advice
 from edgefleet.runtime.pipes import run_command
 from edgefleet.runtime.units import HUB_UNITS, units_command
@@ -187,13 +188,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _since(text: str) -> float:
-    """--since: an ISO time, epoch seconds, or an age (90s, 15m, 2h, 7d)."""
+    """--since: an ISO time, epoch seconds, or an age, a duration ago (90s, 15m, 2h, 7d)."""
     import datetime as dt
-    import re
 
-    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if age:
-        return time.time() - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
     try:
         return float(text)
     except ValueError:
