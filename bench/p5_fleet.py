@@ -55,11 +55,12 @@ from bench.p2_drain import AGENT, HUB, make_workdir, run_cli  # noqa: E402
 from bench.p4_decision import verdict  # noqa: E402
 from edgefleet.errors import TransientError  # noqa: E402
 from edgefleet.mqtt.session import MqttSession, TlsIdentity  # noqa: E402
-from edgefleet.wire.protocol import POLICY, PolicyDocument, down_filter, down_topic, pack, seal  # noqa: E402
+from edgefleet.wire.protocol import POLICY, PolicyDocument, down_filter, down_topic, pack  # noqa: E402
 from hub.broker import broker_executable, write_broker_files  # noqa: E402
 from hub.config import load_hub  # noqa: E402
 from hub.pki.authority import load_policy_key  # noqa: E402
 from hub.rollout.distribution import PUBLISH_CHUNK  # noqa: E402
+from hub.rollout.signing import seal  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 SPEC_DEVICES: Final = 2000

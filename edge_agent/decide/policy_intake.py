@@ -19,19 +19,12 @@ from typing import Final, Literal
 import msgspec
 
 from edge_agent.config import AgentSettings
+from edge_agent.decide.verify import open_envelope
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import Policy, PolicyError
 from edgefleet.runtime.files import write_atomic
-from edgefleet.wire.protocol import (
-    MAX_REFUSAL_DETAIL,
-    PolicyDocument,
-    PolicyRefusal,
-    ProtocolError,
-    SignedEnvelope,
-    ed25519_public_from_pem,
-    open_envelope,
-    unpack,
-)
+from edgefleet.wire.envelope import SignedEnvelope, ed25519_public_from_pem
+from edgefleet.wire.protocol import MAX_REFUSAL_DETAIL, PolicyDocument, PolicyRefusal, ProtocolError, unpack
 
 STORED_NAME: Final = "policy.signed"  # in the state directory: the envelope in force, as received
 

@@ -33,7 +33,7 @@ MAX_STDERR: Final = 500  # characters of the helper's error output repeated in o
 
 class KeyRequest(msgspec.Struct, frozen=True):
     csr: str  # PEM, CN = the device id
-    key_id: str  # protocol.key_id of the public key's DER SubjectPublicKeyInfo, as the hub computes it
+    key_id: str  # envelope.key_id of the public key's DER SubjectPublicKeyInfo, as the hub computes it
     reused: bool  # the key was already there (an earlier renewal was interrupted)
 
 

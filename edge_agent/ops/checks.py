@@ -24,7 +24,8 @@ from edge_agent.sense.sensors import SensorError, ThermalSensor, thermal_root
 from edgefleet.errors import ConnectRefused
 from edgefleet.mqtt.session import MqttSession, TlsIdentity
 from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
-from edgefleet.wire.protocol import ProtocolError, ed25519_public_from_pem, key_id
+from edgefleet.wire.envelope import ed25519_public_from_pem, key_id
+from edgefleet.wire.protocol import ProtocolError
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0

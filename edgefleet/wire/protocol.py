@@ -1,4 +1,4 @@
-"""The wire protocol: topic names, message schemas and the signing envelope.
+"""The wire protocol: topic names and message schemas (the signing envelope: envelope.py).
 
 Both the agent and the hub import this module; nothing about the protocol is written
 anywhere else. Encoding lives here, I/O never does.
@@ -6,19 +6,14 @@ anywhere else. Encoding lives here, I/O never does.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import itertools
 import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PROTOCOL_VERSION: Final = 1
 TOPIC_ROOT: Final = "edgefleet/v1"
@@ -28,8 +23,6 @@ NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Largest payload either side sends or accepts; the broker's max_packet_size sits just
 # above it so the client-side check is the one that speaks first.
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
-# Domain separation: a signature over a policy can never be replayed as another kind.
-SIGNING_CONTEXT: Final = b"edgefleet-envelope-v1\x00"
 MAX_SEQ: Final = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
 
 
@@ -236,68 +229,6 @@ def json_body(text: str | None) -> dict[str, Any]:
             return {"text": text}
         return {"unreadable": exc.detail, "text": (text or "")[:MAX_UNREADABLE_SHOWN]}
     return body if isinstance(body, dict) else {"text": text}
-
-
-# --- signing envelope ---------------------------------------------------------------
-
-
-class SignedEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    """A payload with an Ed25519 signature by the hub's policy key (never the CA key)."""
-
-    key_id: str
-    payload: bytes
-    signature: bytes
-
-
-# The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): a public key file is these
-# 12 bytes and the 32-byte key, whoever wrote it.
-_ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
-ED25519_KEY_BYTES: Final = 32
-
-
-def ed25519_public_from_pem(data: bytes) -> bytes:
-    """The raw 32-byte key of a PEM Ed25519 public key; raise ProtocolError('bad_key') if it is not one."""
-    text = data.decode("ascii", "replace").strip()
-    header, footer = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
-    if not (text.startswith(header) and text.endswith(footer)):
-        raise ProtocolError("bad_key", "not a PEM public key")
-    try:
-        der = base64.b64decode("".join(text[len(header):-len(footer)].split()), validate=True)
-    except ValueError:
-        raise ProtocolError("bad_key", "the PEM body is not base64") from None
-    if len(der) != len(_ED25519_SPKI_PREFIX) + ED25519_KEY_BYTES or not der.startswith(_ED25519_SPKI_PREFIX):
-        raise ProtocolError("bad_key", "not an Ed25519 public key")
-    return der[len(_ED25519_SPKI_PREFIX):]
-
-
-def key_id(raw_public_key: bytes) -> str:
-    return hashlib.sha256(raw_public_key).hexdigest()[:16]
-
-
-def seal(payload: bytes, signing_key: Ed25519PrivateKey) -> SignedEnvelope:
-    """Sign (the hub's side; `cryptography`)."""
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    raw = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    signature = signing_key.sign(SIGNING_CONTEXT + payload)
-    return SignedEnvelope(key_id=key_id(raw), payload=payload, signature=signature)
-
-
-def open_envelope(envelope: SignedEnvelope, trusted: bytes) -> bytes:
-    """Return the payload if the raw Ed25519 key `trusted` signed it, else raise ProtocolError('bad_signature').
-
-    The agent's side, with PyNaCl (imported here, not at module import: only a policy needs it).
-    """
-    from nacl.exceptions import BadSignatureError, CryptoError
-    from nacl.signing import VerifyKey
-
-    if envelope.key_id != key_id(trusted):
-        raise ProtocolError("bad_signature", f"signed by unknown key {envelope.key_id}")
-    try:
-        VerifyKey(trusted).verify(SIGNING_CONTEXT + envelope.payload, envelope.signature)
-    except (BadSignatureError, CryptoError, ValueError, TypeError):
-        raise ProtocolError("bad_signature", "signature does not match the payload") from None
-    return envelope.payload
 
 
 # --- signed policies ------------------------------------------------------------------
@@ -572,7 +503,7 @@ def _check_args(args: str) -> None:
 CERT: Final = "cert"  # up/cert (a request made on the device) and down/cert (the certificate, or why not)
 MAX_PEM: Final = 16_384  # characters of a PEM request or certificate; an RSA-4096 one is under 2 KiB
 UP_KINDS: Final = (TELEMETRY, STATUS, COORD, CERT)  # every up/<kind> the hub takes in; the ACL admits no other
-# protocol.key_id of the request's public key (its DER SubjectPublicKeyInfo); "" when unreadable.
+# envelope.key_id of the request's public key (its DER SubjectPublicKeyInfo); "" when unreadable.
 KeyId = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{16})?$")]
 Pem = Annotated[str, msgspec.Meta(max_length=MAX_PEM)]
 

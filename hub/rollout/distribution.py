@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Final
 
 from edgefleet.mqtt.link import SESSION_ENDED
 from edgefleet.mqtt.session import MqttSession
-from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack, seal
+from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack
 from hub.config import HubConfig
 from hub.db.store import HubStore
 from hub.rollout import rollouts as rollout
+from hub.rollout.signing import seal
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

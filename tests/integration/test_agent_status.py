@@ -24,7 +24,8 @@ from edge_agent.config import load_settings
 from edge_agent.decide.policy_intake import STORED_NAME
 from edge_agent.ops.status import ERRORS_SHOWN, STALE_AFTER_S, collect
 from edge_agent.sense.sensors import Reading
-from edgefleet.wire.protocol import PolicyDocument, pack, seal
+from edgefleet.wire.protocol import PolicyDocument, pack
+from hub.rollout.signing import seal
 from tests.integration.test_store_forward_faults import wait_until
 from tests.support.harness import AGENT, HubDir, Proc, free_port, run_cli, start_agent
 

@@ -38,11 +38,11 @@ from edgefleet.wire.protocol import (
     down_topic,
     pack,
     presence_topic,
-    seal,
     unpack,
     unpack_cert_reply,
     up_topic,
 )
+from hub.rollout.signing import seal
 from tests.integration.test_store_forward_input import events, rejects, start_streaming, telemetry, wait_until
 from tests.support.exactly_once import hub_watermark
 from tests.support.harness import HUB, HubDir, Proc, connect, device_identity, hub_tap, run_cli, start_hub

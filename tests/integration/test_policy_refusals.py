@@ -29,7 +29,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from edgefleet.wire.protocol import POLICY, PolicyDocument, SignedEnvelope, down_topic, pack, seal, unpack
+from edgefleet.wire.envelope import SignedEnvelope
+from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack, unpack
+from hub.rollout.signing import seal
 from tests.support.harness import HUB, START_TIMEOUT, HubDir, Proc, hub_tap, run_cli, start_agent, start_hub
 
 pytestmark = pytest.mark.integration

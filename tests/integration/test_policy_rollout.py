@@ -27,9 +27,10 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import load_settings
 from edge_agent.decide.policy_intake import Outcome
-from edgefleet.wire.protocol import PolicyDocument, pack, seal
+from edgefleet.wire.protocol import PolicyDocument, pack
 from hub.pki.authority import load_policy_key
 from hub.rollout.rollouts import cohort_rank
+from hub.rollout.signing import seal
 from tests.support.harness import AGENT, HUB, HubDir, Proc, run_cli, start_hub
 
 pytestmark = pytest.mark.integration

@@ -19,6 +19,7 @@ import pytest
 from edge_agent.buffer.outbox import Outbox
 from edgefleet.mqtt.session import Message
 from edgefleet.policy.document import PolicyError, validate_policy
+from edgefleet.wire.envelope import SignedEnvelope
 from edgefleet.wire.protocol import (
     MAX_JSON_DEPTH,
     Ack,
@@ -31,7 +32,6 @@ from edgefleet.wire.protocol import (
     PolicyDocument,
     Presence,
     ProtocolError,
-    SignedEnvelope,
     Status,
     TaskOffer,
     check_batch,

@@ -15,7 +15,9 @@ from edge_agent.config import AgentSettings, load_settings
 from edge_agent.decide import policy_intake
 from edge_agent.decide.policy_intake import STORED_NAME, Outcome, PolicyIntake
 from edgefleet.policy.document import Policy
-from edgefleet.wire.protocol import PolicyDocument, SignedEnvelope, pack, seal, unpack
+from edgefleet.wire.envelope import SignedEnvelope
+from edgefleet.wire.protocol import PolicyDocument, pack, unpack
+from hub.rollout.signing import seal
 
 DEVICE, REGION = "dev-1", "eu-1"
 

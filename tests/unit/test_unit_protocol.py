@@ -7,29 +7,27 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edge_agent.decide.verify import open_envelope
+from edgefleet.wire.envelope import SignedEnvelope, ed25519_public_from_pem, key_id
 from edgefleet.wire.protocol import (
     MAX_PAYLOAD_BYTES,
     PRESENCE_FILTER,
     UP_FILTER,
     Presence,
     ProtocolError,
-    SignedEnvelope,
     Topic,
     decode,
     down_filter,
     down_topic,
-    ed25519_public_from_pem,
     encode,
     hub_identity,
-    key_id,
-    open_envelope,
     parse_topic,
     presence_topic,
-    seal,
     up_topic,
     validate_name,
 )
 from hub.broker import acl_rules
+from hub.rollout.signing import seal
 
 # --- names ---------------------------------------------------------------------------
 
