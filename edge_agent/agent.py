@@ -40,6 +40,7 @@ from edgefleet.runtime.lifecycle import Opening, run_until_signal
 from edgefleet.runtime.runlock import AGENT_LOCK, RunLock
 from edgefleet.runtime.sdnotify import READY, Watchdog, notify
 from edgefleet.runtime.tasks import TaskSet
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import (
     ACK,
     CERT,
@@ -159,9 +160,9 @@ class Agent:
         self.outbox.add(self.report.filter(readings))
 
     async def _alert(self, message: str, severity: str) -> None:
-        await self.outbox.add_event("alert", {"message": message, "severity": severity})
+        await self.outbox.add_event(EventKind.ALERT, {"message": message, "severity": severity})
 
-    async def _record(self, kind: str, body: dict[str, object]) -> None:
+    async def _record(self, kind: EventKind, body: dict[str, object]) -> None:
         await self.outbox.add_event(kind, body)
 
     # --- the connection ---------------------------------------------------------------
@@ -264,12 +265,12 @@ class Agent:
         base = {"task": award.task, "attempt": award.attempt, "action": award.kind}
         if why_not:
             done = TaskDone(task=award.task, attempt=award.attempt, ok=False, refused=True, detail=why_not)
-            await self.outbox.add_event("task_refused", {**base, "detail": why_not})
+            await self.outbox.add_event(EventKind.TASK_REFUSED, {**base, "detail": why_not})
         else:
             async def started(_kind: str, _args: object) -> None:
                 # No task runs unaudited: on a full or read-only disk it is refused (OutboxUnwritable).
-                await self.outbox.add_event("task_started", {**base, "args": args},
-                                            otherwise=("task_refused", {**base, "detail": UNAUDITED}))
+                await self.outbox.add_event(EventKind.TASK_STARTED, {**base, "args": args},
+                                            otherwise=(EventKind.TASK_REFUSED, {**base, "detail": UNAUDITED}))
 
             try:
                 result = await self.actuators.run(award.kind, args, timeout=award.timeout_s, started=started)
@@ -278,7 +279,7 @@ class Agent:
             else:
                 done = TaskDone(task=award.task, attempt=award.attempt, ok=result.ok, refused=result.refused,
                                 detail=result.detail[:1000], exit_code=result.exit_code)
-                await self.outbox.add_event("task_done", {**base, "ok": result.ok, "detail": result.detail,
+                await self.outbox.add_event(EventKind.TASK_DONE, {**base, "ok": result.ok, "detail": result.detail,
                                                           "exit_code": result.exit_code, "output": result.output})
         log.info("task %d: %s", award.task, "done" if done.ok else f"not done: {done.detail}")
         with contextlib.suppress(TransientError):  # the hub times the award out and moves on
@@ -307,13 +308,13 @@ class Agent:
             rules = len(outcome.policy.rules) if outcome.policy else 0
             source = "the local policy file" if outcome.withdrawn else f"{rules} rule(s)"
             log.info("policy version %d applied: %s", outcome.version, source)
-            await self.outbox.add_event("policy_applied", {
+            await self.outbox.add_event(EventKind.POLICY_APPLIED, {
                 "policy_version": outcome.version, "rules": rules, "withdrawn": outcome.withdrawn})
         elif outcome.refusal is not None and not outcome.repeated:
             r = outcome.refusal
             log.warning("policy version %d refused (%s): %s; version %d stays in force",
                         r.version, r.reason, r.detail, self.intake.version)
-            await self.outbox.add_event("policy_refused", {
+            await self.outbox.add_event(EventKind.POLICY_REFUSED, {
                 "policy_version": r.version, "reason": r.reason, "detail": r.detail,
                 "in_force": self.intake.version})
         self._status_now.set()

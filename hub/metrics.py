@@ -312,8 +312,8 @@ class HubCollector(Collector):
                         {n: q[0] for n, q in queue.items()}, names)
         yield f.per_key("lease_longest_wait_seconds", "How long the oldest queued request has waited.",
                         {n: max(now - q[1], 0.0) for n, q in queue.items()}, names)
-        (expired,) = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'lease_expired' AND device = ?",
-                                (self._identity,)).fetchone()
+        (expired,) = db.execute("SELECT COUNT(*) FROM events WHERE kind = ? AND device = ?",
+                                (EventKind.LEASE_EXPIRED, self._identity)).fetchone()
         yield f.counter("lease_expiries", "Leases taken back at their TTL (the holder never released them).",
                         value=expired)
 
@@ -338,13 +338,13 @@ class HubCollector(Collector):
         if next_update is not None:
             crl.add_metric([self._region], next_update - now)
         yield crl
-        outcomes = dict(db.execute("SELECT kind, COUNT(*) FROM events WHERE device = ? AND kind IN "
-                                   "('cert_issued', 'cert_refused') GROUP BY kind", (self._identity,)))
+        outcomes = dict(db.execute("SELECT kind, COUNT(*) FROM events WHERE device = ? AND kind IN (?, ?) "
+                                   "GROUP BY kind", (self._identity, EventKind.CERT_ISSUED, EventKind.CERT_REFUSED)))
         renewals = CounterMetricFamily("edgefleet_certificate_renewals", "Devices' in-band certificate requests, by "
                                        "outcome (refused: audited as cert_refused hub events).",
                                        labels=["region", "outcome"])
-        for outcome in ("issued", "refused"):
-            renewals.add_metric([self._region, outcome], outcomes.get(f"cert_{outcome}", 0))
+        for outcome, kind in (("issued", EventKind.CERT_ISSUED), ("refused", EventKind.CERT_REFUSED)):
+            renewals.add_metric([self._region, outcome], outcomes.get(kind, 0))
         yield renewals
 
 

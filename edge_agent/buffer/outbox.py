@@ -43,6 +43,7 @@ from edge_agent.sense.sensors import Reading
 from edgefleet.errors import TransientError
 from edgefleet.runtime.files import write_atomic
 from edgefleet.runtime.sqlite import immediate, to_completion
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import MAX_EVENT_BODY, json_too_deep
 
 COMMIT_INTERVAL: Final = 0.1  # the longest a reading waits in memory before it is durable
@@ -272,7 +273,7 @@ class Outbox:
         self.dropped += lost or 0
         if lost:
             log.error("outbox: %d unsent records of %s could not be read back: counted as dropped", lost, moved_to)
-        await self.add_event("outbox_corrupt", {
+        await self.add_event(EventKind.OUTBOX_CORRUPT, {
             "moved_to": str(moved_to), "reason": reason, "resumed_after_seq": self.last_seq,
             "recovered": found.recovered, "lost": lost, "lost_exact": found.claimed is not None,
             "unsent_after_seq": found.acked, "old_last_seq": found.last_seq})
@@ -424,13 +425,13 @@ class Outbox:
         self._new_metrics.append((mid, metric))
         return mid
 
-    async def add_event(self, kind: str, body: dict[str, object], *,
-                        otherwise: tuple[str, dict[str, object]] | None = None) -> int:
+    async def add_event(self, kind: EventKind, body: dict[str, object], *,
+                        otherwise: tuple[EventKind, dict[str, object]] | None = None) -> int:
         """Commit an event record now (with everything buffered before it); return its seq."""
         return (await self.add_events([(kind, body)], otherwise=None if otherwise is None else [otherwise]))[-1]
 
-    async def add_events(self, events: list[tuple[str, dict[str, object]]], *,
-                         otherwise: list[tuple[str, dict[str, object]]] | None = None) -> list[int]:
+    async def add_events(self, events: list[tuple[EventKind, dict[str, object]]], *,
+                         otherwise: list[tuple[EventKind, dict[str, object]]] | None = None) -> list[int]:
         """Commit event records now, in one transaction; return their seqs.
 
         While the disk is full or read-only they wait in memory instead (never dropped) and are
@@ -723,13 +724,15 @@ class Outbox:
             if isinstance(change, Shift):
                 if last > sent:
                     restamps.append((max(change.first - 1, sent), last, change.seconds))
-                kind, body = "clock_corrected", {"first": change.first, "last": last, "shift_s": change.seconds,
-                                                  "sent_through": sent, "clock_good": change.closes}
+                kind = EventKind.CLOCK_CORRECTED
+                body = {"first": change.first, "last": last, "shift_s": change.seconds, "sent_through": sent,
+                        "clock_good": change.closes}
                 log.warning("outbox: the system clock was stepped by %+.3f s; records %d to %d are moved with it%s",
                             change.seconds, change.first, last, "" if change.closes else
                             " (the clock is still not known to be right)")
             else:
-                kind, body = "clock_unknown", {"first": change.first, "last": last, "boot": f"{change.boot:016x}"}
+                kind = EventKind.CLOCK_UNKNOWN
+                body = {"first": change.first, "last": last, "boot": f"{change.boot:016x}"}
                 log.warning("outbox: records %d to %d were stamped in an earlier boot before its clock was set; "
                             "they cannot be corrected and are flagged at the hub", change.first, last)
             events.append((seq, ts, kind, json.dumps(body, separators=(",", ":"))))

@@ -290,11 +290,11 @@ class RuleEngine:
 
     # --- audit --------------------------------------------------------------------------
 
-    async def _audit(self, kind: str, rule: Rule, body: dict[str, Any]) -> None:
+    async def _audit(self, kind: EventKind, rule: Rule, body: dict[str, Any]) -> None:
         await self._audit_many([(kind, body)], rule)
 
-    async def _audit_many(self, records: list[tuple[str, dict[str, Any]]], rule: Rule, *,
-                          otherwise: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+    async def _audit_many(self, records: list[tuple[EventKind, dict[str, Any]]], rule: Rule, *,
+                          otherwise: list[tuple[EventKind, dict[str, Any]]] | None = None) -> None:
         """Audit records, committed; `otherwise` as Outbox.add_events takes it (raises OutboxUnwritable)."""
         for kind, _ in records:
             if kind in OUTCOMES:

@@ -51,7 +51,7 @@ FRESH_SLACK: Final = dt.timedelta(minutes=15)
 log = logging.getLogger("edge_agent.renewal")
 
 Clock = Callable[[], float]
-Audit = Callable[[str, dict[str, Any]], None]  # an event for the outbox, written apart from the caller
+Audit = Callable[[EventKind, dict[str, Any]], None]  # an event for the outbox, written apart from the caller
 
 
 class CertificateAge:

@@ -39,13 +39,26 @@ class EventKind(StrEnum):
     ROLLOUT_WAVE = "rollout_wave"
     ROLLOUT_COMPLETE = "rollout_complete"
     ROLLOUT_PROMOTED = "rollout_promoted"
+    ROLLOUT_ROLLED_BACK = "rollout_rolled_back"
+    ROLLOUT_ABORTED = "rollout_aborted"
     CERT_ISSUED = "cert_issued"
     CERT_REFUSED = "cert_refused"
     LEASE_EXPIRED = "lease_expired"
     APPROVAL_EXPIRED = "approval_expired"
+    APPROVAL_APPROVED = "approval_approved"
+    APPROVAL_DENIED = "approval_denied"
     TASK_OFFERED = "task_offered"
+    TASK_FAILED = "task_failed"  # (a task the hub closes as done is TASK_DONE, the device's own kind)
+    FOREIGN_SUBSCRIPTION = "foreign_subscription"
+    IDENTITY_CONFLICT = "identity_conflict"
 
 
 # What a rule's action ended as: counted by the engine and by the hub's metrics.
 ACTION_OUTCOMES: Final = (EventKind.ACTION_SUCCEEDED, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED,
                           EventKind.ACTION_SKIPPED)
+
+# The kind of event a state change is recorded as, by the state it ends in; an unknown state is
+# a KeyError, never a new kind.
+ROLLOUT_REVERTED: Final = {"rolled_back": EventKind.ROLLOUT_ROLLED_BACK, "aborted": EventKind.ROLLOUT_ABORTED}
+TASK_FINISHED: Final = {"done": EventKind.TASK_DONE, "failed": EventKind.TASK_FAILED}
+APPROVAL_DECIDED: Final = {"approved": EventKind.APPROVAL_APPROVED, "denied": EventKind.APPROVAL_DENIED}

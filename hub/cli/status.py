@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from edgefleet.wire.events import EventKind
 from hub.cli.format import event_detail, when  # the listing commands' formats
 from hub.config import HubConfig, HubPaths
 from hub.db.store import EventRow, HubStore, iso
@@ -173,7 +174,7 @@ def render(status: Status) -> str:
     alerts = report["alerts"]
     lines.append(f"alerts (warning and critical, latest per device and message, last {ALERT_SHOWN_S / 3600:g} h): "
                  f"{len(alerts) or 'none'}")
-    lines += _capped([f"  {when(a['ts'])}  {a['device']}  {event_detail('alert', a)}"
+    lines += _capped([f"  {when(a['ts'])}  {a['device']}  {event_detail(EventKind.ALERT, a)}"
                       + (f"  ({a['count']} times)" if a["count"] > 1 else "") for a in alerts],
                      "edge-hub events --kind alert")
     total = sum(report["rejects"].values())

@@ -23,7 +23,9 @@ from typing import Final
 import aiosqlite
 import msgspec
 
-CLOCK_EVENTS: Final = ("clock_corrected", "clock_unknown")
+from edgefleet.wire.events import EventKind
+
+CLOCK_EVENTS: Final = (EventKind.CLOCK_CORRECTED, EventKind.CLOCK_UNKNOWN)
 # Further than any real clock is off (a board in 1970 is about 56 years behind): a larger
 # shift is a bad report, not a correction.
 MAX_SHIFT_S: Final = 200 * 365.25 * 86400
@@ -73,7 +75,7 @@ async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str
 async def _apply(db: aiosqlite.Connection, device: str, seq: int, kind: str, body: str) -> str | None:
     """Apply one event; what is wrong with it, if something is."""
     try:
-        report = msgspec.json.decode(body, type=ClockCorrected if kind == "clock_corrected" else ClockUnknown)
+        report = msgspec.json.decode(body, type=ClockCorrected if kind == EventKind.CLOCK_CORRECTED else ClockUnknown)
     except (msgspec.DecodeError, RecursionError) as exc:  # a device's body: anything may be in it
         return f"is not a valid report ({str(exc)[:200]})"
     if not 0 < report.first <= report.last < seq:

@@ -30,19 +30,20 @@ from typing import Any, Final, Protocol
 
 import aiosqlite
 
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
 
 # A moved instance starts at the next multiple of this above every number the device used:
 # the instance below it would need 2**40 records (350 years at 100 a second) to reach it.
 REGION_STRIDE: Final = 2**40
-CONFLICT: Final = "identity_conflict"  # the hub event's kind and the reject counter's reason
+CONFLICT: Final = EventKind.IDENTITY_CONFLICT  # the hub event's kind and the reject counter's reason
 STALE: Final = "renumbered"  # a batch numbered before its instance was moved (still in flight then)
 RESET: Final = "outbox_reset"  # a new outbox on the same board below numbers it used (its state was lost)
 
 log = logging.getLogger("hub.identities")
 
 # Where a conflict is recorded (kind, body), inside the ingest's transaction: a hub event.
-EventSink = Callable[[aiosqlite.Connection, str, dict[str, Any]], Awaitable[None]]
+EventSink = Callable[[aiosqlite.Connection, EventKind, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import msgspec
 
 from edgefleet.runtime.files import database_access_denied
 from edgefleet.runtime.sqlite import to_completion
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import Batch, Presence, Renumber, Status, json_body
 from hub.db.device_clocks import apply_clock_events
 from hub.db.identities import resolve_claims
@@ -766,7 +767,7 @@ class HubStore:
             corrupt_outboxes=r["corrupt_outboxes"],
         )
 
-    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: str, body: dict[str, Any],
+    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: EventKind, body: dict[str, Any],
                         ts: float | None = None) -> None:
         """An event of the hub itself (rollouts), in the events table under the hub's identity;
         call inside `atomically`."""

@@ -24,6 +24,7 @@ from typing import Final
 import aiosqlite
 
 from edgefleet.runtime.files import sync_directory, write_atomic
+from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import NAME_PATTERN, down_topic
 from hub.config import HubConfig, HubPaths
 from hub.db.store import HubStore
@@ -33,7 +34,7 @@ GROUP_PATTERN: Final = re.compile(r"ingest-[0-9a-f]{32}")  # 128 random bits: no
 # Mosquitto's `log_type subscribe` line: "<time>: <client id> <qos> <topic filter>". The client
 # id is the certificate CN (use_username_as_clientid), so it names who subscribed.
 SUBSCRIBE_LINE: Final = re.compile(r"\d+: (?P<client>\S+) (?P<qos>[0-2]) (?P<filter>.+)")
-FOREIGN: Final = "foreign_subscription"  # the hub event's kind
+FOREIGN: Final = EventKind.FOREIGN_SUBSCRIPTION  # the hub event's kind
 # One event per device and filter this often: a device that subscribes in a loop is told of
 # once per interval, and cannot fill the hub database.
 NOTICE_INTERVAL_S: Final = 600.0

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from edgefleet.wire.events import EventKind
+from edgefleet.wire.events import APPROVAL_DECIDED, TASK_FINISHED, EventKind
 from edgefleet.wire.protocol import (
     ApprovalDecision,
     ApprovalRequest,
@@ -302,7 +302,7 @@ class Coordination:
                            out: Replies, result: dict[str, Any] | None = None) -> None:
         await db.execute("UPDATE tasks SET state = ?, reason = ?, result = ?, updated_at = ? WHERE id = ?",
                          (state, reason, json.dumps(result) if result else None, now, task))
-        await self._store.hub_event(db, self._identity, f"task_{state}", {
+        await self._store.hub_event(db, self._identity, TASK_FINISHED[state], {
             "task": task, "reason": reason, **(result or {})}, ts=now)
         out.notes.append(f"task {task}: {state}" + (f" ({reason})" if reason else "") +
                          (f" on {result['device']}" if result else ""))
@@ -337,7 +337,7 @@ class Coordination:
             state = "approved" if approved else "denied"
             await db.execute("UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, reason = ?, sent = 0 "
                              "WHERE id = ?", (state, by, now, reason, approval))
-            await self._store.hub_event(db, self._identity, f"approval_{state}", {
+            await self._store.hub_event(db, self._identity, APPROVAL_DECIDED[state], {
                 "approval": approval, "device": row[1], "rule": row[2], "action": row[3], "by": by,
                 "reason": reason}, ts=now)
             return f"approval {approval} ({row[3]} on {row[1]}, rule {row[2]}): {state} by {by}"

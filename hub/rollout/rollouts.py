@@ -30,7 +30,7 @@ from typing import Any, Final, NamedTuple
 import aiosqlite
 
 from edgefleet.policy.document import Policy
-from edgefleet.wire.events import EventKind
+from edgefleet.wire.events import ROLLOUT_REVERTED, EventKind
 from hub.config import RolloutConf
 from hub.db.store import HubStore, fetch_all, fetch_one
 from hub.errors import HubError, UsageError
@@ -568,7 +568,7 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
                                  [(latest, now, d) for d in devices])
             replaced[latest] = previous
         await _finish(db, rollout, state, reason, now)
-        await store.hub_event(db, identity, f"rollout_{state}", {
+        await store.hub_event(db, identity, ROLLOUT_REVERTED[state], {
             "policy_version": version, "rollout": rollout, "reason": reason, "automatic": automatic,
             "devices": sum(map(len, groups.values())),
             "replaced_by": [{"version": v, "previous": p} for v, p in replaced.items()]}, ts=now)
