@@ -1,7 +1,7 @@
 """The shared layer's exception root; transient failures are kept apart from fatal ones.
 
 The agent raises these too (`edge_agent.errors.AgentError` is this root); the hub raises only its
-own `hub.errors.HubError`, and its CLI reports a ConfigError from shared code as a usage error."""
+own `hub.errors.HubError`: it catches these where it calls shared code and raises its own."""
 
 from __future__ import annotations
 

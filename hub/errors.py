@@ -1,4 +1,6 @@
-"""The hub's exception root."""
+"""The hub's exception root. The hub raises only these: where it calls shared code
+(edgefleet), it catches the shared errors and raises the hub error they mean, with the same
+message (`from` the shared one)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ class HubError(Exception):
 
 class UsageError(HubError):
     """Bad arguments or configuration; exit code 2."""
+
+
+class HubAlreadyRunning(UsageError):
+    """Another process runs this hub directory (or this replica); exit code 2."""
 
 
 class NotInitialised(UsageError):

@@ -66,6 +66,10 @@ class MetricsError(HubError):
     """The metrics endpoint cannot be served (its port is taken); the message says what to change."""
 
 
+class FiguresUnavailable(HubError, MetricsUnavailable):
+    """The hub database cannot be read for a scrape now; the shared endpoint answers 503."""
+
+
 @dataclass
 class ActionTally:
     """Action events of one device: outcomes, coordination refusals, decision latencies."""
@@ -121,7 +125,7 @@ class HubCollector(Collector):
                     db.execute("BEGIN")  # one snapshot for every figure
                     return list(self._families(db, self._clock()))
             except sqlite3.Error as exc:
-                raise MetricsUnavailable(f"cannot read the hub database {self._db_path}: {exc}") from exc
+                raise FiguresUnavailable(f"cannot read the hub database {self._db_path}: {exc}") from exc
 
     def _families(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
         yield from self._fleet(db, now)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+from edgefleet.errors import AlreadyRunning
 from edgefleet.mqtt.link import SESSION_ENDED, Link
 from edgefleet.mqtt.session import Message, MqttSession, TlsIdentity
 from edgefleet.runtime.lifecycle import run_until_signal
@@ -32,6 +33,7 @@ from edgefleet.wire.protocol import (
 from hub.broker import STOP_GRACE, BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
 from hub.db.store import HubStore
+from hub.errors import HubAlreadyRunning
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.ingest.retained import RetainedSweeper
 from hub.ingest.subscriptions import SubscriptionWatch, share_group
@@ -339,7 +341,10 @@ async def _until_one_ends(tasks: TaskSet) -> None:
 
 def hold_run_lock(paths: HubPaths, replica: str | None) -> RunLock:
     """One process per (hub directory, replica): a second one would take the first one's broker for
-    a leftover and stop it, and fight it for the hub's session. Raises AlreadyRunning."""
+    a leftover and stop it, and fight it for the hub's session. Raises HubAlreadyRunning."""
     paths.run.mkdir(mode=0o711, exist_ok=True)
     name, what = ("hub", "edge-hub run") if replica is None else (f"hub.{replica}", f"edge-hub run --replica {replica}")
-    return RunLock.acquire(paths.run / f"{name}.lock", what, paths.root)
+    try:
+        return RunLock.acquire(paths.run / f"{name}.lock", what, paths.root)
+    except AlreadyRunning as exc:
+        raise HubAlreadyRunning(str(exc)) from exc

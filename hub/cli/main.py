@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from edgefleet import __version__
-from edgefleet.errors import AlreadyRunning, ConfigError
 from edgefleet.runtime import logfmt
 from edgefleet.runtime.durations import parse_duration
 from edgefleet.runtime.files import database_access_denied, database_advice, permission_advice
@@ -27,7 +26,7 @@ from hub.cli import coordination as coordination_commands
 from hub.cli import policy as policy_commands
 from hub.cli.format import event_detail, when
 from hub.config import DEFAULT_PORT, HubPaths, load_hub
-from hub.errors import HubError, UsageError
+from hub.errors import HubAlreadyRunning, HubError, UsageError
 
 if TYPE_CHECKING:
     from hub.db.store import DeviceRow, EventRow, HubStore, TelemetryRow
@@ -229,7 +228,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "run":
             return _run(args)
         return asyncio.run(commands[args.command](args))
-    except (UsageError, ConfigError) as exc:
+    except UsageError as exc:
         print(f"edge-hub: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except HubError as exc:
@@ -399,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
     paths, config = load_hub(args.dir)
     try:
         asyncio.run(run_hub(paths, config, args.replica))
-    except AlreadyRunning as exc:  # a second copy started by mistake: it must not touch the first's broker
+    except HubAlreadyRunning as exc:  # a second copy started by mistake: it must not touch the first's broker
         print(f"edge-hub: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from edgefleet.errors import ConfigError
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import Policy, PolicyError, validate_policy
 from edgefleet.policy.profiles import load_profile
@@ -130,7 +131,11 @@ def _check_profiles(path: Path, text: str, profiles: set[str]) -> None:
     errors: dict[str, PolicyError] = {}
     for name in sorted(profiles):
         try:
-            check_policy(text, load_profile(name))
+            profile = load_profile(name)
+        except ConfigError as exc:  # the shared error, as the hub's: same message, exit 2
+            raise UsageError(str(exc)) from exc
+        try:
+            check_policy(text, profile)
         except PolicyError as exc:
             errors[name] = exc
     if errors:

@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edgefleet.errors import ConfigError
 from edgefleet.runtime.files import write_atomic
 from edgefleet.runtime.settings import to_struct
 from edgefleet.wire.protocol import ProtocolError, validate_name
@@ -30,8 +31,11 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
         raise UsageError(exc.detail) from None
     # Built through validation (msgspec checks bounds on conversion, not on construction),
     # before anything on disk is touched.
-    config = to_struct({"region": region, "broker": {"host": host, "port": port, "bind": bind}},
-                       HubConfig, "edge-hub init")
+    try:
+        config = to_struct({"region": region, "broker": {"host": host, "port": port, "bind": bind}},
+                           HubConfig, "edge-hub init")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
     paths = HubPaths(directory.resolve())
     if paths.config.exists():
         if not force:
