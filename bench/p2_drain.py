@@ -15,7 +15,7 @@
    (acknowledged end to end and deleted). Agent start-up (interpreter, integrity check of
    the outbox, TLS) is inside the time.
 5. Exactly-once: the agent is paused (SIGSTOP) at a moment when everything it committed is
-   acknowledged, and tests/exactly_once.assert_exactly_once checks the hub holds every seq
+   acknowledged, and tests/support/exactly_once.assert_exactly_once checks the hub holds every seq
    1..last_seq once (none shed).
 6. Baseline, same run: bench/bridge_baseline.run_bridge_baseline with the same number of
    messages, PAYLOAD bytes each (one reading per MQTT message, QoS 1): a backlog on an edge
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgefleet drain: NOT finished within {timeout:.0f} s (watermark {ours['watermark_at_end']:,})")
         print(f"agent peak RSS while draining: {ours['agent_peak_rss_mb']} MB; CPU seconds from start to drained: "
               f"{ours['cpu_s_during_drain']}")
-        print(f"exactly-once (tests/exactly_once.assert_exactly_once): {ours.get('exactly_once')}"
+        print(f"exactly-once (tests/support/exactly_once.assert_exactly_once): {ours.get('exactly_once')}"
               + (f" — {ours['exactly_once_detail']}" if ours.get("exactly_once_detail") else
                  f" (1..{ours.get('last_seq'):,}, dropped {ours.get('dropped')})"))
         ok = bool(drain) and drain <= TARGET_S and ours.get("exactly_once") is True

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-# tests/test_systemd_units.py runs `systemd-analyze verify` on the units; containers lack systemd.
+# tests/integration/test_systemd_units.py runs `systemd-analyze verify` on the units; containers lack systemd.
 if ! command -v systemd-analyze >/dev/null; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

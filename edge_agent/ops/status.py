@@ -249,7 +249,7 @@ def policy_state(settings: AgentSettings, local: Policy | None) -> PolicyState:
     """The policy the agent runs when it starts now: the stored signed one if it checks out, else the local file."""
     intake = PolicyIntake(settings, local)
     refused: StoredRefusal | None = None
-    with _quiet(logging.getLogger("edge_agent.policy_intake")):  # its complaint is reported below instead
+    with _quiet(logging.getLogger(PolicyIntake.__module__)):  # its complaint is reported below instead
         try:
             policy = intake.load()
         except OSError as exc:

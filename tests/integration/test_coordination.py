@@ -3,7 +3,7 @@
 Real hub (`edge-hub -v run` with its Mosquitto), real agents over mutual TLS; what happened
 is read where an operator reads it: the audit events at the hub (`edge-hub events --json`),
 `edge-hub leases|tasks|approvals --json`, and the hub's log. The fifty-device contention
-runs fifty complete agents in the test process (tests/inprocess.py); everything that is
+runs fifty complete agents in the test process (tests/support/inprocess.py); everything that is
 killed, stopped or partitioned is a real agent process.
 
 Rules that need the hub are pushed (`edge-hub policy push`) only once their agents are

@@ -89,7 +89,7 @@ async def test_a_retained_nested_presence_does_not_stop_the_hub_at_each_restart(
     hub_dir: HubDir, bundles: Path,
 ) -> None:
     """With broker persistence a retained message outlives the broker, so a crash on it would repeat at
-    every start. The hub rejects it without stopping and clears it at the broker (hub.retained): after a
+    every start. The hub rejects it without stopping and clears it at the broker (hub.ingest.retained): after a
     restart it is not handed over again."""
     config = hub_dir.dir / "hub.toml"
     config.write_text(config.read_text().replace("persistence = false", "persistence = true", 1))

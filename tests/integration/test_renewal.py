@@ -3,7 +3,7 @@
 
 Lifetimes are seconds here (hub.toml takes fractions of a day), so an agent renews every
 ten seconds or so while it streams 2,000 readings a second; every test that streams ends
-with the exactly-once check read from the real databases (tests/exactly_once.py).
+with the exactly-once check read from the real databases (tests/support/exactly_once.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Real processes: `edge-hub run` with its managed Mosquitto, `edge-agent run` on the sim (or
 generic-linux) profile, and Python MQTT clients holding real device certificates. Every
-stream ends with the exactly-once check read from the real databases (tests/exactly_once.py).
+stream ends with the exactly-once check read from the real databases (tests/support/exactly_once.py).
 
 How a stream ends exactly once: the streaming agent is stopped, then restarted with sensing
 paused (one reading at start, the next a day later) so that its outbox can empty while the
