@@ -29,7 +29,8 @@ from edgefleet.wire.protocol import (
     shared_filter,
 )
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
-from hub.config import HubConfig, HubPaths
+from hub.config import HubConfig, HubPaths, RetentionConf
+from hub.db.retention import keep_pruning
 from hub.db.store import HubStore
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.ingest.retained import RetainedSweeper
@@ -317,6 +318,9 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
         tasks.append(asyncio.create_task(service.leadership.while_leading(
             lambda: keep_pki_fresh(paths, config, store)), name="pki"))
+        if config.retention != RetentionConf():  # old readings and events go, in the leader only
+            tasks.append(asyncio.create_task(service.leadership.while_leading(lambda: keep_pruning(
+                store, config.retention.telemetry_s, config.retention.events_s)), name="retention"))
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
