@@ -135,3 +135,26 @@ async def test_range_commands_on_a_live_hub(hub_dir: HubDir, hub: Proc, bundles:
                                  "--format", "csv")
     assert code == 2
     assert "--since must be before --until" in err
+
+
+async def test_only_the_leading_replica_prunes(hub_dir: HubDir) -> None:
+    """Replicas share the database: retention runs in the leader alone, and moves with the lead."""
+    config = hub_dir.dir / "hub.toml"
+    config.write_text(config.read_text().replace("replicas = []", 'replicas = ["b"]'))
+    set_retention(hub_dir, telemetry_days=20 / DAY_S, events_days=20 / DAY_S)  # a run every 5 s
+    primary = await start_hub(hub_dir)
+    replica = None
+    try:
+        await primary.wait_for(r"this hub process \(hub\.test\) leads the region")
+        replica = await Proc("replica", [HUB, "-v", "run", "--dir", str(hub_dir.dir), "--replica", "b"]).start()
+        await replica.wait_for(r"hub\.test leads the region")
+        await primary.wait_for(r"logger=hub\.retention msg=\"retention removed", after=primary.mark())
+        await primary.wait_for(r"logger=hub\.retention msg=\"retention removed", after=primary.mark())
+        assert not [line for line in replica.lines if "logger=hub.retention" in line]  # two runs of the leader later
+        await primary.stop()  # a clean stop hands the lead over at once
+        await replica.wait_for(r"this hub process \(hub\.test\.b\) leads the region")
+        await replica.wait_for(r"logger=hub\.retention msg=\"retention removed")
+    finally:
+        if replica is not None:
+            await replica.stop()
+        await primary.stop()
