@@ -91,6 +91,18 @@ async def test_retention_keeps_readings_above_the_watermark_until_it_covers_them
     assert await seqs(store) == []
 
 
+async def test_the_ingest_gets_the_writer_between_two_batches(store: HubStore) -> None:
+    """Each batch is its own short transaction: an ingest commit waiting for the writer goes next."""
+    await stream(store, "dev-a", range(1, 1001))
+    pruning = asyncio.create_task(retention.prune_all(store, "telemetry", T0 + 2000, batch=100, pause_s=0))
+    await asyncio.sleep(0)  # the prune takes the writer first
+    await stream(store, "dev-b", range(1, 11), ts_of={s: T0 + 5000 + s for s in range(1, 11)})
+    assert not pruning.done()
+    assert 0 < len(await seqs(store)) < 1000  # the commit went in while the prune was under way
+    assert await pruning == 1000
+    assert await seqs(store, device="dev-b") == list(range(1, 11))
+
+
 async def test_a_resent_batch_whose_readings_were_pruned_is_not_stored_again(store: HubStore) -> None:
     """The dedup floor: after retention removed rows, the watermark alone says they were stored."""
     ingest = Ingest(store, "hub.test")
