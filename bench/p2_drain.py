@@ -38,6 +38,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -231,8 +232,12 @@ async def settle_and_check(fleet: Fleet, device: str, agent: Child) -> dict[str,
         await asyncio.sleep(0.2)
 
 
-async def run_drain(work: Path, readings: int, limit_s: float, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+async def run_drain(work: Path, readings: int, limit_s: float, overrides: tuple[str, ...] = (),
+                    prepare: Callable[[Fleet], None] | None = None) -> dict[str, Any]:
+    """The drain; `prepare(fleet)` may change the hub's directory before the hub starts (bench/p10_retention.py)."""
     fleet = await make_fleet(work, [DEVICE])
+    if prepare is not None:
+        prepare(fleet)
     settings = load_settings(fleet.config(DEVICE), overrides)
     backlog = await build_backlog(settings, readings)
     last = backlog["last_seq"]

@@ -118,6 +118,25 @@ class MetricsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = 9464
 
 
+Days = Annotated[float, Meta(gt=0, le=36500)]
+
+
+class RetentionConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How long readings and events are kept, in days by their own timestamps; unset keeps them
+    forever. Fractions of a day are allowed (drills and tests)."""
+
+    telemetry_days: Days | None = None
+    events_days: Days | None = None
+
+    @property
+    def telemetry_s(self) -> float | None:
+        return None if self.telemetry_days is None else self.telemetry_days * DAY_S
+
+    @property
+    def events_s(self) -> float | None:
+        return None if self.events_days is None else self.events_days * DAY_S
+
+
 class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str
     broker: BrokerConf = BrokerConf()
@@ -125,6 +144,7 @@ class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hub: HubConf = HubConf()
     rollout: RolloutConf = RolloutConf()
     metrics: MetricsConf = MetricsConf()
+    retention: RetentionConf = RetentionConf()
 
     @property
     def identity(self) -> str:
@@ -291,4 +311,12 @@ drift_grace_s = {r.drift_grace_s:g}      # off the intended version this long wh
 [metrics]   # Prometheus text exposition at http://LISTEN:PORT/metrics (docs/operations.md)
 listen = {toml_value(config.metrics.listen)}
 port = {config.metrics.port}              # 0 turns it off
+
+[retention]   # days readings and events are kept, by their timestamps; unset keeps them forever
+{_days_line("telemetry_days", config.retention.telemetry_days, 90)}
+{_days_line("events_days", config.retention.events_days, 365)}
 """
+
+
+def _days_line(key: str, days: float | None, example: int) -> str:
+    return f"# {key} = {example}" if days is None else f"{key} = {days:g}"

@@ -237,6 +237,10 @@ class HubCollector(Collector):
             rejects.add_metric([self._region, reason], count)
         yield rejects
         yield self._foreign_subscriptions(db)
+        removed = dict(db.execute("SELECT tbl, removed FROM retention ORDER BY tbl").fetchall())
+        yield _Families(self._region, key="table").per_key(
+            "retention_removed_rows", "Readings (table telemetry) and events retention removed, for being older "
+            "than hub.toml [retention] allows.", removed, ("events", "telemetry"), counter=True)
 
     def _foreign_subscriptions(self, db: sqlite3.Connection) -> Metric:
         foreign = _Families(self._region).counter(

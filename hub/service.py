@@ -31,7 +31,8 @@ from edgefleet.wire.protocol import (
     shared_filter,
 )
 from hub.broker import STOP_GRACE, BrokerSupervisor, broker_executable, write_broker_files
-from hub.config import HubConfig, HubPaths
+from hub.config import HubConfig, HubPaths, RetentionConf
+from hub.db.retention import keep_pruning
 from hub.db.store import HubStore
 from hub.errors import HubAlreadyRunning
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
@@ -320,6 +321,9 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             tasks.spawn(supervisor.run(), name="broker", quiet=True)
         tasks.spawn(service.leadership.while_leading(lambda: keep_pki_fresh(paths, config, store)),
                     name="pki", quiet=True)
+        if config.retention != RetentionConf():  # old readings and events go, in the leader only
+            tasks.spawn(service.leadership.while_leading(lambda: keep_pruning(
+                store, config.retention.telemetry_s, config.retention.events_s)), name="retention", quiet=True)
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.spawn(_metrics(paths, config), name="metrics", quiet=True)
         tasks.spawn(_after_broker(supervisor, service.run), name="hub-service", quiet=True)

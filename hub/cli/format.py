@@ -1,12 +1,40 @@
-"""How the listing commands and `edge-hub status` show times and events on one line."""
+"""How the listing commands and `edge-hub status` read times, and show times and events on one line."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from edgefleet.wire.events import EventKind
+
+MOMENT_HELP: Final = ("an ISO 8601 time (2026-11-21T16:00:00Z; UTC unless it says otherwise), seconds since "
+                      "the epoch, or an age like 90s, 15m, 2h, 7d (that long before now)")
+
+
+def moment(text: str) -> float:
+    """A time the listing commands take (MOMENT_HELP) as epoch seconds; argparse's error otherwise."""
+    import argparse
+    import datetime as dt
+    import time
+
+    from edgefleet.runtime.durations import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        instant = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO 8601, epoch seconds, or an age like 15m"
+        ) from None
+    return (instant if instant.tzinfo else instant.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def when(ts: float) -> str:

@@ -18,13 +18,13 @@ import msgspec
 
 from edgefleet import __version__
 from edgefleet.runtime import logfmt
-from edgefleet.runtime.durations import parse_duration
 from edgefleet.runtime.files import database_access_denied, database_advice, permission_advice
 from edgefleet.runtime.pipes import run_command
 from edgefleet.runtime.units import HUB_UNITS, units_command
 from hub.cli import coordination as coordination_commands
+from hub.cli import export as export_command
 from hub.cli import policy as policy_commands
-from hub.cli.format import event_detail, when
+from hub.cli.format import MOMENT_HELP, event_detail, moment, when
 from hub.config import DEFAULT_PORT, HubPaths, load_hub
 from hub.errors import HubAlreadyRunning, HubError, UsageError
 
@@ -136,9 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "epoch, UTC), metric, value.")
     _dir_arg(tel)
     tel.add_argument("--device", metavar="ID", help="only this device")
-    tel.add_argument("--since", metavar="T", type=_since,
-                     help="only readings taken at or after T: an ISO 8601 time (2026-11-21T16:00:00Z), "
-                          "seconds since the epoch, or an age like 90s, 15m, 2h, 7d")
+    tel.add_argument("--since", metavar="T", type=moment, help=f"only readings taken at or after T: {MOMENT_HELP}")
+    tel.add_argument("--until", metavar="T", type=moment, help="only readings taken before T (same forms)")
     tel.add_argument("--metric", metavar="NAME", help="only this metric")
     tel.add_argument("--limit", type=int, metavar="N", help="at most N readings")
     tel.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -152,9 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     _dir_arg(evt)
     evt.add_argument("--device", metavar="ID", help="only this device")
     evt.add_argument("--kind", metavar="K", help="only this kind (rule_fired, action_failed, escalation, ...)")
-    evt.add_argument("--since", metavar="T", type=_since,
-                     help="only events at or after T: an ISO 8601 time (2026-11-21T16:00:00Z), "
-                          "seconds since the epoch, or an age like 90s, 15m, 2h, 7d")
+    evt.add_argument("--since", metavar="T", type=moment, help=f"only events at or after T: {MOMENT_HELP}")
     evt.add_argument("--limit", type=int, metavar="N", help="at most N events")
     evt.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -168,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                             "the snippet) instead of printing it")
 
     policy_commands.add_parser(sub, _dir_arg)
+    export_command.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
 
     from hub.cli.status import EXPIRY_WARNING_DAYS
@@ -186,27 +184,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _since(text: str) -> float:
-    """--since: an ISO time, epoch seconds, or an age, a duration ago (90s, 15m, 2h, 7d)."""
-    import datetime as dt
-
-    try:
-        return time.time() - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time: use ISO 8601, epoch seconds, or an age like 15m"
-        ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: _main(argv))
 
@@ -220,7 +197,7 @@ def _main(argv: list[str] | None) -> int:
         "init": _init, "provision": _provision, "revoke": _revoke, "devices": _devices,
         "telemetry": _telemetry, "events": _events, "status": _status, "policy": policy_commands.run,
         "leases": coordination_commands.run, "approvals": coordination_commands.run,
-        "task": coordination_commands.run, "tasks": coordination_commands.run,
+        "task": coordination_commands.run, "tasks": coordination_commands.run, "export": export_command.run,
     }
     if args.command == "units":
         return units_command("edge-hub", args.name, args.install)
@@ -443,7 +420,7 @@ async def _telemetry(args: argparse.Namespace) -> int:
         return f"{row.device}\t{row.seq}\t{when(row.ts)}\t{row.metric}\t{row.value:g}{flag}"
 
     return await _stream(args, "reading(s)", text, lambda store: store.telemetry(
-        device=args.device, since=args.since, metric=args.metric, limit=args.limit))
+        device=args.device, since=args.since, until=args.until, metric=args.metric, limit=args.limit))
 
 
 async def _events(args: argparse.Namespace) -> int:

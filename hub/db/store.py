@@ -7,6 +7,7 @@ CLI beside a running hub) wait on SQLite's lock for up to BUSY_TIMEOUT_MS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -25,6 +26,7 @@ from edgefleet.runtime.files import database_access_denied
 from edgefleet.runtime.sqlite import to_completion
 from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import Batch, Presence, Renumber, Status, json_body
+from hub.db import export, retention
 from hub.db.device_clocks import apply_clock_events
 from hub.db.identities import resolve_claims
 from hub.db.watermarks import Coverage
@@ -215,6 +217,13 @@ MIGRATIONS: Final[Sequence[str]] = (
         machine INTEGER NOT NULL,          -- the number of the board it runs on (protocol.Batch.machine, 0 unknown)
         first_seen REAL NOT NULL, last_seen REAL NOT NULL,
         PRIMARY KEY (device, instance)
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE INDEX telemetry_ts ON telemetry(ts);   -- range reads, exports and retention (hub/db/retention.py)
+    CREATE INDEX events_ts ON events(ts);
+    CREATE TABLE retention (               -- rows retention removed so far, per table (a metric)
+        tbl TEXT PRIMARY KEY, removed INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
 )
@@ -558,6 +567,10 @@ class HubStore:
             placed = await resolve_claims(db, work, lambda db, kind, body: self.hub_event(
                 db, work.hub or "hub", kind, body)) if work.claims else {}
             await self._drop_seq_conflicts(db, work)
+            # Resent records the watermark covers are not stored again, also where retention removed them.
+            floors = await retention.dedup_floors(db, (stream.split("/", 1)[0] for stream in work.ranges))
+            work.telemetry = retention.above_floor(work.telemetry, floors)
+            work.events = retention.above_floor(work.events, floors)
             if work.telemetry:
                 await db.executemany(
                     "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
@@ -664,9 +677,10 @@ class HubStore:
         await apply_clock_events(db, [(d.split("/", 1)[0], before[d], c.watermark) for d, c in coverage.items()])
         return {d: c.watermark for d, c in coverage.items()}
 
-    def telemetry(self, *, device: str | None = None, since: float | None = None,
+    def telemetry(self, *, device: str | None = None, since: float | None = None, until: float | None = None,
                   metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
-        filters = (("device = ?", device), ("ts >= ?", since), ("metric = ?", metric))
+        """Stored readings ordered by device, then seq; `since` included, `until` not."""
+        filters = (("device = ?", device), ("ts >= ?", since), ("ts < ?", until), ("metric = ?", metric))
         return self._listing("device, seq, ts, metric, value, clock_unknown", "telemetry", filters, limit,
                              telemetry_row)
 
@@ -691,6 +705,21 @@ class HubStore:
             while rows := await cur.fetchmany(10_000):
                 for row in rows:
                     yield make(*row)
+
+    async def read_telemetry(self, since: float, until: float, device: str | None = None,
+                             metric: str | None = None) -> AsyncGenerator[TelemetryRow, None]:
+        """Readings with since <= ts < until in time order, streamed (hub/db/export.py)."""
+        async with contextlib.aclosing(export.read_telemetry(self._db, since, until, device, metric)) as rows:
+            async for row in rows:
+                yield telemetry_row(*row)
+
+    async def prune_telemetry(self, before: float, batch: int) -> int:
+        """Remove at most `batch` readings stamped before `before` (hub/db/retention.py); how many went."""
+        return await self.atomically(lambda db: retention.prune(db, "telemetry", before, batch))
+
+    async def prune_events(self, before: float, batch: int) -> int:
+        """Remove at most `batch` events stamped before `before` (hub/db/retention.py); how many went."""
+        return await self.atomically(lambda db: retention.prune(db, "events", before, batch))
 
     async def latest_escalations(self) -> list[EventRow]:
         """The newest `escalation` event of each (device, rule), ordered by device and rule.
