@@ -10,7 +10,7 @@ import pytest
 from edgefleet.policy.expr import ExprError, parse
 from edgefleet.runtime.durations import POLICY_UNITS, parse_duration
 from edgefleet.runtime.settings import duration_arg
-from hub.cli.main import _since
+from hub.cli.format import moment as _since
 
 VALID = [  # (text, seconds): valid everywhere a duration is written
     ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5), ("0s", 0.0),
