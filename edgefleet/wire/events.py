@@ -44,6 +44,13 @@ class EventKind(StrEnum):
     LEASE_EXPIRED = "lease_expired"
     APPROVAL_EXPIRED = "approval_expired"
     TASK_OFFERED = "task_offered"
+    # zero-touch enrollment (hub.pki.enroll): every enrollment, refusal and hold is audited
+    ENROLLMENT_CREATED = "enrollment_created"
+    ENROLLMENT_REVOKED = "enrollment_revoked"
+    ENROLLED = "enrolled"
+    ENROLL_PENDING = "enroll_pending"
+    ENROLL_REFUSED = "enroll_refused"
+    ENROLL_READMITTED = "enroll_readmitted"
 
 
 # What a rule's action ended as: counted by the engine and by the hub's metrics.
