@@ -16,7 +16,7 @@ import shutil
 import signal
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 ENROLL_TIMEOUT = 60.0  # key helper start-up and a TLS round trip on a loaded 2-core machine, with retries
 TLS = ssl.TLSVersion.TLSv1_3
+POLL = 0.2  # seconds between looks at the hub's database
 
 
 def configure_enrollment(hub_dir: HubDir, **extra: float) -> int:
@@ -116,6 +117,20 @@ def events(hub_dir: HubDir, kind: str) -> list[dict[str, object]]:
         hub_dir, "SELECT body FROM events WHERE device = ? AND kind = ? ORDER BY seq", (f"hub.{hub_dir.region}", kind))]
 
 
+def enroll_counts(hub_dir: HubDir) -> dict[str, int]:
+    return {str(outcome): int(count) for outcome, count in query(
+        hub_dir, "SELECT outcome, count FROM enroll_counts")}
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll a file the hub writes (its database) until `check()`; fail after `timeout` saying `what`."""
+    for _ in range(int(timeout / POLL)):
+        if check():
+            return
+        await asyncio.sleep(POLL)  # the hub's database has no event to await from here
+    pytest.fail(f"not seen within {timeout:.0f} s: {what}")
+
+
 async def devices_json(hub_dir: HubDir) -> dict[str, dict[str, object]]:
     code, out, err = await run_cli(HUB, "devices", "--dir", str(hub_dir.dir), "--json")
     assert code == 0, err
@@ -188,13 +203,10 @@ async def test_one_image_many_boards_each_enroll_with_their_own_key_and_stream(
             assert [(format(cert.serial_number, "x"), None)] == device_certs(hub_dir, name)
         # They stream: readings from each reach the hub's store.
         for name in names:
-            for _ in range(100):
-                if query(hub_dir, "SELECT COUNT(*) FROM telemetry WHERE device = ?", (name,))[0][0]:
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                pytest.fail(f"no reading from {name} reached the hub")
-        assert sorted(e["device"] for e in events(hub_dir, "enrolled")) == names  # type: ignore[type-var]
+            await eventually(lambda name=name: bool(query(
+                hub_dir, "SELECT COUNT(*) FROM telemetry WHERE device = ?", (name,))[0][0]),
+                f"a reading from {name} at the hub")
+        assert sorted(e["device"] for e in events(hub_dir, "enrolled")) == names
     finally:
         for agent in agents:
             await agent.stop()
@@ -320,12 +332,8 @@ async def test_approval_holds_then_approve_or_deny_and_early_readings_arrive(
         await agent_yes.wait_for(r"online \(profile sim", timeout=ENROLL_TIMEOUT)
         await agent_no.wait_for(r"enrollment refused by the hub \(denied\).*not ours", timeout=ENROLL_TIMEOUT)
         # Readings sampled while held are sent once enrolled: the first seq reaches the hub.
-        for _ in range(150):
-            if query(hub_dir, "SELECT COUNT(*) FROM telemetry WHERE device = 'a-yes' AND seq = 1")[0][0]:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            pytest.fail("the readings taken before enrollment never reached the hub")
+        await eventually(lambda: bool(query(hub_dir, "SELECT COUNT(*) FROM telemetry WHERE device = 'a-yes' "
+                                            "AND seq = 1")[0][0]), "the readings taken before enrollment at the hub")
     finally:
         await agent_yes.stop()
         await agent_no.stop()
@@ -372,7 +380,7 @@ async def test_bad_requests_are_refused_with_the_reason_audited_and_counted(
     cases: list[tuple[str, int, str, dict[str, object]]] = []
 
     async def expect(what: str, status: int, reason: str, body: bytes, **kwargs: object) -> None:
-        got, reply = await post(enroll_port, image, body, **kwargs)  # type: ignore[arg-type]
+        got, reply = await post(enroll_port, image, body, **kwargs)
         assert (got, reply.get("reason")) == (status, reason), f"{what}: {got} {reply}"
         assert reply.get("outcome") == "refused", reply
         assert reply.get("detail"), reply
@@ -397,11 +405,8 @@ async def test_bad_requests_are_refused_with_the_reason_audited_and_counted(
     # Counted for the metrics endpoint (flushed every few seconds), and the hub goes on serving.
     good = await post(enroll_port, image, request("good-1", csr_pem("good-1")))
     assert (good[0], good[1]["outcome"]) == (200, "issued"), good
-    for _ in range(100):
-        counts = dict(query(hub_dir, "SELECT outcome, count FROM enroll_counts"))
-        if counts.get("issued"):
-            break
-        await asyncio.sleep(0.2)
+    await eventually(lambda: bool(enroll_counts(hub_dir).get("issued")), "the counts flushed")
+    counts = enroll_counts(hub_dir)
     assert (counts["refused_bad_device_id"], counts["refused_forged"], counts["issued"]) == (7, 2, 1), counts
     assert ehub.proc is not None
     assert ehub.proc.returncode is None
@@ -429,11 +434,8 @@ async def test_a_flood_with_a_leaked_credential_is_bounded_and_the_hub_serves_on
         assert (status, reply["outcome"]) == (200, "issued"), reply
         await hub.wait_for(r"enrollment: \d+ request\(s\) turned away", timeout=10)
         assert sum("turned away" in line for line in hub.lines) == 1  # logged once in the window
-        for _ in range(100):
-            counts = dict(query(hub_dir, "SELECT outcome, count FROM enroll_counts"))
-            if counts.get("rate_limited", 0) >= 40:
-                break
-            await asyncio.sleep(0.2)
+        await eventually(lambda: enroll_counts(hub_dir).get("rate_limited", 0) >= 40, "the counts flushed")
+        counts = enroll_counts(hub_dir)
         assert counts["rate_limited"] == statuses.count(429), counts
         assert len(query(hub_dir, "SELECT device FROM enrolled")) == issued + 1
     finally:
