@@ -125,10 +125,10 @@ class EnrollConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bind: str = ""  # "" = broker.bind: devices reach both on the same address
     # Token buckets (requests per second, and the burst a bucket holds): over all credentials,
     # and per credential, so one leaked credential cannot take the whole budget.
-    rate: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
-    burst: Annotated[int, Meta(ge=1, le=100_000)] = 200
-    credential_rate: Annotated[float, Meta(gt=0, le=10_000)] = 50.0
-    credential_burst: Annotated[int, Meta(ge=1, le=100_000)] = 100
+    rate: Annotated[float, Meta(gt=0, le=10_000)] = 200.0
+    burst: Annotated[int, Meta(ge=1, le=100_000)] = 400
+    credential_rate: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
+    credential_burst: Annotated[int, Meta(ge=1, le=100_000)] = 200
     max_pending: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # requests held for approval, per credential
     retry_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0  # what a held device is told: ask again after this
 

@@ -18,12 +18,13 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
 
-from edge_agent.identity.keygen import make_request
+from edge_agent.identity.keygen import KeyRequest, make_request, request_for
 from edge_agent.identity.tls import IdentityFiles
 from edgefleet.errors import ConfigError, IdentityError, KeyGenerationFailed
 from edgefleet.mqtt.reconnect import Backoff
@@ -104,6 +105,9 @@ class Enrollment:
         self.state_dir = state_dir
         self.key = state_dir / ENROLL_KEY
         self.backoff = Backoff(initial=FIRST_RETRY, maximum=MAX_RETRY)
+        # The key helper process; `edge-agent simulate` (thousands of agents, one process whose memory
+        # is no device's) makes keys in a thread instead: make_request_in_process.
+        self.make_request: Callable[[Path, str], Awaitable[KeyRequest]] = make_request
         self.status: EnrollStatus | None = None
         self._said: tuple[str, str] | None = None  # (state, reason) last logged at WARNING
 
@@ -127,7 +131,7 @@ class Enrollment:
                                                           f"({exc.strerror}): put the image's enroll.token there",
                               REFUSED_RETRY)
         try:
-            request = await make_request(self.key, self.device)
+            request = await self.make_request(self.key, self.device)
         except KeyGenerationFailed as exc:
             return self._note("refused", "keygen", f"cannot make this device's key: {exc}", REFUSED_RETRY)
         body = msgspec.json.encode(EnrollRequest(device=self.device, csr=request.csr))
@@ -175,6 +179,14 @@ class Enrollment:
             write_atomic(self.state_dir / ENROLL_STATE, msgspec.json.encode(status), 0o644)
         except OSError as exc:  # status is for people; enrollment goes on without it
             log.debug("cannot write %s: %s", ENROLL_STATE, exc)
+
+
+async def make_request_in_process(key: Path, cn: str) -> KeyRequest:
+    """What the key helper does, in a thread of this process (it imports `cryptography`)."""
+    try:
+        return await asyncio.to_thread(request_for, key, cn)
+    except (OSError, ValueError) as exc:
+        raise KeyGenerationFailed(str(exc)) from None
 
 
 def _post(url: str, token: str, body: bytes, ca: Path) -> tuple[int, bytes]:
