@@ -160,7 +160,7 @@ def _enrolling_device_id(config: AgentConfig, path: Path) -> str:
     """The id an image folder's device takes from its [enroll] source; ConfigError without one."""
     e = config.enroll
     if e is None:
-        raise ConfigError("device_id is missing: set it, or enroll from an image folder ([enroll], "
+        raise ConfigError("the device id is missing: set device_id, or enroll from an image folder ([enroll], "
                           "edge-hub enroll create)", str(path))
     if not e.url.startswith("https://"):
         raise ConfigError(f"enroll.url = {e.url!r} is not an https:// URL: the credential is never sent in clear",

@@ -100,7 +100,7 @@ def test_an_image_folder_config_takes_its_id_from_the_source(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="https"):
         load_settings(config)
     config.write_text('profile = "sim"\n[broker]\nhost = "h"\n')
-    with pytest.raises(ConfigError, match="device_id is missing"):
+    with pytest.raises(ConfigError, match="device id is missing"):
         load_settings(config)
 
 
