@@ -205,5 +205,7 @@ def _post(url: str, token: str, body: bytes, ca: Path) -> tuple[int, bytes]:
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, response.read(MAX_REPLY_BYTES)
+    except http.client.HTTPException as exc:  # not an HTTP answer (a wrong port, a proxy): as unreachable
+        raise OSError(f"no HTTP answer from {parts.hostname}:{parts.port or 443} ({exc!r})") from None
     finally:
         connection.close()

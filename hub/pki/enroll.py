@@ -247,6 +247,9 @@ class EnrollmentDesk:
         if reply.outcome == "issued" and not decision.again:
             await self._after_issue(request.device, decision.readmitted)
             log.info("%s enrolled with enrollment %s from %s (key %s)", request.device, enrollment_id, peer, key)
+        elif reply.outcome == "issued":
+            log.info("%s asked again with key %s: answered with the certificate issued for it before", request.device,
+                     key)
         elif reply.outcome == "pending" and not decision.again:
             log.info("%s asks to enroll with enrollment %s from %s: held for approval (%s)", request.device,
                      enrollment_id, peer, reply.detail)

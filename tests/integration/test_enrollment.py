@@ -117,6 +117,12 @@ def events(hub_dir: HubDir, kind: str) -> list[dict[str, object]]:
         hub_dir, "SELECT body FROM events WHERE device = ? AND kind = ? ORDER BY seq", (f"hub.{hub_dir.region}", kind))]
 
 
+def stored_seqs(hub_dir: HubDir, device: str) -> set[int]:
+    """The sequence numbers of `device`'s records (readings and events) the hub stored."""
+    return {int(seq) for (seq,) in query(hub_dir, "SELECT seq FROM telemetry WHERE device = ? UNION "
+                                                  "SELECT seq FROM events WHERE device = ?", (device, device))}
+
+
 def enroll_counts(hub_dir: HubDir) -> dict[str, int]:
     return {str(outcome): int(count) for outcome, count in query(
         hub_dir, "SELECT outcome, count FROM enroll_counts")}
@@ -463,6 +469,7 @@ async def test_kill_9_of_agent_or_hub_mid_enrollment_leaves_one_revocable_certif
             again = await start_board(folder, name)
             try:
                 await again.wait_for(r"online \(profile sim", timeout=ENROLL_TIMEOUT)
+                await eventually(lambda name=name: bool(stored_seqs(hub_dir, name)), f"{name}'s records at the hub")
             finally:
                 await again.stop()
         # The hub killed while a batch of boards enrolls, then started again.
@@ -475,12 +482,18 @@ async def test_kill_9_of_agent_or_hub_mid_enrollment_leaves_one_revocable_certif
         try:
             for agent in agents:
                 await agent.wait_for(r"online \(profile sim", timeout=2 * ENROLL_TIMEOUT)
+            for folder in late:
+                await eventually(lambda name=folder.name: bool(stored_seqs(hub_dir, name)),
+                                 f"{folder.name}'s records at the hub")
         finally:
             for agent in agents:
                 await agent.stop()
         for folder in [*(boards / f"k-{n}" for n in range(4)), *late]:
             cert = stored_identity(folder)
             assert device_certs(hub_dir, folder.name) == [(format(cert.serial_number, "x"), None)], folder.name
+            # Nothing lost: what the hub stored of the device is one unbroken run from its first record.
+            seqs = stored_seqs(hub_dir, folder.name)
+            assert seqs == set(range(1, max(seqs) + 1)), f"{folder.name}: gaps in {sorted(seqs)[:20]}..."
         # Revocable: the broker refuses the enrolled identity once revoked.
         victim = boards / "k-0"
         code, _, err = await run_cli(HUB, "revoke", "--dir", str(hub_dir.dir), "k-0")
