@@ -307,6 +307,10 @@ async def test_limits_max_devices_expiry_revocation_and_duplicate_ids(
     assert certs[old_serial] is not None
     reasons = {e["reason"] for e in events(hub_dir, "enroll_refused")}
     assert {"exhausted", "expired", "revoked", "already_enrolled"} <= reasons
+    code, out, _ = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    shown = json.loads(out)["enroll_refused"]
+    assert {"exhausted", "expired", "revoked", "already_enrolled"} <= {r["reason"] for r in shown}
+    assert {r["device"] for r in shown} >= {"m-2", "x-1", "m-3", "m-1"}
 
 
 @pytest.mark.timeout(240)
@@ -504,3 +508,31 @@ async def test_kill_9_of_agent_or_hub_mid_enrollment_leaves_one_revocable_certif
                              hub_dir.port, "k-0", "revoked")
     finally:
         await hub.stop()
+
+
+@pytest.mark.timeout(240)
+async def test_a_board_started_before_the_hub_says_why_and_enrolls_once_it_is_up(
+    hub_dir: HubDir, enroll_port: int, workdir: Path
+) -> None:
+    image = workdir / "image"
+    await create_image(hub_dir, image)
+    folder = board(image, workdir / "boards", "early-1")
+    agent = await start_board(folder, "early-1")
+    try:
+        await agent.wait_for(r"not enrolled yet: cannot enroll at https://127\.0\.0\.1:\d+/enroll", timeout=30)
+        code, out, _ = await run_cli(AGENT, "check", "--config", str(folder / "agent.toml"), "--set",
+                                     "device_id=early-1")
+        assert code == 1
+        assert re.search(r"FAIL\s+enrollment: not enrolled yet \(unreachable\)", out), out
+        hub = await start_hub(hub_dir)
+        try:
+            await agent.wait_for(r"enrolled: serial", timeout=2 * ENROLL_TIMEOUT)  # its next retry, backed off
+            await agent.wait_for(r"online \(profile sim", timeout=ENROLL_TIMEOUT)
+            await eventually(lambda: 1 in stored_seqs(hub_dir, "early-1"), "the first reading at the hub")
+        finally:
+            await hub.stop()
+    finally:
+        await agent.stop()
+    assert sum("not enrolled yet" in line and "level=warning" in line for line in agent.lines) == 1  # then DEBUG
+    code, out, _ = await run_cli(HUB, "status", "--dir", str(hub_dir.dir), "--json")
+    assert json.loads(out)["enroll_refused"] == []
