@@ -147,7 +147,7 @@ class Enrollment:
         if reply.outcome == "pending":
             return self._note("pending", reply.reason, f"enrollment held by the hub: {reply.detail}",
                               max(MIN_RETRY, reply.retry_after))
-        if reply.reason == "rate_limited" or status == 503:
+        if reply.reason == "rate_limited" or status >= 500:  # the hub's trouble, not a refusal: back off
             wait = max(MIN_RETRY, reply.retry_after) + self.backoff.lost(time.monotonic())
             return self._note("unreachable", reply.reason, f"the hub is busy ({reply.detail})", wait)
         return self._note("refused", reply.reason, f"enrollment refused by the hub ({reply.reason}): {reply.detail}",

@@ -206,9 +206,9 @@ class EnrollmentDesk:
     config: HubConfig
     store: HubStore
     counts: Counter[str] = field(default_factory=Counter)
-    _ca: Authority | None = None
-    _audited: dict[tuple[str, str, str], float] = field(default_factory=dict)
-    _window: tuple[float, int] = (0.0, 0)  # (start, refusals audited in it)
+    _ca: Authority | None = field(default=None, init=False)
+    _audited: dict[tuple[str, str, str], float] = field(default_factory=dict, init=False)  # -> when audited
+    _window: tuple[float, int] = field(default=(0.0, 0), init=False)  # (start, refusals audited in it)
 
     @property
     def ca(self) -> Authority:

@@ -46,13 +46,14 @@ class TokenBucket:
 
     rate: float
     burst: int
-    tokens: float = -1.0
     at: float = field(default_factory=time.monotonic)
+    tokens: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = float(self.burst)  # a new bucket is full
 
     def take(self, now: float) -> float:
         """0 when a token was taken, else the seconds until one is there."""
-        if self.tokens < 0:
-            self.tokens = float(self.burst)
         self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
         self.at = now
         if self.tokens >= 1:
@@ -200,7 +201,18 @@ class EnrollmentServer:
             await self._refuse_early(writer, 400, peer, "bad_request", f"the request body is not an enrollment "
                                      f"request ({exc})"[:300])
             return
-        reply = await self.desk.answer(token, request, peer)
+        try:
+            reply = await self.desk.answer(token, request, peer)
+        except sqlite3.OperationalError as exc:  # the database held past its busy timeout: ask again
+            self._count("busy", f"{peer} (hub database: {exc})")
+            await _send(writer, 503, EnrollReply(outcome="refused", reason="busy", retry_after=BUSY_RETRY,
+                                                 detail="the hub is busy: ask again later"))
+            return
+        except Exception:  # a bug must neither stop the endpoint nor leave the device without an answer
+            log.exception("enrollment: the request of %r from %s failed", request.device[:64], peer)
+            self.desk.counts["failed"] += 1
+            await _send(writer, 500, _refusal("internal_error", "the hub failed on this request: see its log"))
+            return
         status = {"issued": 200, "pending": 202}.get(reply.outcome, 403)
         await _send(writer, status, reply)
 
@@ -238,7 +250,8 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 _REASONS: Final = {200: "OK", 202: "Accepted", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-                   413: "Content Too Large", 429: "Too Many Requests", 503: "Service Unavailable"}
+                   413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+                   503: "Service Unavailable"}
 
 
 async def _send(writer: asyncio.StreamWriter, status: int, reply: EnrollReply) -> None:
