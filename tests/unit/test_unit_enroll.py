@@ -173,3 +173,97 @@ async def test_refusals_are_audited_once_per_window_and_all_counted(desk: Enroll
         assert tuple((await desk.store.query("SELECT outcome, count FROM enroll_counts"))[0]) == ("refused_forged", 5)
     finally:
         await desk.store.close()
+
+
+# --- the agent's side, with the HTTPS exchange faked (the transport) ------------------------------
+
+
+@pytest.fixture
+def image_device(tmp_path: Path) -> tuple[agent_enroll.Enrollment, Authority]:
+    from edge_agent.identity.tls import IdentityFiles
+    from edgefleet.mqtt.session import TlsIdentity
+
+    ca = Authority.create("t")
+    (tmp_path / "ca.crt").write_bytes(cert_pem(ca.cert))
+    (tmp_path / "enroll.token").write_text(f"efe1.0123456789ab.{secrets.token_urlsafe(32)}\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    files = IdentityFiles(TlsIdentity(tmp_path / "ca.crt", tmp_path / "device.crt", tmp_path / "device.key"), state)
+    enrollment = agent_enroll.Enrollment("board-1", "https://127.0.0.1:1/enroll", tmp_path / "enroll.token", files,
+                                         state)
+    enrollment.make_request = agent_enroll.make_request_in_process
+    return enrollment, ca
+
+
+async def test_held_then_issued_stores_the_identity_and_drops_the_key(
+    image_device: tuple[agent_enroll.Enrollment, Authority], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datetime as dt
+
+    import msgspec
+
+    from edgefleet.wire.enrollment import EnrollReply
+
+    enrollment, ca = image_device
+    answers = [(202, EnrollReply(outcome="pending", reason="approval", retry_after=3.0, detail="waiting: approve 1"))]
+
+    def post(url: str, token: str, body: bytes, ca_path: Path) -> tuple[int, bytes]:
+        sent = msgspec.json.decode(body, type=EnrollRequest)
+        assert token.startswith("efe1.")
+        if answers:
+            status, reply = answers.pop(0)
+        else:
+            csr = x509.load_pem_x509_csr(sent.csr.encode())
+            cert = ca.sign_request(csr, sent.device, dt.timedelta(days=1))
+            status, reply = 200, EnrollReply(outcome="issued", cert=cert_pem(cert).decode())
+        return status, msgspec.json.encode(reply)
+
+    monkeypatch.setattr(agent_enroll, "_post", post)
+    assert enrollment.needed()
+    assert await enrollment.attempt() == 3.0
+    status = agent_enroll.read_status(enrollment.state_dir)
+    assert status is not None
+    assert (status.state, status.reason) == ("pending", "approval")
+    key_before = enrollment.key.read_bytes()
+    assert await enrollment.attempt() is None
+    assert not enrollment.key.exists()
+    current = enrollment.files.current()
+    assert current is not None
+    assert current.cert.common_name == "board-1"
+    assert key_before.strip() in (enrollment.state_dir / "identity.pem").read_bytes()  # the key made first
+    assert not enrollment.needed()
+
+
+async def test_unreachable_and_refused_wait_and_say_why_once(
+    image_device: tuple[agent_enroll.Enrollment, Authority], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import msgspec
+
+    from edgefleet.wire.enrollment import EnrollReply
+
+    enrollment, _ = image_device
+
+    def down(*_: object) -> tuple[int, bytes]:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(agent_enroll, "_post", down)
+    waits = [await enrollment.attempt() for _ in range(3)]
+    assert waits[0] is not None
+    assert agent_enroll.FIRST_RETRY / 2 <= waits[0] <= agent_enroll.FIRST_RETRY
+    assert waits[2] is not None
+    assert waits[2] > waits[0]  # backing off
+    warned = [r for r in caplog.records if r.name == "edge_agent.enroll" and r.levelname == "WARNING"]
+    assert len(warned) == 1
+    assert "cannot enroll at https://127.0.0.1:1/enroll" in warned[0].getMessage()
+
+    refusal = EnrollReply(outcome="refused", reason="exhausted", detail="used up")
+    monkeypatch.setattr(agent_enroll, "_post", lambda *_: (403, msgspec.json.encode(refusal)))
+    wait = await enrollment.attempt()
+    assert wait is not None
+    assert agent_enroll.REFUSED_RETRY / 2 <= wait <= agent_enroll.REFUSED_RETRY
+    status = agent_enroll.read_status(enrollment.state_dir)
+    assert status is not None
+    assert (status.state, status.reason) == ("refused", "exhausted")
+    assert "used up" in status.detail
+    assert enrollment.needed()
