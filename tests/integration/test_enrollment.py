@@ -16,6 +16,7 @@ import shutil
 import signal
 import sqlite3
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -121,6 +122,11 @@ def stored_seqs(hub_dir: HubDir, device: str) -> set[int]:
     """The sequence numbers of `device`'s records (readings and events) the hub stored."""
     return {int(seq) for (seq,) in query(hub_dir, "SELECT seq FROM telemetry WHERE device = ? UNION "
                                                   "SELECT seq FROM events WHERE device = ?", (device, device))}
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def enroll_counts(hub_dir: HubDir) -> dict[str, int]:
@@ -418,6 +424,8 @@ async def test_bad_requests_are_refused_with_the_reason_audited_and_counted(
     await eventually(lambda: bool(enroll_counts(hub_dir).get("issued")), "the counts flushed")
     counts = enroll_counts(hub_dir)
     assert (counts["refused_bad_device_id"], counts["refused_forged"], counts["issued"]) == (7, 2, 1), counts
+    metrics = await asyncio.to_thread(scrape, hub_dir.metrics_port)
+    assert 'edgefleet_enrollment_requests_total{outcome="refused_forged",region="test"} 2.0' in metrics, metrics
     assert ehub.proc is not None
     assert ehub.proc.returncode is None
 
