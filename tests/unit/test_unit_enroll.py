@@ -267,3 +267,18 @@ async def test_unreachable_and_refused_wait_and_say_why_once(
     assert (status.state, status.reason) == ("refused", "exhausted")
     assert "used up" in status.detail
     assert enrollment.needed()
+
+
+def test_a_request_for_a_ca_is_refused_by_enrollment_and_renewal_alike() -> None:
+    import datetime as dt
+
+    from hub.pki.authority import CsrRefused
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256()))
+    with pytest.raises(CsrRefused, match="CA:TRUE") as refused:
+        Authority.create("t").sign_request(csr, "dev-1", dt.timedelta(days=1))
+    assert refused.value.reason == "ca_request"
