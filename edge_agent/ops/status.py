@@ -29,6 +29,7 @@ from edge_agent.config import AgentSettings
 from edge_agent.decide.policy_intake import PolicyIntake
 from edge_agent.identity.enroll import EnrollStatus
 from edge_agent.identity.enroll import read_status as read_enroll_status
+from edge_agent.identity.tls import IdentityFiles
 from edgefleet.policy.document import Policy
 from edgefleet.runtime.logfmt import redact
 from edgefleet.wire.events import EventKind
@@ -120,6 +121,10 @@ def collect(settings: AgentSettings, local: Policy | None, now: float | None = N
     enrollment = read_enroll_status(state_dir) if c.enroll is not None else None
     if enrollment is not None and enrollment.state != "enrolled":
         attention.insert(0, f"not enrolled yet ({enrollment.state}): {enrollment.detail}")
+    elif c.enroll is not None and enrollment is None:
+        files = IdentityFiles(settings.tls, state_dir)
+        if files.current() is None and files.pending() is None:
+            attention.insert(0, f"not enrolled yet, and no attempt made: start the agent; it enrolls at {c.enroll.url}")
     return DeviceStatus(device=c.device_id, profile=c.profile, config=str(settings.path), healthy=not attention,
                         attention=attention, agent=agent, outbox=outbox, policy=policy, recent_errors=errors,
                         recent_errors_total=total, enrollment=enrollment)

@@ -282,3 +282,16 @@ def test_a_request_for_a_ca_is_refused_by_enrollment_and_renewal_alike() -> None
     with pytest.raises(CsrRefused, match="CA:TRUE") as refused:
         Authority.create("t").sign_request(csr, "dev-1", dt.timedelta(days=1))
     assert refused.value.reason == "ca_request"
+
+
+def test_status_of_an_image_device_that_never_tried(tmp_path: Path) -> None:
+    from edge_agent.ops.status import collect
+
+    (tmp_path / "id").write_text("board-9\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(IMAGE_TOML.format(url="https://hub:8884/enroll"))
+    status = collect(load_settings(config), None)
+    assert not status.healthy
+    assert status.enrollment is None
+    assert status.attention[0] == ("not enrolled yet, and no attempt made: start the agent; it enrolls at "
+                                   "https://hub:8884/enroll")
