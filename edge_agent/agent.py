@@ -26,6 +26,7 @@ from edge_agent.decide.policy_intake import PolicyIntake
 from edge_agent.decide.rules import TICK_INTERVAL, UNAUDITED, RuleEngine
 from edge_agent.decide.windows import ReadingWindows
 from edge_agent.identity.clock import unset_clock_warning
+from edge_agent.identity.enroll import Enrollment
 from edge_agent.identity.renewal import Renewal
 from edge_agent.identity.tls import IdentityFiles
 from edge_agent.metrics import serve_agent_metrics
@@ -93,8 +94,13 @@ class Agent:
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
-        self.renewal = Renewal(self.device, IdentityFiles(settings.tls, settings.state_dir), self.link,
+        files = IdentityFiles(settings.tls, settings.state_dir)
+        self.renewal = Renewal(self.device, files, self.link,
                                audit=lambda kind, body: self._spawn(self._record(kind, body), f"audit {kind}"))
+        # An image folder's device without an identity of its own yet: enroll before connecting.
+        token, enroll = settings.enroll_token, settings.config.enroll
+        self.enrollment = (Enrollment(self.device, enroll.url, token, files, settings.state_dir)
+                           if enroll is not None and token is not None else None)
         self._session_id = ""
         self._status_now = asyncio.Event()  # report at once (a policy was applied or refused)
         self.coordinator = HubCoordinator(self._send_coord)
@@ -350,14 +356,20 @@ class Agent:
             tasks.create_task(self.sampler.run(partial(self.watchdog.beat, "sampler")), name="sampler")
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
-            tasks.create_task(self.link.run(), name="link")
-            tasks.create_task(self.renewal.run(), name="renewal")
+            tasks.create_task(self._connect(tasks), name="connect")
             tasks.create_task(self.watchdog.run(), name="watchdog")
             m = self.settings.config.metrics
             if m.port:
                 tasks.create_task(serve_agent_metrics(self, m.listen, m.port), name="metrics")
             await asyncio.sleep(0)  # every task took its first step: the link's first connect attempt started
             notify(READY)
+
+    async def _connect(self, tasks: asyncio.TaskGroup) -> None:
+        """The link and renewal, once the device has an identity (enrolled first if it has none)."""
+        if self.enrollment is not None and self.enrollment.needed():
+            await self.enrollment.run()
+        tasks.create_task(self.link.run(), name="link")
+        tasks.create_task(self.renewal.run(), name="renewal")
 
     async def _tick_rules(self) -> None:
         """Whichever engine is in force is also evaluated on the clock (age() rules, see rules.py)."""

@@ -175,7 +175,9 @@ def _run(settings: AgentSettings, policy: Policy | None) -> int:
     from edge_agent.identity.tls import IdentityFiles
     from edgefleet.errors import AlreadyRunning
 
-    refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
+    files = IdentityFiles(settings.tls, settings.state_dir)
+    enrolling = settings.config.enroll is not None and files.current() is None and files.pending() is None
+    refusals = [] if enrolling else files.refusals(settings.config.device_id)  # enrolling: it makes its own
     for sentence in refusals:  # each says what to do; nothing was started
         print(f"edge-agent: {sentence}", file=sys.stderr)
     if refusals:

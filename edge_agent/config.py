@@ -64,10 +64,22 @@ class MetricsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = 0
 
 
+class EnrollConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """First-boot enrollment of an image folder (edge_agent/identity/enroll.py, docs/enrollment.md)."""
+
+    url: str  # https://HUB:PORT/enroll, written by `edge-hub enroll create`
+    token: str = "enroll.token"  # noqa: S105  # the file holding the bootstrap credential, relative to this file
+    # Where the device id comes from when agent.toml sets none ("file": device_id_file, relative to this file).
+    device_id_source: Literal["machine-id", "serial", "hostname", "file"] = "machine-id"
+    device_id_file: str = ""
+    device_id_prefix: str = ""  # put before the id read, e.g. "pi-"
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    device_id: str
     profile: str
     broker: BrokerConf
+    device_id: str = ""  # required unless [enroll] gives a source
+    enroll: EnrollConf | None = None
     region: str = ""
     tags: dict[str, str] = {}
     tls: TlsConf = TlsConf()
@@ -112,6 +124,11 @@ class AgentSettings:
         return TlsIdentity(self.resolve(t.ca), self.resolve(t.cert), self.resolve(t.key))
 
     @property
+    def enroll_token(self) -> Path | None:
+        e = self.config.enroll
+        return None if e is None else self.resolve(e.token)
+
+    @property
     def state_dir(self) -> Path:
         return self.resolve(self.config.state.dir)
 
@@ -139,12 +156,32 @@ class AgentSettings:
         return int(mb * 1_000_000)
 
 
+def _enrolling_device_id(config: AgentConfig, path: Path) -> str:
+    """The id an image folder's device takes from its [enroll] source; ConfigError without one."""
+    e = config.enroll
+    if e is None:
+        raise ConfigError("the device id is missing: set device_id, or enroll from an image folder ([enroll], "
+                          "edge-hub enroll create)", str(path))
+    if not e.url.startswith("https://"):
+        raise ConfigError(f"enroll.url = {e.url!r} is not an https:// URL: the credential is never sent in clear",
+                          str(path))
+    from edge_agent.identity.enroll import read_device_id
+
+    file = (path.resolve().parent / e.device_id_file) if e.device_id_file else None
+    try:
+        return read_device_id(e.device_id_source, file, e.device_id_prefix)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), str(path)) from None
+
+
 def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     raw = read_toml(path)
     routed = split_overrides(overrides, {"config": set(CONFIG_KEYS), "profile": set(PROFILE_KEYS)})
     for parts, value in routed["config"]:
         apply_override(raw, parts, value)
     config = to_struct(raw, AgentConfig, str(path))
+    if not config.device_id:
+        config = msgspec.structs.replace(config, device_id=_enrolling_device_id(config, path))
     try:
         validate_name(config.device_id)
         if config.region:

@@ -137,6 +137,21 @@ class RetentionConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return None if self.events_days is None else self.events_days * DAY_S
 
 
+class EnrollConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Zero-touch enrollment over HTTPS (hub/pki/enroll_server.py, docs/enrollment.md); port 0 turns it off."""
+
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    bind: str = ""  # "" = broker.bind: devices reach both on the same address
+    # Token buckets (requests per second, and the burst a bucket holds): over all credentials,
+    # and per credential, so one leaked credential cannot take the whole budget.
+    rate: Annotated[float, Meta(gt=0, le=10_000)] = 200.0
+    burst: Annotated[int, Meta(ge=1, le=100_000)] = 400
+    credential_rate: Annotated[float, Meta(gt=0, le=10_000)] = 100.0
+    credential_burst: Annotated[int, Meta(ge=1, le=100_000)] = 200
+    max_pending: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # requests held for approval, per credential
+    retry_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0  # what a held device is told: ask again after this
+
+
 class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str
     broker: BrokerConf = BrokerConf()
@@ -145,6 +160,7 @@ class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollout: RolloutConf = RolloutConf()
     metrics: MetricsConf = MetricsConf()
     retention: RetentionConf = RetentionConf()
+    enroll: EnrollConf = EnrollConf()
 
     @property
     def identity(self) -> str:
@@ -307,6 +323,9 @@ max_offline_pct = {r.max_offline_pct:g}       # ... when more reached devices go
 offline_grace_s = {r.offline_grace_s:g}       # (and stay offline at least this long)
 max_escalations = {r.max_escalations}       # ... when more rules escalate under it
 drift_grace_s = {r.drift_grace_s:g}      # off the intended version this long while online: drifted
+
+[enroll]   # zero-touch enrollment over HTTPS (docs/enrollment.md)
+port = {config.enroll.port}               # 0: off; e.g. 8884 to let image folders (edge-hub enroll create) enroll
 
 [metrics]   # Prometheus text exposition at http://LISTEN:PORT/metrics (docs/operations.md)
 listen = {toml_value(config.metrics.listen)}

@@ -354,6 +354,13 @@ class HubCollector(Collector):
         for outcome, kind in (("issued", EventKind.CERT_ISSUED), ("refused", EventKind.CERT_REFUSED)):
             renewals.add_metric([self._region, outcome], outcomes.get(kind, 0))
         yield renewals
+        enrollments = CounterMetricFamily(
+            "edgefleet_enrollment_requests", "Enrollment requests at the hub's HTTPS endpoint, by outcome: issued, "
+            "pending, refused_REASON, rate_limited, busy, tls_failed, incomplete (flushed every few seconds).",
+            labels=["region", "outcome"])
+        for outcome, count in db.execute("SELECT outcome, count FROM enroll_counts ORDER BY outcome"):
+            enrollments.add_metric([self._region, outcome], count)
+        yield enrollments
 
 
 def _crl_next_update(path: Path) -> float | None:

@@ -273,6 +273,18 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
         await asyncio.Event().wait()  # the hub's other work goes on
 
 
+async def _enrollment(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    """The HTTPS enrollment endpoint (hub/pki/enroll_server.py); without its port the hub goes on and says so."""
+    from hub.pki.enroll_server import EnrollmentServer
+
+    try:
+        async with EnrollmentServer.serving(paths, config, store):
+            await asyncio.Event().wait()
+    except OSError as exc:
+        log.error("no enrollment endpoint: cannot listen on port %d (%s)", config.enroll.port, exc.strerror or exc)
+        await asyncio.Event().wait()  # the hub's other work goes on
+
+
 async def _after_broker(supervisor: BrokerSupervisor | None, work: Callable[[], Awaitable[None]]) -> None:
     """Run `work` once the managed broker runs: a connection made sooner may reach whatever else
     holds the port, and report its TLS error instead of the real cause."""
@@ -326,6 +338,8 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
                 store, config.retention.telemetry_s, config.retention.events_s)), name="retention", quiet=True)
         if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.spawn(_metrics(paths, config), name="metrics", quiet=True)
+        if config.enroll.port and replica is None:
+            tasks.spawn(_enrollment(paths, config, store), name="enrollment", quiet=True)
         tasks.spawn(_after_broker(supervisor, service.run), name="hub-service", quiet=True)
         tasks.spawn(_announce_ready(supervisor), name="ready", quiet=True)
         await run_until_signal(_until_one_ends(tasks))

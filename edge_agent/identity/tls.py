@@ -117,18 +117,28 @@ class IdentityFiles:
     def store_pending(self, cert_pem: bytes) -> Credential:
         """Put the hub's certificate beside the next key, in one atomic write, once it is
         known to fit the key; raise IdentityError (and change nothing) otherwise."""
+        self._store_pair(cert_pem, self.next_path, self.next_path, "the renewal's key")
+        return self.load("pending")
+
+    def store_enrolled(self, cert_pem: bytes, key_path: Path) -> Credential:
+        """The certificate an enrollment got, with the key made for it (at `key_path`), becomes the
+        current identity in one atomic write; IdentityError (and nothing changed) if they do not fit."""
+        self._store_pair(cert_pem, key_path, self.renewed_path, "the enrollment's key")
+        return self.load("renewed")
+
+    def _store_pair(self, cert_pem: bytes, key_path: Path, target: Path, what: str) -> None:
         try:
-            key = _PEM_KEY.search(self.next_path.read_bytes())
+            key = _PEM_KEY.search(key_path.read_bytes())
         except OSError as exc:
-            raise IdentityError(f"the renewal's key {self.next_path} is gone ({exc.strerror})") from None
+            raise IdentityError(f"{what} {key_path} is gone ({exc.strerror})") from None
         if key is None:
-            raise IdentityError(f"{self.next_path} holds no private key")
+            raise IdentityError(f"{key_path} holds no private key")
         combined = cert_pem.rstrip(b"\n") + b"\n" + key.group(0)
         try:
             read_certificate(combined)
         except CertificateUnreadable as exc:
             raise IdentityError(f"the hub's certificate is unreadable: {exc}") from None
-        with tempfile.NamedTemporaryFile(dir=self.next_path.parent, prefix=".identity.check.") as scratch:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".identity.check.") as scratch:
             os.fchmod(scratch.fileno(), 0o600)
             scratch.write(combined)
             scratch.flush()
@@ -136,8 +146,7 @@ class IdentityFiles:
                 self._pair(Path(scratch.name)).context()
             except ssl.SSLError as exc:
                 raise IdentityError(f"the hub's certificate does not belong to the key made for it ({exc})") from None
-        write_atomic(self.next_path, combined, 0o600)
-        return self.load("pending")
+        write_atomic(target, combined, 0o600)
 
     def promote(self) -> Credential:
         """The pending pair becomes the renewed one: one rename, made durable."""

@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from edge_agent.config import AgentSettings
 from edge_agent.identity.clock import CLOCK_FLOOR
+from edge_agent.identity.enroll import read_status as read_enroll_status
 from edge_agent.identity.renewal import RENEW_AT
 from edge_agent.identity.tls import Credential, IdentityFiles, key_permissions, wrong_device
 from edge_agent.sense.sensors import SensorError, ThermalSensor, thermal_root
@@ -74,7 +75,8 @@ def check_files(settings: AgentSettings, now: dt.datetime) -> list[Finding]:
     files = IdentityFiles(bundle, settings.state_dir)
     current, tls = files.current(), files.in_use()
     findings: list[Finding] = []
-    missing = [(n, p) for n, p in (("ca", bundle.ca), ("cert", bundle.cert), ("key", bundle.key)) if not p.is_file()]
+    # The files of the identity in use: an enrolled device's is STATE/identity.pem, not the bundle's.
+    missing = [(n, p) for n, p in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)) if not p.is_file()]
     for name, path in missing:
         findings.append(Finding(f"file {name}", False,
                                 f"{path} does not exist: copy the device bundle's {path.name} there, "
@@ -240,9 +242,26 @@ async def check_connectivity(settings: AgentSettings) -> list[Finding]:
     return [*found, Finding("broker", True, f"connected to {where} with mutual TLS as {settings.config.device_id}.")]
 
 
+def check_enrollment(settings: AgentSettings) -> Finding | None:
+    """None for a device with an identity; else where its enrollment stands, in one sentence."""
+    if settings.config.enroll is None:
+        return None
+    files = IdentityFiles(settings.tls, settings.state_dir)
+    if files.current() is not None or files.pending() is not None:
+        return None
+    status = read_enroll_status(settings.state_dir)
+    if status is None:
+        return Finding("enrollment", False, f"not enrolled yet and no attempt made: start the agent; it enrolls at "
+                                            f"{settings.config.enroll.url} with {settings.enroll_token}.")
+    return Finding("enrollment", False, f"not enrolled yet ({status.state}): {status.detail}")
+
+
 async def run_checks(settings: AgentSettings, now: dt.datetime | None = None) -> list[Finding]:
     now = now or dt.datetime.now(dt.UTC)
     findings = [Finding("config", True, f"{settings.path} is valid (profile {settings.profile.name}).")]
+    enrolling = check_enrollment(settings)
+    if enrolling is not None:  # an image folder's device before its first certificate: nothing else to check yet
+        return [*findings, enrolling, check_policy_key(settings), *check_thermal(settings)]
     findings += check_files(settings, now)
     findings.append(check_policy_key(settings))
     findings += check_thermal(settings)

@@ -30,6 +30,7 @@ import psutil
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, load_settings
+from edge_agent.identity.enroll import make_request_in_process
 from edge_agent.identity.tls import IdentityFiles
 from edgefleet.errors import AlreadyRunning, ConfigError
 from edgefleet.policy.document import Policy
@@ -91,7 +92,9 @@ def load_fleet(bundles: Sequence[Path], overrides: Sequence[str]) -> list[tuple[
             policy = settings.load_policy()
         except ConfigError as exc:
             raise SimulateError(f"bundle {bundle.name}: {exc}") from None
-        refusals = IdentityFiles(settings.tls, settings.state_dir).refusals(settings.config.device_id)
+        files = IdentityFiles(settings.tls, settings.state_dir)
+        enrolling = settings.config.enroll is not None and files.current() is None and files.pending() is None
+        refusals = [] if enrolling else files.refusals(settings.config.device_id)
         if refusals:  # what `edge-agent run` refuses to start with
             raise SimulateError(f"bundle {bundle.name}: {' '.join(refusals)}")
         holder = RunLock.holder(settings.state_dir / AGENT_LOCK)
@@ -152,6 +155,8 @@ class Fleet:
         async def open_one(settings: AgentSettings, policy: Policy | None) -> None:
             async with gate:
                 agent = await Agent.open(settings, policy)
+            if agent.enrollment is not None:  # an image folder's device: its key made here, not in a helper
+                agent.enrollment.make_request = make_request_in_process
             self.agents[agent.device] = agent
             self._acked_at_start[agent.device] = agent.outbox.acked
 

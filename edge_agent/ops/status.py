@@ -27,6 +27,9 @@ import msgspec
 from edge_agent.buffer.outbox import DB_NAME, QUOTA_TARGET
 from edge_agent.config import AgentSettings
 from edge_agent.decide.policy_intake import PolicyIntake
+from edge_agent.identity.enroll import EnrollStatus
+from edge_agent.identity.enroll import read_status as read_enroll_status
+from edge_agent.identity.tls import IdentityFiles
 from edgefleet.policy.document import Policy
 from edgefleet.runtime.logfmt import redact
 from edgefleet.wire.events import EventKind
@@ -102,6 +105,7 @@ class DeviceStatus(msgspec.Struct, frozen=True):
     policy: PolicyState
     recent_errors: list[RecentError]  # newest first, at most ERRORS_SHOWN, unacknowledged only
     recent_errors_total: int
+    enrollment: EnrollStatus | None = None  # an image folder's device: its latest enrollment attempt
 
 
 def collect(settings: AgentSettings, local: Policy | None, now: float | None = None) -> DeviceStatus:
@@ -114,9 +118,16 @@ def collect(settings: AgentSettings, local: Policy | None, now: float | None = N
     stale = max(STALE_AFTER_S, STALE_ACK_TIMEOUTS * settings.config.uplink.ack_timeout)
     attention = _attention(agent, outbox, policy, total, now, stale, settings.path)
     c = settings.config
+    enrollment = read_enroll_status(state_dir) if c.enroll is not None else None
+    if enrollment is not None and enrollment.state != "enrolled":
+        attention.insert(0, f"not enrolled yet ({enrollment.state}): {enrollment.detail}")
+    elif c.enroll is not None and enrollment is None:
+        files = IdentityFiles(settings.tls, state_dir)
+        if files.current() is None and files.pending() is None:
+            attention.insert(0, f"not enrolled yet, and no attempt made: start the agent; it enrolls at {c.enroll.url}")
     return DeviceStatus(device=c.device_id, profile=c.profile, config=str(settings.path), healthy=not attention,
                         attention=attention, agent=agent, outbox=outbox, policy=policy, recent_errors=errors,
-                        recent_errors_total=total)
+                        recent_errors_total=total, enrollment=enrollment)
 
 
 def agent_process(state_dir: Path) -> AgentProcess:
@@ -348,6 +359,9 @@ def render(status: DeviceStatus, now: float | None = None) -> str:
         lines.append(f"          acknowledged through seq {o.acked_through} (last seq {o.last_seq}); "
                      f"{_mb(o.bytes)} of {_mb(o.quota_bytes)} MB; {o.dropped} reading(s) shed over quota")
     lines.append(f"policy    {_policy_line(p)}")
+    if s.enrollment is not None:
+        lines.append(f"enrolled  {s.enrollment.detail}" if s.enrollment.state == "enrolled"
+                     else f"identity  not enrolled yet ({s.enrollment.state}): {s.enrollment.detail}")
     lines.append(f"errors    {s.recent_errors_total or 'none'} waiting for the hub (acknowledged events are deleted "
                  "here; edge-hub events has them all)")
     for e in s.recent_errors:

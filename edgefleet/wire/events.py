@@ -51,6 +51,13 @@ class EventKind(StrEnum):
     TASK_FAILED = "task_failed"  # (a task the hub closes as done is TASK_DONE, the device's own kind)
     FOREIGN_SUBSCRIPTION = "foreign_subscription"
     IDENTITY_CONFLICT = "identity_conflict"
+    # zero-touch enrollment (hub.pki.enroll): every enrollment, refusal and hold is audited
+    ENROLLMENT_CREATED = "enrollment_created"
+    ENROLLMENT_REVOKED = "enrollment_revoked"
+    ENROLLED = "enrolled"
+    ENROLL_PENDING = "enroll_pending"
+    ENROLL_REFUSED = "enroll_refused"
+    ENROLL_READMITTED = "enroll_readmitted"
 
 
 # What a rule's action ended as: counted by the engine and by the hub's metrics.

@@ -22,6 +22,7 @@ from edgefleet.runtime.files import database_access_denied, database_advice, per
 from edgefleet.runtime.pipes import run_command
 from edgefleet.runtime.units import HUB_UNITS, units_command
 from hub.cli import coordination as coordination_commands
+from hub.cli import enroll as enroll_commands
 from hub.cli import export as export_command
 from hub.cli import policy as policy_commands
 from hub.cli.format import MOMENT_HELP, event_detail, moment, when
@@ -167,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_commands.add_parser(sub, _dir_arg)
     export_command.add_parser(sub, _dir_arg)
     coordination_commands.add_parsers(sub, _dir_arg)
+    enroll_commands.add_parsers(sub, _dir_arg)
 
     from hub.cli.status import EXPIRY_WARNING_DAYS
 
@@ -198,6 +200,7 @@ def _main(argv: list[str] | None) -> int:
         "telemetry": _telemetry, "events": _events, "status": _status, "policy": policy_commands.run,
         "leases": coordination_commands.run, "approvals": coordination_commands.run,
         "task": coordination_commands.run, "tasks": coordination_commands.run, "export": export_command.run,
+        "enroll": enroll_commands.run,
     }
     if args.command == "units":
         return units_command("edge-hub", args.name, args.install)

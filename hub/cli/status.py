@@ -24,6 +24,8 @@ LIST_LINES: Final = 10  # per list on the screen; --json has them all
 EXPIRY_WARNING_DAYS: Final = 14  # certificates (devices' and the broker's) listed this long before they expire
 # An alert stays on the screen this long after the device raised it (its clock): the next shift sees it too.
 ALERT_SHOWN_S: Final = 24 * 3600.0
+ENROLL_REFUSALS_SHOWN_S: Final = 24 * 3600.0  # enrollment refusals listed by edge-hub status: the last day ...
+ENROLL_REFUSALS_SHOWN: Final = 50  # ... at most this many (each audited refusal is one; repeats are only counted)
 ALERT_SEVERITIES: Final = ("critical", "warning")  # "info" is for the record (edge-hub events), not a person
 
 
@@ -109,6 +111,11 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                     "WHERE state = 'pending' ORDER BY id")
         leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
         lifecycle = await renewal.lifecycle_status(paths, config, store, now)
+        enroll_refused = await store.query(
+            "SELECT ts, json_extract(body, '$.device'), json_extract(body, '$.enrollment'), "
+            "json_extract(body, '$.reason'), json_extract(body, '$.detail') FROM events WHERE device = ? "
+            "AND kind = 'enroll_refused' AND ts > ? ORDER BY seq DESC LIMIT ?",
+            (config.identity, now - ENROLL_REFUSALS_SHOWN_S, ENROLL_REFUSALS_SHOWN))
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
@@ -149,6 +156,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                             "refused": d.policy_refused} for d in live if d.policy_drifted],
         "identity_conflicts": [{"device": c[0], "instances": c[1], "conflicts": c[2], "latest": c[3]}
                                for c in clones],
+        "enroll_refused": [{"ts": r[0], "device": r[1], "enrollment": r[2], "reason": r[3], "detail": r[4]}
+                           for r in enroll_refused],
     }, escalations, now)
 
 
@@ -200,6 +209,11 @@ def render(status: Status) -> str:
     lines += _capped([f"  {a['id']:>5}  {a['device']}  rule {a['rule']}: {a['action']}  expires "
                       f"{when(a['expires_at'])}  (edge-hub approvals approve|deny {a['id']})" for a in pending],
                      "edge-hub approvals")
+    refused = report["enroll_refused"]
+    lines.append(f"enrollments refused (last {ENROLL_REFUSALS_SHOWN_S / 3600:g} h, newest first): "
+                 f"{len(refused) or 'none'}")
+    lines += _capped([f"  {when(r['ts'])}  {r['device'] or '-'}  enrollment {r['enrollment']}  {r['reason']}: "
+                      f"{r['detail']}" for r in refused], "edge-hub events --kind enroll_refused")
     drifted = report["policy_drifted"]
     lines.append(f"devices off their intended policy (drifted): {len(drifted) or 'none'}")
     lines += _capped([f"  {d['device']}  runs {d['applied'] or 'none'}, should run {d['intended']}"

@@ -26,7 +26,7 @@ from edgefleet.runtime.files import database_access_denied
 from edgefleet.runtime.sqlite import to_completion
 from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import Batch, Presence, Renumber, Status, json_body
-from hub.db import export, retention
+from hub.db import enrollments, export, retention
 from hub.db.device_clocks import apply_clock_events
 from hub.db.identities import resolve_claims
 from hub.db.watermarks import Coverage
@@ -226,6 +226,7 @@ MIGRATIONS: Final[Sequence[str]] = (
         tbl TEXT PRIMARY KEY, removed INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    enrollments.SCHEMA,  # zero-touch enrollment (hub/db/enrollments.py)
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -433,12 +434,7 @@ class HubStore:
     # --- registry -------------------------------------------------------------------
 
     async def register(self, device: str, profile: str, tags: dict[str, str], *, readmit: bool = False) -> None:
-        await self._db.execute(
-            "INSERT INTO devices(device, profile, tags, registered_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(device) DO UPDATE SET profile = excluded.profile, tags = excluded.tags, "
-            "revoked_at = CASE WHEN ? THEN NULL ELSE revoked_at END",
-            (device, profile, json.dumps(tags, sort_keys=True), time.time(), readmit),
-        )
+        await register_device(self._db, device, profile, tags, readmit=readmit)
         await self._db.commit()
 
     async def record_certificate(self, serial: int, device: str, purpose: str, not_after: dt.datetime) -> None:
@@ -805,6 +801,18 @@ class HubStore:
             "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE device = ?), ?, ?, ?)",
             (identity, identity, time.time() if ts is None else ts, kind, json.dumps(body, sort_keys=True)),
         )
+
+
+async def register_device(db: aiosqlite.Connection, device: str, profile: str, tags: dict[str, str], *,
+                          readmit: bool = False) -> None:
+    """Add `device` to the registry, or give it this profile and these tags (provisioning and
+    enrollment alike); `readmit` lifts a revocation. Commits nothing: the caller does."""
+    await db.execute(
+        "INSERT INTO devices(device, profile, tags, registered_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(device) DO UPDATE SET profile = excluded.profile, tags = excluded.tags, "
+        "revoked_at = CASE WHEN ? THEN NULL ELSE revoked_at END",
+        (device, profile, json.dumps(tags, sort_keys=True), time.time(), readmit),
+    )
 
 
 async def fetch_one(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> Any:

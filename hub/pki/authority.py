@@ -170,26 +170,7 @@ class Authority:
     def sign_request(self, csr: x509.CertificateSigningRequest, cn: str, lifetime: dt.timedelta) -> x509.Certificate:
         """Sign a device's CSR for identity `cn`; the CSR must be self-signed and name `cn`.
         Raises CsrRefused (a UsageError) saying why not."""
-        if not csr.is_signature_valid:
-            raise CsrRefused("bad_request", "the certificate request's signature is invalid: make a new request")
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(names) != 1 or names[0].value != cn:
-            found = names[0].value if names else "no CN"
-            raise CsrRefused(
-                "wrong_subject",
-                f"the certificate request names {found!r} but the device is {cn!r}: "
-                f"make the request with CN={cn}"
-            )
-        public_key = csr.public_key()
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            if public_key.curve.name not in ("secp256r1", "secp384r1"):
-                raise CsrRefused("bad_request", f"curve {public_key.curve.name} is not accepted: use P-256 or P-384")
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            if public_key.key_size < 2048:
-                raise CsrRefused("bad_request", f"RSA {public_key.key_size} is too weak: use P-256 or RSA ≥ 2048")
-        else:
-            raise CsrRefused("bad_request", "only ECDSA (P-256, P-384) and RSA keys are accepted")
-        return self.issue_client(cn, lifetime, public_key)[1]
+        return self.issue_client(cn, lifetime, check_request(csr, cn))[1]
 
     def issue_crl(
         self, revoked: Iterable[tuple[int, dt.datetime]], lifetime: dt.timedelta,
@@ -206,6 +187,40 @@ class Authority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
         return builder.sign(self.key, hashes.SHA256())
+
+
+def check_request(csr: x509.CertificateSigningRequest, cn: str) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The public key of a device's CSR for identity `cn`, if it may be signed: self-signed, naming
+    `cn` alone, a key type the fleet accepts, and not asking to be a CA. Raises CsrRefused saying why not."""
+    if not csr.is_signature_valid:
+        raise CsrRefused("bad_request", "the certificate request's signature is invalid: make a new request")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or names[0].value != cn:
+        found = names[0].value if names else "no CN"
+        raise CsrRefused(
+            "wrong_subject",
+            f"the certificate request names {found!r} but the device is {cn!r}: "
+            f"make the request with CN={cn}"
+        )
+    try:
+        constraints = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    except ValueError as exc:
+        raise CsrRefused("bad_request", f"the certificate request's extensions are malformed ({exc})") from None
+    if constraints is not None and constraints.ca:
+        raise CsrRefused("ca_request", "the certificate request asks to be a CA (CA:TRUE): devices get end-entity "
+                                       "certificates only; make the request without basicConstraints")
+    public_key = csr.public_key()
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in ("secp256r1", "secp384r1"):
+            raise CsrRefused("bad_request", f"curve {public_key.curve.name} is not accepted: use P-256 or P-384")
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise CsrRefused("bad_request", f"RSA {public_key.key_size} is too weak: use P-256 or RSA ≥ 2048")
+    else:
+        raise CsrRefused("bad_request", "only ECDSA (P-256, P-384) and RSA keys are accepted")
+    return public_key
 
 
 def host_names(cert: x509.Certificate) -> list[str]:
