@@ -29,6 +29,9 @@ NOT_KINDS = {
     ("edge_agent/decide/actuators.py", "alert"), ("edgefleet/policy/document.py", "alert"),
     ("edgefleet/policy/profiles.py", "alert"), ("edgefleet/wire/protocol.py", "task_done"),
     ("hub/db/store.py", "policy_refused"), ("hub/cli/export.py", "clock_unknown"),  # a CSV column
+    # An enrollment's states and the status report's keys, not events:
+    ("edge_agent/identity/enroll.py", "enrolled"), ("edge_agent/ops/status.py", "enrolled"),
+    ("hub/cli/status.py", "enroll_refused"),
 }
 EMITTERS: list[tuple[Callable[..., Any], str]] = [
     (Outbox.add_event, "kind"), (HubStore.hub_event, "kind"), (RuleEngine._audit, "kind"), (Agent._record, "kind"),
