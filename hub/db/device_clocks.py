@@ -58,7 +58,7 @@ async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str
             "SELECT e.device, e.seq, e.kind, e.body FROM json_each(?) m JOIN events e "
             "ON e.device = json_extract(m.value, '$[0]') AND e.seq > json_extract(m.value, '$[1]') "
             "AND e.seq <= json_extract(m.value, '$[2]') "
-            "WHERE e.kind IN ('clock_corrected', 'clock_unknown') ORDER BY e.device, e.seq", (moved,)) as cur:
+            "WHERE e.kind IN (?, ?) ORDER BY e.device, e.seq", (moved, *CLOCK_EVENTS)) as cur:
         events = list(await cur.fetchall())
     refused = 0
     for device, seq, kind, body in events:

@@ -724,11 +724,11 @@ class HubStore:
         """
         query = (
             "SELECT e.device, e.seq, e.ts, e.kind, e.body FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq FROM events WHERE kind = 'escalation'"
+            "  SELECT device, MAX(seq) AS seq FROM events WHERE kind = ?"
             "  GROUP BY device, json_extract(CASE WHEN json_valid(body) THEN body END, '$.rule')"
             ") latest USING (device, seq) ORDER BY e.device, e.seq"
         )
-        rows = [event_row(*r) async for r in self._rows(query)]
+        rows = [event_row(*r) async for r in self._rows(query, (EventKind.ESCALATION,))]
         return sorted(rows, key=lambda r: (r.device, r.rule or ""))
 
     async def latest_alerts(self, since: float, severities: tuple[str, ...]) -> list[tuple[EventRow, int]]:
@@ -736,12 +736,13 @@ class HubStore:
         after `since` (device clock), with how many there were since then; newest first."""
         query = (
             "SELECT e.device, e.seq, e.ts, e.kind, e.body, latest.n FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq, COUNT(*) AS n FROM events WHERE kind = 'alert' AND ts >= ?"
+            "  SELECT device, MAX(seq) AS seq, COUNT(*) AS n FROM events WHERE kind = ? AND ts >= ?"
             "  AND json_valid(body) AND json_extract(body, '$.severity') IN (SELECT value FROM json_each(?))"
             "  GROUP BY device, json_extract(body, '$.message')"
             ") latest USING (device, seq) ORDER BY e.ts DESC, e.device"
         )
-        return [(event_row(*r[:5]), int(r[5])) async for r in self._rows(query, (since, json.dumps(severities)))]
+        return [(event_row(*r[:5]), int(r[5]))
+                async for r in self._rows(query, (EventKind.ALERT, since, json.dumps(severities)))]
 
     async def known_device(self, device: str) -> bool:
         """Registered, or with readings or events stored under its name (the hub's own events)."""

@@ -159,9 +159,9 @@ class CertificateDesk:
             f"{device} got {row[0]} certificates in the last {window:.0f} s (pki.renewal_limit = {pki.renewal_limit}): "
             f"ask again in {retry:.0f} s, and check the device's clock"))
         audited = await fetch_one(
-            db, "SELECT 1 FROM events WHERE device = ? AND kind = 'cert_refused' AND ts > ? "
+            db, "SELECT 1 FROM events WHERE device = ? AND kind = ? AND ts > ? "
                 "AND json_extract(body, '$.device') = ? AND json_extract(body, '$.reason') = 'rate_limited'",
-            (self._config.identity, now - window, device))
+            (self._config.identity, EventKind.CERT_REFUSED, now - window, device))
         if audited is None:
             return await self._refusal(db, device, refused), False
         return refused, True
@@ -272,19 +272,20 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
         "GROUP BY d.device HAVING MAX(c.not_after) <= ? ORDER BY d.device", (now,))
     refusals = await store.query(
         "SELECT json_extract(body, '$.device'), MAX(seq), ts, json_extract(body, '$.reason'), "
-        "json_extract(body, '$.detail') FROM events WHERE device = ? AND kind = 'cert_refused' "
-        "GROUP BY 1 ORDER BY 1", (config.identity,))
+        "json_extract(body, '$.detail') FROM events WHERE device = ? AND kind = ? "
+        "GROUP BY 1 ORDER BY 1", (config.identity, EventKind.CERT_REFUSED))
     issued = {row[0]: row[1] for row in await store.query(
-        "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = 'cert_issued' "
-        "GROUP BY 1", (config.identity,))}
+        "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = ? "
+        "GROUP BY 1", (config.identity, EventKind.CERT_ISSUED))}
     # The certificate in use was judged by a clock that disagrees with its start (the agent's
     # cert_clock_skew), and no certificate has been taken into use since without one.
     skewed = await store.query(
         "SELECT e.device, e.ts, json_extract(e.body, '$.clock_minus_start_s') FROM events e "
-        "WHERE e.kind = 'cert_clock_skew' AND e.seq = (SELECT MAX(seq) FROM events WHERE device = e.device "
-        "AND kind = 'cert_clock_skew') AND NOT EXISTS (SELECT 1 FROM events r WHERE r.device = e.device "
-        "AND r.kind = 'cert_renewed' AND r.seq > e.seq AND json_extract(r.body, '$.serial') != "
-        "json_extract(e.body, '$.serial')) ORDER BY e.device")
+        "WHERE e.kind = ? AND e.seq = (SELECT MAX(seq) FROM events WHERE device = e.device "
+        "AND kind = ?) AND NOT EXISTS (SELECT 1 FROM events r WHERE r.device = e.device "
+        "AND r.kind = ? AND r.seq > e.seq AND json_extract(r.body, '$.serial') != "
+        "json_extract(e.body, '$.serial')) ORDER BY e.device",
+        (EventKind.CERT_CLOCK_SKEW, EventKind.CERT_CLOCK_SKEW, EventKind.CERT_RENEWED))
     own = []
     for certificate in own_certificates(paths, config):
         try:

@@ -53,6 +53,17 @@ def test_no_kind_is_a_string_literal_outside_events_py() -> None:
     assert spelled == []
 
 
+def test_no_kind_is_quoted_in_sql_outside_events_py() -> None:
+    """`WHERE kind = 'escalation'`: the kind is a bound parameter (an EventKind) instead."""
+    quoted = []
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                quoted += [f"{path.relative_to(ROOT)}:{node.lineno}: {kind}"
+                           for kind in KINDS if f"'{kind}'" in node.value]
+    assert quoted == []
+
+
 def test_no_kind_is_formatted_from_a_state() -> None:
     """f"rollout_{state}" and the like: the kinds they make are not known to the vocabulary."""
     prefixes = {kind.split("_")[0] + "_" for kind in KINDS if "_" in kind}
