@@ -114,8 +114,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         enroll_refused = await store.query(
             "SELECT ts, json_extract(body, '$.device'), json_extract(body, '$.enrollment'), "
             "json_extract(body, '$.reason'), json_extract(body, '$.detail') FROM events WHERE device = ? "
-            "AND kind = 'enroll_refused' AND ts > ? ORDER BY seq DESC LIMIT ?",
-            (config.identity, now - ENROLL_REFUSALS_SHOWN_S, ENROLL_REFUSALS_SHOWN))
+            "AND kind = ? AND ts > ? ORDER BY seq DESC LIMIT ?",
+            (config.identity, EventKind.ENROLL_REFUSED, now - ENROLL_REFUSALS_SHOWN_S, ENROLL_REFUSALS_SHOWN))
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
