@@ -96,7 +96,14 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
 
 async def wait_backlog(bundle: Path, rows: int, timeout: float = 15.0) -> OutboxState:
     """Wait until the outbox holds at least `rows` unacknowledged records."""
-    await wait_until(lambda: outbox_state(bundle).rows >= rows, f"{bundle.name} outbox holds {rows} rows", timeout)
+
+    def held() -> int:
+        try:
+            return outbox_state(bundle).rows
+        except sqlite3.OperationalError:  # the file exists, its tables are not committed yet
+            return -1
+
+    await wait_until(lambda: held() >= rows, f"{bundle.name} outbox holds {rows} rows", timeout)
     return outbox_state(bundle)
 
 
