@@ -8,7 +8,6 @@ group, with a timeout that kills the whole group, and with bounded output captur
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -31,6 +30,9 @@ from edgefleet.policy.allowlist import number_arg as _number
 from edgefleet.policy.allowlist import only_args as _only
 from edgefleet.policy.allowlist import text_arg as _text
 from edgefleet.policy.profiles import ActuatorSpec
+from edgefleet.runtime.processes import KILL_GRACE_S as KILL_GRACE_S  # re-exported: tests bound waits by it
+from edgefleet.runtime.processes import signal_group as _signal_group
+from edgefleet.runtime.processes import stop_group as _stop_group
 
 log = logging.getLogger("edge_agent.actuators")
 
@@ -38,8 +40,6 @@ log = logging.getLogger("edge_agent.actuators")
 OUTPUT_LIMIT_BYTES: Final = 8 * 1024
 # Read size while draining a command's output; the excess is discarded, never buffered.
 READ_CHUNK_BYTES: Final = 64 * 1024
-# Between SIGTERM and SIGKILL: long enough for a clean exit, short next to a rule's cooldown.
-KILL_GRACE_S: Final = 1.0
 # The sim profile's recorder keeps this many invocations; older ones drop (bounded memory).
 RECORD_LIMIT: Final = 10_000
 DEFAULT_SEVERITY: Final = "warning"
@@ -287,29 +287,3 @@ async def _run_process(argv: Sequence[str], within_s: float, env: Mapping[str, s
     if code != 0:
         return _Outcome(False, f"{argv[0]} exited with code {code}.", code, capture.text())
     return _Outcome(True, f"{argv[0]} succeeded.", code, capture.text())
-
-
-async def _stop_group(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM the group, give it KILL_GRACE_S, then SIGKILL whatever is left of it."""
-    _signal_group(process.pid, signal.SIGTERM)
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(KILL_GRACE_S):
-                await process.wait()
-    finally:  # also when the caller is cancelled during the grace
-        # The leader may be gone while a grandchild that ignores SIGTERM lives on in the group.
-        _signal_group(process.pid, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(KILL_GRACE_S):  # a process stuck in the kernel cannot hold us
-            await process.wait()
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    # start_new_session made the child a group leader, so its pid is the group id; Linux does
-    # not reuse a pid while a group still carries it.
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass  # the whole group has already gone
-    except PermissionError:
-        log.warning("not permitted to send %s to process group %d", signum.name, pgid)
