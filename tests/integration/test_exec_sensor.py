@@ -9,7 +9,7 @@ import random
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,26 +18,9 @@ import pytest
 from edge_agent.sense.field.exec import MAX_LINE_BYTES, ExecProgram
 from edge_agent.sense.sensors import Reading
 from edgefleet.mqtt.reconnect import Backoff
+from tests.support.field import WAIT_S, Collected, wait_until
 
-WAIT_S = 20.0  # bound on every wait: a loaded 2-core machine starts Python slowly
 PY = sys.executable
-
-
-class Collected:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.changed = asyncio.Event()
-
-    def __call__(self, batch: list[Reading]) -> None:
-        self.readings.extend(batch)
-        self.changed.set()
-
-    async def until(self, count: int) -> list[Reading]:
-        async with asyncio.timeout(WAIT_S):
-            while len(self.readings) < count:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.readings
 
 
 @asynccontextmanager
@@ -49,15 +32,6 @@ async def running(program: ExecProgram, sink: Collected) -> AsyncIterator[asynci
         task.cancel()
         async with asyncio.timeout(WAIT_S):
             await asyncio.wait([task])
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll `predicate()` (a counter, a process's state: nothing announces them) until true, bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def script(tmp_path: Path, body: str) -> list[str]:
