@@ -30,6 +30,7 @@ from edge_agent.identity.clock import unset_clock_warning
 from edge_agent.identity.renewal import Renewal
 from edge_agent.identity.tls import IdentityFiles
 from edge_agent.metrics import serve_agent_metrics
+from edge_agent.sense.field.base import HEALTH_FILE, FieldSensors
 from edge_agent.sense.report import ReportFilter
 from edge_agent.sense.sensors import Reading, Sampler, build_sensors
 from edge_agent.sync.uplink import Uplink, UplinkSettings
@@ -87,6 +88,9 @@ class Agent:
         self.report = ReportFilter(settings.profile.report)
         self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take,
                                clock=outbox.clock.now)
+        self.field = FieldSensors.from_specs(settings.profile.field_sensors, self._take, clock=outbox.clock.now,
+                                             audit=lambda kind, body: self._spawn(self._record(kind, body)),
+                                             health_file=settings.state_dir / HEALTH_FILE)
         # Open aggregation windows hold readings stamped before a clock step: they go in before it.
         outbox.before_clock_change = lambda: outbox.add(self.report.flush())
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
@@ -323,8 +327,9 @@ class Agent:
         return Status(
             backlog=self.outbox.backlog, dropped=shed.dropped, dropped_by_metric=shed.by_metric,
             outbox_bytes=await self.outbox.used_bytes(), corrupt_outboxes=self.outbox.corrupt_outboxes,
-            sensor_failures=dict(self.sampler.failures), ts=time.time(),
+            sensor_failures={**self.sampler.failures, **self.field.errors()}, ts=time.time(),
             policy_version=self.intake.version, policy_refused=self.intake.refused,
+            field_sensors=self.field.records(),
         )
 
     async def _report_status(self, session: MqttSession) -> None:
@@ -347,6 +352,7 @@ class Agent:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.outbox.flusher(partial(self.watchdog.beat, "outbox")), name="outbox")
             tasks.create_task(self.sampler.run(partial(self.watchdog.beat, "sampler")), name="sampler")
+            tasks.create_task(self.field.run(), name="field")
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self.link.run(), name="link")

@@ -14,7 +14,14 @@ from edgefleet.errors import ConfigError
 from edgefleet.mqtt.session import TlsIdentity
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import Policy, PolicyError
-from edgefleet.policy.profiles import PROFILE_DIRS, PROFILE_KEYS, Profile, load_profile
+from edgefleet.policy.profiles import (
+    PROFILE_DIRS,
+    PROFILE_KEYS,
+    Profile,
+    load_profile,
+    split_sensors,
+    with_field_sensors,
+)
 from edgefleet.runtime.settings import apply_override, read_toml, split_overrides, to_struct
 from edgefleet.wire.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 
@@ -144,6 +151,9 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     routed = split_overrides(overrides, {"config": set(CONFIG_KEYS), "profile": set(PROFILE_KEYS)})
     for parts, value in routed["config"]:
         apply_override(raw, parts, value)
+    # agent.toml's [[sensors]] are this device's field sensors, added to its profile's.
+    field = split_sensors(raw, str(path), field_only=True)
+    raw.pop("sensors", None)
     config = to_struct(raw, AgentConfig, str(path))
     try:
         validate_name(config.device_id)
@@ -158,5 +168,5 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     search: tuple[Path, ...] = PROFILE_DIRS
     if config.profiles_dir is not None:
         search = (path.resolve().parent / config.profiles_dir, *PROFILE_DIRS)  # an absolute one stays as it is
-    profile = load_profile(config.profile, routed["profile"], search)
+    profile = with_field_sensors(load_profile(config.profile, routed["profile"], search), field, str(path))
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

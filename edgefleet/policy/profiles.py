@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from edgefleet.errors import ConfigError
+from edgefleet.policy.field import FIELD_KINDS, FieldSensorSpec, field_metric, parse_field_sensor
 from edgefleet.runtime.settings import apply_override, read_toml, to_struct
 from edgefleet.wire.protocol import NAME_PATTERN
 
@@ -29,9 +30,11 @@ SYSTEM_METRICS: Final = frozenset({
     "disk_used_percent", "disk_free_mb", "net_bytes_sent", "net_bytes_recv", "cpu_temp",
 })
 # Metric names travel in JSON and hub columns; keep them plain identifiers, as short as an id.
-METRIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
+# A field sensor's are `<sensor>.<point>` (edgefleet.policy.field).
+METRIC_PATTERN: Final = re.compile(r"(?=.{1,64}$)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?")
 SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<signals-1>
 THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
+BUILTIN_SENSOR_KINDS: Final = ("system", "thermal", "sim")
 ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record"]
 
 
@@ -83,9 +86,60 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sim: SimSpec = SimSpec()
     actuators: ActuatorSpec = ActuatorSpec()
     report: ReportSpec = ReportSpec()
+    # The [[sensors]] tables of a field kind (FIELD_KINDS), in file order; load_profile sorts them
+    # out of `sensors`, and agent.toml's are added after the profile's.
+    field_sensors: tuple[FieldSensorSpec, ...] = ()
 
 
-PROFILE_KEYS: Final = frozenset(Profile.__struct_fields__)
+PROFILE_KEYS: Final = frozenset(Profile.__struct_fields__) - {"field_sensors"}
+
+
+def split_sensors(raw: dict[str, Any], where: str, *, field_only: bool = False) -> list[FieldSensorSpec]:
+    """Take the field sensors out of raw["sensors"] (validated, errors naming their index in the
+    file) and leave the built-in kinds there for the struct."""
+    if "field_sensors" in raw:
+        raise ConfigError("unknown key field_sensors: declare field sensors as [[sensors]] tables", where)
+    items = raw.get("sensors")
+    if not isinstance(items, list):
+        return []
+    builtin: list[Any] = []
+    field: list[FieldSensorSpec] = []
+    for index, item in enumerate(items):
+        kind = item.get("kind") if isinstance(item, dict) else None
+        key = f"sensors[{index}]"
+        if kind in FIELD_KINDS:
+            field.append(parse_field_sensor(item, key, where))
+        elif field_only or kind not in BUILTIN_SENSOR_KINDS:
+            known = FIELD_KINDS if field_only else (*BUILTIN_SENSOR_KINDS, *FIELD_KINDS)
+            extra = "; the board's own sensors belong in its firmware profile" if kind in BUILTIN_SENSOR_KINDS else ""
+            raise ConfigError(f"{key}.kind = {kind!r} is not a sensor kind here: use one of "
+                              f"{', '.join(known)}{extra}", where)
+        else:
+            builtin.append(item)
+    raw["sensors"] = builtin
+    return field
+
+
+def with_field_sensors(profile: Profile, extra: Iterable[FieldSensorSpec], where: str) -> Profile:
+    """`profile` with agent.toml's field sensors added after its own; names must stay unique."""
+    added = tuple(extra)
+    if not added:
+        return profile
+    combined = msgspec.structs.replace(profile, field_sensors=(*profile.field_sensors, *added))
+    _check_field_names(combined, where, first_added=len(profile.field_sensors))
+    return combined
+
+
+def _check_field_names(profile: Profile, where: str, first_added: int = 0) -> None:
+    """Field sensor names are unique, and no built-in sensor (named by its kind) is taken."""
+    taken = {s.kind for s in profile.sensors}
+    seen: set[str] = set()
+    for index, spec in enumerate(profile.field_sensors):
+        if spec.name in seen or spec.name in taken:
+            key = f"sensors[{index - first_added}]" if index >= first_added else f"the field sensor {spec.name!r}"
+            raise ConfigError(f"{key}.name = {spec.name!r} is taken by another sensor: give each sensor its own "
+                              "name", where)
+        seen.add(spec.name)
 
 
 def find_profile(name: str, search: Iterable[Path] = PROFILE_DIRS) -> Path:
@@ -111,9 +165,28 @@ def load_profile(
     raw = read_toml(path)
     for parts, value in overrides:
         apply_override(raw, parts, value)
+    field = split_sensors(raw, str(path))
+    _flatten_deadbands(raw)
     profile = to_struct(raw, Profile, str(path))
+    if field:
+        profile = msgspec.structs.replace(profile, field_sensors=tuple(field))
     check_profile(profile, path)
     return profile
+
+
+def _flatten_deadbands(raw: dict[str, Any]) -> None:
+    """TOML reads `deadband = { meter.voltage = 0.5 }` as a nested table: it means the metric meter.voltage."""
+    report = raw.get("report")
+    if not isinstance(report, dict) or not isinstance(report.get("deadband"), dict):
+        return
+    bands: dict[str, Any] = report["deadband"]
+    flat: dict[str, Any] = {}
+    for name, value in bands.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{point}": band for point, band in value.items()})
+        else:
+            flat[name] = value
+    report["deadband"] = flat
 
 
 def check_profile(profile: Profile, path: Path) -> None:
@@ -121,8 +194,9 @@ def check_profile(profile: Profile, path: Path) -> None:
     where = str(path)
     if profile.name != path.stem:
         raise ConfigError(f"name = {profile.name!r} but the file is {path.name}: make them agree", where)
-    if not profile.sensors:
+    if not profile.sensors and not profile.field_sensors:
         raise ConfigError("no sensors: add at least one [[sensors]] table", where)
+    _check_field_names(profile, where)
     for index, sensor in enumerate(profile.sensors):
         unknown = sorted(set(sensor.metrics) - SYSTEM_METRICS)
         if sensor.kind != "system" and sensor.metrics:
@@ -175,7 +249,7 @@ def produced_metric(profile: Profile, metric: str) -> bool:
         # Any sigN, not just N < signals: `--set sim.signals=2` must not break a profile's deadbands.
         if sensor.kind == "sim" and SIM_METRIC.fullmatch(metric):
             return True
-    return False
+    return any(field_metric(spec, metric) for spec in profile.field_sensors)
 
 
 def _check_report(profile: Profile, where: str) -> None:
@@ -185,7 +259,8 @@ def _check_report(profile: Profile, where: str) -> None:
     for metric, band in report.deadband.items():
         if not METRIC_PATTERN.fullmatch(metric):
             raise ConfigError(
-                f"report.deadband: {metric!r} is not a metric name (1 to 64 of A-Z a-z 0-9 _)", where
+                f"report.deadband: {metric!r} is not a metric name (1 to 64 of A-Z a-z 0-9 _, "
+                "or sensor.point for a field sensor)", where
             )
         if not produced_metric(profile, metric):
             raise ConfigError(

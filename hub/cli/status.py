@@ -108,6 +108,12 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                     "WHERE state = 'pending' ORDER BY id")
         leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
         lifecycle = await renewal.lifecycle_status(paths, config, store, now)
+        # Field sensors whose latest state change (sense/field/base.py events) says failing.
+        sensors_failing = await store.query(
+            "SELECT e.device, e.ts, json_extract(e.body, '$.sensor'), json_extract(e.body, '$.error') FROM events e "
+            "JOIN (SELECT device, MAX(seq) AS seq FROM events WHERE kind IN ('sensor_failing', 'sensor_recovered') "
+            "AND json_valid(body) GROUP BY device, json_extract(body, '$.sensor')) latest USING (device, seq) "
+            "WHERE e.kind = 'sensor_failing' ORDER BY e.device, e.ts")
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
@@ -148,6 +154,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                             "refused": d.policy_refused} for d in live if d.policy_drifted],
         "identity_conflicts": [{"device": c[0], "instances": c[1], "conflicts": c[2], "latest": c[3]}
                                for c in clones],
+        "field_sensors_failing": [{"device": r[0], "since": r[1], "sensor": r[2], "error": r[3]}
+                                  for r in sensors_failing],
     }, escalations, now)
 
 
@@ -176,6 +184,10 @@ def render(status: Status) -> str:
     lines += _capped([f"  {when(a['ts'])}  {a['device']}  {event_detail('alert', a)}"
                       + (f"  ({a['count']} times)" if a["count"] > 1 else "") for a in alerts],
                      "edge-hub events --kind alert")
+    failing = report["field_sensors_failing"]
+    lines.append(f"field sensors failing (the device's latest word on each): {len(failing) or 'none'}")
+    lines += _capped([f"  {when(r['since'])}  {r['device']}  {r['sensor']}: {r['error']}" for r in failing],
+                     "edge-hub events --kind sensor_failing")
     total = sum(report["rejects"].values())
     lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
         f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))
