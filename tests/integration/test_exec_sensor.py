@@ -15,17 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.sense.field.base import SensorHealth
 from edge_agent.sense.field.exec import MAX_LINE_BYTES, ExecProgram
-from edge_agent.sense.sensors import Reading
+from edge_agent.sense.sensors import Reading, SensorError
 from edgefleet.mqtt.reconnect import Backoff
 from tests.support.field import WAIT_S, Collected, wait_until
 
 PY = sys.executable
 
 
+def health_of(program: ExecProgram) -> SensorHealth:
+    return SensorHealth(program.name, program.kind, lambda kind, body: None)
+
+
 @asynccontextmanager
-async def running(program: ExecProgram, sink: Collected) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(program.run(sink))
+async def running(program: ExecProgram, sink: Collected,
+                  health: SensorHealth | None = None) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(program.run(health or health_of(program), sink))
     try:
         yield task
     finally:
@@ -71,12 +77,14 @@ time.sleep(60)
 """)
     sink = Collected()
     program = ExecProgram("x", argv, clock=lambda: 42.0)
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.sense.exec"):
-        async with running(program, sink):
+    health = health_of(program)
+    with caplog.at_level(logging.DEBUG):
+        async with running(program, sink, health):
             assert await sink.until(1) == [Reading("x.temp", 42.0, 3.0)]
-    assert program.bad_lines == 3
-    skipped = [r for r in caplog.records if "skipped a line" in r.getMessage()]
-    assert [r.levelno for r in skipped] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert health.rejected == 3
+    assert health.reads == 1
+    skipped = [r for r in caplog.records if "skipped a value" in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(skipped) == 3  # three different reasons, each once
     assert "is a string" in caplog.text
 
 
@@ -90,15 +98,16 @@ time.sleep(60)
 """)
     sink = Collected()
     program = ExecProgram("big", argv)
+    health = health_of(program)
     tracemalloc.start()
     try:
-        async with running(program, sink):
+        async with running(program, sink, health):
             assert [r.metric for r in await sink.until(1)] == ["big.after"]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert program.oversized == 1
-    assert program.bad_lines == 1
+    assert health.rejected == 1
     assert peak < 8 * MAX_LINE_BYTES + 2 * 1024 * 1024  # a few chunks, never the 10 MB line
 
 
@@ -115,8 +124,9 @@ async def test_a_program_exiting_in_a_loop_is_restarted_with_growing_pauses(
 
     backoff = Backoff(initial=0.2, maximum=1.6, stable_after=30.0, rng=random.Random(7))
     program = ExecProgram("loop", argv, backoff=backoff)
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.sense.exec"):
-        task = asyncio.create_task(program.run(record))
+    health = health_of(program)
+    with caplog.at_level(logging.DEBUG):
+        task = asyncio.create_task(program.run(health, record))
         try:
             await sink.until(5)
         finally:
@@ -127,14 +137,17 @@ async def test_a_program_exiting_in_a_loop_is_restarted_with_growing_pauses(
     # Equal jitter: the n-th pause is at least half of min(1.6, 0.2 * 2**(n-1)).
     for n, gap in enumerate(gaps, start=1):
         assert gap >= min(1.6, 0.2 * 2 ** (n - 1)) / 2, gaps
-    warnings = [r for r in caplog.records if "starting it again" in r.getMessage() and r.levelno == logging.WARNING]
+    assert health.errors >= 4
+    assert health.state == "failing"  # printing a line between crashes is not a recovery
+    assert "recovered" not in caplog.text
+    warnings = [r for r in caplog.records if "is failing" in r.getMessage() and r.levelno == logging.WARNING]
     assert len(warnings) == 1  # then DEBUG: a program that keeps exiting does not flood the log
 
 
 async def test_a_program_that_cannot_start_is_retried_not_fatal(tmp_path: Path) -> None:
     backoff = Backoff(initial=0.05, maximum=0.1, stable_after=30.0)
     program = ExecProgram("none", [str(tmp_path / "missing")], backoff=backoff)
-    task = asyncio.create_task(program.run(Collected()))
+    task = asyncio.create_task(program.run(health_of(program), Collected()))
     try:
         await wait_until(lambda: backoff.failures >= 3, "three failed starts")
     finally:
@@ -195,3 +208,11 @@ time.sleep(60)
     logged = [r.getMessage() for r in caplog.records if "stderr:" in r.getMessage()]
     assert logged[0] == "noisy stderr: warning 0"
     assert len(logged) == 20
+
+
+async def test_probe_answers_with_the_first_reading_set_or_says_why_not(tmp_path: Path) -> None:
+    good = script(tmp_path, "import time\nprint('{\"v\": 7}', flush=True)\ntime.sleep(600)\n")
+    assert [r.value for r in await ExecProgram("p", good).probe()] == [7.0]
+    (tmp_path / "bad.py").write_text("print('v=oops')\n")
+    with pytest.raises(SensorError, match=r"exited with code 0 before printing a reading; its lines did not parse"):
+        await ExecProgram("p", [PY, str(tmp_path / "bad.py")]).probe()

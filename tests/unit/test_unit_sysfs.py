@@ -3,16 +3,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from edge_agent.sense.field.sysfs import SysfsSensor, point_name
-from edge_agent.sense.sensors import SensorError
+from edge_agent.sense.field.base import FieldContext, FieldSensors
+from edge_agent.sense.field.sysfs import SysfsSensor, build, point_name
+from edge_agent.sense.sensors import Reading, SensorError
+from edgefleet.policy.field import SysfsSensorSpec
+from edgefleet.wire.events import EventKind
+from tests.support.field import Collected, wait_until
 
 NOW = 1_700_000_000.0
+
+
+def read(sensor: SysfsSensor, rejected: list[str] | None = None) -> list[Reading]:
+    return sensor.read(NOW, (rejected if rejected is not None else []).append)
 
 
 def _device(sys: Path, device_path: str, link_dir: str, link_name: str, attrs: dict[str, str]) -> Path:
@@ -35,25 +44,27 @@ def test_w1_slave_file_gives_degrees_and_a_failed_crc_is_a_counted_bad_read(tmp_
     slave = _device(tmp_path, "w1_bus_master1/28-0316a2795aff", "bus/w1/devices", "28-0316a2795aff",
                     {"w1_slave": W1_GOOD, "name": "28-0316a2795aff"})
     sensor = SysfsSensor("tank", "w1", "28-0316a2795aff", root=tmp_path)
-    assert sensor.read(NOW) == [("tank.temperature", NOW, pytest.approx(23.125))]
+    assert read(sensor) == [("tank.temperature", NOW, pytest.approx(23.125))]
     (slave / "w1_slave").write_text(W1_BAD_CRC)
+    rejected: list[str] = []
     with pytest.raises(SensorError, match="CRC"):
-        sensor.read(NOW)
-    assert sensor.bad_reads == 1
+        read(sensor, rejected)
+    assert len(rejected) == 1
+    assert "the 1-Wire CRC check failed" in rejected[0]
     (slave / "w1_slave").write_text(W1_GOOD.replace("t=23125", "t=-1500"))
-    assert sensor.read(NOW)[0].value == pytest.approx(-1.5)
+    assert read(sensor)[0].value == pytest.approx(-1.5)
 
 
 def test_w1_temperature_file_of_newer_kernels_is_preferred(tmp_path: Path) -> None:
     _device(tmp_path, "w1_bus_master1/28-00000abc", "bus/w1/devices", "28-00000abc",
             {"w1_slave": W1_BAD_CRC, "temperature": "21500\n"})
-    assert SysfsSensor("t", "w1", "28-00000abc", root=tmp_path).read(NOW)[0].value == pytest.approx(21.5)
+    assert read(SysfsSensor("t", "w1", "28-00000abc", root=tmp_path))[0].value == pytest.approx(21.5)
 
 
 def test_missing_w1_device_names_what_is_there(tmp_path: Path) -> None:
     _device(tmp_path, "w1_bus_master1/28-1", "bus/w1/devices", "28-1", {"temperature": "1000"})
     with pytest.raises(SensorError, match=r"no 1-Wire device '28-2' .*found: 28-1"):
-        SysfsSensor("t", "w1", "28-2", root=tmp_path).read(NOW)
+        read(SysfsSensor("t", "w1", "28-2", root=tmp_path))
 
 
 def _hwmon_tree(sys: Path) -> Path:
@@ -72,7 +83,7 @@ def _hwmon_tree(sys: Path) -> Path:
 
 def test_hwmon_device_by_name_in_documented_units_with_labels(tmp_path: Path) -> None:
     _hwmon_tree(tmp_path)
-    readings = {r.metric: r.value for r in SysfsSensor("room", "hwmon", "sht3x", root=tmp_path).read(NOW)}
+    readings = {r.metric: r.value for r in read(SysfsSensor("room", "hwmon", "sht3x", root=tmp_path))}
     assert readings == {
         "room.temp1": pytest.approx(21.375),  # m°C -> °C
         "room.humidity1": pytest.approx(45.25),  # m%RH -> %RH
@@ -88,42 +99,69 @@ def test_hwmon_attributes_in_the_device_folder_of_old_drivers(tmp_path: Path) ->
     (hwmon / "device").mkdir()
     (hwmon / "device" / "temp2_input").write_text("30000")
     (hwmon / "device" / "temp10_input").write_text("31000")
-    readings = SysfsSensor("board", "hwmon", "it87", root=tmp_path).read(NOW)
+    readings = read(SysfsSensor("board", "hwmon", "it87", root=tmp_path))
     assert [(r.metric, r.value) for r in readings] == [("board.temp2", 30.0), ("board.temp10", 31.0)]
 
 
-def test_one_unreadable_channel_is_a_bad_read_the_others_still_report(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_one_unreadable_channel_is_a_bad_read_the_others_still_report(tmp_path: Path) -> None:
     hwmon = _hwmon_tree(tmp_path)
     (hwmon / "humidity1_input").unlink()
     (hwmon / "humidity1_input").mkdir()  # reading it fails with an OSError, as EINVAL would
     (hwmon / "fan1_input").write_text("stalled\n")
-    sensor = SysfsSensor("room", "hwmon", "sht3x", root=tmp_path)
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.sense.sysfs"):
-        first = {r.metric for r in sensor.read(NOW)}
-        sensor.read(NOW)
+    rejected: list[str] = []
+    first = {r.metric for r in read(SysfsSensor("room", "hwmon", "sht3x", root=tmp_path), rejected)}
     assert "room.temp1" in first
     assert "room.humidity1" not in first
     assert "room.fan1" not in first
-    assert sensor.bad_reads == 4
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2  # once per channel, DEBUG after
-    assert "not a number" in caplog.text
+    assert len(rejected) == 2
+    assert rejected[0].endswith("fan1_input: it holds b'stalled', not a number")
+    assert rejected[1].endswith("humidity1_input: Is a directory")
+
+
+async def test_running_sensor_reports_health_and_recovers_when_the_device_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    hwmon = _hwmon_tree(tmp_path)
+    (hwmon / "fan1_input").write_text("stalled\n")
+    spec = SysfsSensorSpec(name="room", source="hwmon", device="sht3x", root=str(tmp_path), channels=["temp1", "fan1"],
+                           interval_s=0.05)
+    events: list[tuple[str, dict[str, object]]] = []
+    sink = Collected()
+    field = FieldSensors(build([spec], FieldContext()), sink, lambda kind, body: events.append((kind, body)))
+    health = field.health["room"]
+    task = asyncio.create_task(field.run())
+    try:
+        with caplog.at_level(logging.DEBUG):
+            await sink.until(3)
+            assert {r.metric for r in sink.readings} == {"room.temp1"}
+            assert health.state == "ok"
+            assert health.rejected >= 3  # the fan's every read, logged once at WARNING
+            assert len([r for r in caplog.records if "skipped a value" in r.getMessage()
+                        and r.levelno == logging.WARNING]) == 1
+            link = tmp_path / "class/hwmon/hwmon1"
+            target = link.readlink()
+            link.unlink()  # the driver is unloaded
+            await wait_until(lambda: health.state == "failing", "the sensor is failing")
+            link.symlink_to(target)
+            await wait_until(lambda: health.state == "ok", "the sensor recovers")
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    assert [kind for kind, _ in events] == [EventKind.SENSOR_FAILING, EventKind.SENSOR_RECOVERED]
 
 
 def test_points_select_channels_and_an_unknown_point_says_what_exists(tmp_path: Path) -> None:
     _hwmon_tree(tmp_path)
     sensor = SysfsSensor("room", "hwmon", "sht3x", root=tmp_path, points=["temp1"])
-    assert [r.metric for r in sensor.read(NOW)] == ["room.temp1"]
+    assert [r.metric for r in read(sensor)] == ["room.temp1"]
     with pytest.raises(SensorError, match=r"no channel temp9; it has: curr1, fan1, humidity1, vdd_3v3, power1, temp1"):
-        SysfsSensor("room", "hwmon", "sht3x", root=tmp_path, points=["temp9"]).read(NOW)
+        read(SysfsSensor("room", "hwmon", "sht3x", root=tmp_path, points=["temp9"]))
 
 
 def test_missing_hwmon_device_names_the_devices_found(tmp_path: Path) -> None:
     _hwmon_tree(tmp_path)
     with pytest.raises(SensorError, match=r"no hwmon device named 'bme280' .*found: cpu_thermal, sht3x"):
-        SysfsSensor("x", "hwmon", "bme280", root=tmp_path).read(NOW)
+        read(SysfsSensor("x", "hwmon", "bme280", root=tmp_path))
 
 
 def _bme280(sys: Path) -> Path:
@@ -138,7 +176,7 @@ def _bme280(sys: Path) -> Path:
 
 def test_iio_processed_values_in_our_units(tmp_path: Path) -> None:
     _bme280(tmp_path)
-    readings = {r.metric: r.value for r in SysfsSensor("air", "iio", "bme280", root=tmp_path).read(NOW)}
+    readings = {r.metric: r.value for r in read(SysfsSensor("air", "iio", "bme280", root=tmp_path))}
     assert readings == {
         "air.temp": pytest.approx(25.73),
         "air.pressure": pytest.approx(1013.25),  # kPa -> hPa
@@ -164,9 +202,9 @@ def test_iio_raw_with_own_and_shared_scale_and_offset(tmp_path: Path) -> None:
         "in_humidityrelative_scale": "1.907\n",
         "in_humidityrelative_offset": "-3146\n",
     })
-    adc = {r.metric: r.value for r in SysfsSensor("adc", "iio", "ads1115", root=tmp_path).read(NOW)}
+    adc = {r.metric: r.value for r in read(SysfsSensor("adc", "iio", "ads1115", root=tmp_path))}
     assert adc == {"adc.voltage0": pytest.approx(2.0), "adc.voltage1": pytest.approx(-0.2)}
-    rh = {r.metric: r.value for r in SysfsSensor("rh", "iio", "si7020", root=tmp_path).read(NOW)}
+    rh = {r.metric: r.value for r in read(SysfsSensor("rh", "iio", "si7020", root=tmp_path))}
     assert rh == {
         "rh.temp": pytest.approx((26000 - 4368) * 2.681 / 1000),
         "rh.humidityrelative": pytest.approx((30000 - 3146) * 1.907 / 1000),
@@ -179,20 +217,20 @@ def test_iio_input_wins_over_raw_and_modifiers_name_the_point(tmp_path: Path) ->
         "in_temp_object_raw": "15000\n", "in_temp_object_scale": "20\n", "in_temp_object_offset": "-13657.5\n",
         "in_temp_ambient_raw": "14000\n", "in_temp_ambient_input": "22000\n",
     })
-    readings = {r.metric: r.value for r in SysfsSensor("ir", "iio", "mlx90614", root=tmp_path).read(NOW)}
+    readings = {r.metric: r.value for r in read(SysfsSensor("ir", "iio", "mlx90614", root=tmp_path))}
     assert readings == {"ir.temp_ambient": pytest.approx(22.0), "ir.temp_object": pytest.approx(26.85)}
 
 
 def test_a_device_that_vanished_is_looked_up_again(tmp_path: Path) -> None:
     real = _bme280(tmp_path)
     sensor = SysfsSensor("air", "iio", "bme280", root=tmp_path)
-    assert len(sensor.read(NOW)) == 3
+    assert len(read(sensor)) == 3
     # The driver is reloaded: the device comes back under another number.
     (tmp_path / "bus/iio/devices/iio:device0").unlink()
     with pytest.raises(SensorError, match="no channel"):
-        sensor.read(NOW)
+        read(sensor)
     (tmp_path / "bus/iio/devices/iio:device3").symlink_to(real)
-    assert len(sensor.read(NOW)) == 3
+    assert len(read(sensor)) == 3
 
 
 def test_point_names_from_labels() -> None:

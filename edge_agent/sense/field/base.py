@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, Protocol
 
 import msgspec
 
-from edge_agent.sense.sensors import Reading, Sink
+from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.mqtt.reconnect import Backoff
 from edgefleet.policy.field import FieldSensorSpec
 from edgefleet.wire.events import EventKind
@@ -33,7 +33,12 @@ from edgefleet.wire.protocol import FieldHealth
 log = logging.getLogger("edge_agent.field")
 
 # kind -> the module whose `build(specs, context) -> list[FieldSensor]` makes that kind's sensors.
-BUILDERS: Final[dict[str, str]] = {}
+BUILDERS: Final[dict[str, str]] = {
+    "sysfs": "edge_agent.sense.field.sysfs",
+    "exec": "edge_agent.sense.field.exec",
+    "mqtt": "edge_agent.sense.field.mqtt_local",
+    "gpio": "edge_agent.sense.field.gpio",
+}
 # First retry of a failed sensor or connection: soon enough for a device that blinked.
 BACKOFF_INITIAL_S: Final = 1.0
 # Longest wait between retries: a device back from a power cut is read again within this.
@@ -122,6 +127,37 @@ class FieldSensor(Protocol):
     async def probe(self) -> list[Reading]:
         """One read for `edge-agent check`; raises SensorError with one sentence saying what is wrong."""
         ...
+
+
+Reject = Callable[[str], None]
+PolledRead = Callable[[float, Reject], list[Reading]]
+
+
+async def run_polled(read: PolledRead, interval: float, health: SensorHealth, emit: Sink,
+                     clock: Callable[[], float] = time.time) -> None:
+    """Call `read(now, reject)` every `interval` seconds without drift, for sensors whose reads are
+    quick and synchronous (sysfs files, GPIO levels). A SensorError is a failed poll, tried again
+    after max(interval, a field_backoff() delay); a read that returns nothing is one too."""
+    loop = asyncio.get_running_loop()
+    backoff = field_backoff()
+    due = loop.time()
+    while True:
+        try:
+            readings = read(clock(), health.reject)
+        except SensorError as exc:
+            health.failed(str(exc))
+            due = loop.time() + max(interval, backoff.lost(loop.time()))
+        else:
+            if readings:
+                emit(readings)
+                health.ok()
+                backoff.connected(loop.time())
+            else:
+                health.failed("the read gave no value")
+            due += interval
+            if due < loop.time():  # a stall (or a suspended board): keep the cadence from now on
+                due = loop.time() + interval
+        await asyncio.sleep(max(due - loop.time(), 0.0))
 
 
 @dataclass

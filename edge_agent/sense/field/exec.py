@@ -5,9 +5,9 @@ either a JSON object of metric -> number (`{"temp": 21.5, "ts": 1700000000.5}`) 
 protocol (`weather,site=a temp=21.5,rssi=-70i 1700000000000000000`). The program runs from an
 argv list (never a shell) in its own process group, is restarted with capped, jittered backoff
 when it exits, and the whole group is killed when the agent stops. Its stderr goes to our log,
-rate-limited. A line that does not parse is counted and logged with the reason (WARNING the
-first time, DEBUG after); a line longer than MAX_LINE_BYTES is discarded up to its newline,
-never buffered whole.
+rate-limited. A line that does not parse is a rejected value (counted, and logged once per reason
+by the sensor's health); a line longer than MAX_LINE_BYTES is discarded up to its newline, never
+buffered whole. Each exit is a failed poll: the health says so once, not at every restart.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import re
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
-from edge_agent.sense.sensors import Reading
+from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth
+from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.mqtt.reconnect import Backoff
+from edgefleet.policy.field import POINT_NAME as POINT
+from edgefleet.policy.field import ExecSensorSpec
 from edgefleet.runtime.processes import signal_group, stop_group
 
 log = logging.getLogger("edge_agent.sense.exec")
@@ -42,11 +45,9 @@ STDERR_LINES_PER_WINDOW: Final = 20
 STDERR_WINDOW_S: Final = 60.0
 # After the program exits, a grandchild that left our process group may still hold its pipes.
 DRAIN_AFTER_EXIT_S: Final = 5.0
-POINT: Final = re.compile(r"[A-Za-z0-9_]{1,48}")
 Format = Literal["auto", "json", "influx"]
 Precision = Literal["ns", "us", "ms", "s"]
 PRECISION_SECONDS: Final[dict[Precision, float]] = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-Sink = Callable[[list[Reading]], None]
 
 
 class BadLine(ValueError):
@@ -110,7 +111,7 @@ def _finite(value: object, key: str) -> float:
 
 def _point(name: str) -> str:
     if not POINT.fullmatch(name):
-        raise BadLine(f"{name[:60]!r} is not a point name (1 to 48 of A-Z a-z 0-9 _)")
+        raise BadLine(f"{name[:60]!r} is not a point name (1 to 32 of A-Z a-z 0-9 _)")
     return name
 
 
@@ -226,7 +227,9 @@ class LineSplitter:
 
 
 class ExecProgram:
-    """Runs `argv` for as long as `run()` runs, hands each parsed line to `sink` as readings."""
+    """Runs `argv` for as long as `run()` runs, hands each parsed line to `emit` as readings."""
+
+    kind = "exec"
 
     def __init__(self, name: str, argv: Sequence[str], *, fmt: Format = "auto", precision: Precision = "ns",
                  clock: Callable[[], float] = time.time, backoff: Backoff | None = None) -> None:
@@ -240,26 +243,44 @@ class ExecProgram:
         self.pid: int | None = None
         self.starts = 0
         self.lines = 0
-        self.bad_lines = 0
         self.oversized = 0
         self.stderr_dropped = 0
         self.last_error = ""
-        self._warned_lines = False
-        self.started = asyncio.Event()  # set while a process runs
+        self._started_at = 0.0
 
-    async def run(self, sink: Sink) -> None:
+    async def run(self, health: SensorHealth, emit: Sink) -> None:
         """Start, read, restart with backoff; until cancelled (then the group is killed)."""
         while True:
             self.backoff.connecting()
-            why = await self._run_once(sink)
+            why = await self._run_once(health, emit)
             self.last_error = why
             delay = self.backoff.lost(time.monotonic())
-            # WARNING for the first exit after a stable run; a program exiting in a loop is DEBUG after.
-            log.log(logging.WARNING if self.backoff.failures == 1 else logging.DEBUG,
-                    "%s: %s %s; starting it again in %.1f s", self.name, self.argv[0], why, delay)
+            health.failed(f"{self.argv[0]} {why}; started again in {delay:.1f} s")
             await asyncio.sleep(delay)
 
-    async def _run_once(self, sink: Sink) -> str:
+    async def probe(self) -> list[Reading]:
+        """Start the program and wait for its first reading set (the caller bounds the wait)."""
+        health = _ProbeHealth(self.name, self.kind)
+        first: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
+
+        def emit(readings: list[Reading]) -> None:
+            if not first.done():
+                first.set_result(readings)
+
+        task = asyncio.create_task(self._run_once(health, emit), name=f"{self.name}-probe")
+        waiters: list[asyncio.Future[Any]] = [task, first]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+        if first.done():
+            return first.result()
+        why = task.result() if not task.cancelled() and task.exception() is None else "stopped"
+        skipped = f"; its lines did not parse: {'; '.join(health.reasons[:3])}" if health.reasons else ""
+        raise SensorError(f"{self.argv[0]} {why} before printing a reading{skipped}")
+
+    async def _run_once(self, health: SensorHealth, emit: Sink) -> str:
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -272,11 +293,11 @@ class ExecProgram:
         self.pid = process.pid
         self.starts += 1
         self.backoff.connected(time.monotonic())
-        self.started.set()
+        self._started_at = time.monotonic()
         log.log(logging.INFO if self.backoff.failures == 0 else logging.DEBUG,
                 "%s: started %s (pid %d)", self.name, self.argv[0], process.pid)
         readers = [
-            asyncio.create_task(self._read_stdout(process.stdout, sink), name=f"{self.name}-stdout"),
+            asyncio.create_task(self._read_stdout(process.stdout, health, emit), name=f"{self.name}-stdout"),
             asyncio.create_task(self._read_stderr(process.stderr), name=f"{self.name}-stderr"),
         ]
         try:
@@ -287,9 +308,8 @@ class ExecProgram:
                 if task in pending:
                     task.cancel()
                 elif (error := task.exception()) is not None:
-                    raise error  # a sink that raised is a bug: let it end the sensor loudly
+                    raise error  # a sink that raised is a bug: let the supervisor log and restart us
         finally:
-            self.started.clear()
             for task in readers:
                 task.cancel()
             await asyncio.wait(readers)
@@ -297,36 +317,33 @@ class ExecProgram:
                 await stop_group(process)
         return f"exited with code {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
 
-    async def _read_stdout(self, stream: asyncio.StreamReader, sink: Sink) -> None:
+    async def _read_stdout(self, stream: asyncio.StreamReader, health: SensorHealth, emit: Sink) -> None:
         splitter = LineSplitter()
         while chunk := await stream.read(READ_CHUNK_BYTES):
             for line in splitter.feed(chunk):
-                self._line(line, sink)
-            self._count_oversized(splitter)
+                self._line(line, health, emit)
+            if splitter.oversized:
+                self.oversized += splitter.oversized
+                for _ in range(splitter.oversized):
+                    health.reject(f"a line longer than {MAX_LINE_BYTES} bytes was discarded")
+                splitter.oversized = 0
         if rest := splitter.rest():
-            self._line(rest, sink)
+            self._line(rest, health, emit)
 
-    def _count_oversized(self, splitter: LineSplitter) -> None:
-        if splitter.oversized:
-            self.oversized += splitter.oversized
-            self._bad(f"a line longer than {MAX_LINE_BYTES} bytes was discarded")
-            splitter.oversized = 0
-
-    def _line(self, line: bytes, sink: Sink) -> None:
+    def _line(self, line: bytes, health: SensorHealth, emit: Sink) -> None:
         self.lines += 1
         try:
             points = parse_line(line, self._fmt, self._precision)
         except BadLine as exc:
-            self._bad(f"{exc} in {line[:80]!r}")
+            health.reject(f"a line that is not a reading set: {exc}")
+            log.debug("%s: the line was %r", self.name, line[:200])
             return
         now = self._clock()
-        sink([Reading(f"{self.name}.{p.point}", now if p.ts is None else p.ts, p.value) for p in points])
-
-    def _bad(self, why: str) -> None:
-        self.bad_lines += 1
-        level = logging.DEBUG if self._warned_lines else logging.WARNING
-        self._warned_lines = True
-        log.log(level, "%s: skipped a line (%d so far): %s", self.name, self.bad_lines, why)
+        emit([Reading(f"{self.name}.{p.point}", now if p.ts is None else p.ts, p.value) for p in points])
+        if health.state == "failing" and time.monotonic() - self._started_at < self.backoff.stable_after:
+            health.reads += 1  # a program in a restart loop is not back until it stays up: no event per restart
+        else:
+            health.ok()
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         splitter = LineSplitter()
@@ -344,3 +361,22 @@ class ExecProgram:
                     log.info("%s stderr: %s", self.name, line.decode("utf-8", "replace")[:500])
                 else:
                     self.stderr_dropped += 1
+
+
+class _ProbeHealth(SensorHealth):
+    """A probe's health: the reasons lines were skipped are kept for its answer, not logged."""
+
+    def __init__(self, name: str, kind: str) -> None:
+        super().__init__(name, kind, lambda kind, body: None)
+        self.reasons: list[str] = []
+
+    def reject(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def ok(self) -> None:
+        pass
+
+
+def build(specs: Sequence[ExecSensorSpec], context: FieldContext) -> list[FieldSensor]:
+    return [ExecProgram(spec.name, spec.argv, fmt=spec.format, precision=spec.precision, clock=context.clock)
+            for spec in specs]

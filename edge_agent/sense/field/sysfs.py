@@ -6,27 +6,26 @@ by its name (hwmon and IIO `name`, a 1-Wire slave id), never by its number, whic
 probe order. Reads are a few small file reads: quick enough for the event loop.
 
 One channel that cannot be read (EINVAL while the chip converts, a CRC error on the 1-Wire bus)
-is a counted bad read and the other channels still report; only a device none of whose channels
-can be read is a failed poll.
+is a rejected value (counted and logged once by the sensor's health) and the other channels still
+report; only a device none of whose channels can be read is a failed poll.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
-from edge_agent.sense.sensors import Reading, SensorError
-
-log = logging.getLogger("edge_agent.sense.sysfs")
+from edge_agent.sense.field.base import FieldContext, FieldSensor, Reject, SensorHealth, run_polled
+from edge_agent.sense.sensors import Reading, SensorError, Sink
+from edgefleet.policy.field import SysfsSensorSpec
+from edgefleet.policy.field import SysfsSource as Source
 
 SYSFS_ROOT: Final = Path("/sys")
-Source = Literal["w1", "hwmon", "iio"]
-SOURCES: Final[tuple[Source, ...]] = ("w1", "hwmon", "iio")
 W1_DIR: Final = "bus/w1/devices"
 HWMON_DIR: Final = "class/hwmon"
 IIO_DIR: Final = "bus/iio/devices"
@@ -77,7 +76,7 @@ def _number(path: Path) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise BadRead(f"{path} holds {raw[:40]!r}, not a number") from None
+        raise BadRead(f"it holds {raw[:40]!r}, not a number") from None
 
 
 def point_name(text: str) -> str:
@@ -100,9 +99,9 @@ def _w1_slave(path: Path) -> float:
     text = _attr(path)
     crc, temp = W1_CRC.search(text), W1_T.search(text)
     if crc is None or temp is None:
-        raise BadRead(f"{path} is not in the w1_therm format: {text[:80]!r}")
+        raise BadRead(f"not in the w1_therm format: {text[:80]!r}")
     if crc.group(1) != b"YES":
-        raise BadRead(f"{path}: the 1-Wire CRC check failed (crc ... NO)")
+        raise BadRead("the 1-Wire CRC check failed (crc ... NO)")
     return int(temp.group(1)) * 1e-3
 
 
@@ -239,8 +238,10 @@ class SysfsSensor:
     the device renumbered).
     """
 
+    kind = "sysfs"
+
     def __init__(self, name: str, source: Source, device: str, *, root: Path = SYSFS_ROOT,
-                 points: Sequence[str] = (), interval: float = 5.0) -> None:
+                 points: Sequence[str] = (), interval: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         self.name = name
         self.interval = interval
         self.source = source
@@ -248,8 +249,7 @@ class SysfsSensor:
         self._root = root
         self._points = frozenset(points)
         self._channels: list[Channel] | None = None
-        self.bad_reads = 0
-        self._warned: set[str] = set()
+        self._clock = clock
 
     def channels(self) -> list[Channel]:
         """The device's channels (looked up now if not yet); SensorError when the device is absent."""
@@ -267,7 +267,8 @@ class SysfsSensor:
             self._channels = found
         return self._channels
 
-    def read(self, now: float) -> list[Reading]:
+    def read(self, now: float, reject: Reject) -> list[Reading]:
+        """Every channel that can be read; one that cannot goes to `reject` with the reason."""
         channels = self.channels()
         readings: list[Reading] = []
         errors: list[str] = []
@@ -275,7 +276,9 @@ class SysfsSensor:
             try:
                 value = channel.value()
             except (OSError, SensorError) as exc:
-                errors.append(self._bad(channel, exc))
+                why = f"{channel.path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+                errors.append(why)
+                reject(f"bad read of {why}")
                 continue
             readings.append(Reading(f"{self.name}.{channel.point}", now, value))
         if not readings:
@@ -283,15 +286,17 @@ class SysfsSensor:
             raise SensorError(f"no channel of {self.source} device {self.device!r} could be read: {'; '.join(errors)}")
         return readings
 
-    def _bad(self, channel: Channel, exc: Exception) -> str:
-        self.bad_reads += 1
-        why = f"{channel.path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-        level = logging.DEBUG if channel.point in self._warned else logging.WARNING
-        self._warned.add(channel.point)
-        log.log(level, "%s: bad read of %s (%d so far)", self.name, why, self.bad_reads)
-        return why
+    async def run(self, health: SensorHealth, emit: Sink) -> None:
+        await run_polled(self.read, self.interval, health, emit, self._clock)
 
-    def probe(self) -> str:
-        """One read now, described for `edge-agent check`; SensorError says what is wrong."""
-        readings = self.read(0.0)
-        return ", ".join(f"{r.metric} = {r.value:g}" for r in readings)
+    async def probe(self) -> list[Reading]:
+        problems: list[str] = []
+        readings = self.read(self._clock(), problems.append)
+        if problems:
+            raise SensorError(f"{len(problems)} channel(s) could not be read: {'; '.join(problems[:3])}")
+        return readings
+
+
+def build(specs: Sequence[SysfsSensorSpec], context: FieldContext) -> list[FieldSensor]:
+    return [SysfsSensor(spec.name, spec.source, spec.device, root=Path(spec.root), points=spec.channels,
+                        interval=spec.interval_s, clock=context.clock) for spec in specs]
