@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -382,11 +382,48 @@ def check_gpio_lines(chip: str, lines: list[int | str], key: str, where: str) ->
         seen.add(line)
 
 
+# --- plugins (Python entry points) ----------------------------------------------------------------
+
+SENSOR_ENTRY_POINTS: Final = "edgefleet.sensors"  # the group a package adds a sensor kind in
+
+
+def offered_plugins(group: str) -> list[str]:
+    """The entry point names installed packages offer in `group` (nothing is imported)."""
+    from importlib.metadata import entry_points  # scans the installed distributions: only when asked
+
+    return sorted({point.name for point in entry_points(group=group)})
+
+
+class PluginSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="plugin"):
+    """A sensor kind an installed package adds (entry point group edgefleet.sensors)."""
+
+    name: str
+    plugin: str  # the entry point's name
+    interval_s: Interval = 5.0  # for a plugin that is polled
+    options: dict[str, Any] = {}  # handed to the plugin's builder as they are; it checks them
+
+    @property
+    def kind(self) -> str:
+        return "plugin"
+
+    def points(self) -> frozenset[str] | None:
+        return None
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, [], key, where)
+        offered = offered_plugins(SENSOR_ENTRY_POINTS)
+        if self.plugin not in offered:
+            raise ConfigError(f"{key}.plugin = {self.plugin!r} is offered by no installed package (entry point "
+                              f"group {SENSOR_ENTRY_POINTS}: {', '.join(offered) or 'none'}); install the package "
+                              "that provides it", where)
+
+
 # --- the union ------------------------------------------------------------------------------
 
 # Every field sensor kind; add a new kind's struct here (and its builder in edge_agent/sense/field/base.py).
-FieldSensorSpec = ModbusSensorSpec | SysfsSensorSpec | ExecSensorSpec | MqttSensorSpec | GpioSensorSpec
-FIELD_KINDS: Final = ("modbus", "sysfs", "exec", "mqtt", "gpio")
+FieldSensorSpec = (ModbusSensorSpec | SysfsSensorSpec | ExecSensorSpec | MqttSensorSpec | GpioSensorSpec
+                   | PluginSensorSpec)
+FIELD_KINDS: Final = ("modbus", "sysfs", "exec", "mqtt", "gpio", "plugin")
 
 
 def parse_field_sensor(raw: object, key: str, where: str) -> FieldSensorSpec:

@@ -7,17 +7,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from edge_agent.sense.field.base import SensorHealth
 from edge_agent.sense.field.mqtt_local import Endpoint, LocalMqtt, TopicMap
-from edge_agent.sense.sensors import Reading
+from edge_agent.sense.sensors import Reading, SensorError
 from tests.support.field import WAIT_S, Collected, wait_until
 from tests.support.local_broker import LocalBroker, local_broker
 
 NOW = 1_700_000_000.0
 
 
+def health_of(sensor: LocalMqtt) -> SensorHealth:
+    return SensorHealth(sensor.name, sensor.kind, lambda kind, body: None)
+
+
 @asynccontextmanager
-async def subscribed(sensor: LocalMqtt, sink: Collected) -> AsyncIterator[None]:
-    task = asyncio.create_task(sensor.run(sink))
+async def subscribed(sensor: LocalMqtt, sink: Collected, health: SensorHealth | None = None) -> AsyncIterator[None]:
+    task = asyncio.create_task(sensor.run(health or health_of(sensor), sink))
     try:
         async with asyncio.timeout(WAIT_S):
             await sensor.link.connected.wait()
@@ -42,7 +49,8 @@ async def test_json_fields_and_plain_numbers_arrive_bad_payloads_are_counted(wor
     async with local_broker(workdir / "lan") as broker:
         sink = Collected()
         sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port), [ZIGBEE, POWER, READY], clock=lambda: NOW)
-        async with subscribed(sensor, sink):
+        health = health_of(sensor)
+        async with subscribed(sensor, sink, health):
             await _subscribed_now(broker, sink, "ready")
             sink.readings.clear()
             await broker.publish("zigbee2mqtt/kitchen",
@@ -56,7 +64,7 @@ async def test_json_fields_and_plain_numbers_arrive_bad_payloads_are_counted(wor
         Reading("zb.humidity", 1700000005.0, 40.0),
         Reading("zb.power", NOW, 230.5),
     ]
-    assert sensor.skipped == 3  # temperature missing, humidity "n/a", power NaN
+    assert health.rejected == 3  # temperature missing, humidity "n/a", power NaN
 
 
 async def test_username_and_password(workdir: Path) -> None:
@@ -67,7 +75,8 @@ async def test_username_and_password(workdir: Path) -> None:
             await broker.publish(POWER.filter, "1.5", retain=True, username="z2m", password="pw")
             assert [r.value for r in await sink.until(1)] == [1.5]
         refused = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port, username="agent", password="wrong"), [POWER])
-        task = asyncio.create_task(refused.run(Collected()))
+        health = health_of(refused)
+        task = asyncio.create_task(refused.run(health, Collected()))
         try:
             await wait_until(lambda: bool(refused.link.last_error), "the broker refuses the password")
         finally:
@@ -75,20 +84,35 @@ async def test_username_and_password(workdir: Path) -> None:
             await asyncio.wait([task])
         assert "refused" in refused.link.last_error
         assert "wrong" not in refused.link.last_error
+        assert health.state == "failing"
+        assert "not authorized" in health.last_error.lower() or "bad user name" in health.last_error.lower()
 
 
 async def test_the_broker_restarts_and_readings_resume_without_restarting_the_sensor(workdir: Path) -> None:
     async with local_broker(workdir / "lan") as broker:
         sink = Collected()
         sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port), [POWER, READY])
-        async with subscribed(sensor, sink):
+        health = health_of(sensor)
+        async with subscribed(sensor, sink, health):
             await _subscribed_now(broker, sink, "ready")
             await broker.publish(POWER.filter, "1")
             await sink.until(2)
             await broker.stop()
             await broker.start()
+            await wait_until(lambda: health.state == "failing", "the sensor reports the broker gone")
             await wait_until(lambda: sensor.link.connections >= 2, "the sensor reconnects")
             await _subscribed_now(broker, sink, "ready")
             await broker.publish(POWER.filter, "2")
             readings = await sink.until(4)
     assert [r.value for r in readings if r.metric == "zb.power"] == [1.0, 2.0]
+    assert health.state == "ok"
+
+
+async def test_probe_says_whether_the_broker_is_there(workdir: Path) -> None:
+    async with local_broker(workdir / "lan") as broker:
+        await broker.publish(POWER.filter, "42", retain=True)
+        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port), [POWER])
+        assert [(r.metric, r.value) for r in await sensor.probe()] == [("zb.power", 42.0)]
+        port = broker.port
+    with pytest.raises(SensorError, match=f"local broker 127.0.0.1:{port}: cannot reach"):
+        await LocalMqtt("zb", Endpoint("127.0.0.1", port), [POWER]).probe()

@@ -3,7 +3,9 @@ entry_points.txt on sys.path, as pip lays one out), not by patching importlib.""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import math
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -11,16 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.config import load_settings
+from edge_agent.sense.field.base import FieldSensors
 from edge_agent.sense.field.entrypoints import (
     ACTUATOR_GROUP,
     SENSOR_GROUP,
+    PluginFieldSensor,
     PluginSensor,
     PluginSource,
     available,
     build_actuator,
     build_sensor,
 )
+from edge_agent.sense.sensors import Reading
 from edgefleet.errors import ConfigError
+from tests.support.field import Collected
+from tests.unit.test_unit_field import setup  # the agent.toml and profile the framework's tests use
 
 PLUGIN = '''
 import asyncio
@@ -130,3 +138,51 @@ def test_plugin_errors_are_config_errors_that_name_the_file_and_the_fix(installe
 
 def test_without_the_package_the_kind_is_unknown() -> None:
     assert "weather_station" not in available(SENSOR_GROUP)
+
+
+PLUGIN_SENSOR = """
+[[sensors]]
+kind = "plugin"
+plugin = "{plugin}"
+name = "roof"
+interval_s = 0.05
+options = {{ height_m = 12 }}
+"""
+
+
+def _settings(tmp_path: Path, plugin: str) -> Path:
+    return setup(tmp_path, PLUGIN_SENSOR.format(plugin=plugin))
+
+
+async def test_a_plugin_declared_in_agent_toml_runs_under_the_field_runtime(installed: Path, tmp_path: Path) -> None:
+    settings = load_settings(_settings(tmp_path, "weather_station"))
+    sink = Collected()
+    field = FieldSensors.from_specs(settings.profile.field_sensors, sink, lambda kind, body: None)
+    task = asyncio.create_task(field.run())
+    try:
+        await sink.until(2)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    assert {r.metric for r in sink.readings} == {"roof.height"}
+    assert field.health["roof"].state == "ok"
+
+
+def test_a_plugin_no_package_offers_is_refused_at_start(installed: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"agent.toml: sensors\[0\].plugin = 'zigbee' is offered by no installed "
+                                          r"package \(entry point group edgefleet.sensors: acme_broken, acme_feed"):
+        load_settings(_settings(tmp_path, "zigbee"))
+
+
+async def test_plugin_readings_must_be_named_after_the_sensor(installed: Path) -> None:
+    class Stray:
+        name, interval = "roof", 1.0
+
+        def read(self, now: float) -> list[Reading]:
+            return [Reading("roof.ok", now, 1.0), Reading("other.x", now, 2.0), Reading("roof.nan", now, math.nan)]
+
+    rejected: list[str] = []
+    sensor = PluginFieldSensor("roof", Stray(), 1.0, lambda: 5.0)
+    assert [r.metric for r in sensor._checked(Stray().read(5.0), rejected.append)] == ["roof.ok"]
+    assert rejected == ["the plugin gave metric 'other.x', not roof.<point>", "the plugin gave roof.nan = nan"]
+    assert [r.metric for r in await sensor.probe()] == ["roof.ok"]

@@ -17,10 +17,10 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -38,6 +38,7 @@ BUILDERS: Final[dict[str, str]] = {
     "exec": "edge_agent.sense.field.exec",
     "mqtt": "edge_agent.sense.field.mqtt_local",
     "gpio": "edge_agent.sense.field.gpio",
+    "plugin": "edge_agent.sense.field.entrypoints",
 }
 # First retry of a failed sensor or connection: soon enough for a device that blinked.
 BACKOFF_INITIAL_S: Final = 1.0
@@ -53,6 +54,7 @@ HEALTH_WRITE_S: Final = 10.0
 REJECT_REASONS_LOGGED: Final = 32
 
 HealthState = Literal["starting", "ok", "failing"]
+T = TypeVar("T")
 Audit = Callable[[str, dict[str, object]], None]
 
 
@@ -158,6 +160,28 @@ async def run_polled(read: PolledRead, interval: float, health: SensorHealth, em
             if due < loop.time():  # a stall (or a suspended board): keep the cadence from now on
                 due = loop.time() + interval
         await asyncio.sleep(max(due - loop.time(), 0.0))
+
+
+async def first_batch(start: Callable[[Sink], Awaitable[T]]) -> tuple[list[Reading] | None, T | None]:
+    """Run `start(emit)` until its first batch of readings (a probe of a sensor that pushes; the
+    caller bounds the wait). Returns (the batch, None), or (None, what `start` returned) if it
+    ended first; it is cancelled once the batch is in."""
+    first: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
+
+    def emit(readings: list[Reading]) -> None:
+        if not first.done():
+            first.set_result(readings)
+
+    task = asyncio.ensure_future(start(emit))
+    waiters: list[asyncio.Future[Any]] = [task, first]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    if first.done():
+        return first.result(), None
+    return None, task.result()
 
 
 @dataclass

@@ -8,26 +8,31 @@ A package declares, in its own pyproject.toml:
     [project.entry-points."edgefleet.actuators"]
     siren = "acme_ws.edge:build_actuator"
 
-The entry point's name is the `kind` an agent.toml `[[sensors]]` table (or an actuator) names. A
-sensor builder is called as `build(name, options)` and returns a `PluginSensor` (polled) or a
-`PluginSource` (pushes its readings); an actuator builder returns a `PluginActuator`. `options`
-is the table's other keys, as TOML gave them: the plugin validates them and raises ValueError
-with a sentence saying what is wrong. Nothing is imported until a configured kind needs it.
+and an agent.toml names the entry point: `[[sensors]] kind = "plugin", plugin = "weather_station",
+name = "roof", options = {...}`. A sensor builder is called as `build(name, options)` and returns a
+`PluginSensor` (polled every interval_s) or a `PluginSource` (pushes its readings); an actuator
+builder returns a `PluginActuator`. The plugin checks `options` and raises ValueError with a
+sentence saying what is wrong. Nothing is imported until a configured sensor needs it; a plugin
+runs under the same supervisor and health as the built-in kinds, and a reading whose metric is not
+`<name>.<point>` is rejected.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Final, Protocol, runtime_checkable
 
-from edge_agent.sense.sensors import Reading
+from edge_agent.sense.field.base import FieldContext, FieldSensor, Reject, SensorHealth, first_batch, run_polled
+from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.errors import ConfigError
+from edgefleet.policy.field import POINT_NAME, SENSOR_ENTRY_POINTS, PluginSensorSpec
 
 log = logging.getLogger("edge_agent.sense.entrypoints")
 
-SENSOR_GROUP: Final = "edgefleet.sensors"
+SENSOR_GROUP: Final = SENSOR_ENTRY_POINTS
 ACTUATOR_GROUP: Final = "edgefleet.actuators"
 
 
@@ -111,3 +116,67 @@ def build_actuator(kind: str, name: str, options: Mapping[str, Any], where: str)
         return actuator
     raise ConfigError(f"{name} (kind {kind!r}): the plugin returned {type(actuator).__name__}, "
                       "which has no async write(args)", where)
+
+
+# --- plugin sensors under the field runtime ----------------------------------------------------------
+
+
+class PluginFieldSensor:
+    """A plugin's sensor or source, run and health-checked like a built-in field sensor."""
+
+    kind = "plugin"
+
+    def __init__(self, name: str, plugin: PluginSensor | PluginSource, interval: float,
+                 clock: Callable[[], float]) -> None:
+        self.name = name
+        self._plugin = plugin
+        self._interval = interval
+        self._clock = clock
+
+    def _checked(self, readings: list[Reading], reject: Reject) -> list[Reading]:
+        good = []
+        for reading in readings:
+            sensor, dot, point = reading.metric.partition(".")
+            if sensor != self.name or not dot or not POINT_NAME.fullmatch(point):
+                reject(f"the plugin gave metric {reading.metric[:80]!r}, not {self.name}.<point>")
+            elif not math.isfinite(reading.value):
+                reject(f"the plugin gave {reading.metric} = {reading.value}")
+            else:
+                good.append(reading)
+        return good
+
+    async def run(self, health: SensorHealth, emit: Sink) -> None:
+        plugin = self._plugin
+        if isinstance(plugin, PluginSensor):
+            def read(now: float, reject: Reject) -> list[Reading]:
+                return self._checked(plugin.read(now), reject)
+
+            await run_polled(read, self._interval, health, emit, self._clock)
+            return
+
+        def pushed(readings: list[Reading]) -> None:
+            good = self._checked(readings, health.reject)
+            if good:
+                emit(good)
+                health.ok()
+
+        await plugin.run(pushed)
+
+    async def probe(self) -> list[Reading]:
+        problems: list[str] = []
+        plugin = self._plugin
+        if isinstance(plugin, PluginSensor):
+            readings = self._checked(plugin.read(self._clock()), problems.append)
+        else:
+            batch, _ = await first_batch(plugin.run)
+            readings = self._checked(batch or [], problems.append)
+        if problems and not readings:
+            raise SensorError(f"the plugin's readings were refused: {'; '.join(problems[:3])}")
+        return readings
+
+
+def build(specs: Sequence[PluginSensorSpec], context: FieldContext) -> list[FieldSensor]:
+    """Plugin sensors; a plugin that cannot be loaded or refuses its options stops the start (ConfigError)."""
+    where = "[[sensors]] of kind plugin"
+    return [PluginFieldSensor(spec.name, build_sensor(spec.plugin, spec.name, spec.options, where),
+                              spec.interval_s, context.clock) for spec in specs]

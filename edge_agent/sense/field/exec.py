@@ -19,11 +19,11 @@ import re
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 
-from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth
+from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth, first_batch
 from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.mqtt.reconnect import Backoff
 from edgefleet.policy.field import POINT_NAME as POINT
@@ -261,22 +261,9 @@ class ExecProgram:
     async def probe(self) -> list[Reading]:
         """Start the program and wait for its first reading set (the caller bounds the wait)."""
         health = _ProbeHealth(self.name, self.kind)
-        first: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
-
-        def emit(readings: list[Reading]) -> None:
-            if not first.done():
-                first.set_result(readings)
-
-        task = asyncio.create_task(self._run_once(health, emit), name=f"{self.name}-probe")
-        waiters: list[asyncio.Future[Any]] = [task, first]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            task.cancel()
-            await asyncio.wait([task])
-        if first.done():
-            return first.result()
-        why = task.result() if not task.cancelled() and task.exception() is None else "stopped"
+        batch, why = await first_batch(lambda emit: self._run_once(health, emit))
+        if batch is not None:
+            return batch
         skipped = f"; its lines did not parse: {'; '.join(health.reasons[:3])}" if health.reasons else ""
         raise SensorError(f"{self.argv[0]} {why} before printing a reading{skipped}")
 

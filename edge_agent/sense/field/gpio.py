@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from edge_agent.sense.sensors import Reading, SensorError
+from edge_agent.sense.field.base import FieldContext, FieldSensor, Reject, SensorHealth, run_polled
+from edge_agent.sense.sensors import Reading, SensorError, Sink
+from edgefleet.policy.field import GpioSensorSpec
 
 if TYPE_CHECKING:  # the types only; the module is imported when a chip is opened
     import gpiod
@@ -126,9 +129,12 @@ class InputLine:
 class GpioInputs:
     """The input lines of one chip as one sensor: levels read at each poll, edges counted as they come."""
 
+    kind = "gpio"
+
     def __init__(self, name: str, chip: str, lines: Sequence[InputLine], *, interval: float = 5.0,
-                 opener: ChipOpener = open_chip) -> None:
+                 opener: ChipOpener = open_chip, clock: Callable[[], float] = time.time) -> None:
         self.name = name
+        self._clock = clock
         self.interval = interval
         self._path = chip_path(chip)
         self._lines = list(lines)
@@ -194,7 +200,7 @@ class GpioInputs:
             if offset in self._counts:
                 self._counts[offset] += 1
 
-    def read(self, now: float) -> list[Reading]:
+    def read(self, now: float, reject: Reject | None = None) -> list[Reading]:
         if self._request is None:
             self.open()
         assert self._request is not None
@@ -207,15 +213,21 @@ class GpioInputs:
                 try:
                     value = self._request.get_value(offset)
                 except OSError as exc:
+                    self.close()  # requested again at the next read
                     raise GpioError(f"cannot read line {spec.line!r} of {self._path}: {exc.strerror or exc}") from None
                 readings.append(Reading(f"{self.name}.{spec.point}", now, 1.0 if value.value else 0.0))
         return readings
 
-    def probe(self) -> str:
-        """Open the lines and read them once, for `edge-agent check`; GpioError says what is wrong."""
-        self.open()
+    async def run(self, health: SensorHealth, emit: Sink) -> None:
         try:
-            return ", ".join(f"{r.metric} = {r.value:g}" for r in self.read(0.0))
+            await run_polled(self.read, self.interval, health, emit, self._clock)
+        finally:
+            self.close()
+
+    async def probe(self) -> list[Reading]:
+        """Open the lines and read them once, for `edge-agent check`; GpioError says what is wrong."""
+        try:
+            return self.read(self._clock())
         finally:
             self.close()
 
@@ -308,3 +320,13 @@ class GpioOutputs:
 
         return Value.ACTIVE if active else Value.INACTIVE
 
+
+
+def build(specs: Sequence[GpioSensorSpec], context: FieldContext) -> list[FieldSensor]:
+    return [
+        GpioInputs(spec.name, spec.chip, [
+            InputLine(line.name, line.line, line.mode, line.edge, line.bias, line.active_low, line.debounce_ms)
+            for line in spec.lines
+        ], interval=spec.interval_s, clock=context.clock)
+        for spec in specs
+    ]

@@ -5,11 +5,14 @@ optional username and password. It is kept up by the same `Link` and backoff as 
 Each topic filter maps JSON fields (dotted paths into nested objects) or the whole payload (a
 plain number) to points; the timestamp comes from a payload field when one is named (seconds,
 milliseconds or ISO-8601), else it is the time of arrival. A payload without the field, with a
-value that is not a finite number, or larger than the bound is counted, logged once and skipped.
+value that is not a finite number, or larger than the bound is a rejected value (counted, logged
+once per reason by the sensor's health); a lost connection is a failed poll.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -18,14 +21,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
 from paho.mqtt.client import topic_matches_sub
 
-from edge_agent.sense.sensors import Reading
+from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth
+from edge_agent.sense.sensors import Reading, SensorError, Sink
+from edgefleet.errors import ConnectRefused, TransientError
 from edgefleet.mqtt.link import Link
 from edgefleet.mqtt.session import Message, MqttSession
+from edgefleet.policy.field import MqttSensorSpec
 
 log = logging.getLogger("edge_agent.sense.mqtt_local")
 
@@ -146,49 +153,65 @@ def decode(mapping: TopicMap, payload: bytes, now: float) -> tuple[list[tuple[st
 
 # --- the connection ------------------------------------------------------------------------------
 
-
-Sink = Callable[[list[Reading]], None]
+# How long a probe waits for a first message after subscribing: many devices publish only on change.
+PROBE_LISTEN_S: Final = 5.0
 
 
 class LocalMqtt:
-    """Subscribes to the topic filters of one sensor on one broker and hands readings to a sink."""
+    """Subscribes to the topic filters of one sensor on one broker and hands readings to `emit`."""
+
+    kind = "mqtt"
 
     def __init__(self, name: str, endpoint: Endpoint, topics: Sequence[TopicMap], *, qos: int = 0,
-                 client_id: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 client_id: str | None = None, clock: Callable[[], float] = time.time,
+                 password_file: Path | None = None) -> None:
         self.name = name
         self._endpoint = endpoint
         self._topics = list(topics)
         self._qos = qos
         self._client_id = client_id or f"edgefleet-{name}-{secrets.token_hex(4)}"
         self._clock = clock
+        self._password_file = password_file
         self.messages = 0
-        self.skipped = 0
-        self._warned: set[str] = set()
-        self._sink: Sink | None = None
-        self.link = Link(f"{name} (local MQTT {endpoint.host}:{endpoint.port})", self.session, self._work, logger=log)
+        self._health: SensorHealth | None = None
+        self._emit: Sink | None = None
+        self.link = Link(f"{name} (local MQTT {endpoint.host}:{endpoint.port})", self.session, self._work,
+                         logger=log, on_lost=self._lost)
 
     def session(self) -> MqttSession:
         e = self._endpoint
+        password = e.password
+        if self._password_file is not None:
+            try:  # read at every connection: a rotated password is picked up without a restart
+                password = self._password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConnectRefused(f"cannot read the password file {self._password_file}: "
+                                     f"{exc.strerror or exc}", auth=True) from None
         return MqttSession(
             client_id=self._client_id, host=e.host, port=e.port, tls=e.tls, username=e.username,
-            password=e.password, keepalive=KEEPALIVE_S, connect_timeout=CONNECT_TIMEOUT_S,
+            password=password, keepalive=KEEPALIVE_S, connect_timeout=CONNECT_TIMEOUT_S,
             # Headroom over the payload bound for the topic and properties: larger never arrives.
             max_packet=MAX_PAYLOAD_BYTES + 4096,
         )
 
-    async def run(self, sink: Sink) -> None:
+    async def run(self, health: SensorHealth, emit: Sink) -> None:
         """Connect, subscribe, read; reconnect with backoff; until cancelled."""
-        self._sink = sink
+        self._health, self._emit = health, emit
         await self.link.run()
 
+    def _lost(self, why: str) -> None:
+        if self._health is not None:
+            self._health.failed(f"local broker {self._endpoint.host}:{self._endpoint.port}: {why}")
+
     async def _work(self, session: MqttSession) -> None:
-        assert self._sink is not None  # set by run(), the only caller of the link
+        assert self._health is not None  # set by run(), the only caller of the link
+        assert self._emit is not None
         await session.subscribe([(t.filter, self._qos) for t in self._topics])
         log.info("%s: subscribed to %s", self.name, ", ".join(t.filter for t in self._topics))
         while True:
-            self.handle(await session.next_message(), self._sink)
+            self.handle(await session.next_message(), self._health, self._emit)
 
-    def handle(self, message: Message, sink: Sink) -> None:
+    def handle(self, message: Message, health: SensorHealth, emit: Sink) -> None:
         self.messages += 1
         now = self._clock()
         readings: list[Reading] = []
@@ -198,13 +221,39 @@ class LocalMqtt:
             points, problems = decode(mapping, message.payload, now)
             readings.extend(Reading(f"{self.name}.{point}", ts, value) for point, ts, value in points)
             for problem in problems:
-                self._skip(message.topic, problem)
+                health.reject(f"{message.topic}: {problem}")
         if readings:
-            sink(readings)
+            emit(readings)
+            health.ok()
 
-    def _skip(self, topic: str, why: str) -> None:
-        self.skipped += 1
-        key = why.split(":", 1)[0]
-        level = logging.DEBUG if key in self._warned else logging.WARNING
-        self._warned.add(key)
-        log.log(level, "%s: skipped a value from %s (%d so far): %s", self.name, topic, self.skipped, why)
+    async def probe(self) -> list[Reading]:
+        """Connect and subscribe (or say why not), then listen briefly for a first message."""
+        session = self.session()
+        try:
+            await session.connect()
+            await session.subscribe([(t.filter, self._qos) for t in self._topics])
+            health = SensorHealth(self.name, self.kind, lambda kind, body: None)
+            readings: list[Reading] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROBE_LISTEN_S):
+                    while not readings:
+                        self.handle(await session.next_message(), health, readings.extend)
+            return readings
+        except TransientError as exc:
+            raise SensorError(f"local broker {self._endpoint.host}:{self._endpoint.port}: {exc}") from None
+        finally:
+            await session.close()
+
+
+def build(specs: Sequence[MqttSensorSpec], context: FieldContext) -> list[FieldSensor]:
+    sensors: list[FieldSensor] = []
+    for spec in specs:
+        tls = None
+        if spec.tls:
+            tls = ssl.create_default_context(cafile=spec.ca)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        endpoint = Endpoint(spec.host, spec.port, tls, spec.username)
+        topics = [TopicMap(t.topic, dict(t.points), t.ts_field, t.ts_unit) for t in spec.topics]
+        sensors.append(LocalMqtt(spec.name, endpoint, topics, qos=spec.qos, clock=context.clock,
+                                 password_file=Path(spec.password_file) if spec.password_file else None))
+    return sensors
