@@ -12,7 +12,14 @@ import msgspec
 from msgspec import Meta
 
 from edgefleet.errors import ConfigError
-from edgefleet.policy.field import FIELD_KINDS, FieldSensorSpec, field_metric, parse_field_sensor
+from edgefleet.policy.field import (
+    FIELD_KINDS,
+    FieldSensorSpec,
+    check_gpio_lines,
+    check_names,
+    field_metric,
+    parse_field_sensor,
+)
 from edgefleet.runtime.settings import apply_override, read_toml, to_struct
 from edgefleet.wire.protocol import NAME_PATTERN
 
@@ -35,7 +42,8 @@ METRIC_PATTERN: Final = re.compile(r"(?=.{1,64}$)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+
 SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<signals-1>
 THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
 BUILTIN_SENSOR_KINDS: Final = ("system", "thermal", "sim")
-ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record"]
+ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record",
+                       "mqtt_publish", "gpio_set", "gpio_pulse"]
 
 
 class Budgets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -60,10 +68,22 @@ class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     battery: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
+class GpioOutputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A GPIO line the gpio_set and gpio_pulse actuators may drive, by the name rules use."""
+
+    name: str
+    chip: str  # gpiochip0 or /dev/gpiochip0
+    line: int | str  # its offset on the chip, or its name
+    idle: bool = False  # its level at start, after a pulse and when the agent stops
+    active_low: bool = False
+
+
 class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed: list[ActuatorKind] = []
     commands: list[list[str]] = []  # argv prefixes the "command" actuator may run
     units: list[str] = []  # systemd units the "systemd_restart" actuator may restart
+    mqtt_topics: list[str] = []  # topics the "mqtt_publish" actuator may publish to (exact, no wildcards)
+    gpio_outputs: list[GpioOutputSpec] = []  # lines the "gpio_set" and "gpio_pulse" actuators may drive
 
 
 class ReportSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -216,6 +236,33 @@ def check_profile(profile: Profile, path: Path) -> None:
         raise ConfigError("actuators allow \"systemd_restart\" but list no actuators.units", where)
     if any(not argv for argv in profile.actuators.commands):
         raise ConfigError("actuators.commands has an empty argv", where)
+    _check_field_actuators(profile.actuators, where)
+
+
+def _check_field_actuators(spec: ActuatorSpec, where: str) -> None:
+    """The local MQTT topics and GPIO lines the field actuators may write."""
+    if "mqtt_publish" in spec.allowed and not spec.mqtt_topics:
+        raise ConfigError("actuators allow \"mqtt_publish\" but list no actuators.mqtt_topics", where)
+    for topic in spec.mqtt_topics:
+        if not topic or "+" in topic or "#" in topic:
+            raise ConfigError(f"actuators.mqtt_topics: {topic!r} is not a topic to publish to: write it in full, "
+                              "without + or #", where)
+    if {"gpio_set", "gpio_pulse"} & set(spec.allowed) and not spec.gpio_outputs:
+        raise ConfigError("actuators allow gpio_set or gpio_pulse but list no [[actuators.gpio_outputs]]", where)
+    names: set[str] = set()
+    lines: set[tuple[str, int | str]] = set()
+    for index, output in enumerate(spec.gpio_outputs):
+        key = f"actuators.gpio_outputs[{index}]"
+        check_names(output.name, [], key, where)
+        if output.name in names:
+            raise ConfigError(f"{key}.name = {output.name!r} is listed twice: give each output its own name", where)
+        chip = output.chip.removeprefix("/dev/")
+        if (chip, output.line) in lines:
+            raise ConfigError(f"{key}: line {output.line!r} of {output.chip} is listed twice: a line has one use",
+                              where)
+        check_gpio_lines(output.chip, [output.line], key, where)
+        names.add(output.name)
+        lines.add((chip, output.line))
 
 
 def _check_sensor_overlap(profile: Profile, where: str) -> None:

@@ -29,7 +29,7 @@ from paho.mqtt.client import topic_matches_sub
 
 from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth
 from edge_agent.sense.sensors import Reading, SensorError, Sink
-from edgefleet.errors import ConnectRefused, TransientError
+from edgefleet.errors import ConnectionLost, ConnectRefused, TransientError
 from edgefleet.mqtt.link import Link
 from edgefleet.mqtt.session import Message, MqttSession
 from edgefleet.policy.field import MqttSensorSpec
@@ -225,6 +225,14 @@ class LocalMqtt:
         if readings:
             emit(readings)
             health.ok()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        """Publish on this sensor's connection (the mqtt_publish actuator); ConnectionLost when it is down."""
+        session = self.link.session
+        if session is None or not session.is_connected:
+            raise ConnectionLost(f"not connected to the local broker {self._endpoint.host}:{self._endpoint.port}"
+                                 + (f" ({self.link.last_error})" if self.link.last_error else ""))
+        await session.publish(topic, payload, qos=qos, retain=retain)
 
     async def probe(self) -> list[Reading]:
         """Connect and subscribe (or say why not), then listen briefly for a first message."""
