@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.decide.actuators import Actuators
 from edge_agent.sense.field.base import SensorHealth
 from edge_agent.sense.field.mqtt_local import Endpoint, LocalMqtt, TopicMap
 from edge_agent.sense.sensors import Reading, SensorError
+from edgefleet.policy.profiles import ActuatorSpec
 from tests.support.field import WAIT_S, Collected, wait_until
 from tests.support.local_broker import LocalBroker, local_broker
 
@@ -36,8 +38,9 @@ async def subscribed(sensor: LocalMqtt, sink: Collected, health: SensorHealth | 
 
 async def _subscribed_now(broker: LocalBroker, sink: Collected, topic: str) -> None:
     """A retained marker reaches the sensor once its subscription is live (the broker is the test's own)."""
+    before = len(sink.readings)  # counted first: the marker may arrive before publish() returns
     await broker.publish(topic, "0", retain=True)
-    await sink.until(len(sink.readings) + 1)
+    await sink.until(before + 1)
 
 
 ZIGBEE = TopicMap("zigbee2mqtt/+", {"temperature": "temperature", "humidity": "humidity"}, "last_seen", "ms")
@@ -116,3 +119,29 @@ async def test_probe_says_whether_the_broker_is_there(workdir: Path) -> None:
         port = broker.port
     with pytest.raises(SensorError, match=f"local broker 127.0.0.1:{port}: cannot reach"):
         await LocalMqtt("zb", Endpoint("127.0.0.1", port), [POWER]).probe()
+
+
+async def test_mqtt_publish_actuator_reaches_the_lan_broker_and_fails_cleanly_when_it_is_gone(
+    workdir: Path,
+) -> None:
+    spec = ActuatorSpec(allowed=["mqtt_publish"], mqtt_topics=["zigbee2mqtt/pump/set"])
+    async with local_broker(workdir / "lan") as broker:
+        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port), [READY])
+        watcher = LocalMqtt("watch", Endpoint("127.0.0.1", broker.port),
+                            [TopicMap("zigbee2mqtt/pump/set", {"on": ""}), READY])
+        actuators = Actuators(spec, mqtt={"zb": sensor})
+        seen = Collected()
+        async with subscribed(sensor, Collected()), subscribed(watcher, seen):
+            await _subscribed_now(broker, seen, "ready")
+            seen.readings.clear()
+            result = await actuators.run("mqtt_publish", {"sensor": "zb", "topic": "zigbee2mqtt/pump/set",
+                                                          "payload": "1"}, timeout=5.0)
+            assert result.ok, result.detail
+            assert result.detail == "published 1 bytes to zigbee2mqtt/pump/set on zb's broker."
+            assert [(r.metric, r.value) for r in await seen.until(1)] == [("watch.on", 1.0)]
+            await broker.stop()
+            await wait_until(lambda: not sensor.link.connected.is_set(), "the sensor notices the broker is gone")
+            failed = await actuators.run("mqtt_publish", {"sensor": "zb", "topic": "zigbee2mqtt/pump/set",
+                                                          "payload": "0"}, timeout=5.0)
+    assert not failed.ok
+    assert "not connected to the local broker" in failed.detail
