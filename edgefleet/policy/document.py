@@ -64,8 +64,8 @@ args = { message = "disk almost full", severity = "critical" }
 offline = "act"
 '''
 
-ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record"]
-ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record")
+ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write"]
+ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record", "modbus_write")
 RULE_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No leading '-': a unit must never be read as an option by systemctl.
 SYSTEMD_UNIT: Final = re.compile(r"[A-Za-z0-9_.@:\\][A-Za-z0-9_.@:\\-]{0,255}")
@@ -114,9 +114,15 @@ class RecordArgs(msgspec.Struct, frozen=True):
     values: dict[str, Any] = {}  # the `record` actuator keeps whatever it is given
 
 
-ActionArgs = CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs
+class ModbusWriteArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    point: NonEmpty  # <sensor>.<point> of a coil or holding register the profile's actuators.modbus lists
+    value: float | bool  # a coil takes 0/1 (or false/true); a register its scaled value
+
+
+ActionArgs = CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs | ModbusWriteArgs
 _ARGS: Final[dict[str, type[msgspec.Struct]]] = {
     "command": CommandArgs, "systemd_restart": SystemdRestartArgs, "set_rate": SetRateArgs, "alert": AlertArgs,
+    "modbus_write": ModbusWriteArgs,
 }
 
 

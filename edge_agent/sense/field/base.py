@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-from edge_agent.sense.sensors import Reading, Sink
+from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.mqtt.reconnect import Backoff
 from edgefleet.policy.field import FieldSensorSpec
 from edgefleet.wire.events import EventKind
@@ -33,7 +33,9 @@ from edgefleet.wire.protocol import FieldHealth
 log = logging.getLogger("edge_agent.field")
 
 # kind -> the module whose `build(specs, context) -> list[FieldSensor]` makes that kind's sensors.
-BUILDERS: Final[dict[str, str]] = {}
+BUILDERS: Final[dict[str, str]] = {
+    "modbus": "edge_agent.sense.field.modbus",
+}
 # First retry of a failed sensor or connection: soon enough for a device that blinked.
 BACKOFF_INITIAL_S: Final = 1.0
 # Longest wait between retries: a device back from a power cut is read again within this.
@@ -124,6 +126,16 @@ class FieldSensor(Protocol):
         ...
 
 
+@runtime_checkable
+class FieldWriter(Protocol):
+    """A field sensor whose points an actuator may set (Modbus coils and registers, ...)."""
+
+    async def write(self, point: str, value: float) -> str:
+        """Set `point` (the part after the sensor's name) and say what was done; raise SensorError
+        or ValueError with one sentence when it was not."""
+        ...
+
+
 @dataclass
 class FieldContext:
     """What builders get besides their specs."""
@@ -178,6 +190,14 @@ class FieldSensors:
 
     def records(self) -> dict[str, FieldHealth]:
         return {name: health.record() for name, health in self.health.items()}
+
+    async def write(self, metric: str, value: float) -> str:
+        """Write `<sensor>.<point>` through the sensor that reads it (the allowlist was checked before)."""
+        name, _, point = metric.partition(".")
+        sensor = next((s for s in self.sensors if s.name == name), None)
+        if not isinstance(sensor, FieldWriter):
+            raise SensorError(f"no field sensor named {name!r} can be written")
+        return await sensor.write(point, value)
 
     def errors(self) -> dict[str, int]:
         """Failed polls per sensor (the status message's sensor_failures, beside the sampler's)."""
