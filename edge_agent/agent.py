@@ -94,7 +94,8 @@ class Agent:
         # Open aggregation windows hold readings stamped before a clock step: they go in before it.
         outbox.before_clock_change = lambda: outbox.add(self.report.flush())
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert,
-                                   mqtt={s.name: s for s in self.field.sensors if isinstance(s, MqttPublisher)})
+                                   mqtt={s.name: s for s in self.field.sensors if isinstance(s, MqttPublisher)},
+                                   field_write=self.field.write)
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
         self.renewal = Renewal(self.device, IdentityFiles(settings.tls, settings.state_dir), self.link,

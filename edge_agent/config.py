@@ -20,6 +20,7 @@ from edgefleet.policy.profiles import (
     Profile,
     load_profile,
     split_sensors,
+    with_field_actuators,
     with_field_sensors,
 )
 from edgefleet.runtime.settings import apply_override, read_toml, split_overrides, to_struct
@@ -71,6 +72,13 @@ class MetricsConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = 0
 
 
+class FieldActuatorConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """This device's additions to its profile's actuator allowlists (for its own field devices)."""
+
+    # <sensor>.<point> of Modbus coils and holding registers that rules may write (modbus_write).
+    modbus: list[str] = []
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_id: str
     profile: str
@@ -82,6 +90,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outbox: OutboxConf = OutboxConf()
     uplink: UplinkConf = UplinkConf()
     metrics: MetricsConf = MetricsConf()
+    actuators: FieldActuatorConf = FieldActuatorConf()
     # A local policy file (rules), relative to this file: in force until the hub's first
     # signed policy arrives, and again if the hub withdraws its policies.
     policy: str | None = None
@@ -169,4 +178,5 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     if config.profiles_dir is not None:
         search = (path.resolve().parent / config.profiles_dir, *PROFILE_DIRS)  # an absolute one stays as it is
     profile = with_field_sensors(load_profile(config.profile, routed["profile"], search), field, str(path))
+    profile = with_field_actuators(profile, config.actuators.modbus, str(path))
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

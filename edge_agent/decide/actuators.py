@@ -52,6 +52,8 @@ SYSTEMCTL_ARGS: Final = ("--no-ask-password", "restart")
 
 
 AlertSink = Callable[[str, str], Awaitable[None]]
+# Writes a field point (`<sensor>.<point>`, value) and says what it did; raises SensorError or ValueError.
+FieldWrite = Callable[[str, float], Awaitable[str]]
 RateSetter = Callable[[str, float], None]
 # Called with (kind, args) after every check passed, right before the action starts. It may
 # be async (an audit write). If it raises, the action does not run and the error propagates.
@@ -110,6 +112,7 @@ class Actuators:
         alert: AlertSink | None = None,
         recorder: Recorder | None = None,
         started: StartHook | None = None,
+        field_write: FieldWrite | None = None,
         mqtt: Mapping[str, MqttPublisher] | None = None,  # local MQTT sensors by name, for mqtt_publish
         gpio_opener: object = None,  # opens a GPIO chip; None: libgpiod (tests pass a fake chip)
     ) -> None:
@@ -117,7 +120,10 @@ class Actuators:
             raise ConfigError("the profile allows set_rate but no sampler was given to change rates")
         if "alert" in spec.allowed and alert is None:
             raise ConfigError("the profile allows alert but no way to reach the hub was given")
+        if "modbus_write" in spec.allowed and field_write is None:
+            raise ConfigError("the profile allows modbus_write but no field sensors were given to write through")
         self._spec = spec
+        self._field_write = field_write
         self._set_rate = set_rate
         self._alert = alert
         self.recorder = recorder if recorder is not None else Recorder()
@@ -183,6 +189,10 @@ class Actuators:
             return partial(_run_process, allowed, env=env)
         if kind == "systemd_restart":
             return partial(_restart_unit, allowed[0])
+        if kind == "modbus_write":
+            value = args["value"]
+            assert isinstance(value, int | float)  # checked by the allowlist
+            return partial(self._write_field, allowed[0], float(value))
         if kind == "set_rate":
             _only(args, kind, {"sensor", "interval_s"})
             sensor = _text(args, "sensor")
@@ -211,6 +221,18 @@ class Actuators:
         except SensorError as exc:
             return _Outcome(False, f"could not change the rate: {exc}")
         return _Outcome(True, f"sensor {sensor!r} now reads every {interval:g} s.")
+
+    async def _write_field(self, point: str, value: float, within_s: float) -> _Outcome:
+        assert self._field_write is not None  # checked in __init__ when modbus_write is allowed
+        try:
+            async with asyncio.timeout(within_s):
+                detail = await self._field_write(point, value)
+        except TimeoutError:
+            return _Outcome(False, f"the write of {value:g} to {point} did not finish within {within_s:g} s.",
+                            timed_out=True)
+        except (AgentError, ValueError) as exc:
+            return _Outcome(False, f"could not write {value:g} to {point}: {exc}.")
+        return _Outcome(True, f"{detail}.")
 
     async def _raise_alert(self, message: str, severity: str, within_s: float) -> _Outcome:
         assert self._alert is not None  # checked in __init__ when alert is allowed

@@ -57,6 +57,16 @@ def allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> li
             allowed = ", ".join(spec.units) or "none"
             raise Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
         return [unit]
+    if kind == "modbus_write":
+        only_args(args, kind, {"point", "value"})
+        point = required_arg(args, "point")
+        if not isinstance(point, str) or point not in spec.modbus:
+            allowed = ", ".join(spec.modbus) or "none"
+            raise Refused(f"Modbus point {point!r} may not be written on this device; writable: {allowed}.")
+        value = required_arg(args, "value")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise BadArgs(f"argument 'value' must be a finite number (or true/false for a coil), not {value!r}.")
+        return [point]
     if kind == "mqtt_publish":
         topic = args.get("topic")
         if not isinstance(topic, str) or topic not in spec.mqtt_topics:

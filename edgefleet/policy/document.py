@@ -64,9 +64,9 @@ args = { message = "disk almost full", severity = "critical" }
 offline = "act"
 '''
 
-ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record",
+ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
                      "mqtt_publish", "gpio_set", "gpio_pulse"]
-ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record",
+ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
                                           "mqtt_publish", "gpio_set", "gpio_pulse")
 RULE_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No leading '-': a unit must never be read as an option by systemctl.
@@ -116,6 +116,11 @@ class RecordArgs(msgspec.Struct, frozen=True):
     values: dict[str, Any] = {}  # the `record` actuator keeps whatever it is given
 
 
+class ModbusWriteArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    point: NonEmpty  # <sensor>.<point> of a coil or holding register the profile's actuators.modbus lists
+    value: float | bool  # a coil takes 0/1 (or false/true); a register its scaled value
+
+
 # Field actuators: a topic on a local broker, a GPIO output line (each listed in the profile's allowlists).
 MAX_PAYLOAD_CHARS: Final = 4096  # a command to a plug or a valve, not a file transfer
 MAX_PULSE_S: Final = 3600.0  # a relay pulse longer than an hour is a "set", not a pulse
@@ -139,10 +144,11 @@ class GpioPulseArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seconds: Annotated[float, Meta(gt=0, le=MAX_PULSE_S)]  # away from its idle level, then back
 
 
-ActionArgs = (CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs
+ActionArgs = (CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs | ModbusWriteArgs
               | MqttPublishArgs | GpioSetArgs | GpioPulseArgs)
 _ARGS: Final[dict[str, type[msgspec.Struct]]] = {
     "command": CommandArgs, "systemd_restart": SystemdRestartArgs, "set_rate": SetRateArgs, "alert": AlertArgs,
+    "modbus_write": ModbusWriteArgs,
     "mqtt_publish": MqttPublishArgs, "gpio_set": GpioSetArgs, "gpio_pulse": GpioPulseArgs,
 }
 

@@ -177,6 +177,10 @@ class ModbusSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         """The metrics this sensor produces (None: only known at run time)."""
         return frozenset(metric_name(self.name, p.name) for p in self.registers)
 
+    def writable(self) -> frozenset[str]:
+        """The points the modbus_write actuator could write (coils and holding registers)."""
+        return frozenset(metric_name(self.name, p.name) for p in self.registers if p.table in WRITABLE_TABLES)
+
     def check(self, key: str, where: str) -> None:
         """What the struct's types cannot say; raises ConfigError naming `key`."""
         check_names(self.name, [p.name for p in self.registers], key, where)

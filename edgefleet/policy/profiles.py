@@ -15,6 +15,7 @@ from edgefleet.errors import ConfigError
 from edgefleet.policy.field import (
     FIELD_KINDS,
     FieldSensorSpec,
+    ModbusSensorSpec,
     check_gpio_lines,
     check_names,
     field_metric,
@@ -42,7 +43,7 @@ METRIC_PATTERN: Final = re.compile(r"(?=.{1,64}$)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+
 SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<signals-1>
 THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
 BUILTIN_SENSOR_KINDS: Final = ("system", "thermal", "sim")
-ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record",
+ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
                        "mqtt_publish", "gpio_set", "gpio_pulse"]
 
 
@@ -84,6 +85,8 @@ class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     units: list[str] = []  # systemd units the "systemd_restart" actuator may restart
     mqtt_topics: list[str] = []  # topics the "mqtt_publish" actuator may publish to (exact, no wildcards)
     gpio_outputs: list[GpioOutputSpec] = []  # lines the "gpio_set" and "gpio_pulse" actuators may drive
+    # <sensor>.<point> of Modbus coils and holding registers the "modbus_write" actuator may write.
+    modbus: list[str] = []
 
 
 class ReportSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -148,6 +151,24 @@ def with_field_sensors(profile: Profile, extra: Iterable[FieldSensorSpec], where
     combined = msgspec.structs.replace(profile, field_sensors=(*profile.field_sensors, *added))
     _check_field_names(combined, where, first_added=len(profile.field_sensors))
     return combined
+
+
+def with_field_actuators(profile: Profile, modbus: list[str], where: str) -> Profile:
+    """`profile` with agent.toml's writable Modbus points added to its allowlist; every listed
+    point, the profile's and these, must be a coil or holding register of a declared Modbus sensor."""
+    writable = set().union(*(s.writable() for s in profile.field_sensors if isinstance(s, ModbusSensorSpec)))
+    listed = [(f"the profile's actuators.modbus entry {p!r}", p) for p in profile.actuators.modbus]
+    listed += [(f"actuators.modbus[{i}] = {p!r}", p) for i, p in enumerate(modbus)]
+    for key, point in listed:
+        if point not in writable:
+            raise ConfigError(f"{key} is not a coil or holding register of a modbus sensor: list one of "
+                              f"{', '.join(sorted(writable)) or 'none (declare the sensor first)'}", where)
+    if not modbus:
+        return profile
+    spec = profile.actuators
+    allowed = spec.allowed if "modbus_write" in spec.allowed else [*spec.allowed, "modbus_write"]
+    actuators = msgspec.structs.replace(spec, allowed=allowed, modbus=[*spec.modbus, *modbus])
+    return msgspec.structs.replace(profile, actuators=actuators)
 
 
 def _check_field_names(profile: Profile, where: str, first_added: int = 0) -> None:
@@ -263,6 +284,8 @@ def _check_field_actuators(spec: ActuatorSpec, where: str) -> None:
         check_gpio_lines(output.chip, [output.line], key, where)
         names.add(output.name)
         lines.add((chip, output.line))
+    if "modbus_write" in spec.allowed and not spec.modbus:
+        raise ConfigError("actuators allow \"modbus_write\" but list no actuators.modbus points", where)
 
 
 def _check_sensor_overlap(profile: Profile, where: str) -> None:

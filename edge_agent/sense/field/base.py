@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -34,6 +34,7 @@ log = logging.getLogger("edge_agent.field")
 
 # kind -> the module whose `build(specs, context) -> list[FieldSensor]` makes that kind's sensors.
 BUILDERS: Final[dict[str, str]] = {
+    "modbus": "edge_agent.sense.field.modbus",
     "sysfs": "edge_agent.sense.field.sysfs",
     "exec": "edge_agent.sense.field.exec",
     "mqtt": "edge_agent.sense.field.mqtt_local",
@@ -182,6 +183,14 @@ async def first_batch(start: Callable[[Sink], Awaitable[T]]) -> tuple[list[Readi
     if first.done():
         return first.result(), None
     return None, task.result()
+@runtime_checkable
+class FieldWriter(Protocol):
+    """A field sensor whose points an actuator may set (Modbus coils and registers, ...)."""
+
+    async def write(self, point: str, value: float) -> str:
+        """Set `point` (the part after the sensor's name) and say what was done; raise SensorError
+        or ValueError with one sentence when it was not."""
+        ...
 
 
 @dataclass
@@ -238,6 +247,14 @@ class FieldSensors:
 
     def records(self) -> dict[str, FieldHealth]:
         return {name: health.record() for name, health in self.health.items()}
+
+    async def write(self, metric: str, value: float) -> str:
+        """Write `<sensor>.<point>` through the sensor that reads it (the allowlist was checked before)."""
+        name, _, point = metric.partition(".")
+        sensor = next((s for s in self.sensors if s.name == name), None)
+        if not isinstance(sensor, FieldWriter):
+            raise SensorError(f"no field sensor named {name!r} can be written")
+        return await sensor.write(point, value)
 
     def errors(self) -> dict[str, int]:
         """Failed polls per sensor (the status message's sensor_failures, beside the sampler's)."""
