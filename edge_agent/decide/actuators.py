@@ -35,6 +35,7 @@ from edgefleet.runtime.processes import signal_group as _signal_group
 from edgefleet.runtime.processes import stop_group as _stop_group
 
 if TYPE_CHECKING:
+    from edge_agent.sense.field.entrypoints import PluginActuator
     from edge_agent.sense.field.gpio import GpioOutputs
 
 log = logging.getLogger("edge_agent.actuators")
@@ -260,7 +261,7 @@ class Actuators:
 
 # --- field writes: local MQTT publish, GPIO set and pulse ------------------------------------
 
-FIELD_WRITES: Final = frozenset({"mqtt_publish", "gpio_set", "gpio_pulse"})
+FIELD_WRITES: Final = frozenset({"mqtt_publish", "gpio_set", "gpio_pulse", "plugin"})
 
 
 @runtime_checkable
@@ -277,6 +278,8 @@ class FieldWrites:
 
     def __init__(self, spec: ActuatorSpec, mqtt: Mapping[str, MqttPublisher], gpio_opener: object = None) -> None:
         self._mqtt = dict(mqtt)
+        self._plugin_specs = {p.name: p for p in spec.plugins}
+        self._plugins: dict[str, PluginActuator] = {}  # built at their first use
         self._gpio: dict[str, GpioOutputs] = {}  # output name -> its chip's outputs
         if spec.gpio_outputs:
             from edge_agent.sense.field.gpio import GpioOutputs, OutputLine  # only a device that drives GPIO
@@ -291,6 +294,12 @@ class FieldWrites:
                 self._gpio.update(dict.fromkeys(outputs.points, outputs))
 
     def plan(self, kind: str, args: Mapping[str, object]) -> Runner:
+        if kind == "plugin":
+            name = _text(args, "actuator")
+            values = args.get("values", {})
+            if not isinstance(values, Mapping):
+                raise _BadArgs(f"plugin: argument 'values' must be a table, not {values!r}.")
+            return partial(self._plugin, name, dict(values))
         if kind == "mqtt_publish":
             _only(args, kind, {"sensor", "topic", "payload", "retain", "qos"})
             sensor, topic = _text(args, "sensor"), _text(args, "topic")
@@ -348,6 +357,22 @@ class FieldWrites:
         except AgentError as exc:
             return _Outcome(False, f"could not pulse {output}: {exc}")
         return _Outcome(True, f"{output} pulsed for {seconds:g} s and is idle again.")
+
+    async def _plugin(self, name: str, values: dict[str, object], within_s: float) -> _Outcome:
+        try:
+            actuator = self._plugins.get(name)
+            if actuator is None:
+                from edge_agent.sense.field.entrypoints import build_actuator  # only a device that uses one
+
+                spec = self._plugin_specs[name]  # the allowlist named it
+                actuator = self._plugins[name] = build_actuator(spec.plugin, name, spec.options, "actuators.plugins")
+            async with asyncio.timeout(within_s):
+                detail = await actuator.write(values)
+        except TimeoutError:
+            return _Outcome(False, f"{name} did not finish within {within_s:g} s.", timed_out=True)
+        except Exception as exc:  # noqa: BLE001  # a plugin may fail in any way: an outcome, never a crash
+            return _Outcome(False, f"{name} failed: {type(exc).__name__}: {exc}")
+        return _Outcome(True, f"{name}: {detail}")
 
     def close(self) -> None:
         for outputs in set(self._gpio.values()):

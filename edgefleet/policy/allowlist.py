@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import msgspec
 
-from edgefleet.policy.document import CommandArgs, GpioPulseArgs, RecordArgs, Rule
+from edgefleet.policy.document import CommandArgs, GpioPulseArgs, PluginArgs, RecordArgs, Rule
 from edgefleet.policy.profiles import ActuatorSpec
 
 ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer
@@ -80,6 +80,14 @@ def allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> li
             raise Refused(f"GPIO output {output!r} is not allowed by this profile; allowed outputs: "
                           f"{', '.join(names) or 'none'}.")
         return [output]
+    if kind == "plugin":
+        only_args(args, kind, {"actuator", "values"})
+        actuator = args.get("actuator")
+        names = [p.name for p in spec.plugins]
+        if not isinstance(actuator, str) or actuator not in names:
+            raise Refused(f"plugin actuator {actuator!r} is not allowed by this profile; allowed: "
+                          f"{', '.join(names) or 'none'}.")
+        return [actuator]
     return []
 
 
@@ -90,6 +98,8 @@ def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
         return "command", {"argv": list(args.argv)}, args.timeout_s
     if isinstance(args, RecordArgs):
         return "record", dict(args.values), ACTION_TIMEOUT
+    if isinstance(args, PluginArgs):
+        return "plugin", {"actuator": args.actuator, "values": dict(args.values)}, ACTION_TIMEOUT
     if isinstance(args, GpioPulseArgs):  # the pulse itself, then the usual margin to put the line back
         return "gpio_pulse", msgspec.to_builtins(args), args.seconds + ACTION_TIMEOUT
     return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT

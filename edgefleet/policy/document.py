@@ -65,9 +65,9 @@ offline = "act"
 '''
 
 ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
-                     "mqtt_publish", "gpio_set", "gpio_pulse"]
+                     "mqtt_publish", "gpio_set", "gpio_pulse", "plugin"]
 ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
-                                          "mqtt_publish", "gpio_set", "gpio_pulse")
+                                          "mqtt_publish", "gpio_set", "gpio_pulse", "plugin")
 RULE_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No leading '-': a unit must never be read as an option by systemctl.
 SYSTEMD_UNIT: Final = re.compile(r"[A-Za-z0-9_.@:\\][A-Za-z0-9_.@:\\-]{0,255}")
@@ -144,12 +144,17 @@ class GpioPulseArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seconds: Annotated[float, Meta(gt=0, le=MAX_PULSE_S)]  # away from its idle level, then back
 
 
+class PluginArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    actuator: NonEmpty  # a name from the profile's [[actuators.plugins]]
+    values: dict[str, Any] = {}  # handed to the plugin's write(args) as they are
+
+
 ActionArgs = (CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs | ModbusWriteArgs
-              | MqttPublishArgs | GpioSetArgs | GpioPulseArgs)
+              | MqttPublishArgs | GpioSetArgs | GpioPulseArgs | PluginArgs)
 _ARGS: Final[dict[str, type[msgspec.Struct]]] = {
     "command": CommandArgs, "systemd_restart": SystemdRestartArgs, "set_rate": SetRateArgs, "alert": AlertArgs,
     "modbus_write": ModbusWriteArgs,
-    "mqtt_publish": MqttPublishArgs, "gpio_set": GpioSetArgs, "gpio_pulse": GpioPulseArgs,
+    "mqtt_publish": MqttPublishArgs, "gpio_set": GpioSetArgs, "gpio_pulse": GpioPulseArgs, "plugin": PluginArgs,
 }
 
 

@@ -389,6 +389,7 @@ def check_gpio_lines(chip: str, lines: list[int | str], key: str, where: str) ->
 # --- plugins (Python entry points) ----------------------------------------------------------------
 
 SENSOR_ENTRY_POINTS: Final = "edgefleet.sensors"  # the group a package adds a sensor kind in
+ACTUATOR_ENTRY_POINTS: Final = "edgefleet.actuators"  # ... and an actuator kind
 
 
 def offered_plugins(group: str) -> list[str]:

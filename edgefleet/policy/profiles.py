@@ -13,12 +13,14 @@ from msgspec import Meta
 
 from edgefleet.errors import ConfigError
 from edgefleet.policy.field import (
+    ACTUATOR_ENTRY_POINTS,
     FIELD_KINDS,
     FieldSensorSpec,
     ModbusSensorSpec,
     check_gpio_lines,
     check_names,
     field_metric,
+    offered_plugins,
     parse_field_sensor,
 )
 from edgefleet.runtime.settings import apply_override, read_toml, to_struct
@@ -44,7 +46,7 @@ SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<sign
 THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
 BUILTIN_SENSOR_KINDS: Final = ("system", "thermal", "sim")
 ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
-                       "mqtt_publish", "gpio_set", "gpio_pulse"]
+                       "mqtt_publish", "gpio_set", "gpio_pulse", "plugin"]
 
 
 class Budgets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -79,12 +81,21 @@ class GpioOutputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     active_low: bool = False
 
 
+class PluginActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An actuator kind an installed package adds (entry point group edgefleet.actuators)."""
+
+    name: str  # what rules name in `args.actuator`
+    plugin: str  # the entry point's name
+    options: dict[str, Any] = {}  # handed to the plugin's builder as they are
+
+
 class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed: list[ActuatorKind] = []
     commands: list[list[str]] = []  # argv prefixes the "command" actuator may run
     units: list[str] = []  # systemd units the "systemd_restart" actuator may restart
     mqtt_topics: list[str] = []  # topics the "mqtt_publish" actuator may publish to (exact, no wildcards)
     gpio_outputs: list[GpioOutputSpec] = []  # lines the "gpio_set" and "gpio_pulse" actuators may drive
+    plugins: list[PluginActuatorSpec] = []  # the actuators from installed packages the "plugin" action may use
     # <sensor>.<point> of Modbus coils and holding registers the "modbus_write" actuator may write.
     modbus: list[str] = []
 
@@ -284,6 +295,16 @@ def _check_field_actuators(spec: ActuatorSpec, where: str) -> None:
         check_gpio_lines(output.chip, [output.line], key, where)
         names.add(output.name)
         lines.add((chip, output.line))
+    if "plugin" in spec.allowed and not spec.plugins:
+        raise ConfigError("actuators allow \"plugin\" but list no [[actuators.plugins]]", where)
+    offered = offered_plugins(ACTUATOR_ENTRY_POINTS) if spec.plugins else []
+    for index, plugin in enumerate(spec.plugins):
+        key = f"actuators.plugins[{index}]"
+        check_names(plugin.name, [], key, where)
+        if plugin.plugin not in offered:
+            raise ConfigError(f"{key}.plugin = {plugin.plugin!r} is offered by no installed package (entry point "
+                              f"group {ACTUATOR_ENTRY_POINTS}: {', '.join(offered) or 'none'}); install the package "
+                              "that provides it", where)
     if "modbus_write" in spec.allowed and not spec.modbus:
         raise ConfigError("actuators allow \"modbus_write\" but list no actuators.modbus points", where)
 

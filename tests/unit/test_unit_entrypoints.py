@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import load_settings
+from edge_agent.decide.actuators import Actuators
 from edge_agent.sense.field.base import FieldSensors
 from edge_agent.sense.field.entrypoints import (
     ACTUATOR_GROUP,
@@ -27,6 +28,7 @@ from edge_agent.sense.field.entrypoints import (
 )
 from edge_agent.sense.sensors import Reading
 from edgefleet.errors import ConfigError
+from edgefleet.policy.profiles import load_profile
 from tests.support.field import Collected
 from tests.unit.test_unit_field import setup  # the agent.toml and profile the framework's tests use
 
@@ -186,3 +188,50 @@ async def test_plugin_readings_must_be_named_after_the_sensor(installed: Path) -
     assert [r.metric for r in sensor._checked(Stray().read(5.0), rejected.append)] == ["roof.ok"]
     assert rejected == ["the plugin gave metric 'other.x', not roof.<point>", "the plugin gave roof.nan = nan"]
     assert [r.metric for r in await sensor.probe()] == ["roof.ok"]
+
+
+PLUGIN_ACTUATOR = """
+[[actuators.plugins]]
+name = "yard"
+plugin = "{plugin}"
+"""
+
+
+async def test_a_plugin_actuator_listed_in_the_profile_writes(installed: Path, tmp_path: Path) -> None:
+    (tmp_path / "relays.toml").write_text(RELAYS.replace('allowed = ["alert"]', 'allowed = ["plugin"]')
+                                          + PLUGIN_ACTUATOR.format(plugin="siren"))
+    profile = load_profile("relays", search=[tmp_path])
+    actuators = Actuators(profile.actuators)
+    result = await actuators.run("plugin", {"actuator": "yard", "values": {"tone": "high"}}, timeout=5.0)
+    assert result.ok, result.detail
+    assert result.detail == "yard: siren high"
+    refused = await actuators.run("plugin", {"actuator": "gate", "values": {}}, timeout=5.0)
+    assert refused.refused
+    assert refused.detail == "plugin actuator 'gate' is not allowed by this profile; allowed: yard."
+    failed = await actuators.run("plugin", {"actuator": "yard", "values": {}}, timeout=5.0)
+    assert not failed.ok
+    assert failed.detail == "yard failed: KeyError: 'tone'"
+
+
+def test_a_plugin_actuator_no_package_offers_is_refused_at_start(installed: Path, tmp_path: Path) -> None:
+    (tmp_path / "relays.toml").write_text(RELAYS.replace('allowed = ["alert"]', 'allowed = ["plugin"]')
+                                          + PLUGIN_ACTUATOR.format(plugin="horn"))
+    with pytest.raises(ConfigError, match=r"actuators.plugins\[0\].plugin = 'horn' is offered by no installed "
+                                          r"package \(entry point group edgefleet.actuators: siren\)"):
+        load_profile("relays", search=[tmp_path])
+
+
+RELAYS = """\
+name = "relays"
+description = "a board with a yard siren"
+
+[budgets]
+disk_mb = 32
+
+[[sensors]]
+kind = "system"
+metrics = ["cpu_temp"]
+
+[actuators]
+allowed = ["alert"]
+"""

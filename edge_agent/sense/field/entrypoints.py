@@ -28,12 +28,12 @@ from typing import Any, Final, Protocol, runtime_checkable
 from edge_agent.sense.field.base import FieldContext, FieldSensor, Reject, SensorHealth, first_batch, run_polled
 from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.errors import ConfigError
-from edgefleet.policy.field import POINT_NAME, SENSOR_ENTRY_POINTS, PluginSensorSpec
+from edgefleet.policy.field import ACTUATOR_ENTRY_POINTS, POINT_NAME, SENSOR_ENTRY_POINTS, PluginSensorSpec
 
 log = logging.getLogger("edge_agent.sense.entrypoints")
 
 SENSOR_GROUP: Final = SENSOR_ENTRY_POINTS
-ACTUATOR_GROUP: Final = "edgefleet.actuators"
+ACTUATOR_GROUP: Final = ACTUATOR_ENTRY_POINTS
 
 
 @runtime_checkable
