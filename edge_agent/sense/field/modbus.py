@@ -233,6 +233,7 @@ class ModbusSensor:
         self.line = line
         self._blocks = plan(spec.registers)
         self._points = {p.name: p for p in spec.registers}
+        self._rank = {metric_name(spec.name, p.name): i for i, p in enumerate(spec.registers)}
         self._clock = clock
 
     async def poll(self, *, careful: bool = False) -> tuple[list[Reading], list[str]]:
@@ -254,6 +255,7 @@ class ModbusSensor:
             good, bad = decode_block(block, values)
             readings += [Reading(metric_name(self.name, point), ts, value) for point, value in good]
             skipped += bad
+        readings.sort(key=lambda r: self._rank[r.metric])  # as declared, whatever the requests' order
         return readings, skipped
 
     async def run(self, health: SensorHealth, emit: Sink) -> None:
