@@ -182,6 +182,26 @@ def with_field_actuators(profile: Profile, modbus: list[str], where: str) -> Pro
     return msgspec.structs.replace(profile, actuators=actuators)
 
 
+def with_local_writes(profile: Profile, mqtt_topics: list[str], gpio_outputs: list[GpioOutputSpec],
+                      where: str) -> Profile:
+    """`profile` with agent.toml's local MQTT topics and GPIO outputs added to its allowlists (and
+    their action kinds allowed), checked together with the profile's own."""
+    if not mqtt_topics and not gpio_outputs:
+        return profile
+    spec = profile.actuators
+    allowed = list(spec.allowed)
+    kinds: list[ActuatorKind] = []
+    if mqtt_topics:
+        kinds.append("mqtt_publish")
+    if gpio_outputs:
+        kinds += ["gpio_set", "gpio_pulse"]
+    allowed += [kind for kind in kinds if kind not in allowed]
+    actuators = msgspec.structs.replace(spec, allowed=allowed, mqtt_topics=[*spec.mqtt_topics, *mqtt_topics],
+                                        gpio_outputs=[*spec.gpio_outputs, *gpio_outputs])
+    _check_field_actuators(actuators, where)
+    return msgspec.structs.replace(profile, actuators=actuators)
+
+
 def _check_field_names(profile: Profile, where: str, first_added: int = 0) -> None:
     """Field sensor names are unique, and no built-in sensor (named by its kind) is taken."""
     taken = {s.kind for s in profile.sensors}

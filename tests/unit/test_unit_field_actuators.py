@@ -10,12 +10,14 @@ import pytest
 
 pytest.importorskip("gpiod", reason="the gpio extra (gpiod) is not installed")
 
+from edge_agent.config import load_settings
 from edge_agent.decide.actuators import Actuators
 from edgefleet.errors import ConfigError
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import PolicyError
 from edgefleet.policy.profiles import ActuatorSpec, GpioOutputSpec, load_profile
 from tests.support.field import wait_until
+from tests.unit.test_unit_field import setup  # the agent.toml and profile the framework's tests use
 from tests.unit.test_unit_gpio import FakeChip  # the gpiod boundary, faked once
 
 SPEC = ActuatorSpec(
@@ -153,3 +155,21 @@ def test_a_policy_outside_the_allowlists_is_refused_before_it_runs(
 def test_bad_field_allowlists_are_refused_at_start(tmp_path: Path, replace: str, by: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
         load_profile("relays", search=[profile_at(tmp_path, PROFILE.replace(replace, by))])
+
+
+def test_agent_toml_adds_topics_and_outputs_to_the_profiles_allowlists(tmp_path: Path) -> None:
+    settings = load_settings(setup(tmp_path, '''
+[actuators]
+mqtt_topics = ["cmnd/plug/POWER"]
+gpio_outputs = [{ name = "siren", chip = "gpiochip1", line = 4 }]
+'''))
+    spec = settings.profile.actuators
+    assert {"alert", "mqtt_publish", "gpio_set", "gpio_pulse"} <= set(spec.allowed)
+    assert spec.mqtt_topics == ["cmnd/plug/POWER"]
+    assert [o.name for o in spec.gpio_outputs] == ["siren"]
+
+
+def test_a_bad_topic_in_agent_toml_names_agent_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(setup(tmp_path, '[actuators]\nmqtt_topics = ["cmnd/#"]\n'))
+    assert str(caught.value).startswith(f"{tmp_path / 'agent.toml'}: actuators.mqtt_topics: 'cmnd/#' is not a topic")
