@@ -73,7 +73,9 @@ async def test_json_fields_and_plain_numbers_arrive_bad_payloads_are_counted(wor
 async def test_username_and_password(workdir: Path) -> None:
     async with local_broker(workdir / "lan", users={"agent": "s3cret", "z2m": "pw"}) as broker:
         sink = Collected()
-        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port, username="agent", password="s3cret"), [POWER])
+        secret = workdir / "zb.password"
+        secret.write_text("s3cret\n")  # read at each connection, the newline dropped
+        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port, username="agent"), [POWER], password_file=secret)
         async with subscribed(sensor, sink):
             await broker.publish(POWER.filter, "1.5", retain=True, username="z2m", password="pw")
             assert [r.value for r in await sink.until(1)] == [1.5]
