@@ -9,6 +9,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from edge_agent.sense.field.base import SensorHealth
@@ -72,6 +73,15 @@ topics = [{{ topic = "zigbee2mqtt/+", points = {{ power = "power" }}, ts_field =
 """
 
 
+def running(program: Path) -> list[int]:
+    """Live (not zombie) processes whose command line names `program`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if str(program) in (proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.pid)
+    return found
+
+
 def agent_argv(bundle: Path, *extra: str) -> list[str]:
     sets = [a for o in (*FAST, *extra) for a in ("--set", o)]
     return [AGENT, "run", "--config", str(bundle / "agent.toml"), "--log-level", "debug", *sets]
@@ -119,6 +129,7 @@ async def test_mqtt_sysfs_and_exec_readings_reach_the_hub_exactly_once(
         finally:
             await agent.stop()
     assert any("scanner: done" in line for line in agent.lines)  # the program's stderr, in the agent's log
+    assert not running(program)  # the clean stop took the program with it
     # The quiet run that drains what the clean stop committed, without the field sensors (the
     # program would print its lines again); then the exactly-once check over every seq.
     config.write_text(plain)
