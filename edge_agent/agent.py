@@ -21,7 +21,7 @@ from edge_agent import __version__
 from edge_agent.buffer.machine import fingerprint, machine_number
 from edge_agent.buffer.outbox import Outbox, OutboxUnwritable
 from edge_agent.config import AgentSettings
-from edge_agent.decide.actuators import Actuators
+from edge_agent.decide.actuators import Actuators, MqttPublisher
 from edge_agent.decide.coordination import HubCoordinator, bid_score
 from edge_agent.decide.policy_intake import PolicyIntake
 from edge_agent.decide.rules import TICK_INTERVAL, UNAUDITED, RuleEngine
@@ -94,6 +94,7 @@ class Agent:
         # Open aggregation windows hold readings stamped before a clock step: they go in before it.
         outbox.before_clock_change = lambda: outbox.add(self.report.flush())
         self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert,
+                                   mqtt={s.name: s for s in self.field.sensors if isinstance(s, MqttPublisher)},
                                    field_write=self.field.write)
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
@@ -388,6 +389,7 @@ class Agent:
             await self.link.session.close(with_will=True)
 
     async def close(self) -> None:
+        self.actuators.close()  # GPIO outputs back to idle before anything else can fail
         self.outbox.add(self.report.flush())  # partial aggregation windows are kept, not lost
         try:
             async with asyncio.timeout(STOP_FLUSH_TIMEOUT):

@@ -17,11 +17,13 @@ from edgefleet.policy.document import Policy, PolicyError
 from edgefleet.policy.profiles import (
     PROFILE_DIRS,
     PROFILE_KEYS,
+    GpioOutputSpec,
     Profile,
     load_profile,
     split_sensors,
     with_field_actuators,
     with_field_sensors,
+    with_local_writes,
 )
 from edgefleet.runtime.settings import apply_override, read_toml, split_overrides, to_struct
 from edgefleet.wire.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
@@ -77,6 +79,10 @@ class FieldActuatorConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
     # <sensor>.<point> of Modbus coils and holding registers that rules may write (modbus_write).
     modbus: list[str] = []
+    # Topics of this device's local broker that rules may publish to (mqtt_publish).
+    mqtt_topics: list[str] = []
+    # GPIO lines that rules may drive (gpio_set, gpio_pulse).
+    gpio_outputs: list[GpioOutputSpec] = []
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -179,4 +185,5 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
         search = (path.resolve().parent / config.profiles_dir, *PROFILE_DIRS)  # an absolute one stays as it is
     profile = with_field_sensors(load_profile(config.profile, routed["profile"], search), field, str(path))
     profile = with_field_actuators(profile, config.actuators.modbus, str(path))
+    profile = with_local_writes(profile, config.actuators.mqtt_topics, config.actuators.gpio_outputs, str(path))
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

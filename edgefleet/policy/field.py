@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -229,11 +229,206 @@ def check_modbus_point(point: ModbusPoint, key: str, where: str) -> None:
         raise ConfigError(f"{key}: scale must be a finite non-zero number and offset finite", where)
 
 
+# --- kernel sensors (sysfs) ---------------------------------------------------------------------
+
+SysfsSource = Literal["w1", "hwmon", "iio"]
+
+
+class SysfsSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="sysfs"):
+    """One kernel device: a 1-Wire thermometer, a hwmon chip or an IIO device, chosen by name."""
+
+    name: str
+    source: SysfsSource
+    device: str  # the hwmon or IIO `name` (bme280, sht3x), or the 1-Wire slave id (28-0316a2795aff)
+    interval_s: Interval = 5.0
+    channels: list[str] = []  # the channels to report (temp1, pressure, ...); empty: every channel
+    root: str = "/sys"  # where sysfs is mounted; a container or a test points it elsewhere
+
+    @property
+    def kind(self) -> str:
+        return "sysfs"
+
+    def points(self) -> frozenset[str] | None:
+        return frozenset(metric_name(self.name, c) for c in self.channels) if self.channels else None
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, list(self.channels), key, where)
+        if not self.device or "/" in self.device or self.device in (".", ".."):
+            raise ConfigError(f"{key}.device = {self.device!r} is not a device name: give the hwmon or IIO "
+                              "`name` or the 1-Wire id (e.g. 28-0316a2795aff)", where)
+        if not self.root.startswith("/"):
+            raise ConfigError(f"{key}.root = {self.root!r} must be an absolute path (e.g. /sys)", where)
+
+
+# --- external programs (exec) ------------------------------------------------------------------
+
+
+class ExecSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="exec"):
+    """A long-lived program printing one reading set per line (JSON or InfluxDB line protocol)."""
+
+    name: str
+    argv: list[str]  # run as is, never through a shell
+    format: Literal["auto", "json", "influx"] = "auto"
+    precision: Literal["ns", "us", "ms", "s"] = "ns"  # of line-protocol timestamps
+
+    @property
+    def kind(self) -> str:
+        return "exec"
+
+    def points(self) -> frozenset[str] | None:
+        return None  # whatever the program prints
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, [], key, where)
+        if not self.argv or not self.argv[0]:
+            raise ConfigError(f"{key}.argv is empty: give the program and its arguments as a list, "
+                              'e.g. ["/usr/local/bin/ble-scan", "--json"]', where)
+
+
+# --- local MQTT ------------------------------------------------------------------------------------
+
+DEFAULT_MQTT_PORT: Final = 1883
+
+
+class MqttTopicSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One topic filter and the points its payloads give: point -> dotted JSON path ("" = the payload)."""
+
+    topic: str
+    points: dict[str, str]
+    ts_field: str | None = None  # a dotted path to the payload's timestamp
+    ts_unit: Literal["auto", "s", "ms", "iso"] = "auto"
+
+
+class MqttSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="mqtt"):
+    """A broker on the device or its LAN (Zigbee2MQTT, Tasmota, Shelly, ESPHome), not the hub's."""
+
+    name: str
+    topics: list[MqttTopicSpec]
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = DEFAULT_MQTT_PORT
+    username: str | None = None
+    password_file: str | None = None  # a file holding the password: agent.toml is not a secret store
+    tls: bool = False
+    ca: str | None = None  # with tls: the CA that signed the broker's certificate (default: the system's)
+    qos: Literal[0, 1] = 0
+
+    @property
+    def kind(self) -> str:
+        return "mqtt"
+
+    def points(self) -> frozenset[str] | None:
+        return frozenset(metric_name(self.name, p) for t in self.topics for p in t.points)
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, [p for t in self.topics for p in t.points], key, where)
+        if not self.topics:
+            raise ConfigError(f"{key}.topics is empty: list at least one {{ topic = ..., points = ... }}", where)
+        for index, topic in enumerate(self.topics):
+            if not topic.topic or "#" in topic.topic[:-1] or any(
+                    ("+" in level or "#" in level) and len(level) > 1 for level in topic.topic.split("/")):
+                raise ConfigError(f"{key}.topics[{index}].topic = {topic.topic!r} is not an MQTT topic filter "
+                                  "(+ and # stand alone in a level, # only last)", where)
+            if not topic.points:
+                raise ConfigError(f"{key}.topics[{index}].points is empty: map at least one point to a JSON "
+                                  'field, or to "" for a payload that is a plain number', where)
+        if self.password_file is not None and self.username is None:
+            raise ConfigError(f"{key}.password_file needs {key}.username", where)
+        if self.ca is not None and not self.tls:
+            raise ConfigError(f"{key}.ca is only used with tls = true: set tls = true or drop ca", where)
+
+
+# --- GPIO -----------------------------------------------------------------------------------------
+
+
+class GpioInputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One input line: its level (1 = active), or a count of its edges (a pulse meter)."""
+
+    name: str  # the point
+    line: int | str  # the offset on the chip, or the line's name
+    mode: Literal["level", "counter"] = "level"
+    edge: Literal["rising", "falling", "both"] = "rising"  # which edges a counter counts
+    bias: Literal["as-is", "pull-up", "pull-down", "disabled"] = "as-is"
+    active_low: bool = False
+    debounce_ms: Annotated[float, Meta(ge=0, le=1000)] = 10.0
+
+
+class GpioSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="gpio"):
+    """Input lines of one GPIO chip (through libgpiod v2: the edgefleet[gpio] extra)."""
+
+    name: str
+    chip: str  # gpiochip0 or /dev/gpiochip0
+    lines: list[GpioInputSpec]
+    interval_s: Interval = 5.0
+
+    @property
+    def kind(self) -> str:
+        return "gpio"
+
+    def points(self) -> frozenset[str] | None:
+        return frozenset(metric_name(self.name, line.name) for line in self.lines)
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, [line.name for line in self.lines], key, where)
+        check_gpio_lines(self.chip, [line.line for line in self.lines], f"{key}.lines", where)
+
+
+def check_gpio_lines(chip: str, lines: list[int | str], key: str, where: str) -> None:
+    if not chip or (not chip.startswith("/dev/") and "/" in chip):
+        raise ConfigError(f"{key}: chip {chip!r} is not a GPIO chip: write gpiochip0 or /dev/gpiochip0", where)
+    if not lines:
+        raise ConfigError(f"{key} is empty: list at least one line", where)
+    seen: set[int | str] = set()
+    for line in lines:
+        if isinstance(line, int) and line < 0:
+            raise ConfigError(f"{key}: line {line} is negative: give its offset on the chip (0, 1, ...)", where)
+        if line in seen:
+            raise ConfigError(f"{key}: line {line!r} is listed twice: a line has one use", where)
+        seen.add(line)
+
+
+# --- plugins (Python entry points) ----------------------------------------------------------------
+
+SENSOR_ENTRY_POINTS: Final = "edgefleet.sensors"  # the group a package adds a sensor kind in
+ACTUATOR_ENTRY_POINTS: Final = "edgefleet.actuators"  # ... and an actuator kind
+
+
+def offered_plugins(group: str) -> list[str]:
+    """The entry point names installed packages offer in `group` (nothing is imported)."""
+    from importlib.metadata import entry_points  # scans the installed distributions: only when asked
+
+    return sorted({point.name for point in entry_points(group=group)})
+
+
+class PluginSensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind", tag="plugin"):
+    """A sensor kind an installed package adds (entry point group edgefleet.sensors)."""
+
+    name: str
+    plugin: str  # the entry point's name
+    interval_s: Interval = 5.0  # for a plugin that is polled
+    options: dict[str, Any] = {}  # handed to the plugin's builder as they are; it checks them
+
+    @property
+    def kind(self) -> str:
+        return "plugin"
+
+    def points(self) -> frozenset[str] | None:
+        return None
+
+    def check(self, key: str, where: str) -> None:
+        check_names(self.name, [], key, where)
+        offered = offered_plugins(SENSOR_ENTRY_POINTS)
+        if self.plugin not in offered:
+            raise ConfigError(f"{key}.plugin = {self.plugin!r} is offered by no installed package (entry point "
+                              f"group {SENSOR_ENTRY_POINTS}: {', '.join(offered) or 'none'}); install the package "
+                              "that provides it", where)
+
+
 # --- the union ------------------------------------------------------------------------------
 
 # Every field sensor kind; add a new kind's struct here (and its builder in edge_agent/sense/field/base.py).
-FieldSensorSpec = ModbusSensorSpec
-FIELD_KINDS: Final = ("modbus",)
+FieldSensorSpec = (ModbusSensorSpec | SysfsSensorSpec | ExecSensorSpec | MqttSensorSpec | GpioSensorSpec
+                   | PluginSensorSpec)
+FIELD_KINDS: Final = ("modbus", "sysfs", "exec", "mqtt", "gpio", "plugin")
 
 
 def parse_field_sensor(raw: object, key: str, where: str) -> FieldSensorSpec:

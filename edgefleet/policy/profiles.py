@@ -13,10 +13,14 @@ from msgspec import Meta
 
 from edgefleet.errors import ConfigError
 from edgefleet.policy.field import (
+    ACTUATOR_ENTRY_POINTS,
     FIELD_KINDS,
     FieldSensorSpec,
     ModbusSensorSpec,
+    check_gpio_lines,
+    check_names,
     field_metric,
+    offered_plugins,
     parse_field_sensor,
 )
 from edgefleet.runtime.settings import apply_override, read_toml, to_struct
@@ -41,7 +45,8 @@ METRIC_PATTERN: Final = re.compile(r"(?=.{1,64}$)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+
 SIM_METRIC: Final = re.compile(r"sig[0-9]+")  # sim signals are sig0 .. sig<signals-1>
 THERMAL_PREFIX: Final = "thermal_"  # thermal zone metrics are named at run time from sysfs
 BUILTIN_SENSOR_KINDS: Final = ("system", "thermal", "sim")
-ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write"]
+ActuatorKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
+                       "mqtt_publish", "gpio_set", "gpio_pulse", "plugin"]
 
 
 class Budgets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -66,10 +71,31 @@ class SimSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     battery: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
+class GpioOutputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A GPIO line the gpio_set and gpio_pulse actuators may drive, by the name rules use."""
+
+    name: str
+    chip: str  # gpiochip0 or /dev/gpiochip0
+    line: int | str  # its offset on the chip, or its name
+    idle: bool = False  # its level at start, after a pulse and when the agent stops
+    active_low: bool = False
+
+
+class PluginActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An actuator kind an installed package adds (entry point group edgefleet.actuators)."""
+
+    name: str  # what rules name in `args.actuator`
+    plugin: str  # the entry point's name
+    options: dict[str, Any] = {}  # handed to the plugin's builder as they are
+
+
 class ActuatorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed: list[ActuatorKind] = []
     commands: list[list[str]] = []  # argv prefixes the "command" actuator may run
     units: list[str] = []  # systemd units the "systemd_restart" actuator may restart
+    mqtt_topics: list[str] = []  # topics the "mqtt_publish" actuator may publish to (exact, no wildcards)
+    gpio_outputs: list[GpioOutputSpec] = []  # lines the "gpio_set" and "gpio_pulse" actuators may drive
+    plugins: list[PluginActuatorSpec] = []  # the actuators from installed packages the "plugin" action may use
     # <sensor>.<point> of Modbus coils and holding registers the "modbus_write" actuator may write.
     modbus: list[str] = []
 
@@ -153,6 +179,26 @@ def with_field_actuators(profile: Profile, modbus: list[str], where: str) -> Pro
     spec = profile.actuators
     allowed = spec.allowed if "modbus_write" in spec.allowed else [*spec.allowed, "modbus_write"]
     actuators = msgspec.structs.replace(spec, allowed=allowed, modbus=[*spec.modbus, *modbus])
+    return msgspec.structs.replace(profile, actuators=actuators)
+
+
+def with_local_writes(profile: Profile, mqtt_topics: list[str], gpio_outputs: list[GpioOutputSpec],
+                      where: str) -> Profile:
+    """`profile` with agent.toml's local MQTT topics and GPIO outputs added to its allowlists (and
+    their action kinds allowed), checked together with the profile's own."""
+    if not mqtt_topics and not gpio_outputs:
+        return profile
+    spec = profile.actuators
+    allowed = list(spec.allowed)
+    kinds: list[ActuatorKind] = []
+    if mqtt_topics:
+        kinds.append("mqtt_publish")
+    if gpio_outputs:
+        kinds += ["gpio_set", "gpio_pulse"]
+    allowed += [kind for kind in kinds if kind not in allowed]
+    actuators = msgspec.structs.replace(spec, allowed=allowed, mqtt_topics=[*spec.mqtt_topics, *mqtt_topics],
+                                        gpio_outputs=[*spec.gpio_outputs, *gpio_outputs])
+    _check_field_actuators(actuators, where)
     return msgspec.structs.replace(profile, actuators=actuators)
 
 
@@ -242,7 +288,44 @@ def check_profile(profile: Profile, path: Path) -> None:
         raise ConfigError("actuators allow \"systemd_restart\" but list no actuators.units", where)
     if any(not argv for argv in profile.actuators.commands):
         raise ConfigError("actuators.commands has an empty argv", where)
-    if "modbus_write" in profile.actuators.allowed and not profile.actuators.modbus:
+    _check_field_actuators(profile.actuators, where)
+
+
+def _check_field_actuators(spec: ActuatorSpec, where: str) -> None:
+    """The local MQTT topics and GPIO lines the field actuators may write."""
+    if "mqtt_publish" in spec.allowed and not spec.mqtt_topics:
+        raise ConfigError("actuators allow \"mqtt_publish\" but list no actuators.mqtt_topics", where)
+    for topic in spec.mqtt_topics:
+        if not topic or "+" in topic or "#" in topic:
+            raise ConfigError(f"actuators.mqtt_topics: {topic!r} is not a topic to publish to: write it in full, "
+                              "without + or #", where)
+    if {"gpio_set", "gpio_pulse"} & set(spec.allowed) and not spec.gpio_outputs:
+        raise ConfigError("actuators allow gpio_set or gpio_pulse but list no [[actuators.gpio_outputs]]", where)
+    names: set[str] = set()
+    lines: set[tuple[str, int | str]] = set()
+    for index, output in enumerate(spec.gpio_outputs):
+        key = f"actuators.gpio_outputs[{index}]"
+        check_names(output.name, [], key, where)
+        if output.name in names:
+            raise ConfigError(f"{key}.name = {output.name!r} is listed twice: give each output its own name", where)
+        chip = output.chip.removeprefix("/dev/")
+        if (chip, output.line) in lines:
+            raise ConfigError(f"{key}: line {output.line!r} of {output.chip} is listed twice: a line has one use",
+                              where)
+        check_gpio_lines(output.chip, [output.line], key, where)
+        names.add(output.name)
+        lines.add((chip, output.line))
+    if "plugin" in spec.allowed and not spec.plugins:
+        raise ConfigError("actuators allow \"plugin\" but list no [[actuators.plugins]]", where)
+    offered = offered_plugins(ACTUATOR_ENTRY_POINTS) if spec.plugins else []
+    for index, plugin in enumerate(spec.plugins):
+        key = f"actuators.plugins[{index}]"
+        check_names(plugin.name, [], key, where)
+        if plugin.plugin not in offered:
+            raise ConfigError(f"{key}.plugin = {plugin.plugin!r} is offered by no installed package (entry point "
+                              f"group {ACTUATOR_ENTRY_POINTS}: {', '.join(offered) or 'none'}); install the package "
+                              "that provides it", where)
+    if "modbus_write" in spec.allowed and not spec.modbus:
         raise ConfigError("actuators allow \"modbus_write\" but list no actuators.modbus points", where)
 
 

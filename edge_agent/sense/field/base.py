@@ -17,10 +17,10 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -35,6 +35,11 @@ log = logging.getLogger("edge_agent.field")
 # kind -> the module whose `build(specs, context) -> list[FieldSensor]` makes that kind's sensors.
 BUILDERS: Final[dict[str, str]] = {
     "modbus": "edge_agent.sense.field.modbus",
+    "sysfs": "edge_agent.sense.field.sysfs",
+    "exec": "edge_agent.sense.field.exec",
+    "mqtt": "edge_agent.sense.field.mqtt_local",
+    "gpio": "edge_agent.sense.field.gpio",
+    "plugin": "edge_agent.sense.field.entrypoints",
 }
 # First retry of a failed sensor or connection: soon enough for a device that blinked.
 BACKOFF_INITIAL_S: Final = 1.0
@@ -50,6 +55,7 @@ HEALTH_WRITE_S: Final = 10.0
 REJECT_REASONS_LOGGED: Final = 32
 
 HealthState = Literal["starting", "ok", "failing"]
+T = TypeVar("T")
 Audit = Callable[[str, dict[str, object]], None]
 
 
@@ -126,6 +132,57 @@ class FieldSensor(Protocol):
         ...
 
 
+Reject = Callable[[str], None]
+PolledRead = Callable[[float, Reject], list[Reading]]
+
+
+async def run_polled(read: PolledRead, interval: float, health: SensorHealth, emit: Sink,
+                     clock: Callable[[], float] = time.time) -> None:
+    """Call `read(now, reject)` every `interval` seconds without drift, for sensors whose reads are
+    quick and synchronous (sysfs files, GPIO levels). A SensorError is a failed poll, tried again
+    after max(interval, a field_backoff() delay); a read that returns nothing is one too."""
+    loop = asyncio.get_running_loop()
+    backoff = field_backoff()
+    due = loop.time()
+    while True:
+        try:
+            readings = read(clock(), health.reject)
+        except SensorError as exc:
+            health.failed(str(exc))
+            due = loop.time() + max(interval, backoff.lost(loop.time()))
+        else:
+            if readings:
+                emit(readings)
+                health.ok()
+                backoff.connected(loop.time())
+            else:
+                health.failed("the read gave no value")
+            due += interval
+            if due < loop.time():  # a stall (or a suspended board): keep the cadence from now on
+                due = loop.time() + interval
+        await asyncio.sleep(max(due - loop.time(), 0.0))
+
+
+async def first_batch(start: Callable[[Sink], Awaitable[T]]) -> tuple[list[Reading] | None, T | None]:
+    """Run `start(emit)` until its first batch of readings (a probe of a sensor that pushes; the
+    caller bounds the wait). Returns (the batch, None), or (None, what `start` returned) if it
+    ended first; it is cancelled once the batch is in."""
+    first: asyncio.Future[list[Reading]] = asyncio.get_running_loop().create_future()
+
+    def emit(readings: list[Reading]) -> None:
+        if not first.done():
+            first.set_result(readings)
+
+    task = asyncio.ensure_future(start(emit))
+    waiters: list[asyncio.Future[Any]] = [task, first]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+    if first.done():
+        return first.result(), None
+    return None, task.result()
 @runtime_checkable
 class FieldWriter(Protocol):
     """A field sensor whose points an actuator may set (Modbus coils and registers, ...)."""
