@@ -72,6 +72,7 @@ async def test_field_readings_reach_the_hub_exactly_once_and_a_rule_writes_a_coi
                        "five plc.voltage readings at the hub", SETTLE)
         async with hub_tap(hub_dir, hub, [up_topic("dev-m", STATUS)]) as tap, asyncio.timeout(SETTLE):
             status = unpack((await tap.next_message()).payload, Status)
+        _, local, _ = await run_cli(AGENT, "status", "--config", str(config), "--json", timeout=60)
         server.kill()  # the device goes silent: the outbox can drain to a fixed point
         await agent.wait_for(r"field sensor plc is failing", timeout=SETTLE)
         final = await wait_drained(hub_dir.dir, bundle, timeout=SETTLE)
@@ -84,6 +85,8 @@ async def test_field_readings_reach_the_hub_exactly_once_and_a_rule_writes_a_coi
     assert values == {2301 * 0.1}
     assert status.field_sensors["plc"].state == "ok"
     assert status.field_sensors["plc"].reads >= 1
+    on_device = json.loads(local)["field_sensors"]["sensors"]["plc"]  # edge-agent status, while it ran
+    assert (on_device["state"], on_device["kind"]) == ("ok", "modbus")
     events = [(kind, json.loads(body)) for kind, body in
               hub_query(hub_dir, "SELECT kind, body FROM events WHERE device = 'dev-m' ORDER BY seq")]
     started = [body for kind, body in events if kind == "action_started"]

@@ -67,7 +67,8 @@ def field_backoff() -> Backoff:
 class SensorHealth:
     """One field sensor's state; transitions are logged and audited, repeats only counted."""
 
-    def __init__(self, name: str, kind: str, audit: Audit, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, name: str, kind: str, audit: Audit, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self.kind = kind
         self.state: HealthState = "starting"
@@ -78,6 +79,7 @@ class SensorHealth:
         self.last_error = ""
         self._audit = audit
         self._clock = clock
+        self._on_change = on_change  # every change of state, audited or not (the health file)
         self._reasons: set[str] = set()
 
     def ok(self) -> None:
@@ -86,6 +88,7 @@ class SensorHealth:
         if self.state == "ok":
             return
         was, self.state, self.since = self.state, "ok", self._clock()
+        self._on_change()
         if was == "failing":
             log.info("field sensor %s recovered after %d error(s): %s", self.name, self.errors, self.last_error)
             self._audit(EventKind.SENSOR_RECOVERED, {"sensor": self.name, "kind": self.kind,
@@ -101,6 +104,7 @@ class SensorHealth:
             log.debug("field sensor %s failed again (%d errors): %s", self.name, self.errors, reason)
             return
         self.state, self.since = "failing", self._clock()
+        self._on_change()
         log.warning("field sensor %s is failing: %s (retried with backoff; repeats are logged at DEBUG)",
                     self.name, reason)
         self._audit(EventKind.SENSOR_FAILING, {"sensor": self.name, "kind": self.kind, "error": self.last_error})
@@ -230,13 +234,8 @@ class FieldSensors:
     def __init__(self, sensors: Sequence[FieldSensor], emit: Sink, audit: Audit,
                  clock: Callable[[], float] = time.time, health_file: Path | None = None) -> None:
         self.sensors = list(sensors)
-        self._changed = asyncio.Event()
-
-        def changed(kind: str, body: dict[str, object]) -> None:
-            audit(kind, body)
-            self._changed.set()
-
-        self.health = {s.name: SensorHealth(s.name, s.kind, changed, clock) for s in self.sensors}
+        self._changed = asyncio.Event()  # a state changed: the health file is rewritten now
+        self.health = {s.name: SensorHealth(s.name, s.kind, audit, clock, self._changed.set) for s in self.sensors}
         self._emit = emit
         self._health_file = health_file
 
