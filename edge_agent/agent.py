@@ -20,7 +20,7 @@ from edge_agent import __version__
 from edge_agent.buffer.machine import fingerprint, machine_number
 from edge_agent.buffer.outbox import Outbox, OutboxUnwritable
 from edge_agent.config import AgentSettings
-from edge_agent.decide.actuators import Actuators
+from edge_agent.decide.actuators import Actuators, MqttPublisher
 from edge_agent.decide.coordination import HubCoordinator, bid_score
 from edge_agent.decide.policy_intake import PolicyIntake
 from edge_agent.decide.rules import TICK_INTERVAL, UNAUDITED, RuleEngine
@@ -30,6 +30,7 @@ from edge_agent.identity.enroll import Enrollment
 from edge_agent.identity.renewal import Renewal
 from edge_agent.identity.tls import IdentityFiles
 from edge_agent.metrics import serve_agent_metrics
+from edge_agent.sense.field.base import HEALTH_FILE, FieldSensors
 from edge_agent.sense.report import ReportFilter
 from edge_agent.sense.sensors import Reading, Sampler, build_sensors
 from edge_agent.sync.uplink import Uplink, UplinkSettings
@@ -89,9 +90,15 @@ class Agent:
         self.report = ReportFilter(settings.profile.report)
         self.sampler = Sampler(build_sensors(settings.profile, self.device, settings.state_dir), self._take,
                                clock=outbox.clock.now)
+        self.field = FieldSensors.from_specs(settings.profile.field_sensors, self._take, clock=outbox.clock.now,
+                                             audit=lambda kind, body: self._spawn(self._record(kind, body),
+                                                                                  f"audit {kind}"),
+                                             health_file=settings.state_dir / HEALTH_FILE)
         # Open aggregation windows hold readings stamped before a clock step: they go in before it.
         outbox.before_clock_change = lambda: outbox.add(self.report.flush())
-        self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert)
+        self.actuators = Actuators(settings.profile.actuators, set_rate=self.sampler.set_interval, alert=self._alert,
+                                   mqtt={s.name: s for s in self.field.sensors if isinstance(s, MqttPublisher)},
+                                   field_write=self.field.write)
         self.link = Link(f"agent {self.device}", self._new_session, self._serve, logger=log,
                          on_refused=lambda exc: self.renewal.on_refused(exc))
         files = IdentityFiles(settings.tls, settings.state_dir)
@@ -330,8 +337,9 @@ class Agent:
         return Status(
             backlog=self.outbox.backlog, dropped=shed.dropped, dropped_by_metric=shed.by_metric,
             outbox_bytes=await self.outbox.used_bytes(), corrupt_outboxes=self.outbox.corrupt_outboxes,
-            sensor_failures=dict(self.sampler.failures), ts=time.time(),
+            sensor_failures={**self.sampler.failures, **self.field.errors()}, ts=time.time(),
             policy_version=self.intake.version, policy_refused=self.intake.refused,
+            field_sensors=self.field.records(),
         )
 
     async def _report_status(self, session: MqttSession) -> None:
@@ -354,6 +362,7 @@ class Agent:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.outbox.flusher(partial(self.watchdog.beat, "outbox")), name="outbox")
             tasks.create_task(self.sampler.run(partial(self.watchdog.beat, "sampler")), name="sampler")
+            tasks.create_task(self.field.run(), name="field")
             tasks.create_task(self._close_windows(), name="aggregation")
             tasks.create_task(self._tick_rules(), name="rules")
             tasks.create_task(self._connect(tasks), name="connect")
@@ -394,6 +403,7 @@ class Agent:
             await self.link.session.close(with_will=True)
 
     async def close(self) -> None:
+        self.actuators.close()  # GPIO outputs back to idle before anything else can fail
         # Bids, tasks and audits first, then the rule engines' actions: none of them outlives the agent.
         await self._jobs.close()
         for engine in reversed([*self._retired, *([self.engine] if self.engine else [])]):

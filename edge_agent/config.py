@@ -14,7 +14,17 @@ from edgefleet.errors import ConfigError
 from edgefleet.mqtt.session import TlsIdentity
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import Policy, PolicyError
-from edgefleet.policy.profiles import PROFILE_DIRS, PROFILE_KEYS, Profile, load_profile
+from edgefleet.policy.profiles import (
+    PROFILE_DIRS,
+    PROFILE_KEYS,
+    GpioOutputSpec,
+    Profile,
+    load_profile,
+    split_sensors,
+    with_field_actuators,
+    with_field_sensors,
+    with_local_writes,
+)
 from edgefleet.runtime.settings import apply_override, read_toml, split_overrides, to_struct
 from edgefleet.wire.protocol import MAX_BATCH_RECORDS, ProtocolError, validate_name
 
@@ -75,6 +85,17 @@ class EnrollConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_id_prefix: str = ""  # put before the id read, e.g. "pi-"
 
 
+class FieldActuatorConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """This device's additions to its profile's actuator allowlists (for its own field devices)."""
+
+    # <sensor>.<point> of Modbus coils and holding registers that rules may write (modbus_write).
+    modbus: list[str] = []
+    # Topics of this device's local broker that rules may publish to (mqtt_publish).
+    mqtt_topics: list[str] = []
+    # GPIO lines that rules may drive (gpio_set, gpio_pulse).
+    gpio_outputs: list[GpioOutputSpec] = []
+
+
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profile: str
     broker: BrokerConf
@@ -87,6 +108,7 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outbox: OutboxConf = OutboxConf()
     uplink: UplinkConf = UplinkConf()
     metrics: MetricsConf = MetricsConf()
+    actuators: FieldActuatorConf = FieldActuatorConf()
     # A local policy file (rules), relative to this file: in force until the hub's first
     # signed policy arrives, and again if the hub withdraws its policies.
     policy: str | None = None
@@ -179,6 +201,9 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     routed = split_overrides(overrides, {"config": set(CONFIG_KEYS), "profile": set(PROFILE_KEYS)})
     for parts, value in routed["config"]:
         apply_override(raw, parts, value)
+    # agent.toml's [[sensors]] are this device's field sensors, added to its profile's.
+    field = split_sensors(raw, str(path), field_only=True)
+    raw.pop("sensors", None)
     config = to_struct(raw, AgentConfig, str(path))
     if not config.device_id:
         config = msgspec.structs.replace(config, device_id=_enrolling_device_id(config, path))
@@ -195,5 +220,7 @@ def load_settings(path: Path, overrides: Iterable[str] = ()) -> AgentSettings:
     search: tuple[Path, ...] = PROFILE_DIRS
     if config.profiles_dir is not None:
         search = (path.resolve().parent / config.profiles_dir, *PROFILE_DIRS)  # an absolute one stays as it is
-    profile = load_profile(config.profile, routed["profile"], search)
+    profile = with_field_sensors(load_profile(config.profile, routed["profile"], search), field, str(path))
+    profile = with_field_actuators(profile, config.actuators.modbus, str(path))
+    profile = with_local_writes(profile, config.actuators.mqtt_topics, config.actuators.gpio_outputs, str(path))
     return AgentSettings(path=path.resolve(), config=config, profile=profile)

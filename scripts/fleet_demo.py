@@ -2,7 +2,10 @@
 
 Runs the real commands an operator would (edge-hub init / provision / run / devices / events /
 policy push / revoke, edge-agent run), prints what happens, and exits 0 when every step
-did what it should. Usage: python scripts/fleet_demo.py [--devices N] [--keep DIR]
+did what it should. One device is a gateway to field devices: a pymodbus server stands in for a
+PLC and a LAN Mosquitto with a publisher for a Zigbee sensor behind Zigbee2MQTT; the gateway
+reads both, and a rule on the PLC's temperature switches its fan coil.
+Usage: python scripts/fleet_demo.py [--devices N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the demo runs from a checkout: share the tests' exactly-once check
 
 from tests.support.exactly_once import account, hub_seqs, outbox_state  # noqa: E402
+from tests.support.modbus_server import READY as PLC_READY  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -114,6 +118,92 @@ offline = "act"
 """
 
 
+# The gateway device's field devices: a PLC on Modbus TCP (holding 0: temperature in 0.1 °C,
+# coil 0: the fan) and a Zigbee sensor whose bridge publishes JSON on a LAN broker.
+PLC_COLD, PLC_HOT = 450, 650  # 45.0 and 65.0 °C
+FIELD_RULE = """
+[[rules]]
+name = "plc-overheat"
+when = "plc.temperature > 60"
+clear = "plc.temperature < 55"
+action = "modbus_write"
+args = { point = "plc.fan", value = 1 }
+offline = "act"
+"""
+FIELD_SENSORS = """
+[actuators]
+modbus = ["plc.fan"]          # the only point a rule may write
+
+[[sensors]]
+kind = "modbus"
+name = "plc"
+url = "tcp://127.0.0.1:{plc_port}"
+interval_s = 0.5
+registers = [{{ name = "temperature", table = "holding", address = 0, scale = 0.1 }},
+             {{ name = "fan", table = "coil", address = 0 }}]
+
+[[sensors]]
+kind = "mqtt"
+name = "zigbee"
+port = {lan_port}
+topics = [{{ topic = "zigbee2mqtt/greenhouse", points = {{ temperature = "temperature", humidity = "humidity" }} }}]
+"""
+LAN_BROKER = "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+# What Zigbee2MQTT would publish for a temperature/humidity sensor, twice a second.
+ZIGBEE_CODE = """\
+import json, math, sys, time
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="zigbee2mqtt")
+client.connect("127.0.0.1", int(sys.argv[1]))
+client.loop_start()
+for tick in range(10**9):
+    body = {"temperature": round(21 + math.sin(tick / 20), 2), "humidity": 48, "linkquality": 120}
+    client.publish("zigbee2mqtt/greenhouse", json.dumps(body), qos=1)
+    time.sleep(0.5)
+"""
+
+
+def plc(port: int, write: int | None = None) -> bool:
+    """Read (after writing `write` to the temperature register) the PLC's fan coil, as a SCADA would."""
+    from pymodbus.client import ModbusTcpClient  # only the demo's PLC side needs it
+
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
+    try:
+        if not client.connect():
+            raise SystemExit(f"demo: the PLC stand-in on port {port} does not answer")
+        if write is not None:
+            client.write_register(0, write, device_id=1)
+        return bool(client.read_coils(0, count=1, device_id=1).bits[0])
+    finally:
+        client.close()
+
+
+def latest(hub_dir: Path, device: str, metric: str) -> float | None:
+    out = cli("telemetry", "--dir", str(hub_dir), "--device", device, "--metric", metric, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    return float(rows[-1]["value"]) if rows else None
+
+
+def show_field_devices(hub_dir: Path, gateway: str, plc_port: int) -> None:
+    """The gateway reads the PLC and the Zigbee sensor; heat the PLC and watch a rule switch its fan."""
+    took = wait_until("field readings at the hub", lambda: all(
+        latest(hub_dir, gateway, m) is not None for m in ("plc.temperature", "zigbee.temperature")))
+    print(f"{gateway} reads the PLC (Modbus TCP) and the Zigbee sensor (local MQTT); at the hub after "
+          f"{took:.1f} s: plc.temperature {latest(hub_dir, gateway, 'plc.temperature'):g} °C, zigbee.temperature "
+          f"{latest(hub_dir, gateway, 'zigbee.temperature'):g} °C, zigbee.humidity "
+          f"{latest(hub_dir, gateway, 'zigbee.humidity'):g} % (edge-hub telemetry)")
+    print(f"the PLC heats up: its temperature register goes from {PLC_COLD / 10:g} to {PLC_HOT / 10:g} °C; "
+          f"fan coil {'on' if plc(plc_port, write=PLC_HOT) else 'off'}")
+    took = wait_until("the fan switched on", lambda: plc(plc_port))
+    wait_until("the write audited at the hub", lambda: bool(actions(hub_dir, action="modbus_write")))
+    done = actions(hub_dir, action="modbus_write")[0]
+    started = next(e for e in events(hub_dir, "action_started")
+                   if e["device"] == done["device"] and e["rule"] == "plc-overheat")
+    print(f"{took:.1f} s later the PLC's fan coil reads on: rule {done['rule']} on {gateway} wrote it")
+    print(f"audit at the hub: action_started {json.dumps(started['body']['args'])} (before the write), then "
+          f"action_succeeded: {done['body']['detail']}")
+
+
 def latest_rollout(hub_dir: Path) -> dict[str, Any]:
     status = json.loads(cli("policy", "status", "--dir", str(hub_dir), "--json"))
     return dict(status["rollouts"][0]) if status["rollouts"] else {}
@@ -121,8 +211,9 @@ def latest_rollout(hub_dir: Path) -> dict[str, Any]:
 
 def show_local_decisions(hub_dir: Path, devices: list[str]) -> None:
     """Wait until every device has acted on its local rule; show one decision and the latencies."""
-    took = wait_until("a decision from every device", lambda: {e["device"] for e in actions(hub_dir)} >= set(devices))
-    local = actions(hub_dir)
+    took = wait_until("a decision from every device",
+                      lambda: {e["device"] for e in actions(hub_dir, action="record")} >= set(devices))
+    local = actions(hub_dir, action="record")
     first = min(local, key=lambda e: e["ts"])
     fired = max((e for e in events(hub_dir, "rule_fired")  # the firing that led to this action
                  if e["device"] == first["device"] and e["seq"] < first["seq"]), key=lambda e: e["seq"])
@@ -164,6 +255,26 @@ def main() -> int:
             (bundles / device / "policy.toml").write_text(LOCAL_POLICY)
         print(f"each bundle also holds a local policy.toml: rule sig0-spike, when {SPIKE_WHEN} → record")
 
+        gateway = devices[1 % len(devices)]  # not the one the demo kills, nor the one it revokes
+        say(f"field devices for {gateway}: a PLC (pymodbus server) and a Zigbee sensor (LAN Mosquitto)")
+        plc_port, lan_port = free_port(), free_port()
+        layout = root / "plc.json"
+        layout.write_text(json.dumps({"units": {"1": {"holding": [PLC_COLD], "coil": [False]}}}))
+        spawn("plc", [sys.executable, "-m", "tests.support.modbus_server", str(layout), "--tcp",
+                      f"127.0.0.1:{plc_port}"])
+        (root / "lan-mosquitto.conf").write_text(LAN_BROKER.format(port=lan_port))
+        spawn("lan-broker", ["mosquitto", "-c", str(root / "lan-mosquitto.conf")])
+        wait_until("the PLC and the LAN broker", lambda: PLC_READY in (logs / "plc.log").read_text(errors="replace")
+                   and " running" in (logs / "lan-broker.log").read_text(errors="replace"))
+        spawn("zigbee", [sys.executable, "-c", ZIGBEE_CODE, str(lan_port)])
+        with (bundles / gateway / "agent.toml").open("a") as config:
+            config.write(FIELD_SENSORS.format(plc_port=plc_port, lan_port=lan_port))
+        (bundles / gateway / "policy.toml").write_text(LOCAL_POLICY + FIELD_RULE)
+        print(f"PLC on 127.0.0.1:{plc_port} (holding 0: temperature, coil 0: fan); Zigbee2MQTT stand-in "
+              f"publishing zigbee2mqtt/greenhouse on 127.0.0.1:{lan_port}")
+        print(f"{gateway}'s agent.toml declares both ([[sensors]] plc and zigbee) and lets rules write plc.fan; "
+              "its policy adds rule plc-overheat: when plc.temperature > 60 → modbus_write plc.fan = 1")
+
         say("edge-hub run: managed Mosquitto with mutual TLS, and the hub service")
         spawn("hub", [HUB, "run", "--dir", str(hub_dir)])
         # Devices that publish before the hub has subscribed wait out a resend (15 s) for their
@@ -186,6 +297,9 @@ def main() -> int:
 
         say("a local decision: each device runs its rule on its own readings; the hub only hears of it")
         show_local_decisions(hub_dir, devices)
+
+        say(f"a field decision: {gateway} acts on its PLC's value and writes a coil")
+        show_field_devices(hub_dir, gateway, plc_port)
 
         say(f"partition: the hub and its broker go away for {PARTITION_S:.0f} s; devices keep buffering")
         procs["hub"].terminate()

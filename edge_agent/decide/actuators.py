@@ -8,7 +8,6 @@ group, with a timeout that kills the whole group, and with bounded output captur
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, runtime_checkable
 
 from edge_agent.errors import AgentError
 from edge_agent.sense.sensors import SensorError
@@ -31,6 +30,13 @@ from edgefleet.policy.allowlist import number_arg as _number
 from edgefleet.policy.allowlist import only_args as _only
 from edgefleet.policy.allowlist import text_arg as _text
 from edgefleet.policy.profiles import ActuatorSpec
+from edgefleet.runtime.processes import KILL_GRACE_S as KILL_GRACE_S  # re-exported: tests bound waits by it
+from edgefleet.runtime.processes import signal_group as _signal_group
+from edgefleet.runtime.processes import stop_group as _stop_group
+
+if TYPE_CHECKING:
+    from edge_agent.sense.field.entrypoints import PluginActuator
+    from edge_agent.sense.field.gpio import GpioOutputs
 
 log = logging.getLogger("edge_agent.actuators")
 
@@ -38,8 +44,6 @@ log = logging.getLogger("edge_agent.actuators")
 OUTPUT_LIMIT_BYTES: Final = 8 * 1024
 # Read size while draining a command's output; the excess is discarded, never buffered.
 READ_CHUNK_BYTES: Final = 64 * 1024
-# Between SIGTERM and SIGKILL: long enough for a clean exit, short next to a rule's cooldown.
-KILL_GRACE_S: Final = 1.0
 # The sim profile's recorder keeps this many invocations; older ones drop (bounded memory).
 RECORD_LIMIT: Final = 10_000
 DEFAULT_SEVERITY: Final = "warning"
@@ -49,6 +53,8 @@ SYSTEMCTL_ARGS: Final = ("--no-ask-password", "restart")
 
 
 AlertSink = Callable[[str, str], Awaitable[None]]
+# Writes a field point (`<sensor>.<point>`, value) and says what it did; raises SensorError or ValueError.
+FieldWrite = Callable[[str, float], Awaitable[str]]
 RateSetter = Callable[[str, float], None]
 # Called with (kind, args) after every check passed, right before the action starts. It may
 # be async (an audit write). If it raises, the action does not run and the error propagates.
@@ -107,16 +113,27 @@ class Actuators:
         alert: AlertSink | None = None,
         recorder: Recorder | None = None,
         started: StartHook | None = None,
+        field_write: FieldWrite | None = None,
+        mqtt: Mapping[str, MqttPublisher] | None = None,  # local MQTT sensors by name, for mqtt_publish
+        gpio_opener: object = None,  # opens a GPIO chip; None: libgpiod (tests pass a fake chip)
     ) -> None:
         if "set_rate" in spec.allowed and set_rate is None:
             raise ConfigError("the profile allows set_rate but no sampler was given to change rates")
         if "alert" in spec.allowed and alert is None:
             raise ConfigError("the profile allows alert but no way to reach the hub was given")
+        if "modbus_write" in spec.allowed and field_write is None:
+            raise ConfigError("the profile allows modbus_write but no field sensors were given to write through")
         self._spec = spec
+        self._field_write = field_write
         self._set_rate = set_rate
         self._alert = alert
         self.recorder = recorder if recorder is not None else Recorder()
         self.started = started
+        self.field = FieldWrites(spec, mqtt or {}, gpio_opener)
+
+    def close(self) -> None:
+        """Field outputs back to their idle level and released (the agent is stopping)."""
+        self.field.close()
 
     async def run(
         self,
@@ -173,6 +190,10 @@ class Actuators:
             return partial(_run_process, allowed, env=env)
         if kind == "systemd_restart":
             return partial(_restart_unit, allowed[0])
+        if kind == "modbus_write":
+            value = args["value"]
+            assert isinstance(value, int | float)  # checked by the allowlist
+            return partial(self._write_field, allowed[0], float(value))
         if kind == "set_rate":
             _only(args, kind, {"sensor", "interval_s"})
             sensor = _text(args, "sensor")
@@ -190,6 +211,8 @@ class Actuators:
                 raise _BadArgs("record argument 'fail' must be true or false.")
             sleep_s = _number(args, "sleep_s") if "sleep_s" in args else 0.0
             return partial(self._record, args, sleep_s, fail)
+        if kind in FIELD_WRITES:
+            return self.field.plan(kind, args)
         raise AssertionError(f"profile allows an actuator kind this module does not know: {kind!r}")
 
     async def _change_rate(self, sensor: str, interval: float, within_s: float) -> _Outcome:
@@ -199,6 +222,18 @@ class Actuators:
         except SensorError as exc:
             return _Outcome(False, f"could not change the rate: {exc}")
         return _Outcome(True, f"sensor {sensor!r} now reads every {interval:g} s.")
+
+    async def _write_field(self, point: str, value: float, within_s: float) -> _Outcome:
+        assert self._field_write is not None  # checked in __init__ when modbus_write is allowed
+        try:
+            async with asyncio.timeout(within_s):
+                detail = await self._field_write(point, value)
+        except TimeoutError:
+            return _Outcome(False, f"the write of {value:g} to {point} did not finish within {within_s:g} s.",
+                            timed_out=True)
+        except (AgentError, ValueError) as exc:
+            return _Outcome(False, f"could not write {value:g} to {point}: {exc}.")
+        return _Outcome(True, f"{detail}.")
 
     async def _raise_alert(self, message: str, severity: str, within_s: float) -> _Outcome:
         assert self._alert is not None  # checked in __init__ when alert is allowed
@@ -222,6 +257,129 @@ class Actuators:
         if fail:
             return _Outcome(False, "the recording failed because its arguments asked it to.")
         return _Outcome(True, "recorded.")
+
+
+# --- field writes: local MQTT publish, GPIO set and pulse ------------------------------------
+
+FIELD_WRITES: Final = frozenset({"mqtt_publish", "gpio_set", "gpio_pulse", "plugin"})
+
+
+@runtime_checkable
+class MqttPublisher(Protocol):
+    """A local MQTT sensor's connection (edge_agent.sense.field.mqtt_local.LocalMqtt)."""
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None: ...
+
+
+class FieldWrites:
+    """Writes to field devices: a topic on a local broker, a GPIO line; only what the allowlist lists
+    (checked by the caller, `Actuators._plan`). GPIO lines are requested at the first write and put
+    back to idle when the agent stops."""
+
+    def __init__(self, spec: ActuatorSpec, mqtt: Mapping[str, MqttPublisher], gpio_opener: object = None) -> None:
+        self._mqtt = dict(mqtt)
+        self._plugin_specs = {p.name: p for p in spec.plugins}
+        self._plugins: dict[str, PluginActuator] = {}  # built at their first use
+        self._gpio: dict[str, GpioOutputs] = {}  # output name -> its chip's outputs
+        if spec.gpio_outputs:
+            from edge_agent.sense.field.gpio import GpioOutputs, OutputLine  # only a device that drives GPIO
+
+            by_chip: dict[str, list[OutputLine]] = {}
+            for out in spec.gpio_outputs:
+                by_chip.setdefault(out.chip.removeprefix("/dev/"), []).append(
+                    OutputLine(out.name, out.line, out.idle, out.active_low))
+            for chip, lines in by_chip.items():
+                outputs = GpioOutputs(chip, lines) if gpio_opener is None else GpioOutputs(
+                    chip, lines, opener=gpio_opener)  # type: ignore[arg-type]  # a test's fake chip
+                self._gpio.update(dict.fromkeys(outputs.points, outputs))
+
+    def plan(self, kind: str, args: Mapping[str, object]) -> Runner:
+        if kind == "plugin":
+            name = _text(args, "actuator")
+            values = args.get("values", {})
+            if not isinstance(values, Mapping):
+                raise _BadArgs(f"plugin: argument 'values' must be a table, not {values!r}.")
+            return partial(self._plugin, name, dict(values))
+        if kind == "mqtt_publish":
+            _only(args, kind, {"sensor", "topic", "payload", "retain", "qos"})
+            sensor, topic = _text(args, "sensor"), _text(args, "topic")
+            payload = args.get("payload")
+            if not isinstance(payload, str):
+                raise _BadArgs(f"argument 'payload' must be a string, not {payload!r}.")
+            retain, qos = args.get("retain", False), args.get("qos", 1)
+            if not isinstance(retain, bool) or qos not in (0, 1) or isinstance(qos, bool):
+                raise _BadArgs("mqtt_publish: retain is true or false, qos is 0 or 1.")
+            publisher = self._mqtt.get(sensor)
+            if publisher is None:
+                raise _BadArgs(f"mqtt_publish: no local MQTT sensor named {sensor!r} on this device; "
+                               f"there are: {', '.join(self._mqtt) or 'none'}.")
+            return partial(self._publish, publisher, sensor, topic, payload.encode(), 1 if qos == 1 else 0, retain)
+        output = _text(args, "output")
+        outputs = self._gpio[output]  # the allowlist named it, so it is here
+        if kind == "gpio_set":
+            _only(args, kind, {"output", "value"})
+            value = args.get("value")
+            if not isinstance(value, bool):
+                raise _BadArgs(f"gpio_set: argument 'value' must be true or false, not {value!r}.")
+            return partial(self._set, outputs, output, value)
+        _only(args, kind, {"output", "seconds"})
+        return partial(self._pulse, outputs, output, _number(args, "seconds"))
+
+    @staticmethod
+    async def _publish(publisher: MqttPublisher, sensor: str, topic: str, payload: bytes, qos: int, retain: bool,
+                       within_s: float) -> _Outcome:
+        try:
+            async with asyncio.timeout(within_s):
+                await publisher.publish(topic, payload, qos=qos, retain=retain)
+        except TimeoutError:
+            return _Outcome(False, f"the publish to {topic} was not acknowledged within {within_s:g} s.",
+                            timed_out=True)
+        except AgentError as exc:  # not connected, the broker refused it
+            return _Outcome(False, f"could not publish to {topic} on {sensor}'s broker: {exc}")
+        return _Outcome(True, f"published {len(payload)} bytes to {topic} on {sensor}'s broker.")
+
+    @staticmethod
+    async def _set(outputs: GpioOutputs, output: str, value: bool, within_s: float) -> _Outcome:
+        try:
+            outputs.set(output, value)
+        except AgentError as exc:  # GpioError: no gpiod, a busy line, a chip that went away
+            return _Outcome(False, f"could not set {output}: {exc}")
+        return _Outcome(True, f"{output} set {'active' if value else 'inactive'}.")
+
+    @staticmethod
+    async def _pulse(outputs: GpioOutputs, output: str, seconds: float, within_s: float) -> _Outcome:
+        try:
+            async with asyncio.timeout(within_s):
+                await outputs.pulse(output, seconds)
+        except TimeoutError:
+            return _Outcome(False, f"{output} was pulsed for {within_s:g} s, not {seconds:g}, and is idle again.",
+                            timed_out=True)
+        except AgentError as exc:
+            return _Outcome(False, f"could not pulse {output}: {exc}")
+        return _Outcome(True, f"{output} pulsed for {seconds:g} s and is idle again.")
+
+    async def _plugin(self, name: str, values: dict[str, object], within_s: float) -> _Outcome:
+        try:
+            actuator = self._plugins.get(name)
+            if actuator is None:
+                from edge_agent.sense.field.entrypoints import build_actuator  # only a device that uses one
+
+                spec = self._plugin_specs[name]  # the allowlist named it
+                actuator = self._plugins[name] = build_actuator(spec.plugin, name, spec.options, "actuators.plugins")
+            async with asyncio.timeout(within_s):
+                detail = await actuator.write(values)
+        except TimeoutError:
+            return _Outcome(False, f"{name} did not finish within {within_s:g} s.", timed_out=True)
+        except Exception as exc:  # noqa: BLE001  # a plugin may fail in any way: an outcome, never a crash
+            return _Outcome(False, f"{name} failed: {type(exc).__name__}: {exc}")
+        return _Outcome(True, f"{name}: {detail}")
+
+    def close(self) -> None:
+        for outputs in set(self._gpio.values()):
+            try:
+                outputs.close()
+            except AgentError as exc:
+                log.warning("could not put GPIO outputs back to idle: %s", exc)
 
 
 # --- the allowlists ----------------------------------------------------------------------
@@ -287,29 +445,3 @@ async def _run_process(argv: Sequence[str], within_s: float, env: Mapping[str, s
     if code != 0:
         return _Outcome(False, f"{argv[0]} exited with code {code}.", code, capture.text())
     return _Outcome(True, f"{argv[0]} succeeded.", code, capture.text())
-
-
-async def _stop_group(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM the group, give it KILL_GRACE_S, then SIGKILL whatever is left of it."""
-    _signal_group(process.pid, signal.SIGTERM)
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(KILL_GRACE_S):
-                await process.wait()
-    finally:  # also when the caller is cancelled during the grace
-        # The leader may be gone while a grandchild that ignores SIGTERM lives on in the group.
-        _signal_group(process.pid, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(KILL_GRACE_S):  # a process stuck in the kernel cannot hold us
-            await process.wait()
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    # start_new_session made the child a group leader, so its pid is the group id; Linux does
-    # not reuse a pid while a group still carries it.
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass  # the whole group has already gone
-    except PermissionError:
-        log.warning("not permitted to send %s to process group %d", signum.name, pgid)

@@ -30,6 +30,8 @@ from edgefleet.wire.protocol import ProtocolError
 
 EXPIRY_WARNING: Final = dt.timedelta(days=14)
 TCP_TIMEOUT: Final = 5.0
+# One probe read of a field sensor; longer than any sane device answer, short for a person waiting.
+FIELD_PROBE_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,37 @@ def check_thermal(settings: AgentSettings) -> list[Finding]:
     return findings
 
 
+async def check_field_sensors(settings: AgentSettings) -> list[Finding]:
+    """Each field sensor: one read, decoded, or one sentence on what is wrong."""
+    specs = settings.profile.field_sensors
+    if not specs:
+        return []
+    running = RunLock.holder(settings.state_dir / AGENT_LOCK)
+    if running is not None:
+        # A serial line has one owner, and many devices take only one or two TCP connections.
+        return [Finding(f"sensor {spec.name}", True, "not probed: the running agent holds its connection; "
+                                                     "`edge-agent status` shows its health.") for spec in specs]
+    from edge_agent.sense.field.base import FieldContext, build_field_sensors
+
+    findings = []
+    for sensor in build_field_sensors(specs, FieldContext()):
+        name = f"sensor {sensor.name}"
+        try:
+            async with asyncio.timeout(FIELD_PROBE_TIMEOUT):
+                readings = await sensor.probe()
+        except TimeoutError:
+            findings.append(Finding(name, False, f"no answer within {FIELD_PROBE_TIMEOUT:.0f} s: check that the "
+                                                 "device is powered and its address and unit id are right."))
+            continue
+        except SensorError as exc:
+            findings.append(Finding(name, False, str(exc)))
+            continue
+        shown = ", ".join(f"{r.metric} = {r.value:g}" for r in readings[:8])
+        more = f" and {len(readings) - 8} more" if len(readings) > 8 else ""
+        findings.append(Finding(name, True, f"read {len(readings)} value(s): {shown}{more}."))
+    return findings
+
+
 async def check_connectivity(settings: AgentSettings) -> list[Finding]:
     """TCP, then an MQTT connection with the identity the agent would use."""
     tls = IdentityFiles(settings.tls, settings.state_dir).in_use()
@@ -265,9 +298,11 @@ async def run_checks(settings: AgentSettings, now: dt.datetime | None = None) ->
     findings += check_files(settings, now)
     findings.append(check_policy_key(settings))
     findings += check_thermal(settings)
+    findings += await check_field_sensors(settings)
     # A wrong clock, a loose key mode, a missing policy key or thermal zone still lets us try
     # the network; missing or mismatched TLS files do not.
-    if all(f.ok for f in findings if f.name not in ("clock", "key permissions", "policy key", "thermal")):
+    if all(f.ok for f in findings if f.name not in ("clock", "key permissions", "policy key", "thermal")
+           and not f.name.startswith("sensor ")):
         findings += await check_connectivity(settings)
     else:
         findings.append(Finding("broker", False, "not tried: fix the files above first."))

@@ -30,10 +30,11 @@ from edge_agent.decide.policy_intake import PolicyIntake
 from edge_agent.identity.enroll import EnrollStatus
 from edge_agent.identity.enroll import read_status as read_enroll_status
 from edge_agent.identity.tls import IdentityFiles
+from edge_agent.sense.field.base import HEALTH_FILE
 from edgefleet.policy.document import Policy
 from edgefleet.runtime.logfmt import redact
 from edgefleet.wire.events import EventKind
-from edgefleet.wire.protocol import json_body
+from edgefleet.wire.protocol import FieldHealth, json_body
 
 ERROR_KINDS: Final = (EventKind.POLICY_REFUSED, EventKind.ACTION_FAILED, EventKind.ESCALATION, EventKind.OUTBOX_CORRUPT,
                       EventKind.ALERT)
@@ -94,6 +95,13 @@ class RecentError(msgspec.Struct, frozen=True):
     detail: str
 
 
+class FieldSensorsState(msgspec.Struct, frozen=True):
+    """The field sensors' health as the agent last wrote it (sense/field/base.py)."""
+
+    ts: float | None = None  # when it was written; None: the agent never wrote it
+    sensors: dict[str, FieldHealth] = {}
+
+
 class DeviceStatus(msgspec.Struct, frozen=True):
     device: str
     profile: str
@@ -106,6 +114,7 @@ class DeviceStatus(msgspec.Struct, frozen=True):
     recent_errors: list[RecentError]  # newest first, at most ERRORS_SHOWN, unacknowledged only
     recent_errors_total: int
     enrollment: EnrollStatus | None = None  # an image folder's device: its latest enrollment attempt
+    field_sensors: FieldSensorsState = FieldSensorsState()
 
 
 def collect(settings: AgentSettings, local: Policy | None, now: float | None = None) -> DeviceStatus:
@@ -117,6 +126,10 @@ def collect(settings: AgentSettings, local: Policy | None, now: float | None = N
     policy = policy_state(settings, local)
     stale = max(STALE_AFTER_S, STALE_ACK_TIMEOUTS * settings.config.uplink.ack_timeout)
     attention = _attention(agent, outbox, policy, total, now, stale, settings.path)
+    field = read_field_health(settings) if agent.state != "not running" else FieldSensorsState()
+    attention += [f"field sensor {name} has been failing since {_when(h.since)}: {h.last_error} "
+                  f"(edge-agent check --config {settings.path} probes it when the agent is stopped)"
+                  for name, h in field.sensors.items() if h.state == "failing"]
     c = settings.config
     enrollment = read_enroll_status(state_dir) if c.enroll is not None else None
     if enrollment is not None and enrollment.state != "enrolled":
@@ -127,7 +140,19 @@ def collect(settings: AgentSettings, local: Policy | None, now: float | None = N
             attention.insert(0, f"not enrolled yet, and no attempt made: start the agent; it enrolls at {c.enroll.url}")
     return DeviceStatus(device=c.device_id, profile=c.profile, config=str(settings.path), healthy=not attention,
                         attention=attention, agent=agent, outbox=outbox, policy=policy, recent_errors=errors,
-                        recent_errors_total=total, enrollment=enrollment)
+                        recent_errors_total=total, enrollment=enrollment, field_sensors=field)
+
+
+def read_field_health(settings: AgentSettings) -> FieldSensorsState:
+    """The running agent's field sensor health file; configured sensors it does not list are unknown."""
+    if not settings.profile.field_sensors:
+        return FieldSensorsState()
+    try:
+        state = msgspec.json.decode((settings.state_dir / HEALTH_FILE).read_bytes(), type=FieldSensorsState)
+    except (OSError, msgspec.DecodeError):
+        return FieldSensorsState()
+    configured = {spec.name for spec in settings.profile.field_sensors}
+    return FieldSensorsState(state.ts, {n: h for n, h in state.sensors.items() if n in configured})
 
 
 def agent_process(state_dir: Path) -> AgentProcess:
@@ -362,6 +387,11 @@ def render(status: DeviceStatus, now: float | None = None) -> str:
     if s.enrollment is not None:
         lines.append(f"enrolled  {s.enrollment.detail}" if s.enrollment.state == "enrolled"
                      else f"identity  not enrolled yet ({s.enrollment.state}): {s.enrollment.detail}")
+    for name, h in s.field_sensors.sensors.items():
+        since = f" since {_when(h.since)}" if h.state != "starting" else ""
+        error = f"; last error: {h.last_error}" if h.last_error else ""
+        lines.append(f"sensor    {name} ({h.kind}) {h.state}{since}: {h.reads} read(s), {h.errors} error(s), "
+                     f"{h.rejected} value(s) skipped{error}")
     lines.append(f"errors    {s.recent_errors_total or 'none'} waiting for the hub (acknowledged events are deleted "
                  "here; edge-hub events has them all)")
     for e in s.recent_errors:

@@ -21,6 +21,8 @@ ConnectedWork = Callable[[MqttSession], Coroutine[Any, Any, None]]
 # Told of every failed attempt (the factory chose its identity); True: it has another one to
 # try, so the next attempt comes at once, without the wait a refused identity otherwise costs.
 RefusalHook = Callable[[ConnectRefused], bool]
+# Told why, each time the link backs off (a failed attempt or a dropped connection).
+LostHook = Callable[[str], None]
 
 
 # What ends one connection but not the link: reconnect and carry on.
@@ -41,11 +43,12 @@ class Link:
 
     def __init__(self, name: str, factory: SessionFactory, work: ConnectedWork,
                  backoff: Backoff | None = None, logger: logging.Logger | None = None,
-                 on_refused: RefusalHook | None = None) -> None:
+                 on_refused: RefusalHook | None = None, on_lost: LostHook | None = None) -> None:
         self.name = name
         self._factory = factory
         self._work = work
         self._on_refused = on_refused
+        self._on_lost = on_lost
         self._restart = asyncio.Event()
         self._planned: str | None = None
         self.backoff = backoff or Backoff()
@@ -91,6 +94,8 @@ class Link:
                     self._planned = None
                     continue
             self.last_error = why
+            if self._on_lost is not None:
+                self._on_lost(why)
             delay = self.backoff.lost(time.monotonic(), auth=auth)
             level = logging.WARNING if (auth or not warned) else logging.DEBUG
             self._log.log(level, "%s: %s; retrying in %.1f s", self.name, why, delay)

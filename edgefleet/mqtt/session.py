@@ -116,7 +116,7 @@ class MqttSession:
         client_id: str,
         host: str,
         port: int,
-        tls: ssl.SSLContext,
+        tls: ssl.SSLContext | None,
         keepalive: int = 30,
         will: Will | None = None,
         clean_start: bool = True,
@@ -124,7 +124,12 @@ class MqttSession:
         connect_timeout: float = 10.0,
         manual_ack: bool = False,
         max_inflight: int = 100,
+        username: str | None = None,
+        password: str | None = None,
+        max_packet: int = 0,
     ) -> None:
+        """`tls` None is plain TCP: only for a broker on the device or its LAN (field sensors),
+        never the hub's uplink. `max_packet` > 0 asks the broker not to send larger packets."""
         self.client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
         self._clean_start, self._session_expiry = clean_start, session_expiry
@@ -137,7 +142,11 @@ class MqttSession:
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=manual_ack,
         )
-        self._client.tls_set_context(tls)
+        if tls is not None:
+            self._client.tls_set_context(tls)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        self._max_packet = max_packet
         self._client.connect_timeout = connect_timeout
         self._client.max_inflight_messages_set(max_inflight)
         self._max_inflight = max_inflight
@@ -171,6 +180,8 @@ class MqttSession:
             props.SessionExpiryInterval = self._session_expiry
         # How many unacknowledged QoS 1 messages the broker may send us (else it starts at 20).
         props.ReceiveMaximum = self._max_inflight
+        if self._max_packet:
+            props.MaximumPacketSize = self._max_packet
         call = partial(
             self._client.connect, self._host, self._port, self._keepalive,
             clean_start=self._clean_start, properties=props,

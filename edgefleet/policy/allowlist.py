@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import msgspec
 
-from edgefleet.policy.document import CommandArgs, RecordArgs, Rule
+from edgefleet.policy.document import CommandArgs, GpioPulseArgs, PluginArgs, RecordArgs, Rule
 from edgefleet.policy.profiles import ActuatorSpec
 
 ACTION_TIMEOUT: Final = 30.0  # systemctl, set_rate, alert and record: none should take longer
@@ -35,7 +35,8 @@ def allowlist_refusal(spec: ActuatorSpec, kind: str, args: Mapping[str, object])
 
 
 def allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> list[str]:
-    """The argv a command may run, or [unit] for a restart ([] otherwise); Refused if the lists say no."""
+    """The argv a command may run, [unit] for a restart, [topic] for an MQTT publish, [output] for a
+    GPIO write ([] otherwise); Refused if the lists say no."""
     if kind not in spec.allowed:
         allowed = ", ".join(spec.allowed) or "nothing"
         raise Refused(f"actuator kind {kind!r} is not allowed by this profile; it allows: {allowed}.")
@@ -56,6 +57,37 @@ def allowlisted(spec: ActuatorSpec, kind: str, args: Mapping[str, object]) -> li
             allowed = ", ".join(spec.units) or "none"
             raise Refused(f"systemd unit {unit!r} is not allowed by this profile; allowed units: {allowed}.")
         return [unit]
+    if kind == "modbus_write":
+        only_args(args, kind, {"point", "value"})
+        point = required_arg(args, "point")
+        if not isinstance(point, str) or point not in spec.modbus:
+            allowed = ", ".join(spec.modbus) or "none"
+            raise Refused(f"Modbus point {point!r} may not be written on this device; writable: {allowed}.")
+        value = required_arg(args, "value")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise BadArgs(f"argument 'value' must be a finite number (or true/false for a coil), not {value!r}.")
+        return [point]
+    if kind == "mqtt_publish":
+        topic = args.get("topic")
+        if not isinstance(topic, str) or topic not in spec.mqtt_topics:
+            allowed = ", ".join(spec.mqtt_topics) or "none"
+            raise Refused(f"MQTT topic {topic!r} is not allowed by this profile; allowed topics: {allowed}.")
+        return [topic]
+    if kind in ("gpio_set", "gpio_pulse"):
+        output = args.get("output")
+        names = [o.name for o in spec.gpio_outputs]
+        if not isinstance(output, str) or output not in names:
+            raise Refused(f"GPIO output {output!r} is not allowed by this profile; allowed outputs: "
+                          f"{', '.join(names) or 'none'}.")
+        return [output]
+    if kind == "plugin":
+        only_args(args, kind, {"actuator", "values"})
+        actuator = args.get("actuator")
+        names = [p.name for p in spec.plugins]
+        if not isinstance(actuator, str) or actuator not in names:
+            raise Refused(f"plugin actuator {actuator!r} is not allowed by this profile; allowed: "
+                          f"{', '.join(names) or 'none'}.")
+        return [actuator]
     return []
 
 
@@ -66,6 +98,10 @@ def actuator_call(rule: Rule) -> tuple[str, dict[str, Any], float]:
         return "command", {"argv": list(args.argv)}, args.timeout_s
     if isinstance(args, RecordArgs):
         return "record", dict(args.values), ACTION_TIMEOUT
+    if isinstance(args, PluginArgs):
+        return "plugin", {"actuator": args.actuator, "values": dict(args.values)}, ACTION_TIMEOUT
+    if isinstance(args, GpioPulseArgs):  # the pulse itself, then the usual margin to put the line back
+        return "gpio_pulse", msgspec.to_builtins(args), args.seconds + ACTION_TIMEOUT
     return rule.action, msgspec.to_builtins(args), ACTION_TIMEOUT
 
 

@@ -49,4 +49,9 @@ def known_metrics(profile: Profile) -> set[str] | None:
             names |= {f"sig{i}" for i in range(profile.sim.signals)}
         elif sensor.kind == "system":
             names |= set(sensor.metrics) or set(SYSTEM_METRICS)
+    for spec in profile.field_sensors:
+        points = spec.points()
+        if points is None:
+            return None
+        names |= points
     return names

@@ -64,8 +64,10 @@ args = { message = "disk almost full", severity = "critical" }
 offline = "act"
 '''
 
-ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record"]
-ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record")
+ActionKind = Literal["command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
+                     "mqtt_publish", "gpio_set", "gpio_pulse", "plugin"]
+ACTIONS: Final[tuple[ActionKind, ...]] = ("command", "systemd_restart", "set_rate", "alert", "record", "modbus_write",
+                                          "mqtt_publish", "gpio_set", "gpio_pulse", "plugin")
 RULE_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # No leading '-': a unit must never be read as an option by systemctl.
 SYSTEMD_UNIT: Final = re.compile(r"[A-Za-z0-9_.@:\\][A-Za-z0-9_.@:\\-]{0,255}")
@@ -114,9 +116,45 @@ class RecordArgs(msgspec.Struct, frozen=True):
     values: dict[str, Any] = {}  # the `record` actuator keeps whatever it is given
 
 
-ActionArgs = CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs
+class ModbusWriteArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    point: NonEmpty  # <sensor>.<point> of a coil or holding register the profile's actuators.modbus lists
+    value: float | bool  # a coil takes 0/1 (or false/true); a register its scaled value
+
+
+# Field actuators: a topic on a local broker, a GPIO output line (each listed in the profile's allowlists).
+MAX_PAYLOAD_CHARS: Final = 4096  # a command to a plug or a valve, not a file transfer
+MAX_PULSE_S: Final = 3600.0  # a relay pulse longer than an hour is a "set", not a pulse
+
+
+class MqttPublishArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sensor: NonEmpty  # the kind = "mqtt" sensor whose broker the message goes to
+    topic: NonEmpty
+    payload: Annotated[str, Meta(max_length=MAX_PAYLOAD_CHARS)]
+    retain: bool = False
+    qos: Literal[0, 1] = 1
+
+
+class GpioSetArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    output: NonEmpty  # a name from the profile's actuators.gpio_outputs
+    value: bool  # true: active
+
+
+class GpioPulseArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    output: NonEmpty
+    seconds: Annotated[float, Meta(gt=0, le=MAX_PULSE_S)]  # away from its idle level, then back
+
+
+class PluginArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    actuator: NonEmpty  # a name from the profile's [[actuators.plugins]]
+    values: dict[str, Any] = {}  # handed to the plugin's write(args) as they are
+
+
+ActionArgs = (CommandArgs | SystemdRestartArgs | SetRateArgs | AlertArgs | RecordArgs | ModbusWriteArgs
+              | MqttPublishArgs | GpioSetArgs | GpioPulseArgs | PluginArgs)
 _ARGS: Final[dict[str, type[msgspec.Struct]]] = {
     "command": CommandArgs, "systemd_restart": SystemdRestartArgs, "set_rate": SetRateArgs, "alert": AlertArgs,
+    "modbus_write": ModbusWriteArgs,
+    "mqtt_publish": MqttPublishArgs, "gpio_set": GpioSetArgs, "gpio_pulse": GpioPulseArgs, "plugin": PluginArgs,
 }
 
 

@@ -34,6 +34,9 @@ class EventKind(StrEnum):
     CERT_RENEWED = "cert_renewed"
     CERT_FALLBACK = "cert_fallback"
     CERT_CLOCK_SKEW = "cert_clock_skew"
+    # field sensors (edge_agent.sense.field): state changes only, never one per failed poll
+    SENSOR_FAILING = "sensor_failing"
+    SENSOR_RECOVERED = "sensor_recovered"
     # the hub
     ROLLOUT_STARTED = "rollout_started"
     ROLLOUT_WAVE = "rollout_wave"

@@ -334,6 +334,18 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 
 
+class FieldHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """One field sensor's health (edge_agent.sense.field.base.SensorHealth) as of the status."""
+
+    state: Literal["starting", "ok", "failing"]
+    since: float  # when it entered this state (device clock)
+    reads: Count = 0
+    errors: Count = 0  # failed polls
+    rejected: Count = 0  # values skipped as bad (NaN, wrong length, ...)
+    last_error: Annotated[str, msgspec.Meta(max_length=MAX_REFUSAL_DETAIL)] = ""
+    kind: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     """Device → hub, periodically: what the outbox holds and what quota shedding cost."""
 
@@ -346,6 +358,8 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     ts: float = 0.0
     policy_version: Count = 0  # the signed policy in force; 0: none (a local policy file or no rules)
     policy_refused: PolicyRefusal | None = None  # the latest policy refused, while none newer was applied
+    # Per field sensor; optional, so agents that have none (or predate it) and older hubs interoperate.
+    field_sensors: dict[Annotated[str, msgspec.Meta(max_length=64)], FieldHealth] = {}
 
 
 def check_batch(batch: Batch) -> int:

@@ -116,6 +116,13 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
             "json_extract(body, '$.reason'), json_extract(body, '$.detail') FROM events WHERE device = ? "
             "AND kind = ? AND ts > ? ORDER BY seq DESC LIMIT ?",
             (config.identity, EventKind.ENROLL_REFUSED, now - ENROLL_REFUSALS_SHOWN_S, ENROLL_REFUSALS_SHOWN))
+        # Field sensors whose latest state change (sense/field/base.py events) says failing.
+        sensors_failing = await store.query(
+            "SELECT e.device, e.ts, json_extract(e.body, '$.sensor'), json_extract(e.body, '$.error') FROM events e "
+            "JOIN (SELECT device, MAX(seq) AS seq FROM events WHERE kind IN (?, ?) "
+            "AND json_valid(body) GROUP BY device, json_extract(body, '$.sensor')) latest USING (device, seq) "
+            "WHERE e.kind = ? ORDER BY e.device, e.ts",
+            (EventKind.SENSOR_FAILING, EventKind.SENSOR_RECOVERED, EventKind.SENSOR_FAILING))
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
@@ -158,6 +165,8 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                for c in clones],
         "enroll_refused": [{"ts": r[0], "device": r[1], "enrollment": r[2], "reason": r[3], "detail": r[4]}
                            for r in enroll_refused],
+        "field_sensors_failing": [{"device": r[0], "since": r[1], "sensor": r[2], "error": r[3]}
+                                  for r in sensors_failing],
     }, escalations, now)
 
 
@@ -186,6 +195,10 @@ def render(status: Status) -> str:
     lines += _capped([f"  {when(a['ts'])}  {a['device']}  {event_detail(EventKind.ALERT, a)}"
                       + (f"  ({a['count']} times)" if a["count"] > 1 else "") for a in alerts],
                      "edge-hub events --kind alert")
+    failing = report["field_sensors_failing"]
+    lines.append(f"field sensors failing (the device's latest word on each): {len(failing) or 'none'}")
+    lines += _capped([f"  {when(r['since'])}  {r['device']}  {r['sensor']}: {r['error']}" for r in failing],
+                     "edge-hub events --kind sensor_failing")
     total = sum(report["rejects"].values())
     lines.append(f"rejected messages: {total}" + (" (" + ", ".join(
         f"{reason} {count}" for reason, count in report["rejects"].items()) + ")" if total else ""))

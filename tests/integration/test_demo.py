@@ -62,3 +62,17 @@ def test_rollout_reaches_every_device_and_the_bad_policy_stops_at_its_canary(
                      demo.stdout, re.MULTILINE)
     assert re.search(r"^version \d+ rolled back after [\d.]+ s: health gate:", demo.stdout, re.MULTILINE)
     assert re.search(r"^devices that ever ran it: 1 \(the canary sim-\d+\)", demo.stdout, re.MULTILINE)
+
+
+def test_a_gateway_reads_its_field_devices_and_a_rule_writes_the_plcs_coil(
+        demo: subprocess.CompletedProcess[str]) -> None:
+    read = re.search(r"^(sim-\d+) reads the PLC \(Modbus TCP\) and the Zigbee sensor \(local MQTT\); at the hub "
+                     r"after [\d.]+ s: plc.temperature 45 °C, zigbee.temperature [\d.]+ °C, zigbee.humidity 48 %",
+                     demo.stdout, re.MULTILINE)
+    assert read, f"no field readings at the hub in:\n{demo.stdout}"
+    gateway = read.group(1)
+    assert re.search(rf"^[\d.]+ s later the PLC's fan coil reads on: rule plc-overheat on {gateway} wrote it$",
+                     demo.stdout, re.MULTILINE), demo.stdout
+    assert re.search(r'^audit at the hub: action_started \{"point": "plc.fan", "value": 1(\.0)?\} '
+                     r"\(before the write\), then action_succeeded: wrote 1 to plc.fan \(coil 0 of unit 1\)",
+                     demo.stdout, re.MULTILINE)
