@@ -170,7 +170,7 @@ class HubCollector(Collector):
             if intended is not None:
                 assigned += 1
                 on_intended += version == intended
-                # The same test as HubStore._device_row (edge-hub devices / status).
+                # The same test as hub.db.rows.device_row (edge-hub devices / status).
                 off_since = max(assigned_at or 0.0, connected_at or 0.0)
                 drifted += bool(is_online) and version != intended and now - off_since > self._drift_grace_s
         yield f.gauge("devices_registered", "Devices registered and not revoked.", value=len(live))

@@ -1,0 +1,92 @@
+"""What the hub asks of its database, whichever engine holds it: SQLite (hub/db/store.py, the
+embedded default) or PostgreSQL (hub/db/postgres.py, for replicas on separate machines).
+
+`open_store` picks one from `[database] url`; the hub's logic holds a `HubState` and does not know
+which. `Tx` is one transaction's connection, for the store's own helpers in hub/db/ that run
+inside the ingest's transaction on either engine (hub/db/identities.py, hub/db/device_clocks.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+
+from hub.errors import HubError
+
+if TYPE_CHECKING:
+    from edgefleet.wire.protocol import Presence
+    from hub.db.rows import DeviceRow, EventRow, IngestWork, TelemetryRow
+
+Dialect = Literal["sqlite", "postgresql"]
+# The few SQL spellings that differ, for the helpers that run on both engines.
+GREATEST: Final[dict[Dialect, str]] = {"sqlite": "max", "postgresql": "greatest"}  # the scalar maximum
+JSON_VALUES: Final[dict[Dialect, str]] = {  # a table of the values of a JSON array bound as text
+    "sqlite": "json_each(?)", "postgresql": "json_array_elements_text(?::json)"}
+
+
+class StoreError(HubError):
+    """A database the hub cannot use as it is: a one-sentence reason and what to do."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or answer now (PostgreSQL down, SQLite locked past its timeout);
+    transient: nothing was changed, the caller retries later."""
+
+
+class Tx(Protocol):
+    """One open transaction. SQL uses `?` placeholders on both engines."""
+
+    dialect: Dialect
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]: ...
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class HubState(Protocol):
+    """Every piece of hub state the hub's logic reaches through methods (not SQL)."""
+
+    dialect: Dialect
+
+    async def close(self) -> None: ...
+
+    # registry and certificates
+    async def register(self, device: str, profile: str, tags: dict[str, str], *, readmit: bool = False) -> None: ...
+    async def record_certificate(self, serial: int, device: str, purpose: str, not_after: dt.datetime) -> None: ...
+    async def certificate_revoked(self, serial: int) -> bool: ...
+    async def vouches_for(self, serial: int, device: str) -> bool | None: ...
+    async def is_revoked(self, device: str) -> bool: ...
+    async def exists(self, device: str) -> bool: ...
+    async def revoke_device(self, device: str) -> int: ...
+    async def revoke_serial(self, serial: int) -> None: ...
+    async def revoked_serials(self) -> list[tuple[int, dt.datetime]]: ...
+
+    # presence
+    async def apply_presence(self, device: str, presence: Presence, now: float) -> bool: ...
+    async def apply_presences(self, messages: Sequence[tuple[str, Presence]], now: float) -> list[int]: ...
+
+    # ingest: telemetry, events, watermarks, outbox instances, device clocks
+    async def watermarks(self) -> dict[str, int]: ...
+    async def registered(self) -> set[str]: ...
+    async def commit_ingest(self, work: IngestWork) -> dict[str, int]: ...
+
+    # what the operator reads
+    def telemetry(self, *, device: str | None = None, since: float | None = None,
+                  metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]: ...
+    def events(self, *, device: str | None = None, since: float | None = None,
+               kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]: ...
+    async def known_device(self, device: str) -> bool: ...
+    async def reject_counts(self) -> dict[str, int]: ...
+    async def devices(self, device: str | None = None, *, drift_grace_s: float = 120.0,
+                      now: float | None = None) -> list[DeviceRow]: ...
+
+    # leadership among replicas (hub/region/leadership.py)
+    async def claim_leadership(self, role: str, holder: str, ttl_s: float, now: float) -> tuple[str, float]: ...
+    async def release_leadership(self, role: str, holder: str, now: float) -> None: ...
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
