@@ -75,7 +75,7 @@ async def apply_clock_events(db: Tx, moves: Sequence[tuple[str, int, int]]) -> N
                         REJECT_REASON, device, kind, seq, problem)
     if refused:
         await db.execute("INSERT INTO rejects(reason, count) VALUES (?, ?) ON CONFLICT(reason) "
-                         "DO UPDATE SET count = count + excluded.count", (REJECT_REASON, refused))
+                         "DO UPDATE SET count = rejects.count + excluded.count", (REJECT_REASON, refused))
 
 
 async def _apply(db: Tx, device: str, seq: int, kind: str, body: str) -> str | None:

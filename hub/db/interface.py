@@ -9,8 +9,8 @@ inside the ingest's transaction on either engine (hub/db/identities.py, hub/db/d
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 from hub.errors import HubError
 
@@ -19,10 +19,20 @@ if TYPE_CHECKING:
     from hub.db.rows import DeviceRow, EventRow, IngestWork, TelemetryRow
 
 Dialect = Literal["sqlite", "postgresql"]
+T = TypeVar("T")
 # The few SQL spellings that differ, for the helpers that run on both engines.
 GREATEST: Final[dict[Dialect, str]] = {"sqlite": "max", "postgresql": "greatest"}  # the scalar maximum
 JSON_VALUES: Final[dict[Dialect, str]] = {  # a table of the values of a JSON array bound as text
     "sqlite": "json_each(?)", "postgresql": "json_array_elements_text(?::json)"}
+JSON_ARRAY: Final[dict[Dialect, str]] = {  # the same for a column holding a JSON array: .format(column)
+    "sqlite": "json_each({})", "postgresql": "json_array_elements_text(({})::json)"}
+# A text field of a JSON object in a text column, NULL when the column is not JSON: .format(column, key)
+JSON_FIELD: Final[dict[Dialect, str]] = {
+    "sqlite": "json_extract(CASE WHEN json_valid({0}) THEN {0} END, '$.{1}')",
+    "postgresql": "json_field({0}, '{1}')"}  # the schema's function: NULL instead of an error
+JSON_INT: Final[dict[Dialect, str]] = {  # the same for an integer field, NULL when it is not one
+    "sqlite": "json_extract(CASE WHEN json_valid({0}) THEN {0} END, '$.{1}')",
+    "postgresql": "json_int({0}, '{1}')"}
 
 
 class StoreError(HubError):
@@ -39,11 +49,21 @@ class Tx(Protocol):
 
     dialect: Dialect
 
-    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]: ...
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Every row; a row reads by index and by column name."""
 
-    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None: ...
+    async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        """The first row, or None."""
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """The rows it changed."""
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    async def lock(self, key: str) -> None:
+        """Hold `key` until this transaction ends, against other hub processes' transactions that lock it
+        (PostgreSQL: a transaction advisory lock, gone with the transaction or its connection; SQLite has one
+        writer at a time anyway)."""
 
 
 class HubState(Protocol):
@@ -82,6 +102,12 @@ class HubState(Protocol):
     async def reject_counts(self) -> dict[str, int]: ...
     async def devices(self, device: str | None = None, *, drift_grace_s: float = 120.0,
                       now: float | None = None) -> list[DeviceRow]: ...
+
+    # one transaction for the hub's logic (rollouts, coordination, renewal); cancellation cannot split it
+    async def atomically(self, work: Callable[[Tx], Awaitable[T]]) -> T: ...
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]: ...
+    async def hub_event(self, db: Tx, identity: str, kind: str, body: dict[str, Any],
+                        ts: float | None = None) -> None: ...
 
     # leadership among replicas (hub/region/leadership.py)
     async def claim_leadership(self, role: str, holder: str, ttl_s: float, now: float) -> tuple[str, float]: ...

@@ -97,6 +97,18 @@ MIGRATIONS: Final[Sequence[str]] = (
     CREATE TABLE drops (device TEXT NOT NULL, metric TEXT NOT NULL, count BIGINT NOT NULL,
                         PRIMARY KEY (device, metric));
     CREATE TABLE rejects (reason TEXT PRIMARY KEY, count BIGINT NOT NULL);
+    CREATE FUNCTION json_field(body TEXT, key TEXT) RETURNS TEXT LANGUAGE plpgsql IMMUTABLE AS $f$
+    BEGIN
+        RETURN body::jsonb ->> key;   -- a device's body may be anything: not JSON reads as NULL
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END $f$;
+    CREATE FUNCTION json_int(body TEXT, key TEXT) RETURNS BIGINT LANGUAGE plpgsql IMMUTABLE AS $f$
+    BEGIN
+        RETURN (body::jsonb ->> key)::bigint;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END $f$;
     """,
     # 2: what replicas share beyond the ingest: leadership, rollouts, coordination.
     """
@@ -175,11 +187,19 @@ class PostgresTx:
             done = cls._translated[text] = re.sub(r"\?", lambda _: f"${next(count)}", text)
         return done
 
-    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return list(await self.conn.fetch(self.sql(sql), *args))
 
-    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self.conn.execute(self.sql(sql), *args)
+    async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await self.conn.fetchrow(self.sql(sql), *args)
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        status = await self.conn.execute(self.sql(sql), *args)
+        tail = str(status).rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def lock(self, key: str) -> None:
+        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
@@ -304,8 +324,17 @@ class PostgresStore(Listings):
         return await self._run(work)
 
     async def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        """Rows of one read in its own transaction (tests and operator reads)."""
+        """Rows of one statement in its own transaction (operator reads)."""
         return await self._fetch(sql, *args)
+
+    async def atomically(self, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run `work` in one transaction (redone from the start after a deadlock); cancellation cannot split it."""
+        return await asyncio.shield(self._run(lambda conn: work(PostgresTx(conn))))
+
+    async def hub_event(self, db: Tx, identity: str, kind: str, body: dict[str, Any],
+                        ts: float | None = None) -> None:
+        """An event of the hub itself in the events table under the hub's identity; inside `atomically`."""
+        await db.execute(HUB_EVENT_SQL, event_args(identity, kind, body, time.time() if ts is None else ts))
 
     # --- registry ---------------------------------------------------------------------
 
@@ -409,8 +438,8 @@ class PostgresStore(Listings):
             await conn.execute("SELECT 1 FROM ingest WHERE device = ANY($1::text[]) ORDER BY device FOR UPDATE",
                                devices)
             tx = PostgresTx(conn)
-            return await commit_cycle(tx, work, lambda kind, body: tx.execute(
-                HUB_EVENT_SQL, event_args(work.hub or "hub", kind, body, time.time())), self._write_rows)
+            return await commit_cycle(tx, work, lambda kind, body: self.hub_event(
+                tx, work.hub or "hub", kind, body), self._write_rows)
         return await self._run(cycle)
 
     def _days_of(self, work: IngestWork) -> list[int]:

@@ -239,14 +239,21 @@ class SqliteTx:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
 
-    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return await fetch_all(self.db, sql, args)
 
-    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        await self.db.execute(sql, args)
+    async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await fetch_one(self.db, sql, args)
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        async with self.db.execute(sql, args) as cur:
+            return cur.rowcount
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self.db.executemany(sql, rows)
+
+    async def lock(self, key: str) -> None:
+        del key  # BEGIN IMMEDIATE: one writer at a time already
 
 
 class HubStore(Listings):
@@ -326,16 +333,16 @@ class HubStore(Listings):
     async def close(self) -> None:
         await self._db.close()
 
-    async def atomically(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def atomically(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `work` in one IMMEDIATE transaction that cancellation cannot split; commit if it returns."""
         async with self._write_lock:
             return await to_completion(self._transaction(work))
 
-    async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def _transaction(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
-            result = await work(db)
+            result = await work(SqliteTx(db))
             await db.commit()
         except BaseException:
             if db.in_transaction:
@@ -438,14 +445,14 @@ class HubStore(Listings):
     async def apply_presences(self, messages: Sequence[tuple[str, Presence]], now: float) -> list[int]:
         """Record presence messages in order, in one transaction; return the indexes of those that changed
         something (not stale, not for an unknown device)."""
-        async def work(db: aiosqlite.Connection) -> list[int]:
+        async def work(db: Tx) -> list[int]:
             return [i for i, (device, presence) in enumerate(messages)
                     if await self._presence(db, device, presence, now)]
         return await self.atomically(work)
 
     @staticmethod
-    async def _presence(db: aiosqlite.Connection, device: str, presence: Presence, now: float) -> bool:
-        row = await fetch_one(db, "SELECT session, online FROM devices WHERE device = ?", (device,))
+    async def _presence(db: Tx, device: str, presence: Presence, now: float) -> bool:
+        row = await db.fetch_one("SELECT session, online FROM devices WHERE device = ?", (device,))
         if row is None:
             return False
         if presence.state == "online":
@@ -480,8 +487,9 @@ class HubStore(Listings):
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")  # one writer at a time: replicas' commits never interleave
-            marks = await commit_cycle(SqliteTx(db), work, lambda kind, body: self.hub_event(
-                db, work.hub or "hub", kind, body), self._write_rows)
+            tx = SqliteTx(db)
+            marks = await commit_cycle(tx, work, lambda kind, body: self.hub_event(
+                tx, work.hub or "hub", kind, body), self._write_rows)
             await db.commit()
         except BaseException:
             if db.in_transaction:
@@ -571,15 +579,15 @@ class HubStore(Listings):
     async def claim_leadership(self, role: str, holder: str, ttl_s: float, now: float) -> tuple[str, float]:
         """Take or keep the `role` row for `holder` unless another holds it unexpired (the hub's clock:
         replicas of one SQLite file share a machine); the holder and expiry after the attempt."""
-        async def work(db: aiosqlite.Connection) -> tuple[str, float]:
+        async def work(db: Tx) -> tuple[str, float]:
             await db.execute(
                 "INSERT INTO leadership(role, holder, since, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT(role) "
                 "DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at, "
                 "since = CASE WHEN holder = excluded.holder THEN since ELSE excluded.since END "
                 "WHERE holder = excluded.holder OR expires_at < excluded.since",
                 (role, holder, now, now + ttl_s))
-            current, expires_at = await fetch_one(db, "SELECT holder, expires_at FROM leadership WHERE role = ?",
-                                                  (role,))
+            current, expires_at = await db.fetch_one("SELECT holder, expires_at FROM leadership WHERE role = ?",
+                                                     (role,))
             return str(current), float(expires_at)
         try:
             return await self.atomically(work)
@@ -588,14 +596,14 @@ class HubStore(Listings):
 
     async def release_leadership(self, role: str, holder: str, now: float) -> None:
         """Expire `holder`'s row now (kept: `edge-hub status` tells who led last and when it stopped)."""
-        async def work(db: aiosqlite.Connection) -> None:
+        async def work(db: Tx) -> None:
             await db.execute("UPDATE leadership SET expires_at = ? WHERE role = ? AND holder = ?", (now, role, holder))
         try:
             await self.atomically(work)
         except sqlite3.Error as exc:
             raise StoreUnavailable(str(exc)) from exc
 
-    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: str, body: dict[str, Any],
+    async def hub_event(self, db: Tx, identity: str, kind: str, body: dict[str, Any],
                         ts: float | None = None) -> None:
         """An event of the hub itself (rollouts), in the events table under the hub's identity;
         call inside `atomically`."""

@@ -17,11 +17,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from edgefleet.wire.protocol import Presence
+from edgefleet.wire.protocol import LeaseGrant, LeaseRelease, LeaseRequest, Presence
 from hub.db.engines import open_store
 from hub.db.interface import HubState, StoreError, StoreUnavailable
 from hub.db.postgres import DAY_S, SCHEMA_VERSION, PostgresStore
 from hub.db.rows import IngestWork
+from hub.region.coordination import Coordination, Replies
 from hub.region.leadership import Leadership
 from tests.support.postgres import PostgresCluster
 
@@ -135,6 +136,38 @@ async def test_one_leader_among_replicas(two: tuple[HubState, HubState]) -> None
     await two[0 if leader is a else 1].release_leadership("region", leader.holder, time.time())  # a clean stop
     assert await follower.renew()  # takes over at once
     assert not await leader.renew()
+
+
+async def test_two_replicas_granting_one_lease_at_once_never_pass_its_limit(two: tuple[HubState, HubState]) -> None:
+    """Twenty devices ask for a lease of limit 3 through two replicas at once, then release it as they get it:
+    never more than 3 holders, every device granted once, fencing tokens 1..20 each given once."""
+    a, b = two
+    devices = [f"d{i:02}" for i in range(20)]
+    for d in devices:
+        await a.register(d, "sim", {})
+        assert await a.apply_presence(d, Presence(state="online", session="s"), time.time())
+    replicas = [Coordination(a, "hub.r"), Coordination(b, "hub.r")]
+    granted: dict[str, int] = {}
+
+    def note(replies: Replies) -> list[tuple[str, LeaseGrant]]:
+        grants = [(d, m) for d, m in replies.messages if isinstance(m, LeaseGrant)]
+        for d, m in grants:
+            assert d not in granted
+            granted[d] = m.token
+        return grants
+
+    asks = [replicas[i % 2].handle([(d, LeaseRequest(id=f"r-{d}", name="L", limit=3, ttl_s=600.0, rule="r",
+                                                     policy_version=1))]) for i, d in enumerate(devices)]
+    holding = [g for r in await asyncio.gather(*asks) for g in note(r)]
+    while holding:
+        assert len(holding) <= 3
+        assert (await a.query("SELECT COUNT(*) FROM lease_holders WHERE name = 'L'"))[0][0] <= 3
+        releases = [replicas[i % 2].handle([(d, LeaseRelease(id=m.id, name="L", token=m.token))])
+                    for i, (d, m) in enumerate(holding)]
+        holding = [g for r in await asyncio.gather(*releases) for g in note(r)]
+    assert sorted(granted) == devices
+    assert sorted(granted.values()) == list(range(1, 21))
+    assert (await b.query("SELECT last_token FROM leases WHERE name = 'L'"))[0][0] == 20
 
 
 # --- PostgreSQL only -------------------------------------------------------------------
