@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 import signal
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -30,7 +29,8 @@ from edgefleet.wire.protocol import (
 )
 from hub.broker import BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore
+from hub.db.engines import open_store
+from hub.db.interface import UNAVAILABLE, HubState
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.ingest.retained import RetainedSweeper
 from hub.ingest.subscriptions import SubscriptionWatch, share_group
@@ -38,7 +38,7 @@ from hub.metrics import MetricsError, serve_metrics
 from hub.pki.authority import load_policy_key
 from hub.pki.renewal import CertificateDesk, keep_pki_fresh
 from hub.region.coordination import Coordination, Replies
-from hub.region.leadership import Leadership
+from hub.region.leadership import CA_ROLE, Leadership
 from hub.region.replicas import prepare_replica
 from hub.rollout.distribution import PolicyPublisher
 
@@ -57,7 +57,7 @@ T = TypeVar("T")
 class HubService:
     """The hub's MQTT side: presence and telemetry ingest; subscribes again on every connect."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore, watchdog: Watchdog | None = None,
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubState, watchdog: Watchdog | None = None,
                  replica: str | None = None) -> None:
         self._paths, self._config, self._store, self._replica = paths, config, store, replica
         self.identity = config.replica_identity(replica)
@@ -111,7 +111,7 @@ class HubService:
                     replies.notes += handled.notes
                 await self._each_alone("certificate request", result.certs, self.certificates.handle)
                 return result, replies
-            except sqlite3.OperationalError as exc:
+            except UNAVAILABLE as exc:  # PUBACK nothing: the devices keep their batches, and resend
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
                         "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
                 self.watchdog.beat("ingest")  # an operator's command holds the database: not a hang
@@ -170,7 +170,7 @@ class HubService:
             try:
                 with self.watchdog.busy("coordination"):
                     outgoing.put_nowait(await self.coordination.tick())
-            except sqlite3.OperationalError as exc:
+            except UNAVAILABLE as exc:
                 log.warning("hub database unavailable for coordination (%s); trying again", exc)
             except SESSION_ENDED:
                 raise
@@ -292,11 +292,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    replica = replica or config.hub.replica or None  # a folder of `edge-hub replica create` runs its replica
     if replica is not None:
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
     lock = hold_run_lock(paths, replica)  # before anything of the hub's is touched
     try:
-        store = await HubStore.open(paths.db)
+        store = await open_store(config.database.url, paths.db)
     except BaseException:
         lock.release()
         raise
@@ -315,9 +316,14 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             tasks.append(asyncio.create_task(watch.serve(), name="subscriptions"))
             supervisor = BrokerSupervisor(paths, config, watch.line)
             tasks.append(asyncio.create_task(supervisor.run(), name="broker"))
-        tasks.append(asyncio.create_task(service.leadership.while_leading(
-            lambda: keep_pki_fresh(paths, config, store)), name="pki"))
-        if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
+        if paths.ca_key.exists():  # the CA's upkeep runs where the CA key is (a replica's own folder has none)
+            ca_leadership = Leadership(store, service.identity, role=CA_ROLE)
+            tasks.append(asyncio.create_task(ca_leadership.run(), name="ca-leadership"))
+            tasks.append(asyncio.create_task(ca_leadership.while_leading(
+                lambda: keep_pki_fresh(paths, config, store)), name="pki"))
+        if config.metrics.port and replica is None and config.database.url:
+            log.warning("no metrics endpoint: it reads hub.db, and this hub's state is in PostgreSQL")
+        elif config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
         tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))

@@ -14,7 +14,9 @@ from typing import Any, Final
 
 from hub.cli.format import event_detail, when  # the listing commands' formats
 from hub.config import HubConfig, HubPaths
-from hub.db.store import EventRow, HubStore, iso
+from hub.db.engines import open_store
+from hub.db.interface import redact
+from hub.db.rows import EventRow, iso
 from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
 from hub.pki import renewal
 from hub.rollout import rollouts as rollout
@@ -97,7 +99,7 @@ class Status:
 async def build(paths: HubPaths, config: HubConfig, now: float | None = None) -> Status:
     """The whole status, read in one go."""
     now = time.time() if now is None else now
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
         escalations = await store.latest_escalations()
@@ -112,8 +114,9 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
         await store.close()
-    figures = Figures.collect(HubCollector(paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s,
-                                           clock=lambda: now))
+    # The figures are hub/metrics.py's, which reads hub.db; with PostgreSQL they are not there yet.
+    figures = Figures({}) if config.database.url else Figures.collect(HubCollector(
+        paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s, clock=lambda: now))
     live = [d for d in devices if not d.revoked]
     offline = [d for d in live if not d.online]
     expiring = [d for d in live if d.cert_expires is not None
@@ -123,6 +126,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
            for c in lifecycle["hub_certificates"]]
     rejects = {s[0]["reason"]: int(s[1]) for s in figures.samples.get("ingest_rejects_total", [])}
     return Status({
+        "database": {"engine": store.dialect, "where": redact(config.database.url) or str(paths.db)},
         "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
                     "revoked": len(devices) - len(live)},
         "leader": ({"hub": leaders[0][0], "since": leaders[0][1], "expires_at": leaders[0][2],
@@ -161,7 +165,8 @@ def render(status: Status) -> str:
 
     report, escalations, now = status.report, status.escalations, status.now
     n, f = report["devices"], report["figures"]
-    lines = [_leader_line(report["leader"], now),
+    lines = [f"database: {report['database']['engine']} {report['database']['where']}",
+             _leader_line(report["leader"], now),
              f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
     lines += _figure_lines(f)
     lines.append("needs a person:")

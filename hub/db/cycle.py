@@ -15,8 +15,9 @@ from typing import Any, Final
 import msgspec
 
 from hub.db.device_clocks import apply_clock_events
+from hub.db.dialect import GREATEST, JSON_VALUES, Dialect
 from hub.db.identities import EventSink, resolve_claims
-from hub.db.interface import GREATEST, JSON_VALUES, Dialect, Tx
+from hub.db.interface import Tx
 from hub.db.rows import SEQ_CONFLICT, IngestWork
 from hub.db.watermarks import Coverage
 

@@ -22,7 +22,8 @@ from typing import Final
 
 import msgspec
 
-from hub.db.interface import Dialect, Tx
+from hub.db.dialect import Dialect
+from hub.db.interface import Tx
 
 CLOCK_EVENTS: Final = ("clock_corrected", "clock_unknown")
 # Further than any real clock is off (a board in 1970 is about 56 years behind): a larger

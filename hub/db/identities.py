@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
-from hub.db.interface import GREATEST, JSON_VALUES, Tx
+from hub.db.dialect import GREATEST, JSON_VALUES
+from hub.db.interface import Tx
 
 # A moved instance starts at the next multiple of this above every number the device used:
 # the instance below it would need 2**40 records (350 years at 100 a second) to reach it.

@@ -9,30 +9,19 @@ inside the ingest's transaction on either engine (hub/db/identities.py, hub/db/d
 from __future__ import annotations
 
 import datetime as dt
+import re
+import sqlite3
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
+from hub.db.dialect import Dialect
 from hub.errors import HubError
 
 if TYPE_CHECKING:
     from edgefleet.wire.protocol import Presence
     from hub.db.rows import DeviceRow, EventRow, IngestWork, TelemetryRow
 
-Dialect = Literal["sqlite", "postgresql"]
 T = TypeVar("T")
-# The few SQL spellings that differ, for the helpers that run on both engines.
-GREATEST: Final[dict[Dialect, str]] = {"sqlite": "max", "postgresql": "greatest"}  # the scalar maximum
-JSON_VALUES: Final[dict[Dialect, str]] = {  # a table of the values of a JSON array bound as text
-    "sqlite": "json_each(?)", "postgresql": "json_array_elements_text(?::json)"}
-JSON_ARRAY: Final[dict[Dialect, str]] = {  # the same for a column holding a JSON array: .format(column)
-    "sqlite": "json_each({})", "postgresql": "json_array_elements_text(({})::json)"}
-# A text field of a JSON object in a text column, NULL when the column is not JSON: .format(column, key)
-JSON_FIELD: Final[dict[Dialect, str]] = {
-    "sqlite": "json_extract(CASE WHEN json_valid({0}) THEN {0} END, '$.{1}')",
-    "postgresql": "json_field({0}, '{1}')"}  # the schema's function: NULL instead of an error
-JSON_INT: Final[dict[Dialect, str]] = {  # the same for an integer field, NULL when it is not one
-    "sqlite": "json_extract(CASE WHEN json_valid({0}) THEN {0} END, '$.{1}')",
-    "postgresql": "json_int({0}, '{1}')"}
 
 
 class StoreError(HubError):
@@ -42,6 +31,11 @@ class StoreError(HubError):
 class StoreUnavailable(StoreError):
     """The database cannot be reached or answer now (PostgreSQL down, SQLite locked past its timeout);
     transient: nothing was changed, the caller retries later."""
+
+
+# What a caller retries later instead of blaming a message: SQLite locked past its busy timeout, or
+# PostgreSQL unreachable. Nothing was committed.
+UNAVAILABLE: Final = (sqlite3.OperationalError, StoreUnavailable)
 
 
 class Tx(Protocol):
@@ -98,6 +92,8 @@ class HubState(Protocol):
                   metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]: ...
     def events(self, *, device: str | None = None, since: float | None = None,
                kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]: ...
+    async def latest_escalations(self) -> list[EventRow]: ...
+    async def latest_alerts(self, since: float, severities: tuple[str, ...]) -> list[tuple[EventRow, int]]: ...
     async def known_device(self, device: str) -> bool: ...
     async def reject_counts(self) -> dict[str, int]: ...
     async def devices(self, device: str | None = None, *, drift_grace_s: float = 120.0,
@@ -112,6 +108,11 @@ class HubState(Protocol):
     # leadership among replicas (hub/region/leadership.py)
     async def claim_leadership(self, role: str, holder: str, ttl_s: float, now: float) -> tuple[str, float]: ...
     async def release_leadership(self, role: str, holder: str, now: float) -> None: ...
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", url)
 
 
 def is_postgres_url(url: str) -> bool:

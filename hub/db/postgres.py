@@ -23,7 +23,8 @@ import asyncpg
 
 from edgefleet.wire.protocol import Presence
 from hub.db.cycle import HUB_EVENT_SQL, commit_cycle, event_args
-from hub.db.interface import Dialect, StoreError, StoreUnavailable, Tx
+from hub.db.dialect import Dialect
+from hub.db.interface import StoreError, StoreUnavailable, Tx, redact
 from hub.db.rows import (
     TELEMETRY_COLUMNS,
     DeviceRow,
@@ -163,11 +164,6 @@ MIGRATIONS: Final[Sequence[str]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 _PARTITIONED: Final = ("telemetry", "events")
 _DAY_PARTITION: Final = re.compile(r"^(telemetry|events)_d(\d+)$")  # NAME_dDAYS: [DAYS, DAYS+1) days since 1970
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", url)
 
 
 class PostgresTx:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import msgspec
 
 from edgefleet.wire.protocol import Batch, Renumber, Status, json_body
+from hub.db.dialect import JSON_FIELD, JSON_VALUES, Dialect
 
 T = TypeVar("T")
 SEQ_CONFLICT: Final = "seq_conflict"  # reject reason: a record reusing a seq its device already used for the other kind
@@ -153,7 +154,13 @@ def listing_sql(columns: str, table: str, filters: tuple[tuple[str, object], ...
 
 
 class Listings:
-    """`telemetry()` and `events()` of both stores, over the store's own `_listing` (its cursor)."""
+    """What the operator reads the same way from both stores, over the store's own `_listing` (its cursor)
+    and `query`."""
+
+    dialect: Dialect
+
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
 
     def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
                  limit: int | None, make: Callable[..., T]) -> AsyncGenerator[T, None]:
@@ -169,3 +176,29 @@ class Listings:
         """Stored events ordered by device, then seq (the device's own order)."""
         filters = (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind))
         return self._listing(EVENT_COLUMNS, "events", filters, limit, event_row)
+
+    async def latest_escalations(self) -> list[EventRow]:
+        """The newest `escalation` event of each (device, rule), ordered by device and rule.
+
+        A scan of the events of that kind; fine for an operator's command."""
+        rule = JSON_FIELD[self.dialect].format("body", "rule")
+        query = (
+            "SELECT e.device, e.seq, e.ts, e.kind, e.body FROM events e JOIN ("  # noqa: S608  # ours
+            f"  SELECT device, MAX(seq) AS seq FROM events WHERE kind = 'escalation' GROUP BY device, {rule}"
+            ") latest USING (device, seq) ORDER BY e.device, e.seq"
+        )
+        rows = [event_row(*r) for r in await self.query(query)]
+        return sorted(rows, key=lambda r: (r.device, r.rule or ""))
+
+    async def latest_alerts(self, since: float, severities: tuple[str, ...]) -> list[tuple[EventRow, int]]:
+        """The newest `alert` event of each device and message with one of `severities`, taken at or
+        after `since` (device clock), with how many there were since then; newest first."""
+        field = JSON_FIELD[self.dialect]
+        query = (
+            "SELECT e.device, e.seq, e.ts, e.kind, e.body, latest.n FROM events e JOIN ("  # noqa: S608  # ours
+            "  SELECT device, MAX(seq) AS seq, COUNT(*) AS n FROM events WHERE kind = 'alert' AND ts >= ?"
+            f"  AND {field.format('body', 'severity')} IN (SELECT value FROM {JSON_VALUES[self.dialect]})"
+            f"  GROUP BY device, {field.format('body', 'message')}"
+            ") latest USING (device, seq) ORDER BY e.ts DESC, e.device"
+        )
+        return [(event_row(*r[:5]), int(r[5])) for r in await self.query(query, (since, json.dumps(severities)))]

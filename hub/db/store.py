@@ -23,7 +23,8 @@ from edgefleet.runtime.files import database_access_denied
 from edgefleet.runtime.sqlite import to_completion
 from edgefleet.wire.protocol import Presence
 from hub.db.cycle import HUB_EVENT_SQL, INGEST_MINUTES_KEPT, commit_cycle, event_args
-from hub.db.interface import Dialect, StoreError, StoreUnavailable, Tx
+from hub.db.dialect import Dialect
+from hub.db.interface import StoreError, StoreUnavailable, Tx
 from hub.db.rows import (
     SEQ_CONFLICT,
     DeviceRow,
@@ -516,32 +517,6 @@ class HubStore(Listings):
             while rows := await cur.fetchmany(10_000):
                 for row in rows:
                     yield make(*row)
-
-    async def latest_escalations(self) -> list[EventRow]:
-        """The newest `escalation` event of each (device, rule), ordered by device and rule.
-
-        A scan of the events table (there is no index on kind); fine for an operator's command.
-        """
-        query = (
-            "SELECT e.device, e.seq, e.ts, e.kind, e.body FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq FROM events WHERE kind = 'escalation'"
-            "  GROUP BY device, json_extract(CASE WHEN json_valid(body) THEN body END, '$.rule')"
-            ") latest USING (device, seq) ORDER BY e.device, e.seq"
-        )
-        rows = [event_row(*r) async for r in self._rows(query)]
-        return sorted(rows, key=lambda r: (r.device, r.rule or ""))
-
-    async def latest_alerts(self, since: float, severities: tuple[str, ...]) -> list[tuple[EventRow, int]]:
-        """The newest `alert` event of each device and message with one of `severities`, taken at or
-        after `since` (device clock), with how many there were since then; newest first."""
-        query = (
-            "SELECT e.device, e.seq, e.ts, e.kind, e.body, latest.n FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq, COUNT(*) AS n FROM events WHERE kind = 'alert' AND ts >= ?"
-            "  AND json_valid(body) AND json_extract(body, '$.severity') IN (SELECT value FROM json_each(?))"
-            "  GROUP BY device, json_extract(body, '$.message')"
-            ") latest USING (device, seq) ORDER BY e.ts DESC, e.device"
-        )
-        return [(event_row(*r[:5]), int(r[5])) async for r in self._rows(query, (since, json.dumps(severities)))]
 
     async def known_device(self, device: str) -> bool:
         """Registered, or with readings or events stored under its name (the hub's own events)."""

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Final
 from edgefleet.runtime.files import sync_directory, write_atomic
 from edgefleet.wire.protocol import NAME_PATTERN, down_topic
 from hub.config import HubConfig, HubPaths
-from hub.db.interface import HubState, StoreUnavailable, Tx
+from hub.db.interface import UNAVAILABLE, HubState, Tx
 from hub.errors import HubError
 
 GROUP_PATTERN: Final = re.compile(r"ingest-[0-9a-f]{32}")  # 128 random bits: not guessable
@@ -141,6 +140,6 @@ class SubscriptionWatch:
             try:
                 await self._store.atomically(work)
                 return
-            except (sqlite3.OperationalError, StoreUnavailable) as exc:
+            except UNAVAILABLE as exc:
                 log.warning("hub database unavailable for %s events (%s); retrying", FOREIGN, exc)
                 await asyncio.sleep(DB_RETRY_WAIT)

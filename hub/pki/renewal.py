@@ -39,7 +39,8 @@ from edgefleet.wire.keys import public_key_id
 from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
-from hub.db.interface import JSON_FIELD, HubState, Tx
+from hub.db.dialect import JSON_FIELD
+from hub.db.interface import HubState, Tx
 from hub.db.rows import iso
 from hub.pki.authority import (
     Authority,
@@ -55,6 +56,7 @@ from hub.pki.revocation import renew_crl_if_due
 CHECK_INTERVAL: Final = 3600.0  # the hub's certificates live for months: hourly looks leave ample margin
 MIN_CHECK_WAIT: Final = 1.0  # between looks, however short the configured lifetimes (tests, drills)
 
+NO_CA: Final = "no_ca"  # refusal reason: the process that got the request cannot sign (ask again)
 log = logging.getLogger("hub.renewal")
 
 
@@ -95,6 +97,9 @@ class CertificateDesk:
         except (ValueError, UnsupportedAlgorithm) as exc:  # a key type cryptography does not know: the latter
             return await self._refuse_alone(device, CertRefused(
                 key_id="", reason="bad_request", detail=f"not a usable PEM certificate request: {exc}"[:500]))
+        if not self._paths.ca_key.exists():  # a replica's own folder: the CA key stays with the primary
+            return CertRefused(key_id=key, reason=NO_CA, detail="this hub process holds no CA key; ask again, "
+                               "another one of the region's hub processes signs")
         now = time.time()
 
         async def work(db: Tx) -> tuple[CertReply, bool]:

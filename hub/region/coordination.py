@@ -44,7 +44,8 @@ from edgefleet.wire.protocol import (
     TaskDone,
     TaskOffer,
 )
-from hub.db.interface import JSON_ARRAY, HubState, Tx
+from hub.db.dialect import JSON_ARRAY
+from hub.db.interface import HubState, Tx
 from hub.errors import HubError
 from hub.rollout.rollouts import Selector
 

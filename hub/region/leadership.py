@@ -33,6 +33,7 @@ from hub.db.interface import HubState, StoreUnavailable
 LEADER_TTL_S: Final = 10.0  # a killed leader's loops resume in another replica within this (+ a renewal)
 LEADER_RENEW_S: Final = 2.0  # several renewals fit in the TTL: one slow transaction does not lose it
 ROLE: Final = "region"
+CA_ROLE: Final = "ca"  # the CA's upkeep (CRL, the hub's own certificates), contested only where the CA key is
 
 log = logging.getLogger("hub.leadership")
 
@@ -41,8 +42,10 @@ class Leadership:
     """`run()` is the renewal task; `while_leading(work)` runs `work` in the leader only."""
 
     def __init__(self, store: HubState, holder: str, *, ttl_s: float = LEADER_TTL_S,
-                 renew_s: float = LEADER_RENEW_S, clock: Callable[[], float] = time.time) -> None:
+                 renew_s: float = LEADER_RENEW_S, clock: Callable[[], float] = time.time, role: str = ROLE) -> None:
         self._store, self.holder, self._ttl_s, self._renew_s, self._clock = store, holder, ttl_s, renew_s, clock
+        self.role = role
+        self._failing = False  # the latest renewal failed: say so once, not every LEADER_RENEW_S
         self._leading, self._following = asyncio.Event(), asyncio.Event()
         self._following.set()
         self._held_until = 0.0
@@ -59,12 +62,14 @@ class Leadership:
         """One attempt to take or keep the lead; True while this replica leads."""
         now = self._clock()
         try:
-            holder, expires_at = await self._store.claim_leadership(ROLE, self.holder, self._ttl_s, now)
+            holder, expires_at = await self._store.claim_leadership(self.role, self.holder, self._ttl_s, now)
         except StoreUnavailable as exc:
             # The database is busy past its timeout: keep leading only while the row surely is ours.
-            log.warning("cannot renew the hub's leadership (%s)", exc)
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "cannot renew the hub's leadership (%s)", exc)
+            self._failing = True
             self._set(self.leading and self._clock() < self._held_until - self._renew_s, self.leader)
             return self.leading
+        self._failing = False
         if holder == self.holder:
             self._held_until = now + self._ttl_s
         self._set(holder == self.holder, holder, expires_at)
@@ -73,8 +78,9 @@ class Leadership:
     def _set(self, leading: bool, holder: str | None, expires_at: float | None = None) -> None:
         if leading != self.leading or holder != self.leader:
             if leading:
-                log.info("this hub process (%s) leads the region: rollouts, coordination timers, CRL", self.holder)
-            elif holder is not None:
+                log.info("this hub process (%s) leads the %s: %s", self.holder, self.role,
+                         "rollouts, coordination timers" if self.role == ROLE else "CRL and hub certificates")
+            elif holder is not None and self.role == ROLE:
                 log.info("%s leads the region until at least %s; this process (%s) ingests and answers devices",
                          holder, time.strftime("%H:%M:%S", time.localtime(expires_at or 0)), self.holder)
         self.leader = holder
@@ -85,7 +91,15 @@ class Leadership:
         """Renew every LEADER_RENEW_S until cancelled; the row is released on the way out."""
         try:
             while True:
-                await self.renew()
+                try:
+                    # A renewal that hangs (a database gone quiet) must not outlast the row it renews.
+                    async with asyncio.timeout(max(self._held_until - self._renew_s - self._clock(), self._renew_s)
+                                               if self.leading else self._ttl_s):
+                        await self.renew()
+                except TimeoutError:
+                    log.warning("the hub's %s leadership could not be renewed in time: this process stops "
+                                "leading before its row can expire", self.role)
+                    self._set(False, self.leader)
                 await asyncio.sleep(self._renew_s)
         finally:
             if self.leading:
@@ -95,7 +109,7 @@ class Leadership:
     async def _release(self) -> None:
         """A clean stop hands the lead over at once instead of after the TTL."""
         try:
-            await self._store.release_leadership(ROLE, self.holder, self._clock())
+            await self._store.release_leadership(self.role, self.holder, self._clock())
         except StoreUnavailable as exc:
             log.warning("could not hand the hub's leadership over (%s); it passes on in %.0f s", exc, self._ttl_s)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -20,7 +19,7 @@ from edgefleet.mqtt.link import SESSION_ENDED
 from edgefleet.mqtt.session import MqttSession
 from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack, seal
 from hub.config import HubConfig
-from hub.db.store import HubStore
+from hub.db.interface import UNAVAILABLE, HubState
 from hub.rollout import rollouts as rollout
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ log = logging.getLogger("hub.policy")
 
 
 class PolicyPublisher:
-    def __init__(self, config: HubConfig, store: HubStore, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, config: HubConfig, store: HubState, signing_key: Ed25519PrivateKey) -> None:
         self._config, self._store, self._key = config, store, signing_key
         self._texts: dict[int, str | None] = {}  # policy versions never change: cache their text
 
@@ -47,7 +46,7 @@ class PolicyPublisher:
                     level = logging.WARNING if transition.kind == "rolled_back" else logging.INFO
                     log.log(level, "%s", transition.message)
                 await self.publish_due(session, sent, now)
-            except sqlite3.OperationalError as exc:  # the operator's CLI holds the database: next tick
+            except UNAVAILABLE as exc:  # the operator's CLI holds the database: next tick
                 log.warning("hub database unavailable for rollouts (%s); trying again", exc)
             except SESSION_ENDED:
                 raise

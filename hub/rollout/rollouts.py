@@ -30,7 +30,8 @@ from typing import Any, Final, NamedTuple
 from edgefleet.policy.document import Policy
 from edgefleet.wire.events import EventKind
 from hub.config import RolloutConf
-from hub.db.interface import JSON_FIELD, JSON_INT, HubState, Tx
+from hub.db.dialect import JSON_FIELD, JSON_INT
+from hub.db.interface import HubState, Tx
 from hub.errors import HubError, UsageError
 
 ACTIVE: Final = "baking"
