@@ -108,7 +108,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         in_progress = await rollout.in_progress(store)
         pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
                                     "WHERE state = 'pending' ORDER BY id")
-        leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
+        leaders = await store.query("SELECT holder, since, expires_at FROM leadership WHERE role = 'region'")
         lifecycle = await renewal.lifecycle_status(paths, config, store, now)
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")

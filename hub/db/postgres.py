@@ -216,7 +216,8 @@ class PostgresStore(Listings):
     async def open(cls, url: str, *, target: int = SCHEMA_VERSION) -> PostgresStore:
         """Connect, then create or migrate the schema up to `target` (tests stop short of the latest)."""
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S,
+            # min_size 0: no background reconnecting (and logging) while the database is down
+            pool = await asyncpg.create_pool(url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S,
                                              command_timeout=COMMAND_TIMEOUT_S)
         except _DOWN as exc:
             raise StoreUnavailable(f"cannot reach the hub database {redact(url)} ({exc}): start PostgreSQL "

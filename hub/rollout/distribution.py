@@ -59,7 +59,8 @@ class PolicyPublisher:
         due: list[tuple[str, str, int]] = []
         for device, profile, version, online, applied, since in await self._store.query(
             "SELECT a.device, d.profile, a.version, d.online, d.policy_version, "
-            "MAX(a.assigned_at, COALESCE(d.connected_at, 0)) FROM assignments a "
+            "CASE WHEN a.assigned_at > COALESCE(d.connected_at, 0) THEN a.assigned_at "
+            "ELSE COALESCE(d.connected_at, 0) END FROM assignments a "
             "JOIN devices d ON d.device = a.device WHERE d.revoked_at IS NULL"
         ):
             last = sent.get(device)
