@@ -42,7 +42,7 @@ T = TypeVar("T")
 POOL_SIZE: Final = 4  # ingest, presence, coordination and the leader's loops at once; more only queue
 CONNECT_TIMEOUT_S: Final = 5.0  # a database that does not answer in this is down for now
 COMMAND_TIMEOUT_S: Final = 30.0  # a statement longer than this is a stuck server, not work
-COPY_ROWS: Final = 2_000  # from this many readings a cycle's rows go in by COPY, below it by unnest()
+COPY_ROWS: Final = 2_000  # from this many new readings a cycle's rows go in by COPY, below it by unnest()
 DAY_S: Final = 86_400
 PARTITIONS_AHEAD_DAYS: Final = 2  # created ahead so the day's first commit never waits on DDL
 PARTITIONS_BACK_DAYS: Final = 400  # older readings (a backlog, a clock never set) go to the default partition
@@ -51,6 +51,16 @@ LEADER_LOCK: Final = 0x6564_6765  # the advisory transaction lock that serialise
 _RETRY: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DOWN: Final = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
+
+_TELEMETRY_COLUMNS: Final = ("device", "seq", "ts", "metric", "value")
+_UNNEST_TELEMETRY: Final = ("unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::float8[]) "
+                            "AS x(device, seq, ts, metric, value)")
+
+
+def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Rows as one list per column, for unnest()."""
+    return [list(c) for c in zip(*rows, strict=True)]
+
 
 # Each entry migrates from version i to i+1; all of one open run in one transaction.
 MIGRATIONS: Final[Sequence[str]] = (
@@ -453,37 +463,40 @@ class PostgresStore(Listings):
 
     @staticmethod
     async def _write_rows(tx: Tx, work: IngestWork) -> None:
-        """The cycle's rows not stored yet (its devices are locked: nobody else adds theirs meanwhile)."""
+        """The cycle's rows not stored yet. Its devices are locked, so nobody adds theirs meanwhile: a reading
+        above its device's highest stored seq is new (COPY when there are many, as in a backlog's drain);
+        only the others (a resend) are checked against every partition."""
         assert isinstance(tx, PostgresTx)
         conn = tx.conn
-        if len(work.telemetry) >= COPY_ROWS:
-            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS incoming_telemetry (device TEXT, seq BIGINT, "
-                               "ts DOUBLE PRECISION, metric TEXT, value DOUBLE PRECISION) ON COMMIT DELETE ROWS")
-            await conn.copy_records_to_table("incoming_telemetry", records=work.telemetry)
-            source = "incoming_telemetry"
-        elif work.telemetry:
-            source = "unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::float8[]) " \
-                     "AS x(device, seq, ts, metric, value)"
-        else:
-            source = ""
-        if source:
-            args = [] if source == "incoming_telemetry" else [list(c) for c in zip(*work.telemetry, strict=True)]
-            await conn.execute(
-                "INSERT INTO telemetry(device, seq, ts, metric, value) "  # noqa: S608  # our names
-                f"SELECT DISTINCT ON (x.device, x.seq) x.device, x.seq, x.ts, x.metric, x.value FROM {source} "
-                "WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device = x.device AND t.seq = x.seq)"
-                if source != "incoming_telemetry" else
-                "INSERT INTO telemetry(device, seq, ts, metric, value) SELECT DISTINCT ON (x.device, x.seq) "
-                "x.device, x.seq, x.ts, x.metric, x.value FROM incoming_telemetry x "
-                "WHERE NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.device = x.device AND t.seq = x.seq)",
-                *args)
+        if work.telemetry:
+            tops = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT d, (SELECT max(seq) FROM telemetry t WHERE t.device = d) FROM unnest($1::text[]) d",
+                sorted({r[0] for r in work.telemetry}))}
+            fresh: list[tuple[str, int, float, str, float]] = []
+            resent: list[tuple[str, int, float, str, float]] = []
+            seen: set[tuple[str, int]] = set()
+            for row in work.telemetry:  # the first of a seq repeated within the cycle, as on SQLite
+                if (row[0], row[1]) not in seen:
+                    seen.add((row[0], row[1]))
+                    top = tops.get(row[0])
+                    (fresh if top is None or row[1] > top else resent).append(row)
+            if len(fresh) >= COPY_ROWS:
+                await conn.copy_records_to_table("telemetry", records=fresh, columns=_TELEMETRY_COLUMNS)
+            elif fresh:
+                await conn.execute(f"INSERT INTO telemetry({', '.join(_TELEMETRY_COLUMNS)}) "  # noqa: S608  # ours
+                                   f"SELECT * FROM {_UNNEST_TELEMETRY}", *_columns(fresh))
+            if resent:
+                await conn.execute(
+                    f"INSERT INTO telemetry({', '.join(_TELEMETRY_COLUMNS)}) SELECT x.* "  # noqa: S608  # ours
+                    f"FROM {_UNNEST_TELEMETRY} WHERE NOT EXISTS "
+                    "(SELECT 1 FROM telemetry t WHERE t.device = x.device AND t.seq = x.seq)", *_columns(resent))
         if work.events:
             await conn.execute(
                 "INSERT INTO events(device, seq, ts, kind, body) SELECT DISTINCT ON (x.device, x.seq) x.device, "
                 "x.seq, x.ts, x.kind, x.body FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], "
                 "$5::text[]) AS x(device, seq, ts, kind, body) "
                 "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.device = x.device AND e.seq = x.seq)",
-                *[list(c) for c in zip(*work.events, strict=True)])
+                *_columns(work.events))
 
     # --- what the operator reads ------------------------------------------------------
 
