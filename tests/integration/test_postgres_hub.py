@@ -14,9 +14,19 @@ import pytest
 
 from hub.broker import broker_process
 from hub.config import HubPaths
+from tests.integration.test_coordination import (
+    action_spans,
+    events,
+    grants,
+    most_at_once,
+    of_rule,
+    push_policy,
+    rule,
+)
 from tests.integration.test_store_forward_faults import agent_argv, settle
 from tests.support.exactly_once import QUIET, hub_rows, outbox_state
 from tests.support.harness import HUB, HubDir, Proc, run_cli, start_agent, start_hub
+from tests.support.inprocess import InProcessFleet
 from tests.support.net import free_port
 from tests.support.postgres import PostgresCluster
 
@@ -154,3 +164,52 @@ async def test_two_replicas_on_two_machines_survive_kills_of_each_and_of_postgre
     assert code == 0, err
     assert "database: postgresql" in out
 
+
+
+LEASE_FLEET = 12
+LEASE_SETS = ("uplink.status_interval=5", "uplink.ack_timeout=5", "outbox.synchronous=normal")
+
+
+@pytest.mark.timeout(240)
+async def test_a_lease_shared_by_two_replicas_is_never_held_past_its_limit(
+        pg_hub_dir: HubDir, bundles: Path, workdir: Path) -> None:
+    """Twelve complete agents fire one rule at once behind a lease of limit 2, their requests shared out
+    between the primary and replica b (separate folders, one PostgreSQL): the audit never shows more than
+    two actions at a time, and the fencing tokens are 1..12, one per action."""
+    config = pg_hub_dir.dir / "hub.toml"
+    config.write_text(re.sub(r"(?m)^replicas = \[\]", 'replicas = ["b"]', config.read_text()))
+    folder = workdir / "machine-b" / "hub"
+    code, _, err = await run_cli(HUB, "replica", "create", "--dir", str(pg_hub_dir.dir), "--name", "b",
+                                 "--out", str(folder))
+    assert code == 0, err
+    devices = [f"dev-{i:02d}" for i in range(LEASE_FLEET)]
+    await pg_hub_dir.provision(bundles, *devices)
+    primary = await start_hub(pg_hub_dir)
+    replica = await Proc("replica", [HUB, "-v", "run", "--dir", str(folder)]).start()
+    try:
+        await replica.wait_for(r"hub ready: hub\.test\.b subscribed")
+        async with InProcessFleet([bundles / d for d in devices], LEASE_SETS) as fleet:
+            await fleet.wait_online(timeout=60)
+            version = await push_policy(pg_hub_dir, primary, rule(
+                "contend", args="{ sleep_s = 0.3 }", lease='{ name = "pump", limit = 2, wait_s = 300 }'),
+                timeout=60)
+            await fleet.wait_policy(version, timeout=30)
+
+            def not_done() -> list[str]:
+                done = {str(d) for (d,) in hub_rows(
+                    pg_hub_dir.dir, "SELECT device FROM events WHERE kind = 'action_succeeded'")}
+                return [d for d in devices if d not in done]
+
+            await fleet.wait_until("every device acted and its audit reached the hub", not_done, timeout=120,
+                                   every=0.5)
+        granted_by = {p.name: len(grants(p)) for p in (primary, replica)}
+    finally:
+        await replica.stop()
+        await primary.stop()
+    evts = await events(pg_hub_dir)
+    spans = action_spans(evts, "contend")
+    assert sorted(d for _, _, d, _ in spans) == devices, "one action per device"
+    assert most_at_once(spans) <= 2, "more than `limit` devices acted at once"
+    tokens = sorted(e["body"]["lease_token"] for e in of_rule(evts, "contend", "action_started"))
+    assert tokens == list(range(1, LEASE_FLEET + 1)), "tokens: distinct, one per action, none lost"
+    print(f"grants by process: {granted_by}")
