@@ -260,7 +260,7 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
     """The metrics endpoint; if its port cannot be had, the hub goes on without it and says so."""
     try:
         await serve_metrics(paths.db, config.metrics.listen, config.metrics.port, config.region,
-                            drift_grace_s=config.rollout.drift_grace_s)
+                            drift_grace_s=config.rollout.drift_grace_s, database=config.database.url)
     except MetricsError as exc:
         log.error("no metrics endpoint: %s", exc)
         await asyncio.Event().wait()  # the hub's other work goes on
@@ -321,9 +321,7 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             tasks.append(asyncio.create_task(ca_leadership.run(), name="ca-leadership"))
             tasks.append(asyncio.create_task(ca_leadership.while_leading(
                 lambda: keep_pki_fresh(paths, config, store)), name="pki"))
-        if config.metrics.port and replica is None and config.database.url:
-            log.warning("no metrics endpoint: it reads hub.db, and this hub's state is in PostgreSQL")
-        elif config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
+        if config.metrics.port and replica is None:  # (serve_metrics returns at once for port 0)
             tasks.append(asyncio.create_task(_metrics(paths, config), name="metrics"))
         tasks.append(asyncio.create_task(_after_broker(supervisor, service.run), name="hub-service"))
         tasks.append(asyncio.create_task(_announce_ready(supervisor), name="ready"))

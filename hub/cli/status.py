@@ -6,6 +6,7 @@ database), so the screen and Prometheus never disagree on what a number means.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass
@@ -114,9 +115,10 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
         await store.close()
-    # The figures are hub/metrics.py's, which reads hub.db; with PostgreSQL they are not there yet.
-    figures = Figures({}) if config.database.url else Figures.collect(HubCollector(
-        paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s, clock=lambda: now))
+    # In a thread: the collector reads PostgreSQL through an event loop of its own.
+    figures = await asyncio.to_thread(Figures.collect, HubCollector(
+        paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s, clock=lambda: now,
+        database=config.database.url))
     live = [d for d in devices if not d.revoked]
     offline = [d for d in live if not d.online]
     expiring = [d for d in live if d.cert_expires is not None

@@ -18,3 +18,6 @@ JSON_FIELD: Final[dict[Dialect, str]] = {
 JSON_INT: Final[dict[Dialect, str]] = {  # the same for an integer field, NULL when it is not one
     "sqlite": "json_extract(CASE WHEN json_valid({0}) THEN {0} END, '$.{1}')",
     "postgresql": "json_int({0}, '{1}')"}
+JSON_OBJECT_ROWS: Final[dict[Dialect, str]] = {  # a JSON object of integers bound as text, as rows (key, value)
+    "sqlite": "(SELECT key, value FROM json_each(?))",
+    "postgresql": "(SELECT key, value::bigint AS value FROM json_each_text(?::json))"}

@@ -57,6 +57,15 @@ _UNNEST_TELEMETRY: Final = ("unnest($1::text[], $2::bigint[], $3::float8[], $4::
                             "AS x(device, seq, ts, metric, value)")
 
 
+def _number(text: str) -> int | float:
+    """numeric as Python numbers, as SQLite gives them (SUM of integers is numeric in PostgreSQL)."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+async def _setup(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("numeric", encoder=str, decoder=_number, schema="pg_catalog", format="text")
+
+
 def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     """Rows as one list per column, for unnest()."""
     return [list(c) for c in zip(*rows, strict=True)]
@@ -227,8 +236,8 @@ class PostgresStore(Listings):
         """Connect, then create or migrate the schema up to `target` (tests stop short of the latest)."""
         try:
             # min_size 0: no background reconnecting (and logging) while the database is down
-            pool = await asyncpg.create_pool(url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S,
-                                             command_timeout=COMMAND_TIMEOUT_S)
+            pool = await asyncpg.create_pool(url, min_size=0, max_size=POOL_SIZE, init=_setup,
+                                             timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
         except _DOWN as exc:
             raise StoreUnavailable(f"cannot reach the hub database {redact(url)} ({exc}): start PostgreSQL "
                                    "or correct [database] url in hub.toml") from exc
@@ -588,3 +597,49 @@ class PostgresStore(Listings):
             f"DELETE FROM {table}_default WHERE ctid IN (SELECT ctid FROM {table}_default "  # noqa: S608  # ours
             "WHERE ts < ? LIMIT ?)", before, batch)
         return removed + int(status.split()[-1])
+
+
+class SnapshotRows(list[tuple[Any, ...]]):
+    """Rows read, with the two cursor methods the metrics collector uses."""
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self[0] if self else None
+
+
+class SnapshotReader:
+    """A synchronous, read-only view of the database in one transaction (REPEATABLE READ: every figure from
+    the same moment), for code that runs in a worker thread of its own: the metrics collector. `?` placeholders."""
+
+    def __init__(self, url: str) -> None:
+        self._loop, self.url = asyncio.new_event_loop(), url
+        try:
+            self._conn = self._run(asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S))
+        except BaseException:
+            self._loop.close()
+            raise
+        try:
+            self._run(_setup(self._conn))
+            self._run(self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, work: Awaitable[T]) -> T:
+        try:
+            return self._loop.run_until_complete(work)
+        except (*_DOWN, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot read the hub database {redact(self.url)} ({exc})") from exc
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> SnapshotRows:
+        return SnapshotRows(tuple(r) for r in self._run(self._conn.fetch(PostgresTx.sql(sql), *args)))
+
+    def close(self) -> None:
+        try:
+            self._run(self._conn.close())
+        except StoreUnavailable:
+            pass  # closing a connection the server already dropped
+        finally:
+            self._loop.close()

@@ -4,9 +4,11 @@ real Mosquitto and agents. Two replicas run from two folders that share nothing 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +87,13 @@ async def test_a_hub_on_postgresql_stores_and_serves_the_operator(pg_hub_dir: Hu
         code, out, err = await run_cli(HUB, "devices", "--dir", str(pg_hub_dir.dir))
         assert code == 0, err
         assert "pg-a" in out
+        code, out, err = await run_cli(HUB, "status", "--dir", str(pg_hub_dir.dir), "--json")
+        assert code == 0, err
+        assert json.loads(out)["figures"]["ingest"]["records_per_s"] > 0, out  # the figures, from PostgreSQL
+        scrape = await asyncio.to_thread(lambda: urllib.request.urlopen(  # our loopback endpoint
+            f"http://127.0.0.1:{pg_hub_dir.metrics_port}/metrics", timeout=30).read().decode())
+        assert 'edgefleet_devices_online{region="test"} 1.0' in scrape
+        assert re.search(r'edgefleet_ingest_acked_records_total\{device="pg-a",region="test"\} [1-9]', scrape), scrape
         await agent.stop()
         agent = None
         await settle(pg_hub_dir, bundles / "pg-a", agent_argv(bundles / "pg-a", *FAST, *QUIET))
