@@ -13,7 +13,7 @@ from msgspec import Meta
 from edgefleet.errors import ConfigError
 from edgefleet.runtime.settings import read_toml, to_struct, toml_value
 from edgefleet.wire.protocol import ProtocolError, hub_identity, validate_name
-from hub.db.interface import is_postgres_url
+from hub.db.interface import is_postgres_url, redact
 from hub.errors import NotInitialised, UsageError
 
 DEFAULT_PORT: Final = 8883
@@ -262,6 +262,11 @@ def load_hub(directory: Path) -> tuple[HubPaths, HubConfig]:
     except ProtocolError as exc:
         raise UsageError(f"{paths.config}: {exc.detail}") from None
     return paths, config
+
+
+def config_mode(config: HubConfig) -> int:
+    """hub.toml's file mode: private when its database URL carries a password (better kept in ~/.pgpass)."""
+    return 0o600 if redact(config.database.url) != config.database.url else 0o644
 
 
 def render_hub_toml(config: HubConfig) -> str:

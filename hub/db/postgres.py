@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
+from edgefleet.runtime.sqlite import to_completion
 from edgefleet.wire.protocol import Presence
 from hub.db.cycle import HUB_EVENT_SQL, commit_cycle, event_args
 from hub.db.dialect import Dialect
@@ -345,7 +346,7 @@ class PostgresStore(Listings):
 
     async def atomically(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `work` in one transaction (redone from the start after a deadlock); cancellation cannot split it."""
-        return await asyncio.shield(self._run(lambda conn: work(PostgresTx(conn))))
+        return await to_completion(self._run(lambda conn: work(PostgresTx(conn))))
 
     async def hub_event(self, db: Tx, identity: str, kind: str, body: dict[str, Any],
                         ts: float | None = None) -> None:
@@ -456,7 +457,7 @@ class PostgresStore(Listings):
             tx = PostgresTx(conn)
             return await commit_cycle(tx, work, lambda kind, body: self.hub_event(
                 tx, work.hub or "hub", kind, body), self._write_rows)
-        return await self._run(cycle)
+        return await to_completion(self._run(cycle))
 
     def _days_of(self, work: IngestWork) -> list[int]:
         if not work.telemetry and not work.events:

@@ -14,7 +14,7 @@ from edgefleet.runtime.files import write_atomic
 from edgefleet.runtime.settings import to_struct
 from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.broker import port_holder, port_taken, write_broker_files
-from hub.config import HubConfig, HubPaths, render_hub_toml
+from hub.config import HubConfig, HubPaths, config_mode, render_hub_toml
 from hub.db.engines import open_store
 from hub.db.interface import is_postgres_url
 from hub.errors import UsageError
@@ -80,7 +80,7 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
         await store.record_certificate(server_cert.serial_number, host, "server", server_cert.not_valid_after_utc)
     finally:
         await store.close()
-    write_atomic(paths.config, render_hub_toml(config).encode(), 0o644)
+    write_atomic(paths.config, render_hub_toml(config).encode(), config_mode(config))
     write_broker_files(paths, config)
     share_group(paths)
     if port_taken(bind, port):

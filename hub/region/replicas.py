@@ -13,7 +13,7 @@ from cryptography import x509
 
 from edgefleet.runtime.files import write_atomic
 from hub.broker import acl_rules, reload_broker
-from hub.config import HubConfig, HubPaths, render_hub_toml
+from hub.config import HubConfig, HubPaths, config_mode, render_hub_toml
 from hub.db.engines import open_store
 from hub.errors import UsageError
 from hub.ingest.subscriptions import share_group
@@ -122,7 +122,7 @@ async def create_replica_folder(paths: HubPaths, config: HubConfig, name: str, o
     folder = msgspec.structs.replace(config, broker=msgspec.structs.replace(config.broker, mode="external"),
                                      hub=msgspec.structs.replace(config.hub, replica=name),
                                      metrics=msgspec.structs.replace(config.metrics, port=0))
-    write_atomic(there.config, render_hub_toml(folder).encode(), 0o644)
+    write_atomic(there.config, render_hub_toml(folder).encode(), config_mode(folder))
     log.info("made %s for the hub replica %s (its certificate valid until %s)", there.root, identity,
              cert.not_valid_after_utc.date())
     return there.root
