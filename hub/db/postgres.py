@@ -48,7 +48,7 @@ DAY_S: Final = 86_400
 PARTITIONS_AHEAD_DAYS: Final = 2  # created ahead so the day's first commit never waits on DDL
 PARTITIONS_BACK_DAYS: Final = 400  # older readings (a backlog, a clock never set) go to the default partition
 DEADLOCK_RETRIES: Final = 5  # two replicas' commits for overlapping devices: PostgreSQL aborts one, we redo it
-LEADER_LOCK: Final = 0x6564_6765  # the advisory transaction lock that serialises migrations ("edge")
+MIGRATION_LOCK: Final = 0x6564_6765  # the transaction advisory lock that serialises migrations ("edge")
 _RETRY: Final = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DOWN: Final = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
@@ -273,7 +273,7 @@ class PostgresStore(Listings):
     async def _migrate(self, target: int) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             # Two replicas starting at once on an empty database: one migrates, the other waits, then sees it done.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", LEADER_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             version = await self._version(conn)
             if version > SCHEMA_VERSION:
                 raise StoreError(f"the hub database {redact(self.url)} has schema {version}, newer than this "
@@ -290,24 +290,32 @@ class PostgresStore(Listings):
 
     async def _ensure_days(self, days: Sequence[int] | range) -> None:
         """Day partitions of telemetry and events for `days` (since 1970), each in its own short transaction."""
-        for day in days:
-            if day in self._days:
-                continue
-            async with self._pool.acquire() as conn:
-                for table in _PARTITIONED:
-                    try:
-                        await conn.execute(
-                            f"CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} "
-                            f"FOR VALUES FROM ({day * DAY_S}) TO ({(day + 1) * DAY_S})")
-                    except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                        pass  # another replica made it at the same moment
-                    except asyncpg.CheckViolationError:
-                        # The default partition already holds rows of that day: they stay there (retention
-                        # deletes them from it in batches) and so do the day's next ones.
-                        log.info("%s of day %d stay in %s_default", table, day, table)
-            self._days.add(day)
+        try:
+            for day in days:
+                if day not in self._days:
+                    await self._make_day(day)
+        except _DOWN as exc:  # as for any statement: the caller tries again later
+            raise self._unreachable(exc) from exc
+
+    async def _make_day(self, day: int) -> None:
+        async with self._pool.acquire() as conn:
+            for table in _PARTITIONED:
+                try:
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {table}_d{day} PARTITION OF {table} "
+                        f"FOR VALUES FROM ({day * DAY_S}) TO ({(day + 1) * DAY_S})")
+                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                    pass  # another replica made it at the same moment
+                except asyncpg.CheckViolationError:
+                    # The default partition already holds rows of that day: they stay there (retention
+                    # deletes them from it in batches) and so do the day's next ones.
+                    log.info("%s of day %d stay in %s_default", table, day, table)
+        self._days.add(day)
 
     # --- transactions -----------------------------------------------------------------
+
+    def _unreachable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"the hub database {redact(self.url)} is unreachable ({exc})")
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run `work` in one transaction, redone when PostgreSQL aborts it for a deadlock; a database
@@ -327,7 +335,7 @@ class PostgresStore(Listings):
                 if not self._down_logged:
                     log.warning("the hub database %s is unreachable (%s)", redact(self.url), exc)
                     self._down_logged = True
-                raise StoreUnavailable(f"the hub database {redact(self.url)} is unreachable ({exc})") from exc
+                raise self._unreachable(exc) from exc
         raise AssertionError("unreachable")
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -521,9 +529,12 @@ class PostgresStore(Listings):
                        limit: int | None, make: Callable[..., T]) -> AsyncGenerator[T, None]:
         """Rows of a per-device table, filtered, by device and seq, streamed through a cursor."""
         query, args = listing_sql(columns, table, filters, limit)
-        async with self._pool.acquire() as conn, conn.transaction():
-            async for row in conn.cursor(PostgresTx.sql(query), *args, prefetch=10_000):
-                yield make(*row)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                async for row in conn.cursor(PostgresTx.sql(query), *args, prefetch=10_000):
+                    yield make(*row)
+        except _DOWN as exc:
+            raise self._unreachable(exc) from exc
 
     async def known_device(self, device: str) -> bool:
         rows = await self._fetch(
