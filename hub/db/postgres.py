@@ -235,23 +235,26 @@ class PostgresStore(Listings):
     @classmethod
     async def open(cls, url: str, *, target: int = SCHEMA_VERSION) -> PostgresStore:
         """Connect, then create or migrate the schema up to `target` (tests stop short of the latest)."""
+        # min_size 0: no background reconnecting (and logging) while the database is down; the first
+        # connection is made by the migration below.
+        pool = asyncpg.create_pool(url, min_size=0, max_size=POOL_SIZE, init=_setup, timeout=CONNECT_TIMEOUT_S,
+                                   command_timeout=COMMAND_TIMEOUT_S)
         try:
-            # min_size 0: no background reconnecting (and logging) while the database is down
-            pool = await asyncpg.create_pool(url, min_size=0, max_size=POOL_SIZE, init=_setup,
-                                             timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S)
-        except _DOWN as exc:
-            raise StoreUnavailable(f"cannot reach the hub database {redact(url)} ({exc}): start PostgreSQL "
-                                   "or correct [database] url in hub.toml") from exc
-        except asyncpg.PostgresError as exc:
-            raise StoreError(f"the hub database {redact(url)} refused the connection ({exc}): check [database] "
-                             "url in hub.toml and the server's pg_hba.conf") from exc
-        store = cls(pool, url)
-        try:
+            await pool
+            store = cls(pool, url)
             await store._migrate(target)
             await store._ensure_days(range(int(time.time() // DAY_S) - 1,
                                            int(time.time() // DAY_S) + PARTITIONS_AHEAD_DAYS + 1))
-        except BaseException:
+        except BaseException as exc:
             await pool.close()
+            if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
+                exc = exc.__cause__
+            if isinstance(exc, _DOWN):
+                raise StoreUnavailable(f"cannot reach the hub database {redact(url)} ({exc}): start PostgreSQL "
+                                       "or correct [database] url in hub.toml") from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                raise StoreError(f"the hub database {redact(url)} refused the connection ({exc}): check "
+                                 "[database] url in hub.toml and the server's pg_hba.conf") from exc
             raise
         return store
 

@@ -222,3 +222,36 @@ async def test_a_lease_shared_by_two_replicas_is_never_held_past_its_limit(
     tokens = sorted(e["body"]["lease_token"] for e in of_rule(evts, "contend", "action_started"))
     assert tokens == list(range(1, LEASE_FLEET + 1)), "tokens: distinct, one per action, none lost"
     print(f"grants by process: {granted_by}")
+
+
+async def test_replica_create_and_init_refuse_in_one_sentence(pg_hub_dir: HubDir, workdir: Path) -> None:
+    local = workdir / "sqlite-hub"  # a hub whose state is in hub.db
+    code, _, err = await run_cli(HUB, "init", "--dir", str(local), "--region", "r", "--host", "127.0.0.1",
+                                 "--port", str(free_port()))
+    assert code == 0, err
+    code, _, err = await run_cli(HUB, "replica", "create", "--dir", str(local), "--name", "b",
+                                 "--out", str(workdir / "b1"))
+    assert code == 2
+    assert "keeps the hub's state in hub.db" in err
+    assert "edge-hub init --database" in err
+    code, _, err = await run_cli(HUB, "replica", "create", "--dir", str(pg_hub_dir.dir), "--name", "nope",
+                                 "--out", str(workdir / "b2"))
+    assert code == 2
+    assert "does not list the replica 'nope' in [hub] replicas" in err
+    assert not (workdir / "b1").exists()
+    assert not (workdir / "b2").exists()
+
+    down = free_port()  # nothing listens there
+    target = workdir / "never"
+    code, _, err = await run_cli(HUB, "init", "--dir", str(target), "--region", "r", "--host", "127.0.0.1",
+                                 "--database", f"postgresql://postgres@127.0.0.1:{down}/hub")
+    assert code == 1
+    assert f"cannot reach the hub database postgresql://postgres@127.0.0.1:{down}/hub" in err
+    assert not target.exists()  # nothing written before the database answered
+
+    config = local / "hub.toml"
+    config.write_text(config.read_text().replace('url = ""', 'url = "mysql://x@y/z"'))
+    code, _, err = await run_cli(HUB, "devices", "--dir", str(local))
+    assert code == 2
+    assert "[database] url must be empty" in err
+    assert "'mysql'" in err
