@@ -51,17 +51,24 @@ async def _ensure_certificate(paths: HubPaths, config: HubConfig, replica: str) 
         current = False
     if current:
         return
-    key, cert = ca.issue_client(identity, pki.server_cert_lifetime)
-    assert key is not None  # a new key was made
-    write_atomic(paths.replica_key(replica), key_pem(key), 0o600)
-    write_atomic(paths.replica_cert(replica), cert_pem(cert), 0o644)
-    store = await open_store(config.database.url, paths.db)
-    try:
-        await store.record_certificate(cert.serial_number, identity, "hub", cert.not_valid_after_utc)
-    finally:
-        await store.close()
+    cert = await _issue(ca, config, replica, paths, paths)
     log.info("issued %s for the hub replica %s (valid until %s)", paths.replica_cert(replica), identity,
              cert.not_valid_after_utc.date())
+
+
+async def _issue(ca: Authority, config: HubConfig, replica: str, into: HubPaths, hub: HubPaths) -> x509.Certificate:
+    """A new key and certificate for the replica, written into `into` and recorded in `hub`'s database."""
+    key, cert = ca.issue_client(config.replica_identity(replica), config.pki.server_cert_lifetime)
+    assert key is not None  # a new key was made
+    write_atomic(into.replica_key(replica), key_pem(key), 0o600)
+    write_atomic(into.replica_cert(replica), cert_pem(cert), 0o644)
+    store = await open_store(config.database.url, hub.db)
+    try:
+        await store.record_certificate(cert.serial_number, config.replica_identity(replica), "hub",
+                                       cert.not_valid_after_utc)
+    finally:
+        await store.close()
+    return cert
 
 
 def _ensure_admitted(paths: HubPaths, config: HubConfig) -> None:
@@ -109,15 +116,7 @@ async def create_replica_folder(paths: HubPaths, config: HubConfig, name: str, o
         source, target = getattr(paths, attribute), getattr(there, attribute)
         write_atomic(target, source.read_bytes(), source.stat().st_mode & 0o777)
     identity = config.replica_identity(name)
-    key, cert = Authority.load(paths.ca_key, paths.ca_cert).issue_client(identity, config.pki.server_cert_lifetime)
-    assert key is not None  # a new key was made
-    write_atomic(there.replica_key(name), key_pem(key), 0o600)
-    write_atomic(there.replica_cert(name), cert_pem(cert), 0o644)
-    store = await open_store(config.database.url, paths.db)
-    try:
-        await store.record_certificate(cert.serial_number, identity, "hub", cert.not_valid_after_utc)
-    finally:
-        await store.close()
+    cert = await _issue(Authority.load(paths.ca_key, paths.ca_cert), config, name, there, paths)
     # Its broker is the primary's (or the region's external one): never one of its own.
     folder = msgspec.structs.replace(config, broker=msgspec.structs.replace(config.broker, mode="external"),
                                      hub=msgspec.structs.replace(config.hub, replica=name),

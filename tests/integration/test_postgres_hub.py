@@ -50,6 +50,19 @@ async def pg_hub_dir(workdir: Path, postgres_url: str) -> HubDir:
     return hub
 
 
+async def replica_folder(pg_hub_dir: HubDir, workdir: Path) -> Path:
+    """Replica b listed in hub.toml, and its folder "on another machine" (edge-hub replica create)."""
+    config = pg_hub_dir.dir / "hub.toml"
+    config.write_text(re.sub(r"(?m)^replicas = \[\]", 'replicas = ["b"]', config.read_text()))
+    folder = workdir / "machine-b" / "hub"
+    code, _, err = await run_cli(HUB, "replica", "create", "--dir", str(pg_hub_dir.dir), "--name", "b",
+                                 "--out", str(folder))
+    assert code == 0, err
+    assert not (folder / "pki" / "ca.key").exists()  # the CA key stays with the primary
+    assert (folder / "pki" / "hub-b.key").stat().st_mode & 0o777 == 0o600
+    return folder
+
+
 def ingest_by_hub(hub_dir: Path) -> dict[str, int]:
     return {str(h): int(n) for h, n in hub_rows(hub_dir, "SELECT hub, SUM(records) FROM ingest_minutes GROUP BY hub")}
 
@@ -109,13 +122,7 @@ async def test_two_replicas_on_two_machines_survive_kills_of_each_and_of_postgre
     """The primary's directory and replica b's folder share nothing on disk; devices stream throughout.
     kill -9 of b (restarted), of PostgreSQL (restarted), of the primary (restarted): every reading at the
     hub exactly once, at most one leader row at any time, and both processes ingesting at the end."""
-    config = pg_hub_dir.dir / "hub.toml"
-    config.write_text(re.sub(r"(?m)^replicas = \[\]", 'replicas = ["b"]', config.read_text()))
-    folder = workdir / "machine-b" / "hub"
-    code, out, err = await run_cli(HUB, "replica", "create", "--dir", str(pg_hub_dir.dir), "--name", "b",
-                                   "--out", str(folder))
-    assert code == 0, err
-    assert not (folder / "pki" / "ca.key").exists()  # the CA key stays with the primary
+    folder = await replica_folder(pg_hub_dir, workdir)
     await pg_hub_dir.provision(bundles, *DEVICES)
     replica_argv = [HUB, "-v", "run", "--dir", str(folder)]
     primary = await start_hub(pg_hub_dir)
@@ -185,12 +192,7 @@ async def test_a_lease_shared_by_two_replicas_is_never_held_past_its_limit(
     """Twelve complete agents fire one rule at once behind a lease of limit 2, their requests shared out
     between the primary and replica b (separate folders, one PostgreSQL): the audit never shows more than
     two actions at a time, and the fencing tokens are 1..12, one per action."""
-    config = pg_hub_dir.dir / "hub.toml"
-    config.write_text(re.sub(r"(?m)^replicas = \[\]", 'replicas = ["b"]', config.read_text()))
-    folder = workdir / "machine-b" / "hub"
-    code, _, err = await run_cli(HUB, "replica", "create", "--dir", str(pg_hub_dir.dir), "--name", "b",
-                                 "--out", str(folder))
-    assert code == 0, err
+    folder = await replica_folder(pg_hub_dir, workdir)
     devices = [f"dev-{i:02d}" for i in range(LEASE_FLEET)]
     await pg_hub_dir.provision(bundles, *devices)
     primary = await start_hub(pg_hub_dir)
