@@ -361,7 +361,9 @@ class PostgresStore(Listings):
 
     async def hub_event(self, db: Tx, identity: str, kind: str, body: dict[str, Any],
                         ts: float | None = None) -> None:
-        """An event of the hub itself in the events table under the hub's identity; inside `atomically`."""
+        """An event of the hub itself in the events table under the hub's identity; inside `atomically`.
+        Numbered after the latest: two replicas' transactions take turns, or both would take the same seq."""
+        await db.lock(f"hub-events:{identity}")
         await db.execute(HUB_EVENT_SQL, event_args(identity, kind, body, time.time() if ts is None else ts))
 
     # --- registry ---------------------------------------------------------------------

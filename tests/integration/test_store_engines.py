@@ -170,6 +170,15 @@ async def test_two_replicas_granting_one_lease_at_once_never_pass_its_limit(two:
     assert (await b.query("SELECT last_token FROM leases WHERE name = 'L'"))[0][0] == 20
 
 
+async def test_hub_events_of_two_replicas_at_once_are_numbered_apart(two: tuple[HubState, HubState]) -> None:
+    async def note(store: HubState, i: int) -> None:
+        await store.atomically(lambda db: store.hub_event(db, "hub.r", "cert_issued", {"n": i}))
+
+    await asyncio.gather(*(note(two[i % 2], i) for i in range(60)))
+    seqs = [e.seq async for e in two[0].events(device="hub.r")]
+    assert seqs == list(range(1, 61))
+
+
 # --- PostgreSQL only -------------------------------------------------------------------
 
 
