@@ -180,10 +180,14 @@ class Coordination:
         row = await db.fetch_one("SELECT id, state, decided_by, reason FROM approvals WHERE device = ? AND request = ?",
             (device, req.id))
         if row is None:
-            approval = (await db.fetch_one(
+            created = await db.fetch_one(  # another replica may have taken the same request in just now
                 "INSERT INTO approvals(device, request, rule, action, args, policy_version, requested_at, "
-                "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending') RETURNING id",
-                (device, req.id, req.rule, req.action, req.args, req.policy_version, now, now + req.expires_s)))[0]
+                "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending') "
+                "ON CONFLICT (device, request) DO NOTHING RETURNING id",
+                (device, req.id, req.rule, req.action, req.args, req.policy_version, now, now + req.expires_s))
+            if created is None:
+                return
+            approval = created[0]
             out.notes.append(f"approval {approval}: {device} asks to run {req.action} for rule {req.rule}; "
                              f"edge-hub approvals approve|deny {approval}")
         elif row[1] != "pending":  # decided while it was away: tell it again
