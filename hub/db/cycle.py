@@ -96,8 +96,9 @@ async def drop_seq_conflicts(db: Tx, work: IngestWork) -> None:
     taken |= {(d, s, "event") for d, s in await db.fetch(
         f"SELECT t.device, t.seq FROM {_PAIRS[db.dialect]} j JOIN telemetry t "  # noqa: S608  # ours
         "ON t.device = j.device AND t.seq = j.seq", (json.dumps(sorted(events)),))}
-    kept = {(d, s) for d, seqs in readings.items() for s in seqs} - {(d, s) for d, s, _ in taken}
-    taken |= {(d, s, "event") for d, s in events & kept}  # in one cycle the reading comes first
+    dropped = {(d, s) for d, s, _ in taken}
+    # In one cycle the reading comes first (a walk over the few events, not the many readings).
+    taken |= {(d, s, "event") for d, s in events if s in readings.get(d, ()) and (d, s) not in dropped}
     if not taken:
         return
     work.telemetry = [r for r in work.telemetry if (r[0], r[1], "reading") not in taken]

@@ -9,6 +9,7 @@ long as one pytest session and its machine does not crash); a kill -9 of the ser
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import pwd
 import shutil
@@ -17,9 +18,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from types import ModuleType
+from typing import Any, Final
 
 import pytest
 
@@ -122,6 +124,16 @@ class PostgresCluster:
         name = f"t_{uuid.uuid4().hex[:12]}"
         self.psql("postgres", f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
         return self.url(name)
+
+
+def same_tests(module: ModuleType, fixture: str) -> dict[str, Callable[..., Any]]:
+    """The tests of `module` that take the `fixture` argument and no other, to run again against a
+    PostgreSQL-backed fixture of that name defined beside them."""
+    found: dict[str, Callable[..., Any]] = {}
+    for name, test in vars(module).items():
+        if name.startswith("test_") and callable(test) and list(inspect.signature(test).parameters) == [fixture]:
+            found[name] = test
+    return found
 
 
 @pytest.fixture(scope="session")
