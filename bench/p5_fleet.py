@@ -61,7 +61,9 @@ from hub.config import load_hub  # noqa: E402
 from hub.pki.authority import load_policy_key  # noqa: E402
 from hub.rollout.distribution import PUBLISH_CHUNK  # noqa: E402
 from hub.rollout.signing import seal  # noqa: E402
+from tests.support.exactly_once import hub_rows  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.postgres import PostgresCluster, bin_dir  # noqa: E402
 
 SPEC_DEVICES: Final = 2000
 TARGET_POLICY_S: Final = 10.0  # P5 (docs/performance.md): policy at 100 % within this
@@ -105,10 +107,16 @@ WARNING: Final = r"level=(warning|error) "
 
 
 class HubDb:
+    """The hub's database, wherever hub.toml keeps it (hub.db, or PostgreSQL with --postgres)."""
+
     def __init__(self, hub_dir: Path) -> None:
-        self._db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True, timeout=10, isolation_level=None)
+        self._dir = hub_dir
+        self._db = None if load_hub(hub_dir)[1].database.url else sqlite3.connect(
+            f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True, timeout=10, isolation_level=None)
 
     def scalar(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        if self._db is None:
+            return int(hub_rows(self._dir, sql, args)[0][0] or 0)
         return int(self._db.execute(sql, args).fetchone()[0] or 0)
 
     def online_since(self, since: float) -> int:
@@ -121,7 +129,8 @@ class HubDb:
         return self.scalar("SELECT count(*) FROM telemetry")
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
 
 async def wait_count(what: str, count: Callable[[], int], target: int,
@@ -182,7 +191,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     devices = [f"d{i:05d}" for i in range(1, args.devices + 1)]
     result: dict[str, Any] = {}
     await run_cli(HUB, "init", "--dir", str(hub_dir), "--region", "p5", "--port", str(free_port()),
-                  "--host", "127.0.0.1")
+                  "--host", "127.0.0.1", *(["--database", args.database] if args.database else []))
     config = hub_dir / "hub.toml"
     config.write_text(re.sub(r"(?m)^port = 9464\b", "port = 0", config.read_text()))  # no metrics endpoint
     bundles.mkdir(mode=0o700)
@@ -511,8 +520,12 @@ def main(argv: list[str] | None = None) -> int:
                              "report.default_deadband=0 to send every reading)")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="make the work directory inside DIR and keep it (hub.db, bundles, hub.log, fleet.log)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the hub's state in PostgreSQL (a private cluster started for the run, "
+                             "tests/support/postgres.py) instead of hub.db")
     parser.add_argument("--bare", nargs=3, default=None, help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args(argv)
+    args.database = ""
     if args.bare is not None:
         return asyncio.run(bare_main(Path(args.bare[0]), Path(args.bare[1]), int(args.bare[2])))
     if not 1 <= args.devices <= 99_999 or args.window <= 0:
@@ -526,12 +539,25 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"bench": "p5_fleet", "devices": args.devices, "target_policy_s": TARGET_POLICY_S,
                               "fleet_sets": [*FLEET_SETS, *args.agent_set]}
     broke = None
+    cluster = None
     try:
+        if args.postgres:
+            binaries = bin_dir()
+            if binaries is None:
+                raise RuntimeError("--postgres needs PostgreSQL's server (bash scripts/setup.sh test installs it)")
+            (work / "postgres").mkdir()
+            (work / "postgres").chmod(0o755)
+            cluster = PostgresCluster(work / "postgres", binaries)
+            cluster.start()
+            args.database = cluster.fresh_database()
+            result["database"] = "postgresql"
         result.update(asyncio.run(run(args, work)))
     except (RuntimeError, TimeoutError) as exc:
         broke = f"{type(exc).__name__}: {exc}"
         print(f"the run broke: {broke}")
     finally:
+        if cluster is not None:
+            cluster.stop()
         if args.keep is not None:
             print(f"kept {work}")
         else:

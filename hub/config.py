@@ -13,6 +13,7 @@ from msgspec import Meta
 from edgefleet.errors import ConfigError
 from edgefleet.runtime.settings import read_toml, to_struct, toml_value
 from edgefleet.wire.protocol import ProtocolError, hub_identity, validate_name
+from hub.db.interface import is_postgres_url, redact
 from hub.errors import NotInitialised, UsageError
 
 DEFAULT_PORT: Final = 8883
@@ -86,6 +87,9 @@ class HubConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Names of extra hub processes that share this hub's database and broker (`edge-hub run
     # --replica NAME`); each connects as hub.REGION.NAME and the ACL admits each (docs/scaling.md).
     replicas: tuple[str, ...] = ()
+    # Set in a folder made by `edge-hub replica create`: this directory runs that replica, on a machine
+    # of its own (its state in [database] url, its broker elsewhere; docs/scaling.md).
+    replica: str = ""
     # A device is shown offline when its presence says so (Last Will, 1.5 x its keepalive).
 
 
@@ -152,8 +156,16 @@ class EnrollConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0  # what a held device is told: ask again after this
 
 
+class DatabaseConf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where the hub's state lives: "" for hub.db in the hub directory (SQLite), or a PostgreSQL URL
+    (postgresql://USER[:PASSWORD]@HOST:PORT/DB) that hub processes on several machines share."""
+
+    url: str = ""
+
+
 class HubConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     region: str
+    database: DatabaseConf = DatabaseConf()
     broker: BrokerConf = BrokerConf()
     pki: PkiConf = PkiConf()
     hub: HubConf = HubConf()
@@ -274,15 +286,23 @@ def load_hub(directory: Path) -> tuple[HubPaths, HubConfig]:
     try:
         config = to_struct(read_toml(paths.config), HubConfig, str(paths.config))
         validate_name(config.region, "region")
-        for replica in config.hub.replicas:
+        for replica in (*config.hub.replicas, *([config.hub.replica] if config.hub.replica else [])):
             validate_name(replica, "replica")
         if len(set(config.hub.replicas)) != len(config.hub.replicas):
             raise UsageError(f"{paths.config}: [hub] replicas names a replica twice")
+        if config.database.url and not is_postgres_url(config.database.url):
+            raise UsageError(f"{paths.config}: [database] url must be empty (hub.db here) or a postgresql://"
+                             f"USER@HOST:PORT/DB URL, not {config.database.url.split('://', 1)[0]!r}: correct it")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except ProtocolError as exc:
         raise UsageError(f"{paths.config}: {exc.detail}") from None
     return paths, config
+
+
+def config_mode(config: HubConfig) -> int:
+    """hub.toml's file mode: private when its database URL carries a password (better kept in ~/.pgpass)."""
+    return 0o600 if redact(config.database.url) != config.database.url else 0o644
 
 
 def render_hub_toml(config: HubConfig) -> str:
@@ -291,6 +311,9 @@ def render_hub_toml(config: HubConfig) -> str:
 # edgefleet hub configuration, written by `edge-hub init`. Paths are fixed by the layout of
 # this directory (pki/, broker/, hub.db); see docs/operations.md.
 region = {toml_value(config.region)}
+
+[database]   # "" keeps the hub's state in hub.db here; postgresql://USER@HOST:PORT/DB shares it (docs/scaling.md)
+url = {toml_value(config.database.url)}
 
 [broker]
 mode = {toml_value(b.mode)}          # "managed": edge-hub run supervises Mosquitto; "external"
@@ -312,6 +335,7 @@ crl_renew_fraction = {p.crl_renew_fraction:g}      # re-issued once less than th
 [hub]
 keepalive = {config.hub.keepalive}
 replicas = {toml_value(list(config.hub.replicas))}        # extra hub processes on this database (docs/scaling.md)
+replica = {toml_value(config.hub.replica)}              # set by `edge-hub replica create`: the replica this folder runs
 
 [rollout]   # edge-hub policy push: waves, and the health gates that roll a policy back
 bake_s = {r.bake_s:g}              # seconds each wave bakes before the next (push --bake overrides)

@@ -47,6 +47,8 @@ from edgefleet.runtime.exposition import LatencyTally, MetricsUnavailable, expos
 from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import ProtocolError, hub_identity, json_body, read_json
 from hub.config import HubPaths, RolloutConf
+from hub.db.dialect import JSON_FIELD, JSON_OBJECT_ROWS, Dialect
+from hub.db.interface import StoreUnavailable
 from hub.errors import HubError
 from hub.ingest.subscriptions import FOREIGN, NOTICE_INTERVAL_S
 
@@ -112,8 +114,10 @@ class HubCollector(Collector):
     """
 
     def __init__(self, db_path: Path, region: str, *, drift_grace_s: float = RolloutConf().drift_grace_s,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, database: str = "") -> None:
         self._db_path, self._region, self._identity = db_path, region, hub_identity(region)
+        self._database = database  # [database] url: "" reads db_path (SQLite)
+        self._dialect: Dialect = "postgresql" if database else "sqlite"
         self._drift_grace_s, self._clock = drift_grace_s, clock
         self._settled: dict[str, _Settled] = {}
         self._lock = threading.Lock()  # collect() runs in worker threads; the counts are shared
@@ -121,11 +125,21 @@ class HubCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             try:
-                with closing(_connect(self._db_path)) as db:
-                    db.execute("BEGIN")  # one snapshot for every figure
+                with closing(self._open()) as db:
                     return list(self._families(db, self._clock()))
             except sqlite3.Error as exc:
                 raise FiguresUnavailable(f"cannot read the hub database {self._db_path}: {exc}") from exc
+            except StoreUnavailable as exc:
+                raise FiguresUnavailable(str(exc)) from exc
+
+    def _open(self) -> Any:
+        """One snapshot for every figure: SQLite's read transaction, or PostgreSQL's (hub/db/postgres.py)."""
+        if self._database:
+            from hub.db.postgres import SnapshotReader  # asyncpg only where PostgreSQL is configured
+            return SnapshotReader(self._database)
+        db = _connect(self._db_path)
+        db.execute("BEGIN")
+        return db
 
     def _families(self, db: sqlite3.Connection, now: float) -> Iterator[Metric]:
         yield from self._fleet(db, now)
@@ -174,7 +188,7 @@ class HubCollector(Collector):
             if intended is not None:
                 assigned += 1
                 on_intended += version == intended
-                # The same test as HubStore._device_row (edge-hub devices / status).
+                # The same test as hub.db.rows.device_row (edge-hub devices / status).
                 off_since = max(assigned_at or 0.0, connected_at or 0.0)
                 drifted += bool(is_online) and version != intended and now - off_since > self._drift_grace_s
         yield f.gauge("devices_registered", "Devices registered and not revoked.", value=len(live))
@@ -246,9 +260,10 @@ class HubCollector(Collector):
         foreign = _Families(self._region).counter(
             "foreign_subscriptions", "Subscriptions a device made outside its own down/ topics, as the hub noticed "
             f"them (once per device and filter every {NOTICE_INTERVAL_S:g} s): who probes the hub's messages.")
+        named = JSON_FIELD[self._dialect].format("body", "device")
         for device, count in db.execute(
-                "SELECT json_extract(body, '$.device') AS d, COUNT(*) FROM events WHERE device = ? AND kind = ? "
-                "AND json_valid(body) AND d IS NOT NULL GROUP BY d ORDER BY d", (self._identity, FOREIGN)):
+                f"SELECT {named}, COUNT(*) FROM events WHERE device = ? AND kind = ? "  # noqa: S608  # ours
+                f"AND {named} IS NOT NULL GROUP BY 1 ORDER BY 1", (self._identity, FOREIGN)):
             foreign.add_metric([self._region, str(device)], count)
         return foreign
 
@@ -285,7 +300,7 @@ class HubCollector(Collector):
         for kind, outcome in OUTCOMES.items():
             # One index seek per device and kind (events_kind is (kind, device, seq)).
             for device, seq, body in db.execute(
-                    "SELECT m.key, e.seq, e.body FROM json_each(?) m CROSS JOIN events e "
+                    f"SELECT m.key, e.seq, e.body FROM {JSON_OBJECT_ROWS[self._dialect]} m CROSS JOIN events e "  # noqa: S608  # ours
                     "WHERE e.kind = ? AND e.device = m.key AND e.seq > m.value", (json.dumps(base), kind)):
                 (settling if seq <= marks[device] else unsettled)[device].add(outcome, body)
         # Only now, with every row read: a failed read must not count anything twice.
@@ -421,16 +436,16 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def render(db_path: Path, region: str, *, drift_grace_s: float = RolloutConf().drift_grace_s,
-           now: float | None = None) -> bytes:
+           now: float | None = None, database: str = "") -> bytes:
     """The text exposition of the hub database at `db_path`, as one scrape sees it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(db_path, region, drift_grace_s=drift_grace_s,
-                                   clock=time.time if now is None else lambda: now))
+                                   clock=time.time if now is None else lambda: now, database=database))
     return generate_latest(registry)
 
 
 async def serve_metrics(db_path: Path, listen: str, port: int, region: str, *,
-                        drift_grace_s: float = RolloutConf().drift_grace_s) -> None:
+                        drift_grace_s: float = RolloutConf().drift_grace_s, database: str = "") -> None:
     """Serve GET /metrics on listen:port until cancelled; port 0: off (returns at once).
 
     Each scrape reads the database in a worker thread; the event loop only moves bytes.
@@ -439,7 +454,7 @@ async def serve_metrics(db_path: Path, listen: str, port: int, region: str, *,
     if not port:
         return
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(db_path, region, drift_grace_s=drift_grace_s))
+    registry.register(HubCollector(db_path, region, drift_grace_s=drift_grace_s, database=database))
     one_at_a_time = asyncio.Lock()  # a burst of scrapes queues here, not in the thread pool
 
     async def scrape() -> bytes:

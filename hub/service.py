@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -32,9 +31,10 @@ from edgefleet.wire.protocol import (
 )
 from hub.broker import STOP_GRACE, BrokerSupervisor, broker_executable, write_broker_files
 from hub.config import HubConfig, HubPaths, RetentionConf
+from hub.db.engines import open_store
+from hub.db.interface import UNAVAILABLE, HubState
 from hub.db.retention import keep_pruning
-from hub.db.store import HubStore
-from hub.errors import HubAlreadyRunning
+from hub.errors import HubAlreadyRunning, HubError
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.ingest.retained import RetainedSweeper
 from hub.ingest.subscriptions import SubscriptionWatch, share_group
@@ -42,7 +42,7 @@ from hub.metrics import MetricsError, serve_metrics
 from hub.pki.authority import load_policy_key
 from hub.pki.renewal import CertificateDesk, keep_pki_fresh
 from hub.region.coordination import Coordination, Replies
-from hub.region.leadership import Leadership
+from hub.region.leadership import CA_ROLE, Leadership
 from hub.region.replicas import prepare_replica
 from hub.rollout.distribution import PolicyPublisher
 
@@ -64,7 +64,7 @@ T = TypeVar("T")
 class HubService:
     """The hub's MQTT side: presence and telemetry ingest; subscribes again on every connect."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore, watchdog: Watchdog | None = None,
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubState, watchdog: Watchdog | None = None,
                  replica: str | None = None) -> None:
         self._paths, self._config, self._store, self._replica = paths, config, store, replica
         self.identity = config.replica_identity(replica)
@@ -118,7 +118,7 @@ class HubService:
                     replies.notes += handled.notes
                 await self._each_alone("certificate request", result.certs, self.certificates.handle)
                 return result, replies
-            except sqlite3.OperationalError as exc:
+            except UNAVAILABLE as exc:  # PUBACK nothing: the devices keep their batches, and resend
                 log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
                         "hub database unavailable (%s); retrying in %.0f s", exc, DB_RETRY_WAIT)
                 self.watchdog.beat("ingest")  # an operator's command holds the database: not a hang
@@ -177,7 +177,7 @@ class HubService:
             try:
                 with self.watchdog.busy("coordination"):
                     outgoing.put_nowait(await self.coordination.tick())
-            except sqlite3.OperationalError as exc:
+            except UNAVAILABLE as exc:
                 log.warning("hub database unavailable for coordination (%s); trying again", exc)
             except SESSION_ENDED:
                 raise
@@ -267,13 +267,13 @@ async def _metrics(paths: HubPaths, config: HubConfig) -> None:
     """The metrics endpoint; if its port cannot be had, the hub goes on without it and says so."""
     try:
         await serve_metrics(paths.db, config.metrics.listen, config.metrics.port, config.region,
-                            drift_grace_s=config.rollout.drift_grace_s)
+                            drift_grace_s=config.rollout.drift_grace_s, database=config.database.url)
     except MetricsError as exc:
         log.error("no metrics endpoint: %s", exc)
         await asyncio.Event().wait()  # the hub's other work goes on
 
 
-async def _enrollment(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+async def _enrollment(paths: HubPaths, config: HubConfig, store: HubState) -> None:
     """The HTTPS enrollment endpoint (hub/pki/enroll_server.py); without its port the hub goes on and says so."""
     from hub.pki.enroll_server import EnrollmentServer
 
@@ -307,11 +307,12 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     A replica (`replica` names one of hub.toml's [hub] replicas) shares the primary's broker
     and database: it runs no broker and no metrics endpoint of its own.
     """
+    replica = replica or config.hub.replica or None  # a folder of `edge-hub replica create` runs its replica
     if replica is not None:
         await prepare_replica(paths, config, replica)  # fail in words before anything starts
     lock = hold_run_lock(paths, replica)  # before anything of the hub's is touched
     try:
-        store = await HubStore.open(paths.db)
+        store = await open_store(config.database.url, paths.db)
     except BaseException:
         lock.release()
         raise
@@ -319,6 +320,9 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     tasks = TaskSet("hub", log, close_timeout=TASK_STOP_TIMEOUT)
     supervisor = None
     try:
+        if config.enroll.port and replica is None and store.dialect != "sqlite":
+            from hub.pki.enroll import ENROLL_NEEDS_SQLITE
+            raise HubError(f"[enroll] port is set, but {ENROLL_NEEDS_SQLITE}")
         # Inside the try: a service that cannot be built (an unreadable policy key) must close the
         # store, whose thread would otherwise keep the process alive after the error is printed.
         service = HubService(paths, config, store, Watchdog.from_environment(), replica)
@@ -331,8 +335,11 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
             tasks.spawn(watch.serve(), name="subscriptions", quiet=True)
             supervisor = BrokerSupervisor(paths, config, watch.line)
             tasks.spawn(supervisor.run(), name="broker", quiet=True)
-        tasks.spawn(service.leadership.while_leading(lambda: keep_pki_fresh(paths, config, store)),
-                    name="pki", quiet=True)
+        if paths.ca_key.exists():  # the CA's upkeep runs where the CA key is (a replica's own folder has none)
+            ca_leadership = Leadership(store, service.identity, role=CA_ROLE)
+            tasks.spawn(ca_leadership.run(), name="ca-leadership", quiet=True)
+            tasks.spawn(ca_leadership.while_leading(lambda: keep_pki_fresh(paths, config, store)),
+                        name="pki", quiet=True)
         if config.retention != RetentionConf():  # old readings and events go, in the leader only
             tasks.spawn(service.leadership.while_leading(lambda: keep_pruning(
                 store, config.retention.telemetry_s, config.retention.events_s)), name="retention", quiet=True)

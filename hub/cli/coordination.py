@@ -15,7 +15,8 @@ import msgspec
 from edgefleet.runtime.settings import duration_arg
 from edgefleet.wire.protocol import ProtocolError, json_body, read_json
 from hub.config import load_hub
-from hub.db.store import HubStore
+from hub.db.engines import open_store
+from hub.db.interface import HubState
 from hub.errors import UsageError
 from hub.rollout.rollouts import Selector, operator_name
 
@@ -69,7 +70,7 @@ def add_parsers(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) ->
 
 async def run(args: argparse.Namespace) -> int:
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         if args.command == "leases":
             return await _leases(store, args)
@@ -98,7 +99,7 @@ def _emit(rows: list[dict[str, Any]], as_json: bool, text: Callable[[dict[str, A
         print("\n".join(map(text, rows)) if rows else empty)
 
 
-async def _leases(store: HubStore, args: argparse.Namespace) -> int:
+async def _leases(store: HubState, args: argparse.Namespace) -> int:
     now = time.time()
     names: dict[str, dict[str, Any]] = {}
     for name, last in await store.query("SELECT name, last_token FROM leases ORDER BY name"):
@@ -124,7 +125,7 @@ async def _leases(store: HubStore, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _approvals(store: HubStore, args: argparse.Namespace) -> int:
+async def _approvals(store: HubState, args: argparse.Namespace) -> int:
     query = ("SELECT id, device, rule, action, args, policy_version, requested_at, expires_at, state, decided_by, "
              "decided_at, reason FROM approvals")
     if not args.all:
@@ -158,7 +159,7 @@ async def _offer(coordination: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _tasks(store: HubStore, args: argparse.Namespace) -> int:
+async def _tasks(store: HubState, args: argparse.Namespace) -> int:
     rows = []
     for r in await store.query("SELECT id, kind, args, target, deadline, state, attempt, awarded_to, result, reason, "
                                "created_at, updated_at FROM tasks ORDER BY id"):

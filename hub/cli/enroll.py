@@ -15,6 +15,7 @@ import msgspec
 from edgefleet.runtime.settings import duration_arg
 from hub.cli.format import when
 from hub.config import load_hub
+from hub.errors import UsageError
 
 EXIT_OK = 0
 
@@ -75,10 +76,13 @@ async def run(args: argparse.Namespace) -> int:
     from hub.db import enrollments
     from hub.db.store import HubStore
     from hub.pki import enroll
+    from hub.pki.enroll import ENROLL_NEEDS_SQLITE
     from hub.pki.provision import parse_tags
     from hub.rollout.rollouts import operator_name
 
     paths, config = load_hub(args.dir)
+    if config.database.url:
+        raise UsageError(ENROLL_NEEDS_SQLITE)
     spec = None
     if args.enroll_command == "create":
         spec = enroll.ImageSpec(args.profile, parse_tags(args.tag), args.max_devices,

@@ -27,10 +27,13 @@ from hub.cli import export as export_command
 from hub.cli import policy as policy_commands
 from hub.cli.format import MOMENT_HELP, event_detail, moment, when
 from hub.config import DEFAULT_PORT, HubPaths, load_hub
+from hub.db.engines import open_store
+from hub.db.interface import StoreUnavailable
 from hub.errors import HubAlreadyRunning, HubError, UsageError
 
 if TYPE_CHECKING:
-    from hub.db.store import DeviceRow, EventRow, HubStore, TelemetryRow
+    from hub.db.interface import HubState
+    from hub.db.rows import DeviceRow, EventRow, TelemetryRow
     from hub.rollout.rollouts import Admission
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -80,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--bind", default=None,
                       help="listener address of the managed broker (default: --host if it is an "
                            "address, else 0.0.0.0)")
+    init.add_argument("--database", default="", metavar="URL",
+                      help="keep the hub's state in PostgreSQL (postgresql://USER@HOST:PORT/DB) instead of hub.db, "
+                           "for hub replicas on other machines (docs/scaling.md)")
     init.add_argument("--force", action="store_true",
                       help="replace an existing hub; its files are moved to DIR/replaced-<time>/ and "
                            "every certificate it issued stops working")
@@ -183,6 +189,20 @@ def _parser() -> argparse.ArgumentParser:
                                     f"{EXPIRY_WARNING_DAYS} days.")
     _dir_arg(st)
     st.add_argument("--json", action="store_true", help="the whole status as one JSON object")
+
+    rep = sub.add_parser("replica", help="hub replicas on other machines",
+                         description="Replicas on other machines share the hub's PostgreSQL database and broker "
+                                     "(docs/scaling.md).")
+    rep_sub = rep.add_subparsers(dest="replica_command", required=True, metavar="SUBCOMMAND")
+    create = rep_sub.add_parser(
+        "create", help="a self-contained folder to run a replica from on another machine",
+        description="Write FOLDER with what replica NAME needs on another machine: its own certificate (CN "
+                    "hub.REGION.NAME), the CA's certificate, the policy-signing key, the share group, and a "
+                    "hub.toml with the database URL and the broker's address. The CA key stays here. Copy "
+                    "FOLDER there and run `edge-hub run --dir FOLDER`. NAME must be in [hub] replicas.")
+    _dir_arg(create)
+    create.add_argument("--name", required=True, help="the replica's name, listed in hub.toml [hub] replicas")
+    create.add_argument("--out", type=Path, required=True, help="the folder to make (new or empty)")
     return parser
 
 
@@ -200,7 +220,7 @@ def _main(argv: list[str] | None) -> int:
         "telemetry": _telemetry, "events": _events, "status": _status, "policy": policy_commands.run,
         "leases": coordination_commands.run, "approvals": coordination_commands.run,
         "task": coordination_commands.run, "tasks": coordination_commands.run, "export": export_command.run,
-        "enroll": enroll_commands.run,
+        "enroll": enroll_commands.run, "replica": _replica,
     }
     if args.command == "units":
         return units_command("edge-hub", args.name, args.install)
@@ -245,7 +265,8 @@ async def _init(args: argparse.Namespace) -> int:
             bind = args.host
         except ValueError:
             bind = "0.0.0.0"  # noqa: S104  # a named host: devices reach it from the network
-    paths = await init_hub(args.dir, args.region, port=args.port, host=args.host, bind=bind, force=args.force)
+    paths = await init_hub(args.dir, args.region, port=args.port, host=args.host, bind=bind, force=args.force,
+                           database=args.database)
     print(f"hub for region {args.region} created in {paths.root}")
     print(f"  fleet CA        {paths.ca_cert}")
     print(f"  hub identity    {paths.hub_cert}")
@@ -255,7 +276,6 @@ async def _init(args: argparse.Namespace) -> int:
 
 
 async def _provision(args: argparse.Namespace) -> int:
-    from hub.db.store import HubStore
     from hub.pki.provision import (
         DeviceSpec,
         Provisioner,
@@ -279,7 +299,7 @@ async def _provision(args: argparse.Namespace) -> int:
         raise UsageError("--csr signs one device's request: name exactly one DEVICE_ID")
     validate_specs(specs)
     csr = load_csr(args.csr) if args.csr else None
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         provisioner = Provisioner(paths, config, store, args.out.resolve(), reissue=args.reissue)
         with _interruptible() as received:
@@ -351,11 +371,10 @@ async def _with_progress(total: int, work: Callable[[Callable[[str], None]], Awa
 
 
 async def _revoke(args: argparse.Namespace) -> int:
-    from hub.db.store import HubStore
     from hub.pki.revocation import revoke
 
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         report = await revoke(paths, config, store, args.device)
     finally:
@@ -385,10 +404,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _devices(args: argparse.Namespace) -> int:
-    from hub.db.store import HubStore
 
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         rows = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
     finally:
@@ -436,12 +454,11 @@ async def _events(args: argparse.Namespace) -> int:
 
 
 async def _stream(args: argparse.Namespace, noun: str, text: Callable[[Any], str],
-                  rows: Callable[[HubStore], AsyncGenerator[Any, None]]) -> int:
+                  rows: Callable[[HubState], AsyncGenerator[Any, None]]) -> int:
     """Print a listing as it is read: JSON lines, or tab-separated text with a count on stderr."""
-    from hub.db.store import HubStore
 
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     out = sys.stdout
     count = 0
     try:
@@ -465,11 +482,25 @@ async def _status(args: argparse.Namespace) -> int:
     from hub.cli import status
 
     paths, config = load_hub(args.dir)
-    current = await status.build(paths, config)
+    try:
+        current = await status.build(paths, config)
+    except StoreUnavailable as exc:
+        raise HubError(f"{exc}: a running hub acknowledges nothing until it answers again (the devices keep "
+                       "their readings) and resumes by itself; see docs/operations.md") from None
     if args.json:
         sys.stdout.write(msgspec.json.encode(current.report).decode() + "\n")
     else:
         print(status.render(current))
+    return EXIT_OK
+
+
+async def _replica(args: argparse.Namespace) -> int:
+    from hub.region.replicas import create_replica_folder
+
+    paths, config = load_hub(args.dir)
+    folder = await create_replica_folder(paths, config, args.name, args.out)
+    print(f"{folder}: copy it to the replica's machine and run edge-hub run --dir {folder.name} there "
+          "(it holds a private key: copy it as you would the hub directory)")
     return EXIT_OK
 
 

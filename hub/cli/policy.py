@@ -17,10 +17,11 @@ from edgefleet.policy.document import Policy, PolicyError, validate_policy
 from edgefleet.policy.profiles import load_profile
 from edgefleet.runtime.settings import duration_arg
 from hub.config import load_hub
+from hub.db.engines import open_store
 from hub.errors import UsageError
 
 if TYPE_CHECKING:
-    from hub.db.store import DeviceRow, HubStore
+    from hub.db.rows import DeviceRow
 
 EXIT_OK, EXIT_INVALID = 0, 2
 
@@ -151,7 +152,7 @@ async def _validate(args: argparse.Namespace) -> int:
         from hub.rollout import rollouts as rollout
 
         paths, config = load_hub(args.dir)
-        store = await _open(paths.db)
+        store = await open_store(config.database.url, paths.db)
         try:
             candidates = await store.query(rollout.CANDIDATES)
         finally:
@@ -171,7 +172,7 @@ async def _push(args: argparse.Namespace) -> int:
     text, policy = _read(args.file)
     selector = rollout.Selector.parse(args.target)
     bake = args.bake if args.bake is not None else (config.rollout.bake_s if args.canary else 0.0)
-    store = await _open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         targeted = rollout.targets(await store.query(rollout.CANDIDATES), selector, policy, config.region)
         profiles = set(targeted.values())
@@ -196,7 +197,7 @@ async def _status(args: argparse.Namespace) -> int:
     from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
-    store = await _open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         recent = await rollout.recent(store)
         in_progress = await rollout.in_progress(store)
@@ -269,7 +270,7 @@ async def _decide(args: argparse.Namespace) -> int:
     from hub.rollout import rollouts as rollout
 
     paths, config = load_hub(args.dir)
-    store = await _open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         action = {"promote": rollout.promote, "abort": rollout.abort, "rollback": rollout.rollback}
         transition = await action[args.policy_command](store, config.identity, time.time(), args.rollout)
@@ -279,8 +280,3 @@ async def _decide(args: argparse.Namespace) -> int:
     print("the running hub sends the change within a second")
     return EXIT_OK
 
-
-async def _open(db: Path) -> HubStore:
-    from hub.db.store import HubStore
-
-    return await HubStore.open(db)

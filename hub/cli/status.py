@@ -6,6 +6,7 @@ database), so the screen and Prometheus never disagree on what a number means.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from typing import Any, Final
 from edgefleet.wire.events import EventKind
 from hub.cli.format import event_detail, when  # the listing commands' formats
 from hub.config import HubConfig, HubPaths
-from hub.db.store import EventRow, HubStore, iso
+from hub.db.dialect import JSON_FIELD
+from hub.db.engines import open_store
+from hub.db.interface import redact
+from hub.db.rows import EventRow, iso
 from hub.metrics import COVERAGE_WINDOW_S, INGEST_RATE_MINUTES, HubCollector
 from hub.pki import renewal
 from hub.rollout import rollouts as rollout
@@ -100,7 +104,7 @@ class Status:
 async def build(paths: HubPaths, config: HubConfig, now: float | None = None) -> Status:
     """The whole status, read in one go."""
     now = time.time() if now is None else now
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         devices = await store.devices(drift_grace_s=config.rollout.drift_grace_s)
         escalations = await store.latest_escalations()
@@ -109,26 +113,30 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
         in_progress = await rollout.in_progress(store)
         pending = await store.query("SELECT id, device, rule, action, expires_at FROM approvals "
                                     "WHERE state = 'pending' ORDER BY id")
-        leaders = await store.query("SELECT holder, since, expires_at FROM leadership")
+        leaders = await store.query("SELECT holder, since, expires_at FROM leadership WHERE role = 'region'")
         lifecycle = await renewal.lifecycle_status(paths, config, store, now)
+        field = JSON_FIELD[store.dialect]
         enroll_refused = await store.query(
-            "SELECT ts, json_extract(body, '$.device'), json_extract(body, '$.enrollment'), "
-            "json_extract(body, '$.reason'), json_extract(body, '$.detail') FROM events WHERE device = ? "
+            f"SELECT ts, {field.format('body', 'device')}, {field.format('body', 'enrollment')}, "  # noqa: S608  # ours
+            f"{field.format('body', 'reason')}, {field.format('body', 'detail')} FROM events WHERE device = ? "
             "AND kind = ? AND ts > ? ORDER BY seq DESC LIMIT ?",
             (config.identity, EventKind.ENROLL_REFUSED, now - ENROLL_REFUSALS_SHOWN_S, ENROLL_REFUSALS_SHOWN))
         # Field sensors whose latest state change (sense/field/base.py events) says failing.
+        sensor = field.format("body", "sensor")
         sensors_failing = await store.query(
-            "SELECT e.device, e.ts, json_extract(e.body, '$.sensor'), json_extract(e.body, '$.error') FROM events e "
-            "JOIN (SELECT device, MAX(seq) AS seq FROM events WHERE kind IN (?, ?) "
-            "AND json_valid(body) GROUP BY device, json_extract(body, '$.sensor')) latest USING (device, seq) "
+            f"SELECT e.device, e.ts, {field.format('e.body', 'sensor')}, {field.format('e.body', 'error')} "  # noqa: S608
+            f"FROM events e JOIN (SELECT device, MAX(seq) AS seq FROM events WHERE kind IN (?, ?) "
+            f"AND {sensor} IS NOT NULL GROUP BY device, {sensor}) latest USING (device, seq) "
             "WHERE e.kind = ? ORDER BY e.device, e.ts",
             (EventKind.SENSOR_FAILING, EventKind.SENSOR_RECOVERED, EventKind.SENSOR_FAILING))
         clones = await store.query("SELECT device, COUNT(*), SUM(conflicts), MAX(conflict_at) FROM ingest_instances "
                                    "GROUP BY device HAVING SUM(conflicts) > 0 ORDER BY device")
     finally:
         await store.close()
-    figures = Figures.collect(HubCollector(paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s,
-                                           clock=lambda: now))
+    # In a thread: the collector reads PostgreSQL through an event loop of its own.
+    figures = await asyncio.to_thread(Figures.collect, HubCollector(
+        paths.db, config.region, drift_grace_s=config.rollout.drift_grace_s, clock=lambda: now,
+        database=config.database.url))
     live = [d for d in devices if not d.revoked]
     offline = [d for d in live if not d.online]
     expiring = [d for d in live if d.cert_expires is not None
@@ -138,6 +146,7 @@ async def build(paths: HubPaths, config: HubConfig, now: float | None = None) ->
            for c in lifecycle["hub_certificates"]]
     rejects = {s[0]["reason"]: int(s[1]) for s in figures.samples.get("ingest_rejects_total", [])}
     return Status({
+        "database": {"engine": store.dialect, "where": redact(config.database.url) or str(paths.db)},
         "devices": {"total": len(devices), "online": len(live) - len(offline), "offline": len(offline),
                     "revoked": len(devices) - len(live)},
         "leader": ({"hub": leaders[0][0], "since": leaders[0][1], "expires_at": leaders[0][2],
@@ -180,7 +189,8 @@ def render(status: Status) -> str:
 
     report, escalations, now = status.report, status.escalations, status.now
     n, f = report["devices"], report["figures"]
-    lines = [_leader_line(report["leader"], now),
+    lines = [f"database: {report['database']['engine']} {report['database']['where']}",
+             _leader_line(report["leader"], now),
              f"devices: {n['total']} total, {n['online']} online, {n['offline']} offline, {n['revoked']} revoked"]
     lines += _figure_lines(f)
     lines.append("needs a person:")

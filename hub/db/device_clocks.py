@@ -20,10 +20,11 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-import aiosqlite
 import msgspec
 
 from edgefleet.wire.events import EventKind
+from hub.db.dialect import Dialect
+from hub.db.interface import Tx
 
 CLOCK_EVENTS: Final = (EventKind.CLOCK_CORRECTED, EventKind.CLOCK_UNKNOWN)
 # Further than any real clock is off (a board in 1970 is about 56 years behind): a larger
@@ -41,12 +42,21 @@ class ClockCorrected(msgspec.Struct):
     sent_through: int
 
 
+# The cycle's moves, bound as one JSON array of [device, old watermark, new watermark], as rows.
+JSON_ROWS: Final[dict[Dialect, str]] = {
+    "sqlite": "(SELECT json_extract(value, '$[0]') AS device, json_extract(value, '$[1]') AS lo, "
+              "json_extract(value, '$[2]') AS hi FROM json_each(?))",
+    "postgresql": "(SELECT x->>0 AS device, (x->>1)::bigint AS lo, (x->>2)::bigint AS hi "
+                  "FROM json_array_elements(?::json) x)",
+}
+
+
 class ClockUnknown(msgspec.Struct):
     first: int
     last: int
 
 
-async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str, int, int]]) -> None:
+async def apply_clock_events(db: Tx, moves: Sequence[tuple[str, int, int]]) -> None:
     """For each (device, old watermark, new watermark), apply its clock events in old < seq <= new,
     in sequence order; inside the ingest transaction. A malformed one is counted and logged."""
     moved = json.dumps([[device, old, new] for device, old, new in moves if new > old])
@@ -54,12 +64,10 @@ async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str
         return
     # One statement for the whole cycle (thousands of devices may move at once), each device's
     # range read through the events' primary key.
-    async with db.execute(
-            "SELECT e.device, e.seq, e.kind, e.body FROM json_each(?) m JOIN events e "
-            "ON e.device = json_extract(m.value, '$[0]') AND e.seq > json_extract(m.value, '$[1]') "
-            "AND e.seq <= json_extract(m.value, '$[2]') "
-            "WHERE e.kind IN (?, ?) ORDER BY e.device, e.seq", (moved, *CLOCK_EVENTS)) as cur:
-        events = list(await cur.fetchall())
+    events = await db.fetch(  # the fragment is ours; values are bound
+        f"SELECT e.device, e.seq, e.kind, e.body FROM {JSON_ROWS[db.dialect]} m JOIN events e "  # noqa: S608  # the fragment is ours; values are bound
+        "ON e.device = m.device AND e.seq > m.lo AND e.seq <= m.hi "
+        "WHERE e.kind IN (?, ?) ORDER BY e.device, e.seq", (moved, *CLOCK_EVENTS))
     refused = 0
     for device, seq, kind, body in events:
         problem = await _apply(db, device, int(seq), kind, body)
@@ -69,10 +77,10 @@ async def apply_clock_events(db: aiosqlite.Connection, moves: Sequence[tuple[str
                         REJECT_REASON, device, kind, seq, problem)
     if refused:
         await db.execute("INSERT INTO rejects(reason, count) VALUES (?, ?) ON CONFLICT(reason) "
-                         "DO UPDATE SET count = count + excluded.count", (REJECT_REASON, refused))
+                         "DO UPDATE SET count = rejects.count + excluded.count", (REJECT_REASON, refused))
 
 
-async def _apply(db: aiosqlite.Connection, device: str, seq: int, kind: str, body: str) -> str | None:
+async def _apply(db: Tx, device: str, seq: int, kind: str, body: str) -> str | None:
     """Apply one event; what is wrong with it, if something is."""
     try:
         report = msgspec.json.decode(body, type=ClockCorrected if kind == EventKind.CLOCK_CORRECTED else ClockUnknown)

@@ -8,8 +8,9 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
-import aiosqlite
 import msgspec
+
+from hub.db.interface import Tx
 
 SCHEMA: Final = """
     CREATE TABLE enrollments (
@@ -34,7 +35,7 @@ SCHEMA: Final = """
     CREATE INDEX enrolled_enrollment ON enrolled(enrollment);
     CREATE TABLE enroll_readmit (         -- edge-hub enroll readmit: the next enrollment of it may use a new key
         device TEXT PRIMARY KEY,
-        by TEXT NOT NULL, at REAL NOT NULL
+        readmitted_by TEXT NOT NULL, at REAL NOT NULL
     );
     CREATE TABLE enroll_counts (          -- requests by outcome or refusal reason (the metrics endpoint)
         outcome TEXT PRIMARY KEY, count INTEGER NOT NULL
@@ -58,12 +59,11 @@ class EnrollmentRow(msgspec.Struct, frozen=True):
     pending: int
 
 
-async def one(db: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> Any:
-    async with db.execute(sql, args) as cur:
-        return await cur.fetchone()
+async def one(db: Tx, sql: str, args: Sequence[Any] = ()) -> Any:
+    return await db.fetch_one(sql, args)
 
 
-async def insert_enrollment(db: aiosqlite.Connection, row: EnrollmentRow, secret_sha256: str) -> None:
+async def insert_enrollment(db: Tx, row: EnrollmentRow, secret_sha256: str) -> None:
     await db.execute(
         "INSERT INTO enrollments(id, secret_sha256, profile, tags, max_devices, expires_at, approve, created_at, "
         "created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -71,7 +71,7 @@ async def insert_enrollment(db: aiosqlite.Connection, row: EnrollmentRow, secret
          row.expires_at, int(row.approve), row.created_at, row.created_by))
 
 
-async def enrollment(db: aiosqlite.Connection, enrollment_id: str) -> tuple[EnrollmentRow, str] | None:
+async def enrollment(db: Tx, enrollment_id: str) -> tuple[EnrollmentRow, str] | None:
     """The enrollment and its secret's hash, or None."""
     found = await list_enrollments(db, enrollment_id)
     if not found:
@@ -80,25 +80,23 @@ async def enrollment(db: aiosqlite.Connection, enrollment_id: str) -> tuple[Enro
     return found[0], digest[0]
 
 
-async def list_enrollments(db: aiosqlite.Connection, enrollment_id: str | None = None) -> list[EnrollmentRow]:
-    async with db.execute(
+async def list_enrollments(db: Tx, enrollment_id: str | None = None) -> list[EnrollmentRow]:
+    rows = await db.fetch(
         "SELECT e.id, e.profile, e.tags, e.max_devices, e.expires_at, e.approve, e.created_at, e.created_by, "
         "e.revoked_at, (SELECT COUNT(*) FROM enrolled n WHERE n.enrollment = e.id), "
         "(SELECT COUNT(*) FROM approvals a WHERE a.state = 'pending' AND a.rule = 'enrollment ' || e.id) "
-        "FROM enrollments e WHERE ? IS NULL OR e.id = ? ORDER BY e.created_at", (enrollment_id, enrollment_id)) as cur:
-        rows = await cur.fetchall()
+        "FROM enrollments e WHERE e.id = ? OR ? ORDER BY e.created_at", (enrollment_id, enrollment_id is None))
     return [EnrollmentRow(r[0], r[1], json.loads(r[2]), r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10])
             for r in rows]
 
 
-async def revoke_enrollment(db: aiosqlite.Connection, enrollment_id: str, now: float) -> bool:
+async def revoke_enrollment(db: Tx, enrollment_id: str, now: float) -> bool:
     """End new enrollments with this credential; False when it was revoked already."""
-    cur = await db.execute("UPDATE enrollments SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                           (now, enrollment_id))
-    return cur.rowcount > 0
+    return await db.execute("UPDATE enrollments SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                            (now, enrollment_id)) > 0
 
 
-async def record_enrolled(db: aiosqlite.Connection, device: str, enrollment_id: str, key_id: str, serial: str,
+async def record_enrolled(db: Tx, device: str, enrollment_id: str, key_id: str, serial: str,
                           now: float) -> None:
     await db.execute(
         "INSERT INTO enrolled(device, enrollment, key_id, serial, enrolled_at) VALUES (?, ?, ?, ?, ?) "
@@ -107,24 +105,25 @@ async def record_enrolled(db: aiosqlite.Connection, device: str, enrollment_id: 
         (device, enrollment_id, key_id, serial, now))
 
 
-async def enrolled_count(db: aiosqlite.Connection, enrollment_id: str) -> int:
+async def enrolled_count(db: Tx, enrollment_id: str) -> int:
     return int((await one(db, "SELECT COUNT(*) FROM enrolled WHERE enrollment = ?", (enrollment_id,)))[0])
 
 
-async def readmit(db: aiosqlite.Connection, device: str, by: str, now: float) -> None:
-    await db.execute("INSERT OR REPLACE INTO enroll_readmit(device, by, at) VALUES (?, ?, ?)", (device, by, now))
+async def readmit(db: Tx, device: str, by: str, now: float) -> None:
+    await db.execute("INSERT INTO enroll_readmit(device, readmitted_by, at) VALUES (?, ?, ?) ON CONFLICT(device) "
+                     "DO UPDATE SET readmitted_by = excluded.readmitted_by, at = excluded.at", (device, by, now))
 
 
-async def take_readmit(db: aiosqlite.Connection, device: str) -> str | None:
+async def take_readmit(db: Tx, device: str) -> str | None:
     """Use up the operator's readmission of `device`: who gave it, or None when there is none."""
-    row = await one(db, "SELECT by FROM enroll_readmit WHERE device = ?", (device,))
+    row = await one(db, "SELECT readmitted_by FROM enroll_readmit WHERE device = ?", (device,))
     if row is None:
         return None
     await db.execute("DELETE FROM enroll_readmit WHERE device = ?", (device,))
     return str(row[0])
 
 
-async def add_counts(db: aiosqlite.Connection, counts: dict[str, int]) -> None:
+async def add_counts(db: Tx, counts: dict[str, int]) -> None:
     await db.executemany(
         "INSERT INTO enroll_counts(outcome, count) VALUES (?, ?) "
-        "ON CONFLICT(outcome) DO UPDATE SET count = count + excluded.count", list(counts.items()))
+        "ON CONFLICT(outcome) DO UPDATE SET count = enroll_counts.count + excluded.count", list(counts.items()))

@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import aiosqlite
-
 from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import MAX_SEQ, Batch, Renumber
+from hub.db.dialect import GREATEST, JSON_VALUES
+from hub.db.interface import Tx
 
 # A moved instance starts at the next multiple of this above every number the device used:
 # the instance below it would need 2**40 records (350 years at 100 a second) to reach it.
@@ -43,7 +43,7 @@ RESET: Final = "outbox_reset"  # a new outbox on the same board below numbers it
 log = logging.getLogger("hub.identities")
 
 # Where a conflict is recorded (kind, body), inside the ingest's transaction: a hub event.
-EventSink = Callable[[aiosqlite.Connection, EventKind, dict[str, Any]], Awaitable[None]]
+EventSink = Callable[[EventKind, dict[str, Any]], Awaitable[None]]  # a hub event in the same transaction
 
 
 @dataclass
@@ -120,7 +120,7 @@ class ClaimWork(Protocol):
     def add_rows(self, device: str, batch: Batch) -> None: ...
 
 
-async def resolve_claims(db: aiosqlite.Connection, work: ClaimWork, record_event: EventSink) -> dict[
+async def resolve_claims(db: Tx, work: ClaimWork, record_event: EventSink) -> dict[
         tuple[str, int], tuple[str, int]]:
     """Judge the cycle's batches that carry an instance id, inside the ingest's transaction: add the
     accepted ones' rows and ranges to `work`, the refusals to `work.renumber`. Returns, per (device,
@@ -158,16 +158,18 @@ async def resolve_claims(db: aiosqlite.Connection, work: ClaimWork, record_event
         log.warning("device %s: two machines use its certificate: outbox %x numbered records %d.. that outbox %x "
                     "uses; refused, and told to renumber them from %d", device, batch.instance, verdict.keep + 1,
                     verdict.other, verdict.resume_after + 1)
-        await record_event(db, CONFLICT, {
+        await record_event(CONFLICT, {
             "device": device, "instance": f"{batch.instance:x}", "other": f"{verdict.other:x}",
             "renumbered_after": verdict.keep, "resume_after": verdict.resume_after,
             "detail": f"two machines use the certificate of {device}: give each board its own identity "
                       "(edge-hub provision) and re-image the copy; meanwhile every reading of both is kept"})
-    await db.executemany(
-        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, machine, "
+    await db.executemany(  # the fragment is ours; values are bound
+        "INSERT INTO ingest_instances(device, instance, stream, floor, keep, top, conflicts, conflict_at, machine, "  # noqa: S608  # the fragment is ours; values are bound
         "first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device, instance) DO UPDATE SET "
-        "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, top = max(top, excluded.top), "
-        "conflicts = conflicts + excluded.conflicts, conflict_at = COALESCE(excluded.conflict_at, conflict_at), "
+        "stream = excluded.stream, floor = excluded.floor, keep = excluded.keep, "
+        f"top = {GREATEST[db.dialect]}(ingest_instances.top, excluded.top), "
+        "conflicts = ingest_instances.conflicts + excluded.conflicts, "
+        "conflict_at = COALESCE(excluded.conflict_at, ingest_instances.conflict_at), "
         "last_seen = excluded.last_seen",
         [(device, i.instance, i.stream, i.floor, i.keep, i.top, conflicts.get((device, i.instance), 0),
           work.now if (device, i.instance) in conflicts else None, i.machine, work.now, work.now)
@@ -175,20 +177,19 @@ async def resolve_claims(db: aiosqlite.Connection, work: ClaimWork, record_event
     return placed
 
 
-async def _instances(db: aiosqlite.Connection, devices: list[str]) -> dict[str, dict[int, Instance]]:
+async def _instances(db: Tx, devices: list[str]) -> dict[str, dict[int, Instance]]:
     found: dict[str, dict[int, Instance]] = {}
-    async with db.execute("SELECT device, instance, stream, floor, keep, top, machine FROM ingest_instances "
-                          "WHERE device IN (SELECT value FROM json_each(?))", (json.dumps(devices),)) as cur:
-        for r in await cur.fetchall():
-            found.setdefault(r[0], {})[int(r[1])] = Instance(int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]),
-                                                             int(r[6]))
+    for r in await db.fetch("SELECT device, instance, stream, floor, keep, top, machine FROM ingest_instances "  # noqa: S608  # the fragment is ours; values are bound
+                            f"WHERE device IN (SELECT value FROM {JSON_VALUES[db.dialect]})",  # ours
+                            (json.dumps(devices),)):
+        found.setdefault(r[0], {})[int(r[1])] = Instance(int(r[1]), r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]))
     return found
 
 
-async def _top(db: aiosqlite.Connection, device: str, known: dict[int, Instance]) -> int:
+async def _top(db: Tx, device: str, known: dict[int, Instance]) -> int:
     """The highest number the device is known to have used (its instances', and before it had any)."""
-    async with db.execute("SELECT max(COALESCE((SELECT acked_through FROM ingest WHERE device = ?), 0), "
-                          "COALESCE((SELECT max(last) FROM ingest_ranges WHERE device = ?), 0))",
-                          (device, device)) as cur:
-        row = await cur.fetchone()
+    rows = await db.fetch(f"SELECT {GREATEST[db.dialect]}(COALESCE((SELECT acked_through FROM ingest "  # noqa: S608  # the fragment is ours; values are bound
+                          "WHERE device = ?), 0), COALESCE((SELECT max(last) FROM ingest_ranges "  # ours
+                          "WHERE device = ?), 0))", (device, device))
+    row = rows[0] if rows else None
     return max([int(row[0]) if row else 0, *(i.top for i in known.values())])

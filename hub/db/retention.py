@@ -32,6 +32,9 @@ from typing import Final, Literal, Protocol, TypeVar
 
 import aiosqlite
 
+from hub.db.dialect import JSON_VALUES
+from hub.db.interface import Tx
+
 Table = Literal["telemetry", "events"]
 TABLES: Final[tuple[Table, ...]] = ("telemetry", "events")
 NO_FLOOR: Final = -1  # nothing of a stream without a watermark is taken for stored
@@ -56,16 +59,15 @@ _FALLBACK: Final[dict[Table, str]] = {
 }
 
 
-async def prune(db: aiosqlite.Connection, table: Table, before: float, batch: int) -> int:
+async def prune(db: Tx, table: Table, before: float, batch: int) -> int:
     """Remove up to `batch` of the oldest prunable rows stamped before `before`, inside the
     caller's transaction, and count them in `retention`; how many went."""
     if table not in TABLES or batch < 1:
         raise ValueError(f"cannot prune {table!r} in batches of {batch}")
-    cur = await db.execute(
+    removed = max(await db.execute(
         f"DELETE FROM {table} WHERE (device, seq) IN (SELECT t.device, t.seq FROM {table} t "  # noqa: S608  # our names
         f"WHERE t.ts < ? AND t.seq <= {_ROW_FLOOR}, {_FALLBACK[table]}) ORDER BY t.ts LIMIT ?)",
-        (before, batch))
-    removed = max(cur.rowcount, 0)
+        (before, batch)), 0)
     if removed:
         await db.execute(
             "INSERT INTO retention(tbl, removed) VALUES (?, ?) "
@@ -82,19 +84,19 @@ async def removed_counts(db: aiosqlite.Connection) -> dict[str, int]:
 Floors = dict[str, list[tuple[int, int]]]  # device -> (instance floor, watermark), by floor
 
 
-async def dedup_floors(db: aiosqlite.Connection, devices: Iterable[str]) -> Floors:
+async def dedup_floors(db: Tx, devices: Iterable[str]) -> Floors:
     """The watermarks the records of `devices` are judged against (see the module's docstring)."""
     names = json.dumps(sorted(set(devices)))
+    values = JSON_VALUES[db.dialect]
     floors: Floors = {}
-    async with db.execute(
-            "SELECT n.device, n.floor, COALESCE(i.acked_through, -1) FROM ingest_instances n "
-            "LEFT JOIN ingest i ON i.device = n.stream WHERE n.device IN (SELECT value FROM json_each(?)) "
+    for device, floor, mark in await db.fetch(
+            "SELECT n.device, n.floor, COALESCE(i.acked_through, -1) FROM ingest_instances n "  # noqa: S608  # ours
+            f"LEFT JOIN ingest i ON i.device = n.stream WHERE n.device IN (SELECT value FROM {values}) "
             "UNION ALL SELECT g.device, -1, g.acked_through FROM ingest g "
-            "WHERE g.device IN (SELECT value FROM json_each(?)) "
+            f"WHERE g.device IN (SELECT value FROM {values}) "
             "AND NOT EXISTS (SELECT 1 FROM ingest_instances n WHERE n.device = g.device) "
-            "ORDER BY 1, 2", (names, names)) as cur:
-        for device, floor, mark in await cur.fetchall():
-            floors.setdefault(device, []).append((int(floor), int(mark)))
+            "ORDER BY 1, 2", (names, names)):
+        floors.setdefault(device, []).append((int(floor), int(mark)))
     return floors
 
 

@@ -15,28 +15,36 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import aiosqlite
-import msgspec
 
 from edgefleet.runtime.files import database_access_denied
 from edgefleet.runtime.sqlite import to_completion
 from edgefleet.wire.events import EventKind
-from edgefleet.wire.protocol import Batch, Presence, Renumber, Status, json_body
+from edgefleet.wire.protocol import Presence
 from hub.db import enrollments, export, retention
-from hub.db.device_clocks import apply_clock_events
-from hub.db.identities import resolve_claims
-from hub.db.watermarks import Coverage
-from hub.errors import HubError
+from hub.db.cycle import HUB_EVENT_SQL, INGEST_MINUTES_KEPT, commit_cycle, event_args
+from hub.db.dialect import Dialect
+from hub.db.interface import StoreError, StoreUnavailable, Tx
+from hub.db.rows import (
+    SEQ_CONFLICT,
+    DeviceRow,
+    EventRow,
+    IngestWork,
+    Listings,
+    TelemetryRow,
+    device_row,
+    event_row,
+    iso,
+    listing_sql,
+    telemetry_row,
+)
 
 BUSY_TIMEOUT_MS: Final = 10_000  # the CLI and the running hub share the file
-INGEST_MINUTES_KEPT: Final = 24 * 60  # the per-minute ingest counts behind the status's ingest rate
 
 log = logging.getLogger(__name__)
-SEQ_CONFLICT: Final = "seq_conflict"  # reject reason: a record reusing a seq its device already used for the other kind
 T = TypeVar("T")
 
 # Each entry migrates from version i to i+1; all of one open run in one transaction.
@@ -231,112 +239,39 @@ MIGRATIONS: Final[Sequence[str]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-class StoreError(HubError):
-    pass
+__all__ = ["INGEST_MINUTES_KEPT", "SEQ_CONFLICT", "DeviceRow", "EventRow", "HubStore", "IngestWork", "StoreError",
+           "TelemetryRow", "event_row", "fetch_all", "fetch_one", "iso", "telemetry_row"]
 
 
-class DeviceRow(msgspec.Struct, frozen=True):
-    """One line of `edge-hub devices --json`; the field names are a documented contract."""
+class SqliteTx:
+    """A `hub.db.interface.Tx` over the store's connection, inside one of its transactions."""
 
-    device: str
-    profile: str
-    tags: dict[str, str]
-    online: bool
-    last_seen: str | None
-    policy_version: int | None
-    policy_intended: int | None
-    policy_drifted: bool  # online, off the intended version for longer than the grace period
-    policy_refused: dict[str, Any] | None  # the latest refusal, as the device reported it
-    backlog: int | None
-    dropped: int | None
-    cert_expires: str | None
-    revoked: bool
-    agent_version: str | None
-    sensor_failures: dict[str, int] | None
-    corrupt_outboxes: int | None
+    dialect: Dialect = "sqlite"
 
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
 
-class TelemetryRow(msgspec.Struct, frozen=True):
-    """One line of `edge-hub telemetry --json` (a documented contract); ts in epoch seconds."""
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return await fetch_all(self.db, sql, args)
 
-    device: str
-    seq: int
-    ts: float
-    metric: str
-    value: float
-    clock_unknown: bool = False  # stamped by a device clock that was never set (docs/store-and-forward.md)
+    async def fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return await fetch_one(self.db, sql, args)
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        async with self.db.execute(sql, args) as cur:
+            return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.db.executemany(sql, rows)
+
+    async def lock(self, key: str) -> None:
+        del key  # BEGIN IMMEDIATE: one writer at a time already
 
 
-def telemetry_row(device: str, seq: int, ts: float, metric: str, value: float, clock_unknown: int) -> TelemetryRow:
-    return TelemetryRow(device, seq, ts, metric, value, bool(clock_unknown))
+class HubStore(Listings):
+    """The SQLite store. Start with `await HubStore.open(path)`, stop with `await store.close()`."""
 
-
-class EventRow(msgspec.Struct, frozen=True):
-    """One line of `edge-hub events --json` (a documented contract); ts in epoch seconds.
-
-    `policy_version` and `rule` are lifted out of the event's JSON body (null when absent);
-    `body` holds the rest of it.
-    """
-
-    device: str
-    seq: int
-    ts: float
-    kind: str
-    policy_version: int | None
-    rule: str | None
-    body: dict[str, Any]
-
-
-def event_row(device: str, seq: int, ts: float, kind: str, text: str) -> EventRow:
-    """An events-table row as an EventRow, whatever its body holds (protocol.json_body)."""
-    body = json_body(text)
-    version = body.pop("policy_version", None)
-    rule = body.pop("rule", None)
-    return EventRow(
-        device, seq, ts, kind,
-        policy_version=version if isinstance(version, int) and not isinstance(version, bool) else None,
-        rule=rule if isinstance(rule, str) else None,
-        body=body,
-    )
-
-
-@dataclass
-class IngestWork:
-    """Rows and state from one ingest cycle, committed together."""
-
-    now: float
-    telemetry: list[tuple[str, int, float, str, float]] = field(default_factory=list)
-    events: list[tuple[str, int, float, str, str]] = field(default_factory=list)
-    ranges: dict[str, list[tuple[int, int, bool]]] = field(default_factory=dict)  # (base, last, settled)
-    statuses: dict[str, Status] = field(default_factory=dict)
-    rejects: dict[str, int] = field(default_factory=dict)
-    messages: int = 0  # the MQTT messages they came in
-    hub: str = ""  # the hub process that took them in (replicas share the ingest)
-    # Filled by the commit: (device, seq, kind) of records not stored because the device's seq is
-    # already a record of the other kind (a reading vs an event); counted as SEQ_CONFLICT rejects.
-    conflicts: list[tuple[str, int, str]] = field(default_factory=list)
-    claims: list[tuple[str, Batch]] = field(default_factory=list)  # batches with an outbox instance id
-    # Set by the commit (hub/db/identities.py): each instance's ack, and the batches refused for numbers
-    # another machine with the same certificate uses.
-    instance_acks: dict[tuple[str, int], int] = field(default_factory=dict)
-    renumber: dict[tuple[str, int], Renumber] = field(default_factory=dict)
-
-    def add_rows(self, device: str, batch: Batch) -> None:
-        """A batch's readings and events, to be stored."""
-        names = batch.names
-        self.telemetry.extend((device, s, t, names[m], v) for s, t, m, v in zip(
-            batch.seq, batch.ts, batch.metric, batch.value, strict=True))
-        self.events.extend((device, e.seq, e.ts, e.kind, e.body) for e in batch.events)
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
-
-
-class HubStore:
-    """Start with `await HubStore.open(path)`, stop with `await store.close()`."""
+    dialect: Dialect = "sqlite"
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
@@ -410,16 +345,16 @@ class HubStore:
     async def close(self) -> None:
         await self._db.close()
 
-    async def atomically(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def atomically(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         """Run `work` in one IMMEDIATE transaction that cancellation cannot split; commit if it returns."""
         async with self._write_lock:
             return await to_completion(self._transaction(work))
 
-    async def _transaction(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def _transaction(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
-            result = await work(db)
+            result = await work(SqliteTx(db))
             await db.commit()
         except BaseException:
             if db.in_transaction:
@@ -434,7 +369,7 @@ class HubStore:
     # --- registry -------------------------------------------------------------------
 
     async def register(self, device: str, profile: str, tags: dict[str, str], *, readmit: bool = False) -> None:
-        await register_device(self._db, device, profile, tags, readmit=readmit)
+        await register_device(SqliteTx(self._db), device, profile, tags, readmit=readmit)
         await self._db.commit()
 
     async def record_certificate(self, serial: int, device: str, purpose: str, not_after: dt.datetime) -> None:
@@ -517,14 +452,14 @@ class HubStore:
     async def apply_presences(self, messages: Sequence[tuple[str, Presence]], now: float) -> list[int]:
         """Record presence messages in order, in one transaction; return the indexes of those that changed
         something (not stale, not for an unknown device)."""
-        async def work(db: aiosqlite.Connection) -> list[int]:
+        async def work(db: Tx) -> list[int]:
             return [i for i, (device, presence) in enumerate(messages)
                     if await self._presence(db, device, presence, now)]
         return await self.atomically(work)
 
     @staticmethod
-    async def _presence(db: aiosqlite.Connection, device: str, presence: Presence, now: float) -> bool:
-        row = await fetch_one(db, "SELECT session, online FROM devices WHERE device = ?", (device,))
+    async def _presence(db: Tx, device: str, presence: Presence, now: float) -> bool:
+        row = await db.fetch_one("SELECT session, online FROM devices WHERE device = ?", (device,))
         if row is None:
             return False
         if presence.state == "online":
@@ -558,55 +493,10 @@ class HubStore:
     async def _commit_ingest(self, work: IngestWork) -> dict[str, int]:
         db = self._db
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            legacy = set(work.ranges)  # devices whose agents send no outbox instance id
-            placed = await resolve_claims(db, work, lambda db, kind, body: self.hub_event(
-                db, work.hub or "hub", kind, body)) if work.claims else {}
-            await self._drop_seq_conflicts(db, work)
-            # Resent records the watermark covers are not stored again, also where retention removed them.
-            floors = await retention.dedup_floors(db, (stream.split("/", 1)[0] for stream in work.ranges))
-            work.telemetry = retention.above_floor(work.telemetry, floors)
-            work.events = retention.above_floor(work.events, floors)
-            if work.telemetry:
-                await db.executemany(
-                    "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
-                    work.telemetry,
-                )
-            if work.events:
-                await db.executemany(
-                    "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events
-                )
-            marks = await self._advance_watermarks(db, work.ranges) if work.ranges else {}
-            work.instance_acks = {key: min(marks[stream], ceiling) for key, (stream, ceiling) in placed.items()}
-            marks = {stream: mark for stream, mark in marks.items() if stream in legacy}
-            if work.messages:
-                minute = int(work.now // 60)
-                await db.execute(
-                    "INSERT INTO ingest_minutes(minute, hub, records, messages) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(minute, hub) DO UPDATE "
-                    "SET records = records + excluded.records, messages = messages + excluded.messages",
-                    (minute, work.hub, len(work.telemetry) + len(work.events), work.messages))
-                await db.execute("DELETE FROM ingest_minutes WHERE minute < ?", (minute - INGEST_MINUTES_KEPT,))
-            for device, status in work.statuses.items():
-                await db.execute(
-                    "UPDATE devices SET backlog = ?, dropped = ?, last_seen = ?, sensor_failures = ?, "
-                    "corrupt_outboxes = ?, policy_version = ?, policy_refused = ? WHERE device = ?",
-                    (status.backlog, status.dropped, work.now, json.dumps(status.sensor_failures),
-                     status.corrupt_outboxes, status.policy_version or None,
-                     msgspec.json.encode(status.policy_refused).decode() if status.policy_refused else None,
-                     device),
-                )
-                await db.executemany(
-                    "INSERT INTO drops(device, metric, count) VALUES (?, ?, ?) ON CONFLICT(device, metric) "
-                    "DO UPDATE SET count = excluded.count",
-                    [(device, m, c) for m, c in status.dropped_by_metric.items()],
-                )
-            if work.rejects:
-                await db.executemany(
-                    "INSERT INTO rejects(reason, count) VALUES (?, ?) ON CONFLICT(reason) "
-                    "DO UPDATE SET count = count + excluded.count",
-                    work.rejects.items(),
-                )
+            await db.execute("BEGIN IMMEDIATE")  # one writer at a time: replicas' commits never interleave
+            tx = SqliteTx(db)
+            marks = await commit_cycle(tx, work, lambda kind, body: self.hub_event(
+                tx, work.hub or "hub", kind, body), self._write_rows)
             await db.commit()
         except BaseException:
             if db.in_transaction:
@@ -615,89 +505,21 @@ class HubStore:
         return marks
 
     @staticmethod
-    async def _drop_seq_conflicts(db: aiosqlite.Connection, work: IngestWork) -> None:
-        """Keep (device, seq) one record across both tables: a reading whose seq is an event, stored or
-        in this cycle, or an event whose seq is a stored reading, is dropped and counted.
-
-        The first record of a seq stays, as with a repeated seq of the same kind; the batch still
-        covers the seq for the watermark (a record of it is committed here)."""
-        readings: dict[str, set[int]] = {}
-        for device, seq, *_ in work.telemetry:
-            readings.setdefault(device, set()).add(seq)
-        events = {(device, seq) for device, seq, *_ in work.events}
-        spans = json.dumps([[d, min(seqs), max(seqs)] for d, seqs in readings.items()])
-        taken = {(d, s, "reading") for d, s in await fetch_all(  # events are sparse: all in the readings' span
-            db, "SELECT e.device, e.seq FROM json_each(?) j JOIN events e ON e.device = json_extract(j.value, '$[0]') "
-                "AND e.seq BETWEEN json_extract(j.value, '$[1]') AND json_extract(j.value, '$[2]')", (spans,))
-            if s in readings[d]}
-        taken |= {(d, s, "event") for d, s in await fetch_all(
-            db, "SELECT t.device, t.seq FROM json_each(?) j JOIN telemetry t "
-                "ON t.device = json_extract(j.value, '$[0]') AND t.seq = json_extract(j.value, '$[1]')",
-            (json.dumps(sorted(events)),))}
-        kept = {(d, s) for d, seqs in readings.items() for s in seqs} - {(d, s) for d, s, _ in taken}
-        taken |= {(d, s, "event") for d, s in events & kept}  # in one cycle the reading comes first
-        if not taken:
-            return
-        work.telemetry = [r for r in work.telemetry if (r[0], r[1], "reading") not in taken]
-        work.events = [e for e in work.events if (e[0], e[1], "event") not in taken]
-        work.conflicts = sorted(taken)
-        work.rejects = {**work.rejects, SEQ_CONFLICT: work.rejects.get(SEQ_CONFLICT, 0) + len(taken)}
-
-    @staticmethod
-    async def _advance_watermarks(db: aiosqlite.Connection,
-                                  ranges: dict[str, list[tuple[int, int, bool]]]) -> dict[str, int]:
-        """Move each device's watermark across what this cycle and earlier ones (of any replica) stored."""
-        devices = json.dumps(sorted(ranges))
-        coverage = {d: Coverage(0) for d in ranges}
-        for device, mark in await fetch_all(
-                db, "SELECT device, acked_through FROM ingest WHERE device IN (SELECT value FROM json_each(?))",
-                (devices,)):
-            coverage[device].watermark = int(mark)
-        before = {d: c.watermark for d, c in coverage.items()}
-        for device, base, last in await fetch_all(
-                db, "SELECT device, base, last FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))",
-                (devices,)):
-            coverage[device].pending.append((int(base), int(last)))
-        for device, batches in ranges.items():
-            for base, last, settled in batches:
-                coverage[device].add(base, last, settled)
-        await db.executemany(
-            "INSERT INTO ingest(device, acked_through) VALUES (?, ?) ON CONFLICT(device) "
-            "DO UPDATE SET acked_through = max(acked_through, excluded.acked_through)",
-            [(d, c.watermark) for d, c in coverage.items()])
-        await db.execute("DELETE FROM ingest_ranges WHERE device IN (SELECT value FROM json_each(?))", (devices,))
-        await db.executemany("INSERT INTO ingest_ranges(device, base, last) VALUES (?, ?, ?)",
-                             [(d, base, last) for d, c in coverage.items() for base, last in c.pending])
-        # A stream is a device id, or DEVICE/INSTANCE for an outbox moved to a region of its own
-        # (hub/db/identities.py); its records, clock events included, are stored under the device.
-        await apply_clock_events(db, [(d.split("/", 1)[0], before[d], c.watermark) for d, c in coverage.items()])
-        return {d: c.watermark for d, c in coverage.items()}
-
-    def telemetry(self, *, device: str | None = None, since: float | None = None, until: float | None = None,
-                  metric: str | None = None, limit: int | None = None) -> AsyncGenerator[TelemetryRow, None]:
-        """Stored readings ordered by device, then seq; `since` included, `until` not."""
-        filters = (("device = ?", device), ("ts >= ?", since), ("ts < ?", until), ("metric = ?", metric))
-        return self._listing("device, seq, ts, metric, value, clock_unknown", "telemetry", filters, limit,
-                             telemetry_row)
-
-    def events(self, *, device: str | None = None, since: float | None = None,
-               kind: str | None = None, limit: int | None = None) -> AsyncGenerator[EventRow, None]:
-        """Stored events ordered by device, then seq (the device's own order)."""
-        filters = (("device = ?", device), ("ts >= ?", since), ("kind = ?", kind))
-        return self._listing("device, seq, ts, kind, body", "events", filters, limit, event_row)
+    async def _write_rows(tx: Tx, work: IngestWork) -> None:
+        if work.telemetry:
+            await tx.executemany(
+                "INSERT OR IGNORE INTO telemetry(device, seq, ts, metric, value) VALUES (?, ?, ?, ?, ?)",
+                work.telemetry)
+        if work.events:
+            await tx.executemany(
+                "INSERT OR IGNORE INTO events(device, seq, ts, kind, body) VALUES (?, ?, ?, ?, ?)", work.events)
 
     async def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
                        limit: int | None, make: Callable[..., T]) -> AsyncGenerator[T, None]:
         """Rows of a per-device table, filtered, by device and seq, streamed in chunks, each as
         `make(*columns)`. One generator: closing it (contextlib.aclosing) closes the cursor."""
-        active = [(clause, arg) for clause, arg in filters if arg is not None]
-        query = f"SELECT {columns} FROM {table}"  # noqa: S608  # names are ours; values are bound
-        if active:
-            query += " WHERE " + " AND ".join(clause for clause, _ in active)
-        query += " ORDER BY device, seq"
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
-        async with self._db.execute(query, [arg for _, arg in active]) as cur:
+        query, args = listing_sql(columns, table, filters, limit)
+        async with self._db.execute(query, args) as cur:
             while rows := await cur.fetchmany(10_000):
                 for row in rows:
                     yield make(*row)
@@ -716,33 +538,6 @@ class HubStore:
     async def prune_events(self, before: float, batch: int) -> int:
         """Remove at most `batch` events stamped before `before` (hub/db/retention.py); how many went."""
         return await self.atomically(lambda db: retention.prune(db, "events", before, batch))
-
-    async def latest_escalations(self) -> list[EventRow]:
-        """The newest `escalation` event of each (device, rule), ordered by device and rule.
-
-        A scan of the events table (there is no index on kind); fine for an operator's command.
-        """
-        query = (
-            "SELECT e.device, e.seq, e.ts, e.kind, e.body FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq FROM events WHERE kind = ?"
-            "  GROUP BY device, json_extract(CASE WHEN json_valid(body) THEN body END, '$.rule')"
-            ") latest USING (device, seq) ORDER BY e.device, e.seq"
-        )
-        rows = [event_row(*r) async for r in self._rows(query, (EventKind.ESCALATION,))]
-        return sorted(rows, key=lambda r: (r.device, r.rule or ""))
-
-    async def latest_alerts(self, since: float, severities: tuple[str, ...]) -> list[tuple[EventRow, int]]:
-        """The newest `alert` event of each device and message with one of `severities`, taken at or
-        after `since` (device clock), with how many there were since then; newest first."""
-        query = (
-            "SELECT e.device, e.seq, e.ts, e.kind, e.body, latest.n FROM events e JOIN ("
-            "  SELECT device, MAX(seq) AS seq, COUNT(*) AS n FROM events WHERE kind = ? AND ts >= ?"
-            "  AND json_valid(body) AND json_extract(body, '$.severity') IN (SELECT value FROM json_each(?))"
-            "  GROUP BY device, json_extract(body, '$.message')"
-            ") latest USING (device, seq) ORDER BY e.ts DESC, e.device"
-        )
-        return [(event_row(*r[:5]), int(r[5]))
-                async for r in self._rows(query, (EventKind.ALERT, since, json.dumps(severities)))]
 
     async def known_device(self, device: str) -> bool:
         """Registered, or with readings or events stored under its name (the hub's own events)."""
@@ -773,45 +568,52 @@ class HubStore:
             args = (device,)
         async with self._db.execute(query + " ORDER BY d.device", args) as cur:
             rows = await cur.fetchall()
-        return [self._device_row(r, now, drift_grace_s) for r in rows]
+        return [device_row(r, now, drift_grace_s) for r in rows]
 
-    @staticmethod
-    def _device_row(r: Any, now: float, drift_grace_s: float) -> DeviceRow:
-        online = bool(r["online"]) and r["revoked_at"] is None
-        off_since = max(r["assigned_at"] or 0.0, r["connected_at"] or 0.0)
-        drifted = (online and r["intended"] is not None and r["policy_version"] != r["intended"]
-                   and now - off_since > drift_grace_s)
-        return DeviceRow(
-            device=r["device"], profile=r["profile"], tags=json.loads(r["tags"]),
-            online=online, last_seen=iso(r["last_seen"]),
-            policy_version=r["policy_version"], policy_intended=r["intended"], policy_drifted=drifted,
-            policy_refused=json.loads(r["policy_refused"]) if r["policy_refused"] else None,
-            backlog=r["backlog"], dropped=r["dropped"],
-            cert_expires=iso(r["cert_expires"]), revoked=r["revoked_at"] is not None,
-            agent_version=r["agent_version"],
-            sensor_failures=json.loads(r["sensor_failures"]) if r["sensor_failures"] else None,
-            corrupt_outboxes=r["corrupt_outboxes"],
-        )
+    # --- leadership among replicas (hub/region/leadership.py) ---------------------------
 
-    async def hub_event(self, db: aiosqlite.Connection, identity: str, kind: EventKind, body: dict[str, Any],
+    async def claim_leadership(self, role: str, holder: str, ttl_s: float, now: float) -> tuple[str, float]:
+        """Take or keep the `role` row for `holder` unless another holds it unexpired (the hub's clock:
+        replicas of one SQLite file share a machine); the holder and expiry after the attempt."""
+        async def work(db: Tx) -> tuple[str, float]:
+            await db.execute(
+                "INSERT INTO leadership(role, holder, since, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT(role) "
+                "DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at, "
+                "since = CASE WHEN holder = excluded.holder THEN since ELSE excluded.since END "
+                "WHERE holder = excluded.holder OR expires_at < excluded.since",
+                (role, holder, now, now + ttl_s))
+            current, expires_at = await db.fetch_one("SELECT holder, expires_at FROM leadership WHERE role = ?",
+                                                     (role,))
+            return str(current), float(expires_at)
+        try:
+            return await self.atomically(work)
+        except sqlite3.OperationalError as exc:  # busy past its timeout
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def release_leadership(self, role: str, holder: str, now: float) -> None:
+        """Expire `holder`'s row now (kept: `edge-hub status` tells who led last and when it stopped)."""
+        async def work(db: Tx) -> None:
+            await db.execute("UPDATE leadership SET expires_at = ? WHERE role = ? AND holder = ?", (now, role, holder))
+        try:
+            await self.atomically(work)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def hub_event(self, db: Tx, identity: str, kind: EventKind, body: dict[str, Any],
                         ts: float | None = None) -> None:
         """An event of the hub itself (rollouts), in the events table under the hub's identity;
         call inside `atomically`."""
-        await db.execute(
-            "INSERT INTO events(device, seq, ts, kind, body) VALUES (?, "
-            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE device = ?), ?, ?, ?)",
-            (identity, identity, time.time() if ts is None else ts, kind, json.dumps(body, sort_keys=True)),
-        )
+        await db.execute(HUB_EVENT_SQL, event_args(identity, kind, body, time.time() if ts is None else ts))
 
 
-async def register_device(db: aiosqlite.Connection, device: str, profile: str, tags: dict[str, str], *,
+async def register_device(db: Tx, device: str, profile: str, tags: dict[str, str], *,
                           readmit: bool = False) -> None:
     """Add `device` to the registry, or give it this profile and these tags (provisioning and
     enrollment alike); `readmit` lifts a revocation. Commits nothing: the caller does."""
     await db.execute(
         "INSERT INTO devices(device, profile, tags, registered_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(device) DO UPDATE SET profile = excluded.profile, tags = excluded.tags, "
-        "revoked_at = CASE WHEN ? THEN NULL ELSE revoked_at END",
+        "revoked_at = CASE WHEN CAST(? AS BOOLEAN) THEN NULL ELSE devices.revoked_at END",
         (device, profile, json.dumps(tags, sort_keys=True), time.time(), readmit),
     )
 

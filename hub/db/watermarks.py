@@ -31,9 +31,8 @@ class Coverage:
         self._advance()
 
     def _advance(self) -> None:
-        self.pending.sort()
         keep: list[tuple[int, int]] = []
-        for base, last in self.pending:
+        for base, last in sorted(set(self.pending)):  # a batch resent beyond a gap is one range, not two
             if base <= self.watermark:
                 self.watermark = max(self.watermark, last)
             else:

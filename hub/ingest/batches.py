@@ -41,7 +41,8 @@ from edgefleet.wire.protocol import (
     unpack,
     unpack_up,
 )
-from hub.db.store import SEQ_CONFLICT, HubStore, IngestWork
+from hub.db.interface import HubState, StoreError
+from hub.db.rows import SEQ_CONFLICT, IngestWork
 
 # Errors of the data, not of the database's health: retried message by message.
 UNSTORABLE: Final = (OverflowError, ValueError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
@@ -52,7 +53,7 @@ INTERNAL_ERROR: Final = "internal_error"
 def blames_message(exc: Exception) -> bool:
     """Whether an unexpected failure can be put down to the message being handled: anything but
     the database's own health (locked, unavailable, corrupt), which is never a message's fault."""
-    return isinstance(exc, UNSTORABLE) or not isinstance(exc, sqlite3.Error)
+    return isinstance(exc, UNSTORABLE) or not isinstance(exc, sqlite3.Error | StoreError)
 
 log = logging.getLogger("hub.ingest")
 
@@ -71,7 +72,7 @@ class CycleResult:
 
 
 class Ingest:
-    def __init__(self, store: HubStore, hub: str = "") -> None:
+    def __init__(self, store: HubState, hub: str = "") -> None:
         self._store, self._hub = store, hub  # hub: this process's identity, for the per-process counts
         self._registered: set[str] = set()
         self.rejects: collections.Counter[str] = collections.Counter()

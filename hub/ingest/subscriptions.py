@@ -15,19 +15,16 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import aiosqlite
-
 from edgefleet.runtime.files import sync_directory, write_atomic
 from edgefleet.wire.events import EventKind
 from edgefleet.wire.protocol import NAME_PATTERN, down_topic
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore
+from hub.db.interface import UNAVAILABLE, HubState, Tx
 from hub.errors import HubError
 
 GROUP_PATTERN: Final = re.compile(r"ingest-[0-9a-f]{32}")  # 128 random bits: not guessable
@@ -92,7 +89,7 @@ class SubscriptionWatch:
     """Reads the broker's subscribe lines; a device subscribing outside its own down/ topics is
     logged (WARNING) and recorded as a `foreign_subscription` hub event naming it."""
 
-    def __init__(self, store: HubStore, config: HubConfig) -> None:
+    def __init__(self, store: HubState, config: HubConfig) -> None:
         self._store, self._hub = store, config.identity
         self._hubs = frozenset(config.hub_identities)
         self._noticed: dict[tuple[str, str], float] = {}
@@ -136,7 +133,7 @@ class SubscriptionWatch:
         await self._pending.join()
 
     async def _record(self, batch: list[Subscription]) -> None:
-        async def work(db: aiosqlite.Connection) -> None:
+        async def work(db: Tx) -> None:
             for seen in batch:
                 await self._store.hub_event(db, self._hub, FOREIGN,
                                             {"device": seen.device, "filter": seen.filter, "qos": seen.qos})
@@ -144,6 +141,6 @@ class SubscriptionWatch:
             try:
                 await self._store.atomically(work)
                 return
-            except sqlite3.OperationalError as exc:
+            except UNAVAILABLE as exc:
                 log.warning("hub database unavailable for %s events (%s); retrying", FOREIGN, exc)
                 await asyncio.sleep(DB_RETRY_WAIT)

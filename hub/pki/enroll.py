@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import aiosqlite
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
@@ -40,12 +39,16 @@ from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.config import HubConfig, HubPaths
 from hub.db import enrollments as db_enrollments
 from hub.db.enrollments import EnrollmentRow
-from hub.db.store import HubStore, fetch_one, register_device
+from hub.db.interface import HubState, Tx
+from hub.db.store import register_device
 from hub.errors import UsageError
 from hub.pki.authority import Authority, CsrRefused, cert_pem, check_request
 
 REFUSAL_AUDIT_WINDOW: Final = 60.0  # the same refusal (credential, device, reason) is audited once per minute
 REFUSAL_EVENTS_PER_WINDOW: Final = 100  # audited refusals per window over all keys; the rest are counted only
+# Enrollments live in the SQLite store only: their tables are not part of the PostgreSQL schema yet.
+ENROLL_NEEDS_SQLITE: Final = ("zero-touch enrollment needs the hub's state in SQLite for now (hub.db); this hub keeps "
+                              "it in PostgreSQL ([database] url): provision its devices with edge-hub provision")
 AUDITED_KEYS_KEPT: Final = 10_000  # remembered refusals; past this the memory is cleared (a flood of ids)
 APPROVAL_WAIT: Final = 7 * 86400.0  # a held request waits a week for a person, then is held anew when asked
 APPROVAL_RULE: Final = "enrollment "  # approvals.rule of an enrollment's request: this + the enrollment id
@@ -61,6 +64,7 @@ def _digest(secret: str) -> str:
 
 
 @dataclass(frozen=True)
+
 class ImageSpec:
     profile: str
     tags: dict[str, str]
@@ -113,7 +117,7 @@ def check_profile(profile: str) -> None:
         raise UsageError(str(exc)) from None
 
 
-async def create_enrollment(paths: HubPaths, config: HubConfig, store: HubStore, out: Path, spec: ImageSpec,
+async def create_enrollment(paths: HubPaths, config: HubConfig, store: HubState, out: Path, spec: ImageSpec,
                             by: str) -> EnrollmentRow:
     """Record a new enrollment and write its image folder to `out`: agent.toml, ca.crt,
     policy.pub and enroll.token (0600). The hub's record comes first: a folder on disk always
@@ -128,7 +132,7 @@ async def create_enrollment(paths: HubPaths, config: HubConfig, store: HubStore,
     row = EnrollmentRow(enrollment_id, spec.profile, spec.tags, spec.max_devices, spec.expires_at, spec.approve,
                         time.time(), by, None, 0, 0)
 
-    async def work(db: aiosqlite.Connection) -> None:
+    async def work(db: Tx) -> None:
         await db_enrollments.insert_enrollment(db, row, _digest(secret))
         await store.hub_event(db, config.identity, EventKind.ENROLLMENT_CREATED, {
             "enrollment": enrollment_id, "profile": spec.profile, "tags": spec.tags, "max_devices": spec.max_devices,
@@ -143,11 +147,11 @@ async def create_enrollment(paths: HubPaths, config: HubConfig, store: HubStore,
     return row
 
 
-async def revoke_enrollment(config: HubConfig, store: HubStore, enrollment_id: str, by: str) -> str:
+async def revoke_enrollment(config: HubConfig, store: HubState, enrollment_id: str, by: str) -> str:
     """End new enrollments with this credential; the devices it enrolled stay as they are."""
     now = time.time()
 
-    async def work(db: aiosqlite.Connection) -> str:
+    async def work(db: Tx) -> str:
         found = await db_enrollments.enrollment(db, enrollment_id)
         if found is None:
             raise UsageError(f"no enrollment {enrollment_id!r} (edge-hub enroll list shows them)")
@@ -164,13 +168,13 @@ async def revoke_enrollment(config: HubConfig, store: HubStore, enrollment_id: s
     return await store.atomically(work)
 
 
-async def readmit_device(config: HubConfig, store: HubStore, device: str, by: str) -> str:
+async def readmit_device(config: HubConfig, store: HubState, device: str, by: str) -> str:
     """Let `device` enroll once more with a new key (a board replaced or re-flashed); its old
     certificates are revoked when it does."""
     now = time.time()
 
-    async def work(db: aiosqlite.Connection) -> str:
-        if await fetch_one(db, "SELECT 1 FROM devices WHERE device = ?", (device,)) is None:
+    async def work(db: Tx) -> str:
+        if await db.fetch_one("SELECT 1 FROM devices WHERE device = ?", (device,)) is None:
             raise UsageError(f"no device {device!r} is registered with this hub: it can enroll as it is")
         await db_enrollments.readmit(db, device, by, now)
         await store.hub_event(db, config.identity, EventKind.ENROLL_READMITTED, {"device": device, "by": by}, ts=now)
@@ -204,7 +208,7 @@ class EnrollmentDesk:
 
     paths: HubPaths
     config: HubConfig
-    store: HubStore
+    store: HubState
     counts: Counter[str] = field(default_factory=Counter)
     _ca: Authority | None = field(default=None, init=False)
     _audited: dict[tuple[str, str, str], float] = field(default_factory=dict, init=False)  # -> when audited
@@ -255,7 +259,7 @@ class EnrollmentDesk:
                      enrollment_id, peer, reply.detail)
         return reply
 
-    async def _decide(self, db: aiosqlite.Connection, enrollment_id: str, secret: str, device: str,
+    async def _decide(self, db: Tx, enrollment_id: str, secret: str, device: str,
                       csr: x509.CertificateSigningRequest, key: str) -> _Decision:
         now = time.time()
         found = await db_enrollments.enrollment(db, enrollment_id)
@@ -268,11 +272,11 @@ class EnrollmentDesk:
         if row.expires_at is not None and now >= row.expires_at:
             raise Refused("expired", f"enrollment {enrollment_id} expired: build the image with a new one")
         readmitted = False
-        registered = await fetch_one(db, "SELECT revoked_at FROM devices WHERE device = ?", (device,))
+        registered = await db.fetch_one("SELECT revoked_at FROM devices WHERE device = ?", (device,))
         if registered is not None:
-            repeat = await fetch_one(
-                db, "SELECT pem FROM certificates WHERE device = ? AND key_id = ? AND purpose = 'device' "
-                    "AND revoked_at IS NULL AND not_after > ? AND pem IS NOT NULL ORDER BY not_after DESC LIMIT 1",
+            repeat = await db.fetch_one(
+                "SELECT pem FROM certificates WHERE device = ? AND key_id = ? AND purpose = 'device' "
+                "AND revoked_at IS NULL AND not_after > ? AND pem IS NOT NULL ORDER BY not_after DESC LIMIT 1",
                 (device, key, now))
             if repeat is not None:  # a reply lost, a device killed before it stored it: the same certificate
                 return _Decision(EnrollReply(outcome="issued", cert=repeat[0]), again=True)
@@ -281,7 +285,7 @@ class EnrollmentDesk:
                 raise Refused("already_enrolled", f"{device} is {state} with another key: if this board replaces "
                                                   f"it, run edge-hub enroll readmit {device}")
             readmitted = True
-        again_device = await fetch_one(db, "SELECT 1 FROM enrolled WHERE device = ? AND enrollment = ?",
+        again_device = await db.fetch_one("SELECT 1 FROM enrolled WHERE device = ? AND enrollment = ?",
                                        (device, enrollment_id))
         if (row.max_devices is not None and again_device is None
                 and await db_enrollments.enrolled_count(db, enrollment_id) >= row.max_devices):
@@ -306,11 +310,11 @@ class EnrollmentDesk:
             "profile": row.profile, "tags": row.tags, "readmitted": readmitted}, ts=now)
         return _Decision(EnrollReply(outcome="issued", cert=pem), readmitted=readmitted)
 
-    async def _held(self, db: aiosqlite.Connection, enrollment_id: str, device: str, key: str,
+    async def _held(self, db: Tx, enrollment_id: str, device: str, key: str,
                     now: float) -> _Decision | None:
         """None when an operator approved this request; else the hold (new or repeated) or a refusal."""
         request = f"enroll-{key}"
-        state = await fetch_one(db, "SELECT id, state, decided_by, reason FROM approvals WHERE device = ? "
+        state = await db.fetch_one("SELECT id, state, decided_by, reason FROM approvals WHERE device = ? "
                                     "AND request = ?", (device, request))
         retry = self.config.enroll.retry_s
         if state is not None and state[1] == "approved":
@@ -321,22 +325,22 @@ class EnrollmentDesk:
         if state is not None and state[1] == "denied":
             raise Refused("denied", f"an operator ({state[2]}) denied this device's enrollment"
                                     + (f": {state[3]}" if state[3] else ""))
-        pending = await fetch_one(db, "SELECT COUNT(*) FROM approvals WHERE state = 'pending' AND rule = ?",
+        pending = await db.fetch_one("SELECT COUNT(*) FROM approvals WHERE state = 'pending' AND rule = ?",
                                   (APPROVAL_RULE + enrollment_id,))
         if pending[0] >= self.config.enroll.max_pending:
             raise Refused("too_many_pending", f"enrollment {enrollment_id} already holds {pending[0]} requests for "
                                               "approval (enroll.max_pending): decide those first")
         if state is not None:  # expired: nobody decided in time; hold it anew
             await db.execute("DELETE FROM approvals WHERE id = ?", (state[0],))
-        cur = await db.execute(
+        [approval] = await db.fetch_one(
             "INSERT INTO approvals(device, request, rule, action, args, policy_version, requested_at, expires_at, "
-            "state, sent) VALUES (?, ?, ?, 'enroll', ?, NULL, ?, ?, 'pending', 1)",
+            "state, sent) VALUES (?, ?, ?, 'enroll', ?, NULL, ?, ?, 'pending', 1) RETURNING id",
             (device, request, APPROVAL_RULE + enrollment_id, json.dumps({"enrollment": enrollment_id, "key_id": key}),
              now, now + APPROVAL_WAIT))
         await self.store.hub_event(db, self.config.identity, EventKind.ENROLL_PENDING, {
-            "device": device, "enrollment": enrollment_id, "key_id": key, "approval": cur.lastrowid}, ts=now)
+            "device": device, "enrollment": enrollment_id, "key_id": key, "approval": approval}, ts=now)
         return _Decision(EnrollReply(outcome="pending", reason="approval", retry_after=retry, detail=(
-            f"waiting for an operator: edge-hub approvals approve {cur.lastrowid}")))
+            f"waiting for an operator: edge-hub approvals approve {approval}")))
 
     async def _after_issue(self, device: str, readmitted: bool) -> None:
         """What provisioning does next too: the policy its peers run; and, for a readmitted id, the CRL."""
@@ -372,7 +376,7 @@ class EnrollmentDesk:
         body = {"device": device[:64], "enrollment": enrollment_id, "reason": refused.reason,
                 "detail": refused.detail, "peer": peer}
 
-        async def work(db: aiosqlite.Connection) -> None:
+        async def work(db: Tx) -> None:
             await self.store.hub_event(db, self.config.identity, EventKind.ENROLL_REFUSED, body)
 
         await self.store.atomically(work)
@@ -383,7 +387,7 @@ class EnrollmentDesk:
             return
         counts, self.counts = dict(self.counts), Counter()
 
-        async def work(db: aiosqlite.Connection) -> None:
+        async def work(db: Tx) -> None:
             await db_enrollments.add_counts(db, counts)
 
         await self.store.atomically(work)

@@ -24,7 +24,7 @@ import msgspec
 
 from edgefleet.wire.enrollment import ENROLL_PATH, MAX_REQUEST_BYTES, EnrollReply, EnrollRequest, parse_token
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore
+from hub.db.interface import HubState
 from hub.pki.enroll import EnrollmentDesk, Refused
 
 MAX_CONNECTIONS: Final = 512  # open connections; past this a new one is closed at once (file descriptors)
@@ -98,7 +98,7 @@ class Limits:
 class EnrollmentServer:
     """`async with EnrollmentServer.serving(...)`; the bound port is `port`."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubState) -> None:
         self.desk = EnrollmentDesk(paths, config, store)
         self.limits = Limits(config)
         self._paths, self._config = paths, config
@@ -115,7 +115,7 @@ class EnrollmentServer:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def serving(cls, paths: HubPaths, config: HubConfig, store: HubStore) -> AsyncIterator[EnrollmentServer]:
+    async def serving(cls, paths: HubPaths, config: HubConfig, store: HubState) -> AsyncIterator[EnrollmentServer]:
         self = cls(paths, config, store)
         host = config.enroll.bind or config.broker.bind
         server = await asyncio.start_server(self._connection, host, config.enroll.port, limit=MAX_HEAD_BYTES,

@@ -15,8 +15,9 @@ from edgefleet.runtime.files import write_atomic
 from edgefleet.runtime.settings import to_struct
 from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.broker import port_holder, port_taken, write_broker_files
-from hub.config import HubConfig, HubPaths, render_hub_toml
-from hub.db.store import HubStore
+from hub.config import HubConfig, HubPaths, config_mode, render_hub_toml
+from hub.db.engines import open_store
+from hub.db.interface import is_postgres_url
 from hub.errors import UsageError
 from hub.ingest.subscriptions import share_group
 from hub.pki.authority import Authority, cert_pem, key_pem
@@ -24,7 +25,8 @@ from hub.pki.authority import Authority, cert_pem, key_pem
 log = logging.getLogger("hub.setup")
 
 
-async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: str, force: bool) -> HubPaths:
+async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: str, force: bool,
+                   database: str = "") -> HubPaths:
     try:
         validate_name(region, "region")
     except ProtocolError as exc:
@@ -32,11 +34,17 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     # Built through validation (msgspec checks bounds on conversion, not on construction),
     # before anything on disk is touched.
     try:
-        config = to_struct({"region": region, "broker": {"host": host, "port": port, "bind": bind}},
-                           HubConfig, "edge-hub init")
+        config = to_struct({"region": region, "broker": {"host": host, "port": port, "bind": bind},
+                            "database": {"url": database}}, HubConfig, "edge-hub init")
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     paths = HubPaths(directory.resolve())
+    if database:
+        if not is_postgres_url(database):
+            raise UsageError(f"--database {database.split('://', 1)[0]}://...: give a postgresql://USER@HOST:PORT/DB "
+                             "URL, or leave it out to keep the hub's state in hub.db")
+        # Reached, and its schema made or migrated, before anything on disk is touched.
+        await (await open_store(database, paths.db)).close()
     if paths.config.exists():
         if not force:
             raise UsageError(
@@ -70,13 +78,13 @@ async def init_hub(directory: Path, region: str, *, port: int, host: str, bind: 
     crl = ca.issue_crl([], config.pki.crl_lifetime)
     write_atomic(paths.crl, crl.public_bytes(Encoding.PEM), 0o644)
 
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         await store.record_certificate(hub_cert.serial_number, config.identity, "hub", hub_cert.not_valid_after_utc)
         await store.record_certificate(server_cert.serial_number, host, "server", server_cert.not_valid_after_utc)
     finally:
         await store.close()
-    write_atomic(paths.config, render_hub_toml(config).encode(), 0o644)
+    write_atomic(paths.config, render_hub_toml(config).encode(), config_mode(config))
     write_broker_files(paths, config)
     share_group(paths)
     if port_taken(bind, port):

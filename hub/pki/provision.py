@@ -22,7 +22,7 @@ from edgefleet.runtime.files import write_atomic
 from edgefleet.runtime.settings import toml_value
 from edgefleet.wire.protocol import ProtocolError, validate_name
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore
+from hub.db.interface import HubState
 from hub.errors import UsageError
 from hub.pki.authority import Authority, cert_pem, common_name, key_pem, utcnow
 
@@ -125,7 +125,7 @@ dir = "state"   # the outbox; systemd/edge-agent.service points it at /var/lib/e
 class Provisioner:
     paths: HubPaths
     config: HubConfig
-    store: HubStore
+    store: HubState
     out: Path
     reissue: bool = False
     ca: Authority = field(init=False)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import aiosqlite
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -40,7 +39,9 @@ from edgefleet.wire.keys import public_key_id
 from edgefleet.wire.protocol import CERT, CertIssued, CertRefused, CertReply, CertRequest, down_topic, pack_cert
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore, fetch_one, iso
+from hub.db.dialect import JSON_FIELD
+from hub.db.interface import HubState, Tx
+from hub.db.rows import iso
 from hub.pki.authority import (
     Authority,
     CsrRefused,
@@ -55,13 +56,14 @@ from hub.pki.revocation import renew_crl_if_due
 CHECK_INTERVAL: Final = 3600.0  # the hub's certificates live for months: hourly looks leave ample margin
 MIN_CHECK_WAIT: Final = 1.0  # between looks, however short the configured lifetimes (tests, drills)
 
+NO_CA: Final = "no_ca"  # refusal reason: the process that got the request cannot sign (ask again)
 log = logging.getLogger("hub.renewal")
 
 
 class CertificateDesk:
     """Answers devices' certificate requests (up/cert). `handle` in the ingest cycle, `serve` per session."""
 
-    def __init__(self, paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+    def __init__(self, paths: HubPaths, config: HubConfig, store: HubState) -> None:
         self._paths, self._config, self._store = paths, config, store
         self._ca: Authority | None = None
         self._outgoing: asyncio.Queue[tuple[str, CertReply]] = asyncio.Queue()
@@ -95,18 +97,21 @@ class CertificateDesk:
         except (ValueError, UnsupportedAlgorithm) as exc:  # a key type cryptography does not know: the latter
             return await self._refuse_alone(device, CertRefused(
                 key_id="", reason="bad_request", detail=f"not a usable PEM certificate request: {exc}"[:500]))
+        if not self._paths.ca_key.exists():  # a replica's own folder: the CA key stays with the primary
+            return CertRefused(key_id=key, reason=NO_CA, detail="this hub process holds no CA key; ask again, "
+                               "another one of the region's hub processes signs")
         now = time.time()
 
-        async def work(db: aiosqlite.Connection) -> tuple[CertReply, bool]:
+        async def work(db: Tx) -> tuple[CertReply, bool]:
             # Read, sign and record in one IMMEDIATE transaction: an `edge-hub revoke` running at the
             # same time either comes first (and is seen here) or revokes this certificate too.
-            row = await fetch_one(db, "SELECT revoked_at FROM devices WHERE device = ?", (device,))
+            row = await db.fetch_one("SELECT revoked_at FROM devices WHERE device = ?", (device,))
             if row is None or row[0] is not None:
                 reason = "unknown_device" if row is None else "revoked"
                 detail = f"{device} is not registered with this hub" if row is None else f"{device} is revoked"
                 return await self._refusal(db, device, CertRefused(key_id=key, reason=reason, detail=detail)), False
-            repeat = await fetch_one(
-                db, "SELECT pem FROM certificates WHERE device = ? AND key_id = ? AND purpose = 'device' "
+            repeat = await db.fetch_one(
+                    "SELECT pem FROM certificates WHERE device = ? AND key_id = ? AND purpose = 'device' "
                     "AND revoked_at IS NULL AND not_after > ? AND pem IS NOT NULL ORDER BY not_after DESC LIMIT 1",
                 (device, key, now))
             if repeat is not None:
@@ -141,7 +146,7 @@ class CertificateDesk:
                      self._config.pki.device_cert_lifetime)
         return reply
 
-    async def _over_limit(self, db: aiosqlite.Connection, device: str, key: str,
+    async def _over_limit(self, db: Tx, device: str, key: str,
                           now: float) -> tuple[CertRefused, bool] | None:
         """The refusal when `device` already had pki.renewal_limit certificates in band within the
         window (a clock running ahead, or a device asking in a loop), and whether one was audited
@@ -149,8 +154,8 @@ class CertificateDesk:
         becomes a hub event: a flood must not fill the database."""
         pki = self._config.pki
         window = pki.renewal_window.total_seconds()
-        row = await fetch_one(
-            db, "SELECT COUNT(*), MIN(issued_at) FROM certificates WHERE device = ? AND purpose = 'device' "
+        row = await db.fetch_one(
+                "SELECT COUNT(*), MIN(issued_at) FROM certificates WHERE device = ? AND purpose = 'device' "
                 "AND key_id IS NOT NULL AND issued_at > ?", (device, now - window))
         if row[0] < pki.renewal_limit:
             return None
@@ -158,15 +163,16 @@ class CertificateDesk:
         refused = CertRefused(key_id=key, reason="rate_limited", detail=(
             f"{device} got {row[0]} certificates in the last {window:.0f} s (pki.renewal_limit = {pki.renewal_limit}): "
             f"ask again in {retry:.0f} s, and check the device's clock"))
-        audited = await fetch_one(
-            db, "SELECT 1 FROM events WHERE device = ? AND kind = ? AND ts > ? "
-                "AND json_extract(body, '$.device') = ? AND json_extract(body, '$.reason') = 'rate_limited'",
+        field = JSON_FIELD[db.dialect]
+        audited = await db.fetch_one(
+            "SELECT 1 FROM events WHERE device = ? AND kind = ? AND ts > ? "  # noqa: S608  # ours
+            f"AND {field.format('body', 'device')} = ? AND {field.format('body', 'reason')} = 'rate_limited'",
             (self._config.identity, EventKind.CERT_REFUSED, now - window, device))
         if audited is None:
             return await self._refusal(db, device, refused), False
         return refused, True
 
-    async def _refusal(self, db: aiosqlite.Connection, device: str, refused: CertRefused) -> CertRefused:
+    async def _refusal(self, db: Tx, device: str, refused: CertRefused) -> CertRefused:
         await self._store.hub_event(db, self._config.identity, EventKind.CERT_REFUSED, {
             "device": device, "reason": refused.reason, "detail": refused.detail, "key_id": refused.key_id})
         return refused
@@ -211,7 +217,7 @@ def own_certificates(paths: HubPaths, config: HubConfig) -> list[OwnCertificate]
     return found
 
 
-async def keep_pki_fresh(paths: HubPaths, config: HubConfig, store: HubStore) -> None:
+async def keep_pki_fresh(paths: HubPaths, config: HubConfig, store: HubState) -> None:
     """The leader's upkeep: re-issue the CRL long before its nextUpdate (an expired CRL locks out
     the whole fleet), and renew each of the hub's own certificates once less than
     pki.server_cert_renew_fraction of its life is left; look again when the next is due (at least
@@ -222,7 +228,7 @@ async def keep_pki_fresh(paths: HubPaths, config: HubConfig, store: HubStore) ->
         await asyncio.sleep(max(MIN_CHECK_WAIT, min([CHECK_INTERVAL, *waits])))
 
 
-async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, store: HubStore,
+async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, store: HubState,
                        now: dt.datetime | None = None) -> float:
     """Renew `own` if it is due (at `now`, default the clock's); return the seconds until it is due next."""
     pki = config.pki
@@ -260,7 +266,7 @@ async def renew_if_due(own: OwnCertificate, paths: HubPaths, config: HubConfig, 
 # --- for `edge-hub status` ---------------------------------------------------------------------
 
 
-async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
+async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubState,
                            now: float | None = None) -> dict[str, Any]:
     """What an operator must act on: devices whose certificates all expired (they cannot renew in
     band), the latest in-band refusal of each device not renewed since, devices whose clock
@@ -270,21 +276,23 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
         "SELECT d.device, MAX(c.not_after), d.last_seen FROM devices d JOIN certificates c USING (device) "
         "WHERE d.revoked_at IS NULL AND c.purpose = 'device' AND c.revoked_at IS NULL "
         "GROUP BY d.device HAVING MAX(c.not_after) <= ? ORDER BY d.device", (now,))
-    refusals = await store.query(
-        "SELECT json_extract(body, '$.device'), MAX(seq), ts, json_extract(body, '$.reason'), "
-        "json_extract(body, '$.detail') FROM events WHERE device = ? AND kind = ? "
-        "GROUP BY 1 ORDER BY 1", (config.identity, EventKind.CERT_REFUSED))
+    field = JSON_FIELD[store.dialect]
+    refusals = await store.query(  # the latest refusal of each device
+        f"SELECT {field.format('body', 'device')}, seq, ts, {field.format('body', 'reason')}, "  # noqa: S608  # ours
+        f"{field.format('body', 'detail')} FROM events WHERE device = ? AND seq IN (SELECT MAX(seq) FROM events "
+        f"WHERE device = ? AND kind = ? GROUP BY {field.format('body', 'device')}) ORDER BY 1",
+        (config.identity, config.identity, EventKind.CERT_REFUSED))
     issued = {row[0]: row[1] for row in await store.query(
-        "SELECT json_extract(body, '$.device'), MAX(seq) FROM events WHERE device = ? AND kind = ? "
-        "GROUP BY 1", (config.identity, EventKind.CERT_ISSUED))}
+        f"SELECT {field.format('body', 'device')}, MAX(seq) FROM events WHERE device = ? "  # noqa: S608  # ours
+        f"AND kind = ? GROUP BY {field.format('body', 'device')}", (config.identity, EventKind.CERT_ISSUED))}
     # The certificate in use was judged by a clock that disagrees with its start (the agent's
     # cert_clock_skew), and no certificate has been taken into use since without one.
     skewed = await store.query(
-        "SELECT e.device, e.ts, json_extract(e.body, '$.clock_minus_start_s') FROM events e "
+        f"SELECT e.device, e.ts, {field.format('e.body', 'clock_minus_start_s')} FROM events e "  # noqa: S608  # ours
         "WHERE e.kind = ? AND e.seq = (SELECT MAX(seq) FROM events WHERE device = e.device "
         "AND kind = ?) AND NOT EXISTS (SELECT 1 FROM events r WHERE r.device = e.device "
-        "AND r.kind = ? AND r.seq > e.seq AND json_extract(r.body, '$.serial') != "
-        "json_extract(e.body, '$.serial')) ORDER BY e.device",
+        f"AND r.kind = ? AND r.seq > e.seq AND {field.format('r.body', 'serial')} != "
+        f"{field.format('e.body', 'serial')}) ORDER BY e.device",
         (EventKind.CERT_CLOCK_SKEW, EventKind.CERT_CLOCK_SKEW, EventKind.CERT_RENEWED))
     own = []
     for certificate in own_certificates(paths, config):
@@ -301,5 +309,6 @@ async def lifecycle_status(paths: HubPaths, config: HubConfig, store: HubStore,
         "renewal_refused": [{"device": d, "reason": reason, "detail": detail, "ts": ts}
                             for d, seq, ts, reason, detail in refusals if issued.get(d, 0) < seq],
         "hub_certificates": own,
-        "clock_skew": [{"device": d, "ts": ts, "clock_minus_start_s": skew} for d, ts, skew in skewed],
+        "clock_skew": [{"device": d, "ts": ts, "clock_minus_start_s": None if skew is None else float(skew)}
+                       for d, ts, skew in skewed],
     }

@@ -29,7 +29,7 @@ from edgefleet.mqtt.session import MqttSession, TlsIdentity
 from edgefleet.runtime.files import write_atomic
 from hub.broker import reload_broker
 from hub.config import HubConfig, HubPaths
-from hub.db.store import HubStore
+from hub.db.interface import HubState
 from hub.errors import UsageError
 from hub.pki.authority import Authority, cert_pem, key_pem, renewal_due_in, utcnow
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 async def publish_crl(
-    paths: HubPaths, config: HubConfig, store: HubStore, ca: Authority
+    paths: HubPaths, config: HubConfig, store: HubState, ca: Authority
 ) -> x509.CertificateRevocationList:
     """Write a fresh CRL from the database and make the broker load it."""
     crl = ca.issue_crl(await store.revoked_serials(), config.pki.crl_lifetime)
@@ -51,7 +51,7 @@ async def publish_crl(
     return crl
 
 
-async def renew_crl_if_due(paths: HubPaths, config: HubConfig, store: HubStore) -> float:
+async def renew_crl_if_due(paths: HubPaths, config: HubConfig, store: HubState) -> float:
     """Re-issue the CRL when it is missing, unreadable or past its renewal point; return the
     seconds until it is due next."""
     if crl_due_in(paths, config) <= 0:
@@ -109,7 +109,7 @@ async def _connect(config: HubConfig, tls: ssl.SSLContext, client_id: str) -> Mq
     return session
 
 
-async def revoke(paths: HubPaths, config: HubConfig, store: HubStore, device: str) -> RevokeReport:
+async def revoke(paths: HubPaths, config: HubConfig, store: HubState, device: str) -> RevokeReport:
     started = time.monotonic()
     if not await store.exists(device):
         raise UsageError(f"no device {device!r} is registered with this hub (see edge-hub devices)")
@@ -150,7 +150,7 @@ async def _confirm_refusing(config: HubConfig, probe: _Throwaway) -> bool:
     return False
 
 
-async def _take_over(paths: HubPaths, config: HubConfig, store: HubStore, ca: Authority, device: str) -> bool:
+async def _take_over(paths: HubPaths, config: HubConfig, store: HubState, ca: Authority, device: str) -> bool:
     taker = _Throwaway(paths, ca, device)
     try:
         await store.record_certificate(taker.cert.serial_number, device, "kick", taker.cert.not_valid_after_utc)

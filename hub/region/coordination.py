@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiosqlite
-
 from edgefleet.wire.events import APPROVAL_DECIDED, TASK_FINISHED, EventKind
 from edgefleet.wire.protocol import (
     ApprovalDecision,
@@ -46,7 +44,8 @@ from edgefleet.wire.protocol import (
     TaskDone,
     TaskOffer,
 )
-from hub.db.store import HubStore, fetch_all, fetch_one
+from hub.db.dialect import JSON_ARRAY
+from hub.db.interface import HubState, Tx
 from hub.errors import HubError
 from hub.rollout.rollouts import Selector
 
@@ -70,7 +69,7 @@ class Replies:
 
 
 class Coordination:
-    def __init__(self, store: HubStore, identity: str) -> None:
+    def __init__(self, store: HubState, identity: str) -> None:
         self._store, self._identity = store, identity
 
     # --- device messages (from the ingest cycle) -------------------------------------
@@ -81,7 +80,7 @@ class Coordination:
         if not requests:
             return Replies()
 
-        async def work(db: aiosqlite.Connection) -> Replies:
+        async def work(db: Tx) -> Replies:
             out = Replies()
             touched: set[str] = set()
             asked: set[tuple[str, str]] = set()
@@ -107,23 +106,23 @@ class Coordination:
                 await self._promote(db, name, now, out)
                 # Only those who asked now hear their place (all of them on every change
                 # would be quadratic in the queue's length).
-                for position, (device, request) in enumerate(await fetch_all(
-                        db, "SELECT device, request FROM lease_queue WHERE name = ? ORDER BY qid", (name,)), start=1):
+                for position, (device, request) in enumerate(await db.fetch(
+                        "SELECT device, request FROM lease_queue WHERE name = ? ORDER BY qid", (name,)), start=1):
                     if (device, request) in asked:
                         out.messages.append((device, LeaseQueued(id=request, name=name, position=position)))
             return out
 
         return await self._store.atomically(work)
 
-    async def _queue(self, db: aiosqlite.Connection, leases: list[tuple[str, LeaseRequest]], now: float,
+    async def _queue(self, db: Tx, leases: list[tuple[str, LeaseRequest]], now: float,
                      out: Replies) -> None:
         """Queue a cycle's lease requests, a few statements for all of them (a burst of hundreds
         is one cycle); `_promote` then grants what fits, and the rest hear their place."""
         if not leases:
             return
         names = sorted({req.name for _, req in leases})
-        held = {(d, r): (token, expires) for d, r, token, expires in await fetch_all(
-            db, f"SELECT device, request, token, expires_at FROM lease_holders WHERE name IN "  # noqa: S608  # placeholders only
+        held = {(d, r): (token, expires) for d, r, token, expires in await db.fetch(
+                f"SELECT device, request, token, expires_at FROM lease_holders WHERE name IN "  # noqa: S608  # placeholders only
                 f"({', '.join('?' * len(names))})", names)}
         fresh = []
         for device, req in leases:
@@ -134,25 +133,26 @@ class Coordination:
             else:
                 fresh.append((req.name, device, req.id, req.limit, req.ttl_s, req.rule, req.policy_version, now))
         await db.executemany(
-            "INSERT OR IGNORE INTO lease_queue(name, device, request, lim, ttl_s, rule, policy_version, "
-            "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", fresh)
+            "INSERT INTO lease_queue(name, device, request, lim, ttl_s, rule, policy_version, "
+            "requested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", fresh)
         for name in names:
             asking = sorted({d for d, req in leases if req.name == name})
             shown = ", ".join(asking[:5]) + (f" and {len(asking) - 5} more" if len(asking) > 5 else "")
             out.notes.append(f"lease {name}: {shown} ask")
 
-    async def _release(self, db: aiosqlite.Connection, device: str, rel: LeaseRelease, now: float,
+    async def _release(self, db: Tx, device: str, rel: LeaseRelease, now: float,
                        out: Replies) -> None:
-        cur = await db.execute("DELETE FROM lease_holders WHERE device = ? AND request = ? AND name = ?",
-                               (device, rel.id, rel.name))
-        if cur.rowcount:
+        if await db.execute("DELETE FROM lease_holders WHERE device = ? AND request = ? AND name = ?",
+                            (device, rel.id, rel.name)):
             out.notes.append(f"lease {rel.name}: {device} released token {rel.token}")
         await db.execute("DELETE FROM lease_queue WHERE device = ? AND request = ?", (device, rel.id))
 
-    async def _promote(self, db: aiosqlite.Connection, name: str, now: float, out: Replies) -> None:
-        """Grant to the head of the queue while there is room."""
+    async def _promote(self, db: Tx, name: str, now: float, out: Replies) -> None:
+        """Grant to the head of the queue while there is room; one process at a time per lease (two replicas
+        counting the holders at once would both grant the last place)."""
+        await db.lock(f"lease:{name}")
         while True:
-            head = await fetch_one(db, "SELECT q.qid, q.device, q.request, q.lim, q.ttl_s, q.rule, q.policy_version, "
+            head = await db.fetch_one("SELECT q.qid, q.device, q.request, q.lim, q.ttl_s, q.rule, q.policy_version, "
                                   "COALESCE(d.online, 0) FROM lease_queue q LEFT JOIN devices d ON d.device = q.device "
                                   "WHERE q.name = ? ORDER BY q.qid LIMIT 1", (name,))
             if head is None:
@@ -161,11 +161,12 @@ class Coordination:
             if not online:  # it cannot use a grant now; it asks again when it is back
                 await db.execute("DELETE FROM lease_queue WHERE qid = ?", (qid,))
                 continue
-            holders, cap = await fetch_one(db, "SELECT COUNT(*), MIN(lim) FROM lease_holders WHERE name = ?", (name,))
+            holders, cap = await db.fetch_one("SELECT COUNT(*), MIN(lim) FROM lease_holders WHERE name = ?", (name,))
             if holders >= min(limit, cap or limit):
                 break
-            token = (await fetch_one(db, "INSERT INTO leases(name, last_token) VALUES (?, 1) ON CONFLICT(name) "
-                                    "DO UPDATE SET last_token = last_token + 1 RETURNING last_token", (name,)))[0]
+            token = (await db.fetch_one(
+                "INSERT INTO leases(name, last_token) VALUES (?, 1) ON CONFLICT(name) DO "
+                "UPDATE SET last_token = leases.last_token + 1 RETURNING last_token", (name,)))[0]
             await db.execute("DELETE FROM lease_queue WHERE qid = ?", (qid,))
             await db.execute(
                 "INSERT INTO lease_holders(name, device, request, token, lim, rule, policy_version, granted_at, "
@@ -174,33 +175,38 @@ class Coordination:
             out.messages.append((device, LeaseGrant(id=request, name=name, token=token, expires_in_s=ttl_s)))
             out.notes.append(f"lease {name}: granted to {device}, token {token}")
 
-    async def _approval(self, db: aiosqlite.Connection, device: str, req: ApprovalRequest, now: float,
+    async def _approval(self, db: Tx, device: str, req: ApprovalRequest, now: float,
                         out: Replies) -> None:
-        row = await fetch_one(
-            db, "SELECT id, state, decided_by, reason FROM approvals WHERE device = ? AND request = ?",
+        row = await db.fetch_one("SELECT id, state, decided_by, reason FROM approvals WHERE device = ? AND request = ?",
             (device, req.id))
         if row is None:
-            cur = await db.execute(
+            created = await db.fetch_one(  # another replica may have taken the same request in just now
                 "INSERT INTO approvals(device, request, rule, action, args, policy_version, requested_at, "
-                "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                "expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending') "
+                "ON CONFLICT (device, request) DO NOTHING RETURNING id",
                 (device, req.id, req.rule, req.action, req.args, req.policy_version, now, now + req.expires_s))
-            out.notes.append(f"approval {cur.lastrowid}: {device} asks to run {req.action} for rule {req.rule}; "
-                             f"edge-hub approvals approve|deny {cur.lastrowid}")
+            if created is None:
+                return
+            approval = created[0]
+            out.notes.append(f"approval {approval}: {device} asks to run {req.action} for rule {req.rule}; "
+                             f"edge-hub approvals approve|deny {approval}")
         elif row[1] != "pending":  # decided while it was away: tell it again
             out.messages.append((device, _decision(req.id, row[1], row[2], row[3])))
 
-    async def _bid(self, db: aiosqlite.Connection, device: str, bid: Bid, now: float) -> None:
+    async def _bid(self, db: Tx, device: str, bid: Bid, now: float) -> None:
         await db.execute(
             # Only from a device it was offered to, and only while bids are taken.
-            "INSERT INTO bids(task, device, able, score, detail, at) SELECT ?, ?, ?, ?, ?, ? "
+            "INSERT INTO bids(task, device, able, score, detail, at) "  # noqa: S608  # the fragment is ours
+            "SELECT CAST(? AS BIGINT), ?, CAST(? AS INTEGER), "
+            "CAST(? AS DOUBLE PRECISION), ?, CAST(? AS DOUBLE PRECISION) "
             "WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.id = ? AND t.state = 'bidding' AND t.bid_by >= ? "
-            "AND EXISTS (SELECT 1 FROM json_each(t.offered) WHERE value = ?)) "
+            f"AND EXISTS (SELECT 1 FROM {JSON_ARRAY[db.dialect].format('t.offered')} WHERE value = ?)) "
             "ON CONFLICT(task, device) DO NOTHING",
-            (bid.task, device, bid.able, bid.score, bid.detail, now, bid.task, now, device))
+            (bid.task, device, int(bid.able), bid.score, bid.detail, now, bid.task, now, device))
 
-    async def _task_done(self, db: aiosqlite.Connection, device: str, done: TaskDone, now: float,
+    async def _task_done(self, db: Tx, device: str, done: TaskDone, now: float,
                          out: Replies) -> None:
-        task = await fetch_one(db, "SELECT state, attempt, awarded_to, kind FROM tasks WHERE id = ?", (done.task,))
+        task = await db.fetch_one("SELECT state, attempt, awarded_to, kind FROM tasks WHERE id = ?", (done.task,))
         if task is None or task[0] != "awarded" or task[1] != done.attempt or task[2] != device:
             return  # late news of an earlier award: already handed on
         outcome = "succeeded" if done.ok else ("refused" if done.refused else "failed")
@@ -218,24 +224,24 @@ class Coordination:
     async def tick(self, now: float | None = None) -> Replies:
         now = time.time() if now is None else now
 
-        async def work(db: aiosqlite.Connection) -> Replies:
+        async def work(db: Tx) -> Replies:
             out = Replies()
-            for name, device, token in await fetch_all(
-                    db, "SELECT name, device, token FROM lease_holders WHERE expires_at <= ?", (now,)):
+            for name, device, token in await db.fetch(
+                    "SELECT name, device, token FROM lease_holders WHERE expires_at <= ?", (now,)):
                 await db.execute("DELETE FROM lease_holders WHERE name = ? AND token = ?", (name, token))
                 await self._store.hub_event(db, self._identity, EventKind.LEASE_EXPIRED, {
                     "lease": name, "device": device, "token": token}, ts=now)
                 out.notes.append(f"lease {name}: token {token} of {device} expired (no release before its TTL)")
                 await self._promote(db, name, now, out)
-            for approval_id, device in await fetch_all(
-                    db, "SELECT id, device FROM approvals WHERE state = 'pending' AND expires_at <= ?", (now,)):
+            for approval_id, device in await db.fetch(
+                    "SELECT id, device FROM approvals WHERE state = 'pending' AND expires_at <= ?", (now,)):
                 await db.execute("UPDATE approvals SET state = 'expired', decided_by = 'expired', decided_at = ?, "
                                  "reason = 'nobody decided in time' WHERE id = ?", (now, approval_id))
                 await self._store.hub_event(db, self._identity, EventKind.APPROVAL_EXPIRED, {
                     "approval": approval_id, "device": device, "by": "expired"}, ts=now)
                 out.notes.append(f"approval {approval_id} of {device} expired: treated as denied")
-            for approval_id, device, request, state, by, reason in await fetch_all(
-                    db, "SELECT id, device, request, state, decided_by, reason FROM approvals "
+            for approval_id, device, request, state, by, reason in await db.fetch(
+                    "SELECT id, device, request, state, decided_by, reason FROM approvals "
                         "WHERE state != 'pending' AND sent = 0", ()):
                 out.messages.append((device, _decision(request, state, by, reason)))
                 await db.execute("UPDATE approvals SET sent = 1 WHERE id = ?", (approval_id,))
@@ -244,31 +250,31 @@ class Coordination:
 
         return await self._store.atomically(work)
 
-    async def _tasks(self, db: aiosqlite.Connection, now: float, out: Replies) -> None:
-        for task, state, deadline, bid_by, award_expires, offered in await fetch_all(
-                db, "SELECT id, state, deadline, bid_by, award_expires, offered FROM tasks "
+    async def _tasks(self, db: Tx, now: float, out: Replies) -> None:
+        for task, state, deadline, bid_by, award_expires, offered in await db.fetch(
+                "SELECT id, state, deadline, bid_by, award_expires, offered FROM tasks "
                     "WHERE state NOT IN ('done', 'failed')", ()):
             if deadline is not None and now >= deadline:
                 await self._finish_task(db, task, "failed", "its deadline passed", now, out)
             elif state == "new":
                 await self._offer(db, task, now, out)
             elif state == "bidding":
-                answered = (await fetch_one(db, "SELECT COUNT(*) FROM bids WHERE task = ?", (task,)))[0]
+                answered = (await db.fetch_one("SELECT COUNT(*) FROM bids WHERE task = ?", (task,)))[0]
                 if now >= bid_by or answered >= len(json.loads(offered or "[]")):
                     await self._award_next(db, task, now, out)
             elif state == "awarded" and now >= award_expires:
-                device = (await fetch_one(db, "SELECT awarded_to FROM tasks WHERE id = ?", (task,)))[0]
+                device = (await db.fetch_one("SELECT awarded_to FROM tasks WHERE id = ?", (task,)))[0]
                 await db.execute("UPDATE bids SET outcome = 'timeout', result = 'no answer in time' "
                                  "WHERE task = ? AND device = ?", (task, device))
                 out.notes.append(f"task {task}: {device} did not answer in time; offering it to the next bidder")
                 await self._award_next(db, task, now, out)
 
-    async def _offer(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
-        kind, args, target, deadline = await fetch_one(
-            db, "SELECT kind, args, target, deadline FROM tasks WHERE id = ?", (task,))
+    async def _offer(self, db: Tx, task: int, now: float, out: Replies) -> None:
+        kind, args, target, deadline = await db.fetch_one(
+                "SELECT kind, args, target, deadline FROM tasks WHERE id = ?", (task,))
         want = Selector.from_json(target)
-        devices = [d for d, profile, tags in await fetch_all(
-            db, "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL AND online = 1 "
+        devices = [d for d, profile, tags in await db.fetch(
+                "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL AND online = 1 "
                 "ORDER BY device", ())
             if want.matches(profile, json.loads(tags))]
         bid_by = min(now + BID_WINDOW_S, deadline if deadline is not None else float("inf"))
@@ -277,19 +283,19 @@ class Coordination:
         out.messages += [(d, TaskOffer(task=task, kind=kind, args=args, bid_by=bid_by)) for d in devices]
         out.notes.append(f"task {task} ({kind}): offered to {len(devices)} online device(s)")
 
-    async def _award_next(self, db: aiosqlite.Connection, task: int, now: float, out: Replies) -> None:
-        deadline = (await fetch_one(db, "SELECT deadline FROM tasks WHERE id = ?", (task,)))[0]
+    async def _award_next(self, db: Tx, task: int, now: float, out: Replies) -> None:
+        deadline = (await db.fetch_one("SELECT deadline FROM tasks WHERE id = ?", (task,)))[0]
         if deadline is not None and now >= deadline:
             await self._finish_task(db, task, "failed", "its deadline passed", now, out)
             return
-        best = await fetch_one(db, "SELECT device, score FROM bids WHERE task = ? AND able AND outcome IS NULL "
+        best = await db.fetch_one("SELECT device, score FROM bids WHERE task = ? AND able = 1 AND outcome IS NULL "
                               "ORDER BY score DESC, device LIMIT 1", (task,))
         if best is None:
             await self._finish_task(db, task, "failed", await _why_nobody(db, task), now, out)
             return
         device, score = best
-        kind, args, attempt, timeout_s, deadline = await fetch_one(
-            db, "SELECT kind, args, attempt, timeout_s, deadline FROM tasks WHERE id = ?", (task,))
+        kind, args, attempt, timeout_s, deadline = await db.fetch_one(
+                "SELECT kind, args, attempt, timeout_s, deadline FROM tasks WHERE id = ?", (task,))
         expires = min(now + timeout_s, deadline if deadline is not None else float("inf"))
         await db.execute("UPDATE bids SET outcome = 'awarded' WHERE task = ? AND device = ?", (task, device))
         await db.execute("UPDATE tasks SET state = 'awarded', attempt = ?, awarded_to = ?, award_expires = ?, "
@@ -298,7 +304,7 @@ class Coordination:
                                                timeout_s=max(expires - now, 0.001))))
         out.notes.append(f"task {task}: awarded to {device} (score {score:.3f}), attempt {attempt + 1}")
 
-    async def _finish_task(self, db: aiosqlite.Connection, task: int, state: str, reason: str | None, now: float,
+    async def _finish_task(self, db: Tx, task: int, state: str, reason: str | None, now: float,
                            out: Replies, result: dict[str, Any] | None = None) -> None:
         await db.execute("UPDATE tasks SET state = ?, reason = ?, result = ?, updated_at = ? WHERE id = ?",
                          (state, reason, json.dumps(result) if result else None, now, task))
@@ -313,12 +319,11 @@ class Coordination:
                          timeout_s: float, now: float | None = None) -> int:
         now = time.time() if now is None else now
 
-        async def work(db: aiosqlite.Connection) -> int:
-            cur = await db.execute(
+        async def work(db: Tx) -> int:
+            task = int((await db.fetch_one(
                 "INSERT INTO tasks(kind, args, target, deadline, timeout_s, state, attempt, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, 'new', 0, ?, ?)",
-                (kind, json.dumps(args), json.dumps(target), deadline, timeout_s, now, now))
-            task = int(cur.lastrowid or 0)
+                "VALUES (?, ?, ?, ?, ?, 'new', 0, ?, ?) RETURNING id",
+                (kind, json.dumps(args), json.dumps(target), deadline, timeout_s, now, now)))[0])
             await self._store.hub_event(db, self._identity, EventKind.TASK_OFFERED, {
                 "task": task, "kind": kind, "args": args, "target": target, "deadline": deadline}, ts=now)
             return task
@@ -328,8 +333,8 @@ class Coordination:
     async def decide(self, approval: int, approved: bool, by: str, reason: str, now: float | None = None) -> str:
         now = time.time() if now is None else now
 
-        async def work(db: aiosqlite.Connection) -> str:
-            row = await fetch_one(db, "SELECT state, device, rule, action FROM approvals WHERE id = ?", (approval,))
+        async def work(db: Tx) -> str:
+            row = await db.fetch_one("SELECT state, device, rule, action FROM approvals WHERE id = ?", (approval,))
             if row is None:
                 raise CoordinationError(f"no approval request {approval} (edge-hub approvals list shows them)")
             if row[0] != "pending":
@@ -349,10 +354,10 @@ def _decision(request: str, state: str, by: str | None, reason: str | None) -> A
     return ApprovalDecision(id=request, approved=state == "approved", by=by or "", reason=reason or state)
 
 
-async def _why_nobody(db: aiosqlite.Connection, task: int) -> str:
-    bids = await fetch_all(db, "SELECT device, able, detail, outcome, result FROM bids WHERE task = ? ORDER BY device",
+async def _why_nobody(db: Tx, task: int) -> str:
+    bids = await db.fetch("SELECT device, able, detail, outcome, result FROM bids WHERE task = ? ORDER BY device",
                       (task,))
-    offered = (await fetch_one(db, "SELECT offered FROM tasks WHERE id = ?", (task,)))[0]
+    offered = (await db.fetch_one("SELECT offered FROM tasks WHERE id = ?", (task,)))[0]
     if not json.loads(offered or "[]"):
         return "no online device matches the target"
     able = [b for b in bids if b[1]]

@@ -15,26 +15,25 @@ on time rather than on a message run in the leader only:
 The leader holds a row of hub.db, renewed every LEADER_RENEW_S and valid LEADER_TTL_S. A
 replica that finds it expired (its holder killed, hung, or cut off from the database) takes
 it over; one whose renewal fails stops leading before its row can expire. A replica keeps its
-name across restarts, so a restarted leader takes its row back at once. With PostgreSQL the
-row stays and the clock becomes the database's `now()` (docs/scaling.md).
+name across restarts, so a restarted leader takes its row back at once. With PostgreSQL the row
+is judged on the database's clock (`now()`), so replicas on separate machines need no synchronised
+clocks for it (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-import aiosqlite
-
-from hub.db.store import HubStore, fetch_one
+from hub.db.interface import HubState, StoreUnavailable
 
 LEADER_TTL_S: Final = 10.0  # a killed leader's loops resume in another replica within this (+ a renewal)
 LEADER_RENEW_S: Final = 2.0  # several renewals fit in the TTL: one slow transaction does not lose it
 ROLE: Final = "region"
+CA_ROLE: Final = "ca"  # the CA's upkeep (CRL, the hub's own certificates), contested only where the CA key is
 
 log = logging.getLogger("hub.leadership")
 
@@ -42,9 +41,11 @@ log = logging.getLogger("hub.leadership")
 class Leadership:
     """`run()` is the renewal task; `while_leading(work)` runs `work` in the leader only."""
 
-    def __init__(self, store: HubStore, holder: str, *, ttl_s: float = LEADER_TTL_S,
-                 renew_s: float = LEADER_RENEW_S, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: HubState, holder: str, *, ttl_s: float = LEADER_TTL_S,
+                 renew_s: float = LEADER_RENEW_S, clock: Callable[[], float] = time.time, role: str = ROLE) -> None:
         self._store, self.holder, self._ttl_s, self._renew_s, self._clock = store, holder, ttl_s, renew_s, clock
+        self.role = role
+        self._failing = False  # the latest renewal failed: say so once, not every LEADER_RENEW_S
         self._leading, self._following = asyncio.Event(), asyncio.Event()
         self._following.set()
         self._held_until = 0.0
@@ -61,32 +62,25 @@ class Leadership:
         """One attempt to take or keep the lead; True while this replica leads."""
         now = self._clock()
         try:
-            holder, expires_at = await self._store.atomically(lambda db: self._claim(db, now))
-        except sqlite3.OperationalError as exc:
+            holder, expires_at = await self._store.claim_leadership(self.role, self.holder, self._ttl_s, now)
+        except StoreUnavailable as exc:
             # The database is busy past its timeout: keep leading only while the row surely is ours.
-            log.warning("cannot renew the hub's leadership (%s)", exc)
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "cannot renew the hub's leadership (%s)", exc)
+            self._failing = True
             self._set(self.leading and self._clock() < self._held_until - self._renew_s, self.leader)
             return self.leading
+        self._failing = False
         if holder == self.holder:
             self._held_until = now + self._ttl_s
         self._set(holder == self.holder, holder, expires_at)
         return self.leading
 
-    async def _claim(self, db: aiosqlite.Connection, now: float) -> tuple[str, float]:
-        await db.execute(
-            "INSERT INTO leadership(role, holder, since, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT(role) DO UPDATE "
-            "SET holder = excluded.holder, expires_at = excluded.expires_at, "
-            "since = CASE WHEN holder = excluded.holder THEN since ELSE excluded.since END "
-            "WHERE holder = excluded.holder OR expires_at < excluded.since",
-            (ROLE, self.holder, now, now + self._ttl_s))
-        holder, expires_at = await fetch_one(db, "SELECT holder, expires_at FROM leadership WHERE role = ?", (ROLE,))
-        return str(holder), float(expires_at)
-
     def _set(self, leading: bool, holder: str | None, expires_at: float | None = None) -> None:
         if leading != self.leading or holder != self.leader:
             if leading:
-                log.info("this hub process (%s) leads the region: rollouts, coordination timers, CRL", self.holder)
-            elif holder is not None:
+                log.info("this hub process (%s) leads the %s: %s", self.holder, self.role,
+                         "rollouts, coordination timers" if self.role == ROLE else "CRL and hub certificates")
+            elif holder is not None and self.role == ROLE:
                 log.info("%s leads the region until at least %s; this process (%s) ingests and answers devices",
                          holder, time.strftime("%H:%M:%S", time.localtime(expires_at or 0)), self.holder)
         self.leader = holder
@@ -97,7 +91,15 @@ class Leadership:
         """Renew every LEADER_RENEW_S until cancelled; the row is released on the way out."""
         try:
             while True:
-                await self.renew()
+                try:
+                    # A renewal that hangs (a database gone quiet) must not outlast the row it renews.
+                    async with asyncio.timeout(max(self._held_until - self._renew_s - self._clock(), self._renew_s)
+                                               if self.leading else self._ttl_s):
+                        await self.renew()
+                except TimeoutError:
+                    log.warning("the hub's %s leadership could not be renewed in time: this process stops "
+                                "leading before its row can expire", self.role)
+                    self._set(False, self.leader)
                 await asyncio.sleep(self._renew_s)
         finally:
             if self.leading:
@@ -106,13 +108,9 @@ class Leadership:
 
     async def _release(self) -> None:
         """A clean stop hands the lead over at once instead of after the TTL."""
-        async def work(db: aiosqlite.Connection) -> None:
-            # Expired now, and kept: `edge-hub status` tells who led last and when it stopped.
-            await db.execute("UPDATE leadership SET expires_at = ? WHERE role = ? AND holder = ?",
-                             (self._clock(), ROLE, self.holder))
         try:
-            await self._store.atomically(work)
-        except sqlite3.Error as exc:
+            await self._store.release_leadership(self.role, self.holder, self._clock())
+        except StoreUnavailable as exc:
             log.warning("could not hand the hub's leadership over (%s); it passes on in %.0f s", exc, self._ttl_s)
 
     async def while_leading(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:

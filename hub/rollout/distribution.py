@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -20,7 +19,7 @@ from edgefleet.mqtt.link import SESSION_ENDED
 from edgefleet.mqtt.session import MqttSession
 from edgefleet.wire.protocol import POLICY, PolicyDocument, down_topic, pack
 from hub.config import HubConfig
-from hub.db.store import HubStore
+from hub.db.interface import UNAVAILABLE, HubState
 from hub.rollout import rollouts as rollout
 from hub.rollout.signing import seal
 
@@ -34,7 +33,7 @@ log = logging.getLogger("hub.policy")
 
 
 class PolicyPublisher:
-    def __init__(self, config: HubConfig, store: HubStore, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, config: HubConfig, store: HubState, signing_key: Ed25519PrivateKey) -> None:
         self._config, self._store, self._key = config, store, signing_key
         self._texts: dict[int, str | None] = {}  # policy versions never change: cache their text
 
@@ -48,7 +47,7 @@ class PolicyPublisher:
                     level = logging.WARNING if transition.kind == "rolled_back" else logging.INFO
                     log.log(level, "%s", transition.message)
                 await self.publish_due(session, sent, now)
-            except sqlite3.OperationalError as exc:  # the operator's CLI holds the database: next tick
+            except UNAVAILABLE as exc:  # the operator's CLI holds the database: next tick
                 log.warning("hub database unavailable for rollouts (%s); trying again", exc)
             except SESSION_ENDED:
                 raise
@@ -61,7 +60,8 @@ class PolicyPublisher:
         due: list[tuple[str, str, int]] = []
         for device, profile, version, online, applied, since in await self._store.query(
             "SELECT a.device, d.profile, a.version, d.online, d.policy_version, "
-            "MAX(a.assigned_at, COALESCE(d.connected_at, 0)) FROM assignments a "
+            "CASE WHEN a.assigned_at > COALESCE(d.connected_at, 0) THEN a.assigned_at "
+            "ELSE COALESCE(d.connected_at, 0) END FROM assignments a "
             "JOIN devices d ON d.device = a.device WHERE d.revoked_at IS NULL"
         ):
             last = sent.get(device)

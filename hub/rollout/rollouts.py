@@ -27,12 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-import aiosqlite
-
 from edgefleet.policy.document import Policy
 from edgefleet.wire.events import ROLLOUT_REVERTED, EventKind
 from hub.config import RolloutConf
-from hub.db.store import HubStore, fetch_all, fetch_one
+from hub.db.dialect import JSON_FIELD, JSON_INT
+from hub.db.interface import HubState, Tx
 from hub.errors import HubError, UsageError
 
 ACTIVE: Final = "baking"
@@ -152,7 +151,7 @@ class Transition:
 # --- pushing ----------------------------------------------------------------------------
 
 
-async def push(store: HubStore, identity: str, region: str, text: str, policy: Policy, *, selector: Selector,
+async def push(store: HubState, identity: str, region: str, text: str, policy: Policy, *, selector: Selector,
                canary_pct: float | None, bake_s: float, conf: RolloutConf, origin: str, now: float,
                checked_profiles: set[str]) -> Pushed:
     """Record the policy under a new version and reach the first wave, in one transaction.
@@ -161,13 +160,13 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
     """
     waves = wave_plan(canary_pct, conf)
 
-    async def work(db: aiosqlite.Connection) -> Pushed:
-        latest = (await fetch_one(db, "SELECT MAX(version) FROM policies", ()))[0] or 0
+    async def work(db: Tx) -> Pushed:
+        latest = (await db.fetch_one("SELECT MAX(version) FROM policies", ()))[0] or 0
         if policy.version and policy.version <= latest:
             raise RolloutError(f"the file says version = {policy.version}, but version {latest} was already "
                                f"pushed; versions only grow: remove the line to let the hub number it")
         version = policy.version or latest + 1
-        targeted = targets(list(await (await db.execute(CANDIDATES)).fetchall()), selector, policy, region)
+        targeted = targets(await db.fetch(CANDIDATES), selector, policy, region)
         if not targeted:
             raise RolloutError(f"no registered, unrevoked device matches {selector.describe()}"
                                + (" and the policy's [target]" if policy.target else ""))
@@ -179,11 +178,10 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
         await db.execute(
             "INSERT INTO policies(version, text, sha256, created_at, origin) VALUES (?, ?, ?, ?, ?)",
             (version, text, hashlib.sha256(text.encode()).hexdigest(), now, origin))
-        cur = await db.execute(
+        rollout = int((await db.fetch_one(
             "INSERT INTO rollouts(version, selector, waves, bake_s, wave, wave_started_at, state, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
-            (version, selector.to_json(), json.dumps(waves), bake_s, now, ACTIVE, now, now))
-        rollout = int(cur.lastrowid or 0)
+            "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?) RETURNING id",
+            (version, selector.to_json(), json.dumps(waves), bake_s, now, ACTIVE, now, now)))[0])
         ranked = sorted(targeted, key=cohort_rank)
         await db.executemany(
             "INSERT INTO rollout_members(rollout, device, rank, previous) "
@@ -199,10 +197,10 @@ async def push(store: HubStore, identity: str, region: str, text: str, policy: P
     return await store.atomically(work)
 
 
-async def _refuse_overlap(db: aiosqlite.Connection, targeted: dict[str, str]) -> None:
+async def _refuse_overlap(db: Tx, targeted: dict[str, str]) -> None:
     """Rollouts run side by side only on disjoint devices: one device never runs two at once."""
-    busy = [(rollout, version, device) for rollout, version, device in await fetch_all(
-        db, "SELECT r.id, r.version, m.device FROM rollout_members m JOIN rollouts r ON r.id = m.rollout "
+    busy = [(rollout, version, device) for rollout, version, device in await db.fetch(
+            "SELECT r.id, r.version, m.device FROM rollout_members m JOIN rollouts r ON r.id = m.rollout "
             "WHERE r.state = ? ORDER BY r.id, m.device", (ACTIVE,)) if device in targeted]
     if busy:
         rollout, version, _ = busy[0]
@@ -213,6 +211,7 @@ async def _refuse_overlap(db: aiosqlite.Connection, targeted: dict[str, str]) ->
                            f"promote, abort or rollback --rollout {rollout}")
 
 
+NO_LIMIT: Final = 2**62  # LIMIT without one, on both engines
 CANDIDATES: Final = "SELECT device, profile, tags FROM devices WHERE revoked_at IS NULL ORDER BY device"
 
 
@@ -227,16 +226,17 @@ def picks(selector: Selector, policy: Policy, region: str, profile: str, tags: d
     return selector.matches(profile, tags) and policy.targets(profile, region, tags) is None
 
 
-async def _reach(db: aiosqlite.Connection, rollout: int, version: int, wave: int, pct: float, now: float) -> int:
+async def _reach(db: Tx, rollout: int, version: int, wave: int, pct: float, now: float) -> int:
     """Assign `version` to the members a wave of `pct` % reaches; return how many are reached in all."""
-    members = (await fetch_one(db, "SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
+    members = (await db.fetch_one("SELECT COUNT(*) FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
     upto = reached_count(members, pct)
     await db.execute(
         "UPDATE rollout_members SET wave = ?, reached_at = ?, online_when_reached = "
         "(SELECT online FROM devices d WHERE d.device = rollout_members.device) "
         "WHERE rollout = ? AND wave IS NULL AND rank < ?", (wave, now, rollout, upto))
     await db.execute(
-        "INSERT INTO assignments(device, version, assigned_at) SELECT device, ?, ? FROM rollout_members "
+        "INSERT INTO assignments(device, version, assigned_at) SELECT device, CAST(? AS BIGINT), "
+        "CAST(? AS DOUBLE PRECISION) FROM rollout_members "
         "WHERE rollout = ? AND wave = ? ON CONFLICT(device) DO UPDATE SET version = excluded.version, "
         "assigned_at = excluded.assigned_at", (version, now, rollout, wave))
     return int(upto)
@@ -257,7 +257,7 @@ class Admission:
     refused: str | None = None
 
 
-async def admit(store: HubStore, region: str, devices: list[str], now: float) -> list[Admission]:
+async def admit(store: HubState, region: str, devices: list[str], now: float) -> list[Admission]:
     """Give devices registered after a push what their peers were given, in one transaction.
 
     A device with no assigned version becomes a member of the latest complete rollout that
@@ -286,16 +286,16 @@ async def admit(store: HubStore, region: str, devices: list[str], now: float) ->
                 fits[r.version, profile] = f"version {r.version} does not fit profile {profile}: {why}"
         return fits[r.version, profile]
 
-    async def work(db: aiosqlite.Connection) -> list[Admission]:
-        new = [r for r in await fetch_all(
-            db, "SELECT d.device, d.profile, d.tags FROM devices d LEFT JOIN assignments a USING (device) "
+    async def work(db: Tx) -> list[Admission]:
+        new = [r for r in await db.fetch(
+                "SELECT d.device, d.profile, d.tags FROM devices d LEFT JOIN assignments a USING (device) "
                 "WHERE a.device IS NULL AND d.revoked_at IS NULL ORDER BY d.device") if r[0] in wanted]
         if not new:
             return []
         rollouts = [_Stored(rid, version, Selector.from_json(sel), state, text,
                             validate_policy(text, metrics=None, actuators_allowed=None))
-                    for rid, version, sel, state, text in await fetch_all(
-                        db, "SELECT r.id, r.version, r.selector, r.state, p.text FROM rollouts r JOIN policies p "
+                    for rid, version, sel, state, text in await db.fetch(
+                            "SELECT r.id, r.version, r.selector, r.state, p.text FROM rollouts r JOIN policies p "
                             "USING (version) WHERE r.state IN (?, 'complete') ORDER BY r.version DESC", (ACTIVE,))]
         admitted = []
         ranks: dict[int, int] = {}
@@ -336,19 +336,20 @@ class _Stored(NamedTuple):
     policy: Policy
 
 
-async def _join(db: aiosqlite.Connection, ranks: dict[int, int], rollout: int, device: str, previous: int | None,
+async def _join(db: Tx, ranks: dict[int, int], rollout: int, device: str, previous: int | None,
                 now: float, *, reached: bool) -> None:
     """Add a member after the push, last in rank; reached now (in the rollout's current wave) or
     not yet. `ranks` holds each rollout's next rank (read once, then counted here)."""
     if rollout not in ranks:
-        ranks[rollout] = (await fetch_one(
-            db, "SELECT COALESCE(MAX(rank), -1) + 1 FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
+        ranks[rollout] = (await db.fetch_one(
+                "SELECT COALESCE(MAX(rank), -1) + 1 FROM rollout_members WHERE rollout = ?", (rollout,)))[0]
     rank = ranks[rollout]
     ranks[rollout] += 1
     if reached:  # in the rollout's current wave, as its online state is now
         await db.execute(
             "INSERT INTO rollout_members(rollout, device, rank, previous, wave, reached_at, online_when_reached) "
-            "SELECT ?, ?, ?, ?, r.wave, ?, d.online FROM rollouts r, devices d WHERE r.id = ? AND d.device = ?",
+            "SELECT CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT), r.wave, "
+            "CAST(? AS DOUBLE PRECISION), d.online FROM rollouts r, devices d WHERE r.id = ? AND d.device = ?",
             (rollout, device, rank, previous, now, rollout, device))
     else:
         await db.execute("INSERT INTO rollout_members(rollout, device, rank, previous) VALUES (?, ?, ?, ?)",
@@ -358,7 +359,7 @@ async def _join(db: aiosqlite.Connection, ranks: dict[int, int], rollout: int, d
 # --- watching and advancing (the running hub, once a second) -----------------------------
 
 
-async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf, now: float | None = None) -> Health:
+async def health(store: HubState, rollout: int, version: int, conf: RolloutConf, now: float | None = None) -> Health:
     now = time.time() if now is None else now
     h = Health()
     for online, was_online, reached_at, applied, refused_json, last_seen in await store.query(
@@ -378,9 +379,10 @@ async def health(store: HubStore, rollout: int, version: int, conf: RolloutConf,
             h.offline += 1
             h.went_offline += bool(was_online) and now - (last_seen or 0.0) >= conf.offline_grace_s
     counts = dict(await store.query(
-        "SELECT kind, COUNT(*) FROM events WHERE kind IN (?, ?, ?) AND device IN "
-        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND json_valid(body) AND "
-        "json_extract(body, '$.policy_version') = ? AND json_extract(body, '$.policy_local') IS NULL GROUP BY kind",
+        "SELECT kind, COUNT(*) FROM events WHERE kind IN (?, ?, ?) AND device IN "  # noqa: S608  # fragments are ours
+        "(SELECT device FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL) AND "
+        f"{JSON_INT[store.dialect].format('body', 'policy_version')} = ? AND "
+        f"{JSON_FIELD[store.dialect].format('body', 'policy_local')} IS NULL GROUP BY kind",
         (*GATED_EVENTS, rollout, version)))
     h.action_failures = counts.get(EventKind.ACTION_FAILED, 0)
     h.actions = h.action_failures + counts.get(EventKind.ACTION_SUCCEEDED, 0)
@@ -416,7 +418,7 @@ def _breach(h: Health, version: int, conf: RolloutConf) -> str | None:
     return None
 
 
-async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) -> list[Transition]:
+async def tick(store: HubState, identity: str, conf: RolloutConf, now: float) -> list[Transition]:
     """Each rollout in progress: roll it back on a breach; else, once its wave has baked, promote it."""
     transitions = []
     for row in await _active(store):
@@ -426,7 +428,7 @@ async def tick(store: HubStore, identity: str, conf: RolloutConf, now: float) ->
     return transitions
 
 
-async def _tick_one(store: HubStore, identity: str, conf: RolloutConf, now: float,
+async def _tick_one(store: HubState, identity: str, conf: RolloutConf, now: float,
                     row: tuple[int, int, str, float, int, float]) -> Transition | None:
     rollout, version, waves_json, bake_s, wave, started = row
     h = await health(store, rollout, version, conf, now)
@@ -436,8 +438,8 @@ async def _tick_one(store: HubStore, identity: str, conf: RolloutConf, now: floa
         return None
     waves = json.loads(waves_json)
 
-    async def work(db: aiosqlite.Connection) -> Transition | None:
-        current = await fetch_one(db, "SELECT state, wave FROM rollouts WHERE id = ?", (rollout,))
+    async def work(db: Tx) -> Transition | None:
+        current = await db.fetch_one("SELECT state, wave FROM rollouts WHERE id = ?", (rollout,))
         if current is None or tuple(current) != (ACTIVE, wave):
             return None  # the operator moved it meanwhile
         if wave + 1 >= len(waves):
@@ -461,7 +463,7 @@ async def _tick_one(store: HubStore, identity: str, conf: RolloutConf, now: floa
     return await store.atomically(work)
 
 
-async def _active(store: HubStore) -> list[tuple[int, int, str, float, int, float]]:
+async def _active(store: HubState) -> list[tuple[int, int, str, float, int, float]]:
     """The rollouts in progress (several run side by side on disjoint devices), oldest first."""
     rows = await store.query(
         "SELECT id, version, waves, bake_s, wave, wave_started_at FROM rollouts WHERE state = ? ORDER BY id",
@@ -484,7 +486,7 @@ def _chosen(active: list[Any], rollout: int | None, verb: str, none: str) -> Any
     return active[0]
 
 
-async def _finish(db: aiosqlite.Connection, rollout: int, state: str, reason: str | None, now: float) -> None:
+async def _finish(db: Tx, rollout: int, state: str, reason: str | None, now: float) -> None:
     await db.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
                      (state, reason, now, rollout))
 
@@ -492,11 +494,11 @@ async def _finish(db: aiosqlite.Connection, rollout: int, state: str, reason: st
 # --- the operator's decisions -----------------------------------------------------------
 
 
-async def promote(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
+async def promote(store: HubState, identity: str, now: float, rollout_id: int | None = None) -> Transition:
     """Skip the remaining bake: every targeted device gets the version now."""
 
-    async def work(db: aiosqlite.Connection) -> Transition:
-        active = await fetch_all(db, "SELECT id, version, waves FROM rollouts WHERE state = ? ORDER BY id", (ACTIVE,))
+    async def work(db: Tx) -> Transition:
+        active = await db.fetch("SELECT id, version, waves FROM rollouts WHERE state = ? ORDER BY id", (ACTIVE,))
         rollout, version, waves = _chosen(active, rollout_id, "promote",
                                           "no rollout is in progress (edge-hub policy status shows the latest)")
         last = len(json.loads(waves)) - 1
@@ -511,14 +513,14 @@ async def promote(store: HubStore, identity: str, now: float, rollout_id: int | 
     return await store.atomically(work)
 
 
-async def abort(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
+async def abort(store: HubState, identity: str, now: float, rollout_id: int | None = None) -> Transition:
     """Stop a rollout in progress and put the devices it reached back on their previous policy."""
     row = _chosen(await _active(store), rollout_id, "abort",
                   "no rollout is in progress; to undo a finished one use edge-hub policy rollback")
     return await revert(store, identity, row[0], "aborted", f"aborted by {operator_name()}", now)
 
 
-async def rollback(store: HubStore, identity: str, now: float, rollout_id: int | None = None) -> Transition:
+async def rollback(store: HubState, identity: str, now: float, rollout_id: int | None = None) -> Transition:
     """Undo the latest rollout (or `rollout_id`), in progress or complete."""
     if rollout_id is None:
         rows = await store.query("SELECT id, state FROM rollouts ORDER BY id DESC LIMIT 1")
@@ -539,26 +541,26 @@ async def rollback(store: HubStore, identity: str, now: float, rollout_id: int |
     return await revert(store, identity, rows[0][0], "rolled_back", f"rolled back by {operator_name()}", now)
 
 
-async def revert(store: HubStore, identity: str, rollout: int, state: str, reason: str, now: float, *,
+async def revert(store: HubState, identity: str, rollout: int, state: str, reason: str, now: float, *,
                  automatic: bool = False) -> Transition:
     """Give every device the rollout reached its previous policy again, as a new version each."""
 
-    async def work(db: aiosqlite.Connection) -> Transition:
-        row = await fetch_one(db, "SELECT version, state FROM rollouts WHERE id = ?", (rollout,))
+    async def work(db: Tx) -> Transition:
+        row = await db.fetch_one("SELECT version, state FROM rollouts WHERE id = ?", (rollout,))
         if row is None or (row[1] in FINISHED and not (row[1] == "complete" and state == "rolled_back")):
             raise RolloutError(f"rollout {rollout} is {row[1] if row else 'unknown'}: nothing to undo")
         version = row[0]
         groups: dict[int | None, list[str]] = {}
-        for device, previous in await (await db.execute(
+        for device, previous in await db.fetch(
                 "SELECT device, previous FROM rollout_members WHERE rollout = ? AND wave IS NOT NULL "
-                "ORDER BY rank", (rollout,))).fetchall():
+                "ORDER BY rank", (rollout,)):
             groups.setdefault(previous, []).append(device)
-        latest = (await fetch_one(db, "SELECT MAX(version) FROM policies", ()))[0]
+        latest = (await db.fetch_one("SELECT MAX(version) FROM policies", ()))[0]
         replaced: dict[int, int | None] = {}
         for previous, devices in sorted(groups.items(), key=lambda g: (g[0] is not None, g[0] or 0)):
             latest += 1
-            text = None if previous is None else (await fetch_one(
-                db, "SELECT text FROM policies WHERE version = ?", (previous,)))[0]
+            text = None if previous is None else (await db.fetch_one(
+                    "SELECT text FROM policies WHERE version = ?", (previous,)))[0]
             back_to = f"version {previous}" if previous is not None else "the devices' local policies"
             await db.execute(
                 "INSERT INTO policies(version, text, sha256, created_at, origin) VALUES (?, ?, ?, ?, ?)",
@@ -582,14 +584,14 @@ async def revert(store: HubStore, identity: str, rollout: int, state: str, reaso
 # --- reading --------------------------------------------------------------------------
 
 
-async def recent(store: HubStore, limit: int | None = 5, state: str | None = None) -> list[dict[str, Any]]:
+async def recent(store: HubState, limit: int | None = 5, state: str | None = None) -> list[dict[str, Any]]:
     """The latest rollouts (in `state`, if given), newest first, as plain data for `policy status`."""
     out = []
     for r in await store.query(
             "SELECT r.id, r.version, r.selector, r.waves, r.bake_s, r.wave, r.wave_started_at, r.state, r.reason, "
             "r.created_at, r.updated_at, p.origin, (SELECT COUNT(*) FROM rollout_members m WHERE m.rollout = r.id) "
-            "FROM rollouts r JOIN policies p ON p.version = r.version WHERE ? IS NULL OR r.state = ? "
-            "ORDER BY r.id DESC LIMIT ?", (state, state, -1 if limit is None else limit)):
+            "FROM rollouts r JOIN policies p ON p.version = r.version WHERE CAST(? AS TEXT) IS NULL OR r.state = ? "
+            "ORDER BY r.id DESC LIMIT ?", (state, state, NO_LIMIT if limit is None else limit)):
         out.append({"rollout": r[0], "version": r[1], "state": r[7], "reason": r[8],
                     "target": Selector.from_json(r[2]).describe(),
                     "waves": json.loads(r[3]), "wave": r[5] + 1, "bake_s": r[4], "wave_started_at": r[6],
@@ -597,7 +599,7 @@ async def recent(store: HubStore, limit: int | None = 5, state: str | None = Non
     return out
 
 
-async def in_progress(store: HubStore) -> list[dict[str, Any]]:
+async def in_progress(store: HubState) -> list[dict[str, Any]]:
     """Every rollout in progress, oldest first, as `recent` gives them."""
     return list(reversed(await recent(store, limit=None, state=ACTIVE)))
 

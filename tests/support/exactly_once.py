@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from hub.config import load_hub
 
 # `--set`s for the settling run that ends a store-and-forward test: the sim sensor reads once
 # at start (one signal, so one reading), and its next read is a day later. Lowering
@@ -33,26 +37,41 @@ def outbox_state(bundle: Path) -> OutboxState:
     return OutboxState(meta.get("last_seq", 0), meta.get("acked", 0), meta.get("dropped", 0), rows)
 
 
+def hub_rows(hub_dir: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of one read of the hub's database, wherever hub.toml keeps it: hub.db, or PostgreSQL
+    (`?` placeholders either way; read in a thread of its own, callable from inside an event loop)."""
+    url = load_hub(hub_dir)[1].database.url
+    if not url:
+        db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            return [tuple(r) for r in db.execute(sql, args).fetchall()]
+        finally:
+            db.close()
+
+    async def read() -> list[tuple[Any, ...]]:
+        import asyncpg  # only for hubs on PostgreSQL
+
+        from hub.db.postgres import PostgresTx
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return [tuple(r) for r in await conn.fetch(PostgresTx.sql(sql), *args)]
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, read()).result(timeout=30)
+
+
 def hub_seqs(hub_dir: Path, device: str) -> list[int]:
     """Every sequence number the hub committed for the device, readings and events, sorted."""
-    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = db.execute(
-            "SELECT seq FROM telemetry WHERE device = ? UNION ALL SELECT seq FROM events WHERE device = ?",
-            (device, device),
-        ).fetchall()
-    finally:
-        db.close()
-    return sorted(r[0] for r in rows)
+    rows = hub_rows(hub_dir, "SELECT seq FROM telemetry WHERE device = ? UNION ALL "
+                             "SELECT seq FROM events WHERE device = ?", (device, device))
+    return sorted(int(r[0]) for r in rows)
 
 
 def hub_watermark(hub_dir: Path, device: str) -> int:
-    db = sqlite3.connect(f"file:{hub_dir / 'hub.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        row = db.execute("SELECT acked_through FROM ingest WHERE device = ?", (device,)).fetchone()
-    finally:
-        db.close()
-    return int(row[0]) if row else 0
+    rows = hub_rows(hub_dir, "SELECT acked_through FROM ingest WHERE device = ?", (device,))
+    return int(rows[0][0]) if rows else 0
 
 
 async def wait_drained(hub_dir: Path, bundle: Path, timeout: float = 60.0) -> OutboxState:

@@ -63,6 +63,11 @@ class Fleet:
     path: Path
     seqs: dict[str, itertools.count[int]] = field(default_factory=dict)
 
+    async def reopen(self) -> None:
+        """A hub restart: close the database, open it again."""
+        await self.store.close()
+        self.store = await HubStore.open(self.path)
+
     async def register(self, devices: list[str], profile: str = "sim", *, online: bool = True,
                        **tags: str) -> None:
         for device in devices:
@@ -744,8 +749,7 @@ async def test_a_reopened_store_carries_on_from_the_stored_wave(lab: Fleet) -> N
     assert step is not None
     assert step.kind == "wave"
     before = await lab.assignments()
-    await lab.store.close()
-    lab.store = await HubStore.open(lab.path)
+    await lab.reopen()
     assert await lab.assignments() == before
     assert await lab.state_of(pushed.rollout) == ("baking", 1, None)
     assert await lab.tick(T0 + BAKE + 1) is None  # the wave's bake started before the restart

@@ -44,6 +44,13 @@ def test_a_resent_or_overlapping_batch_changes_nothing_twice() -> None:
     assert (c.watermark, c.pending) == (15, [])
 
 
+def test_a_batch_resent_beyond_a_gap_waits_once() -> None:
+    c = Coverage(0)
+    c.add(20, 30, False)
+    c.add(20, 30, False)  # its ack was lost: sent again while the gap is still open
+    assert (c.watermark, c.pending) == (0, [(20, 30)])
+
+
 def test_ranges_waiting_are_bounded() -> None:
     c = Coverage(0)
     for i in range(MAX_PENDING_RANGES + 50):
