@@ -4,14 +4,20 @@ ending with the exactly-once check over every sequence number, and each value co
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from edge_agent.sense.field.base import SensorHealth
+from edge_agent.sense.field.mqtt_local import Endpoint, LocalMqtt, TopicMap
+from tests.integration.test_rules_integration import hub_events
 from tests.integration.test_store_forward_faults import settle, stop_cleanly, wait_until
 from tests.support.exactly_once import QUIET
+from tests.support.field import Collected
 from tests.support.harness import AGENT, HubDir, Proc
 from tests.support.local_broker import local_broker
 
@@ -67,6 +73,15 @@ topics = [{{ topic = "zigbee2mqtt/+", points = {{ power = "power" }}, ts_field =
 """
 
 
+def running(program: Path) -> list[int]:
+    """Live (not zombie) processes whose command line names `program`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if str(program) in (proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.pid)
+    return found
+
+
 def agent_argv(bundle: Path, *extra: str) -> list[str]:
     sets = [a for o in (*FAST, *extra) for a in ("--set", o)]
     return [AGENT, "run", "--config", str(bundle / "agent.toml"), "--log-level", "debug", *sets]
@@ -114,6 +129,7 @@ async def test_mqtt_sysfs_and_exec_readings_reach_the_hub_exactly_once(
         finally:
             await agent.stop()
     assert any("scanner: done" in line for line in agent.lines)  # the program's stderr, in the agent's log
+    assert not running(program)  # the clean stop took the program with it
     # The quiet run that drains what the clean stop committed, without the field sensors (the
     # program would print its lines again); then the exactly-once check over every seq.
     config.write_text(plain)
@@ -125,3 +141,64 @@ async def test_mqtt_sysfs_and_exec_readings_reach_the_hub_exactly_once(
     assert {value for _, value in temps} == {21.375}
     assert len({ts for ts, _ in temps}) == len(temps)  # no reading twice
     assert {value for _, value in hub_values(hub_dir, device, "room.humidity1")} == {45.25}
+
+
+POLICY = """\
+version = 3
+
+[[rules]]
+name = "pump-on"
+when = "zb.power > 150"
+clear = "zb.power < 50"
+action = "mqtt_publish"
+args = { sensor = "zb", topic = "zigbee2mqtt/pump/set", payload = '{"state": "ON"}' }
+offline = "act"
+"""
+
+
+async def test_a_rule_on_a_zigbee_reading_publishes_to_the_lan_broker_audited_at_the_hub(
+    hub_dir: HubDir, hub: Proc, bundles: Path, workdir: Path,
+) -> None:
+    device = "dev-pump"
+    await hub_dir.provision(bundles, device)
+    bundle = bundles / device
+    (bundle / "policy.toml").write_text(POLICY)
+    config = bundle / "agent.toml"
+    plain = config.read_text()
+    async with local_broker(workdir / "lan") as lan:
+        config.write_text(plain + f"""
+[actuators]
+mqtt_topics = ["zigbee2mqtt/pump/set"]
+
+[[sensors]]
+kind = "mqtt"
+name = "zb"
+port = {lan.port}
+topics = [{{ topic = "zigbee2mqtt/plug", points = {{ power = "power" }} }}]
+""")
+        watcher = LocalMqtt("watch", Endpoint("127.0.0.1", lan.port), [TopicMap("zigbee2mqtt/pump/set",
+                                                                                {"on": "state"})])
+        seen = Collected()
+        watching = asyncio.create_task(watcher.run(SensorHealth("watch", "mqtt", lambda kind, body: None), seen))
+        agent = await Proc("agent", agent_argv(bundle, *QUIET, 'policy="policy.toml"')).start()
+        try:
+            async with asyncio.timeout(ARRIVE_TIMEOUT):
+                await watcher.link.connected.wait()
+            await agent.wait_for(r"zb: subscribed to zigbee2mqtt/plug", timeout=ARRIVE_TIMEOUT)
+            await lan.publish("zigbee2mqtt/plug", '{"power": 230}')
+            await agent.wait_for(r"mqtt_publish finished", timeout=ARRIVE_TIMEOUT)
+            await wait_until(lambda: watcher.messages >= 1, "the LAN broker delivers the command", ARRIVE_TIMEOUT)
+            await stop_cleanly(agent)
+        finally:
+            await agent.stop()
+            watching.cancel()
+            await asyncio.wait([watching])
+    config.write_text(plain)
+    await settle(hub_dir, bundle, agent_argv(bundle, *QUIET))
+    events = [e for e in await hub_events(hub_dir, device) if e.get("rule") == "pump-on"]
+    kinds = [e["kind"] for e in events]
+    assert watcher.messages == 1  # one command, published once
+    assert kinds[-2:] == ["action_started", "action_succeeded"], kinds
+    started, succeeded = events[-2], events[-1]
+    assert started["body"]["args"]["payload"] == '{"state": "ON"}'  # the value, audited before the write
+    assert "published 15 bytes to zigbee2mqtt/pump/set on zb's broker" in succeeded["body"]["detail"]

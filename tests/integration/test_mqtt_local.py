@@ -7,15 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from edge_agent.decide.actuators import Actuators
-from edge_agent.sense.field.base import SensorHealth
-from edge_agent.sense.field.mqtt_local import Endpoint, LocalMqtt, TopicMap
+from edge_agent.sense.field.base import FieldContext, SensorHealth
+from edge_agent.sense.field.mqtt_local import Endpoint, LocalMqtt, TopicMap, build
 from edge_agent.sense.sensors import Reading, SensorError
+from edgefleet.policy.field import MqttSensorSpec, MqttTopicSpec
 from edgefleet.policy.profiles import ActuatorSpec
 from tests.support.field import WAIT_S, Collected, wait_until
-from tests.support.local_broker import LocalBroker, local_broker
+from tests.support.local_broker import LocalBroker, local_broker, tls_files
 
 NOW = 1_700_000_000.0
 
@@ -73,7 +75,9 @@ async def test_json_fields_and_plain_numbers_arrive_bad_payloads_are_counted(wor
 async def test_username_and_password(workdir: Path) -> None:
     async with local_broker(workdir / "lan", users={"agent": "s3cret", "z2m": "pw"}) as broker:
         sink = Collected()
-        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port, username="agent", password="s3cret"), [POWER])
+        secret = workdir / "zb.password"
+        secret.write_text("s3cret\n")  # read at each connection, the newline dropped
+        sensor = LocalMqtt("zb", Endpoint("127.0.0.1", broker.port, username="agent"), [POWER], password_file=secret)
         async with subscribed(sensor, sink):
             await broker.publish(POWER.filter, "1.5", retain=True, username="z2m", password="pw")
             assert [r.value for r in await sink.until(1)] == [1.5]
@@ -145,3 +149,32 @@ async def test_mqtt_publish_actuator_reaches_the_lan_broker_and_fails_cleanly_wh
                                                           "payload": "0"}, timeout=5.0)
     assert not failed.ok
     assert "not connected to the local broker" in failed.detail
+
+
+async def test_tls_to_the_lan_broker_checked_against_the_given_ca(workdir: Path) -> None:
+    async with local_broker(workdir / "lan", tls=True) as broker:
+        spec = MqttSensorSpec(name="zb", port=broker.port, tls=True, ca=str(workdir / "lan" / "lan-ca.crt"),
+                              topics=[MqttTopicSpec(topic="ready", points={"ready": ""})])
+        [sensor] = build([spec], FieldContext())
+        assert isinstance(sensor, LocalMqtt)
+        [publisher] = build([msgspec.structs.replace(spec, name="pub")], FieldContext())
+        assert isinstance(publisher, LocalMqtt)
+        await _publish_retained(publisher, "ready", b"0")  # mosquitto_pub would need the CA too
+        assert [(r.metric, r.value) for r in await sensor.probe()] == [("zb.ready", 0.0)]
+        other_ca, _, _ = tls_files(workdir, "other")
+        wrong = MqttSensorSpec(name="zb", port=broker.port, tls=True, ca=str(other_ca),
+                               topics=[MqttTopicSpec(topic="ready", points={"ready": ""})])
+        [refused] = build([wrong], FieldContext())
+        with pytest.raises(SensorError, match=f"local broker 127.0.0.1:{broker.port}: TLS: self-signed certificate"):
+            await refused.probe()
+
+
+async def _publish_retained(publisher: LocalMqtt, topic: str, payload: bytes) -> None:
+    task = asyncio.create_task(publisher.run(health_of(publisher), Collected()))
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await publisher.link.connected.wait()
+        await publisher.publish(topic, payload, qos=1, retain=True)
+    finally:
+        task.cancel()
+        await asyncio.wait([task])

@@ -51,12 +51,30 @@ async def _start(folder: Path, port: int) -> Proc:
     return proc
 
 
+def tls_files(folder: Path, name: str = "lan") -> tuple[Path, Path, Path]:
+    """A CA made now and a server certificate it signed for 127.0.0.1: (ca, cert, key) files."""
+    from hub.pki.authority import Authority, cert_pem, key_pem  # the fleet CA code; any CA would do
+
+    authority = Authority.create(name)
+    key, cert = authority.issue_server(["127.0.0.1"])
+    paths = folder / f"{name}-ca.crt", folder / f"{name}.crt", folder / f"{name}.key"
+    for path, data in zip(paths, (cert_pem(authority.cert), cert_pem(cert), key_pem(key)), strict=True):
+        path.write_bytes(data)
+        path.chmod(0o644)  # the broker drops to the 'mosquitto' account when started as root
+    return paths
+
+
 @asynccontextmanager
-async def local_broker(folder: Path, users: dict[str, str] | None = None) -> AsyncIterator[LocalBroker]:
-    """A Mosquitto on 127.0.0.1; with `users`, only they may connect (a password file)."""
+async def local_broker(folder: Path, users: dict[str, str] | None = None,
+                       tls: bool = False) -> AsyncIterator[LocalBroker]:
+    """A Mosquitto on 127.0.0.1; with `users`, only they may connect (a password file); with
+    `tls`, over TLS with a server certificate from a CA in `folder` (lan-ca.crt)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type all"]
+    if tls:
+        ca, cert, key = tls_files(folder)
+        lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
     if users:
         passwords = folder / "passwords"
         passwords.touch(mode=0o644)

@@ -3,7 +3,6 @@ GPIO outputs, and the profile and policy checks that refuse what is not listed."
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from edgefleet.errors import ConfigError
 from edgefleet.policy.check import check_policy
 from edgefleet.policy.document import PolicyError
 from edgefleet.policy.profiles import ActuatorSpec, GpioOutputSpec, load_profile
-from tests.support.field import wait_until
 from tests.unit.test_unit_field import setup  # the agent.toml and profile the framework's tests use
 from tests.unit.test_unit_gpio import FakeChip  # the gpiod boundary, faked once
 
@@ -57,10 +55,9 @@ async def test_gpio_set_and_pulse_drive_only_listed_lines_and_end_idle() -> None
 async def test_a_pulse_cut_short_by_its_timeout_still_ends_idle() -> None:
     chip = FakeChip({"RELAY": 5})
     actuators = make(chip)
-    task = asyncio.create_task(actuators.run("gpio_pulse", {"output": "relay", "seconds": 60}, timeout=0.2))
-    await wait_until(lambda: chip.physical[5], "the pulse starts")
-    result = await task
+    result = await actuators.run("gpio_pulse", {"output": "relay", "seconds": 60}, timeout=0.2)
     assert result.timed_out
+    assert [level for line, level in chip.history if line == 5] == [False, True, False]  # idle, pulse, idle
     assert chip.physical[5] is False
     actuators.close()
 
