@@ -175,15 +175,30 @@ class Recorder:
         return [r.ts for r in self.readings if r.metric == metric]
 
 
-async def test_a_dead_slave_does_not_change_the_live_ones_intervals(workdir: Path) -> None:
-    """Units 1 and 2 share one TCP connection; 2 never answers. Unit 1's readings keep their
-    1 s spacing: the dead unit is asked again only in the line's idle time, never across a poll."""
+@asynccontextmanager
+async def line(workdir: Path, layout: dict[str, Any], transport: str) -> AsyncIterator[str]:
+    """A server of `layout` on TCP or on one end of a serial pair; yields the URL a client uses."""
+    if transport == "tcp":
+        async with ModbusServer(workdir, layout) as server:
+            yield server.url
+        return
+    if not SerialPair.available():
+        pytest.skip("socat is not installed: no pseudo-terminal pair for RTU")
+    async with SerialPair(workdir) as tty, ModbusServer(workdir, layout, rtu=tty.a):
+        yield f"rtu://{tty.b}?baudrate=19200"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "rtu"])
+async def test_a_dead_slave_does_not_change_the_live_ones_intervals(workdir: Path, transport: str) -> None:
+    """Units 1 and 2 share one connection (a TCP endpoint, or one serial line); 2 never answers.
+    Unit 1's readings keep their 1 s spacing: the dead unit is asked again only in the line's idle
+    time, never across a poll."""
     layout = {"units": {"1": {"holding": [1, 2, 3]}, "2": {"holding": [4, 5, 6]}}, "dead": [2]}
     registers = [{"name": "a", "table": "holding", "address": 0}, {"name": "b", "table": "holding", "address": 1}]
     record = Recorder()
-    async with ModbusServer(workdir, layout) as server:
-        live = sensor_spec("live", server.url, registers, unit=1, interval_s=1.0, timeout_s=0.6)
-        dead = sensor_spec("dead", server.url, registers, unit=2, interval_s=1.0, timeout_s=0.6)
+    async with line(workdir, layout, transport) as url:
+        live = sensor_spec("live", url, registers, unit=1, interval_s=1.0, timeout_s=0.6)
+        dead = sensor_spec("dead", url, registers, unit=2, interval_s=1.0, timeout_s=0.6)
         field = FieldSensors(sensors(live, dead), record.emit, record.audit)
         async with running(field):
             # Backoff 1, 2, 4 s: within 9 s of the first failure the dead unit is asked at least 3 times more.

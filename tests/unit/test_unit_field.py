@@ -4,6 +4,7 @@ health record and the supervisor (with a sensor written here standing in for a c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import msgspec
 import pytest
 
 from edge_agent.config import load_settings
-from edge_agent.sense.field.base import FieldSensors, SensorHealth
+from edge_agent.sense.field.base import FieldSensors, SensorHealth, check_cancelled
 from edge_agent.sense.sensors import Reading, Sink
 from edgefleet.errors import ConfigError
 from edgefleet.policy.check import check_policy, known_metrics
@@ -263,3 +264,25 @@ async def test_a_crashing_sensor_is_restarted_and_the_others_go_on(caplog: pytes
     assert events == [EventKind.SENSOR_FAILING, EventKind.SENSOR_RECOVERED]
     assert "bug number 1" in field.health["flaky"].last_error
     assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+
+
+async def test_a_cancellation_a_library_swallowed_still_ends_a_connector_loop() -> None:
+    """Python 3.11's asyncio.wait_for returns its result when the cancellation arrives as its future
+    completes (pymodbus awaits answers that way); the connector's loop must stop all the same."""
+    turns = 0
+
+    async def connector_loop() -> None:
+        nonlocal turns
+        while True:
+            check_cancelled()
+            turns += 1
+            with contextlib.suppress(asyncio.CancelledError):  # the library's swallowed cancellation
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(connector_loop())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert turns >= 2

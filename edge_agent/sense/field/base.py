@@ -59,6 +59,15 @@ T = TypeVar("T")
 Audit = Callable[[EventKind, dict[str, object]], None]
 
 
+def check_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop: a library awaiting with Python 3.11's
+    asyncio.wait_for (pymodbus does) can swallow a cancellation that arrives as its answer does,
+    and a connector's loop must still end. Call it at the top of every loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def field_backoff() -> Backoff:
     """Capped, jittered, and reset by the first success (stable_after=0): a read is proof enough."""
     return Backoff(initial=BACKOFF_INITIAL_S, maximum=BACKOFF_MAX_S, stable_after=0.0)
@@ -280,8 +289,11 @@ class FieldSensors:
                 os.replace(tmp, path)
             except OSError as exc:  # a full disk: status shows an older snapshot, sensing goes on
                 log.debug("could not write %s: %s", path, exc)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives as the wait ends, and the agent's stop would then hang on this task.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), HEALTH_WRITE_S)
+                async with asyncio.timeout(HEALTH_WRITE_S):
+                    await self._changed.wait()
 
     async def _supervise(self, sensor: FieldSensor) -> None:
         health = self.health[sensor.name]

@@ -25,7 +25,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth, field_backoff
+from edge_agent.sense.field.base import FieldContext, FieldSensor, SensorHealth, check_cancelled, field_backoff
 from edge_agent.sense.field.modbus_codec import BadValue, Block, decode_block, encode_words, plan
 from edge_agent.sense.sensors import Reading, SensorError, Sink
 from edgefleet.policy.field import (
@@ -135,13 +135,16 @@ class ModbusLine:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + MAX_CAREFUL_WAIT_S
         while (now := loop.time()) < give_up:
+            check_cancelled()
             quiet = min(self._expected.values(), default=math.inf) - now
             if not self._lock.locked() and quiet >= self.timeout_s + self.pause_s + CAREFUL_MARGIN_S:
                 return
             self._moved.clear()
             # Woken when a request ends or a schedule moves; at the latest when the next poll is due.
+            # asyncio.timeout, not wait_for, which can swallow a cancellation (check_cancelled).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), max(min(quiet, give_up - now), CAREFUL_MARGIN_S))
+                async with asyncio.timeout(max(min(quiet, give_up - now), CAREFUL_MARGIN_S)):
+                    await self._moved.wait()
 
     async def call(self, request: Request, unit: int, *, careful: bool = False) -> Any:
         """Run one request on the line; raise LineDown, NoAnswer or SensorError. `careful`: the
@@ -267,6 +270,7 @@ class ModbusSensor:
         careful = False  # the slave stopped answering: ask only in the line's idle gaps
         try:
             while True:
+                check_cancelled()
                 line.expect(self.name, None if careful else due)
                 delay = due - loop.time()
                 if delay > 0:
