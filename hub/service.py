@@ -34,7 +34,7 @@ from hub.config import HubConfig, HubPaths, RetentionConf
 from hub.db.engines import open_store
 from hub.db.interface import UNAVAILABLE, HubState
 from hub.db.retention import keep_pruning
-from hub.errors import HubAlreadyRunning, HubError
+from hub.errors import HubAlreadyRunning
 from hub.ingest.batches import INTERNAL_ERROR, CycleResult, Ingest, blames_message
 from hub.ingest.retained import RetainedSweeper
 from hub.ingest.subscriptions import SubscriptionWatch, share_group
@@ -320,9 +320,6 @@ async def run_hub(paths: HubPaths, config: HubConfig, replica: str | None = None
     tasks = TaskSet("hub", log, close_timeout=TASK_STOP_TIMEOUT)
     supervisor = None
     try:
-        if config.enroll.port and replica is None and store.dialect != "sqlite":
-            from hub.pki.enroll import ENROLL_NEEDS_SQLITE
-            raise HubError(f"[enroll] port is set, but {ENROLL_NEEDS_SQLITE}")
         # Inside the try: a service that cannot be built (an unreadable policy key) must close the
         # store, whose thread would otherwise keep the process alive after the error is printed.
         service = HubService(paths, config, store, Watchdog.from_environment(), replica)

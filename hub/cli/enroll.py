@@ -15,7 +15,6 @@ import msgspec
 from edgefleet.runtime.settings import duration_arg
 from hub.cli.format import when
 from hub.config import load_hub
-from hub.errors import UsageError
 
 EXIT_OK = 0
 
@@ -74,21 +73,18 @@ def add_parsers(sub: Any, dir_arg: Callable[[argparse.ArgumentParser], None]) ->
 
 async def run(args: argparse.Namespace) -> int:
     from hub.db import enrollments
-    from hub.db.store import HubStore
+    from hub.db.engines import open_store
     from hub.pki import enroll
-    from hub.pki.enroll import ENROLL_NEEDS_SQLITE
     from hub.pki.provision import parse_tags
     from hub.rollout.rollouts import operator_name
 
     paths, config = load_hub(args.dir)
-    if config.database.url:
-        raise UsageError(ENROLL_NEEDS_SQLITE)
     spec = None
     if args.enroll_command == "create":
         spec = enroll.ImageSpec(args.profile, parse_tags(args.tag), args.max_devices,
                                 None if args.expires is None else time.time() + args.expires, args.approve)
         enroll.check_profile(spec.profile)  # before the database is touched
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         if spec is not None:
             row = await enroll.create_enrollment(paths, config, store, args.out.resolve(), spec, operator_name())

@@ -27,7 +27,8 @@ from hub.config import load_hub
 from hub.errors import UsageError
 
 if TYPE_CHECKING:
-    from hub.db.store import HubStore, TelemetryRow
+    from hub.db.interface import HubState
+    from hub.db.rows import TelemetryRow
 
 FORMATS: Final = ("csv", "jsonl")
 CSV_COLUMNS: Final = ("device", "seq", "ts", "time", "metric", "value", "clock_unknown")
@@ -86,10 +87,10 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    from hub.db.store import HubStore
+    from hub.db.engines import open_store
 
     paths, config = load_hub(args.dir)
-    store = await HubStore.open(paths.db)
+    store = await open_store(config.database.url, paths.db)
     try:
         if args.device is not None and args.device != config.identity and not await store.known_device(args.device):
             raise UsageError(f"no device {args.device!r} is registered with this hub or has stored records: "
@@ -100,7 +101,7 @@ async def _export(args: argparse.Namespace) -> int:
         await store.close()
 
 
-async def write_rows(store: HubStore, args: argparse.Namespace, out: TextIO) -> int:
+async def write_rows(store: HubState, args: argparse.Namespace, out: TextIO) -> int:
     """Write the range to `out` in args.format; how many readings."""
     import msgspec
 

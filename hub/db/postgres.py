@@ -184,6 +184,18 @@ MIGRATIONS: Final[Sequence[str]] = (
     """
     CREATE TABLE retention (tbl TEXT PRIMARY KEY, removed BIGINT NOT NULL);  -- rows retention removed (a metric)
     """,
+    """
+    CREATE TABLE enrollments (   -- zero-touch enrollment (hub/db/enrollments.py has the SQLite twin)
+        id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, profile TEXT NOT NULL, tags TEXT NOT NULL,
+        max_devices INTEGER, expires_at DOUBLE PRECISION, approve INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL, created_by TEXT NOT NULL, revoked_at DOUBLE PRECISION);
+    CREATE TABLE enrolled (
+        device TEXT PRIMARY KEY, enrollment TEXT NOT NULL, key_id TEXT NOT NULL, serial TEXT NOT NULL,
+        enrolled_at DOUBLE PRECISION NOT NULL);
+    CREATE INDEX enrolled_enrollment ON enrolled(enrollment);
+    CREATE TABLE enroll_readmit (device TEXT PRIMARY KEY, readmitted_by TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+    CREATE TABLE enroll_counts (outcome TEXT PRIMARY KEY, count BIGINT NOT NULL);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 _PARTITIONED: Final = ("telemetry", "events")

@@ -46,9 +46,6 @@ from hub.pki.authority import Authority, CsrRefused, cert_pem, check_request
 
 REFUSAL_AUDIT_WINDOW: Final = 60.0  # the same refusal (credential, device, reason) is audited once per minute
 REFUSAL_EVENTS_PER_WINDOW: Final = 100  # audited refusals per window over all keys; the rest are counted only
-# Enrollments live in the SQLite store only: their tables are not part of the PostgreSQL schema yet.
-ENROLL_NEEDS_SQLITE: Final = ("zero-touch enrollment needs the hub's state in SQLite for now (hub.db); this hub keeps "
-                              "it in PostgreSQL ([database] url): provision its devices with edge-hub provision")
 AUDITED_KEYS_KEPT: Final = 10_000  # remembered refusals; past this the memory is cleared (a flood of ids)
 APPROVAL_WAIT: Final = 7 * 86400.0  # a held request waits a week for a person, then is held anew when asked
 APPROVAL_RULE: Final = "enrollment "  # approvals.rule of an enrollment's request: this + the enrollment id

@@ -257,3 +257,48 @@ async def test_replica_create_and_init_refuse_in_one_sentence(pg_hub_dir: HubDir
     assert code == 2
     assert "[database] url must be empty" in err
     assert "'mysql'" in err
+
+
+async def test_devices_enroll_from_one_image_into_postgresql_and_export_reads_them(
+        pg_hub_dir: HubDir, workdir: Path) -> None:
+    """Enrollment, `enroll list` and `export` on a hub whose state is in PostgreSQL: two boards of one
+    image enroll with keys of their own, stream, and their readings come back out of `export`."""
+    from tests.integration.test_enrollment import (
+        ENROLL_TIMEOUT,
+        board,
+        configure_enrollment,
+        create_image,
+        start_board,
+    )
+
+    configure_enrollment(pg_hub_dir)
+    image = workdir / "image"
+    enrollment = await create_image(pg_hub_dir, image, "--tag", "site=north", "--max-devices", "2")
+    names = ["pg-e1", "pg-e2"]
+    hub = await start_hub(pg_hub_dir)
+    agents: list[Proc] = []
+    try:
+        await hub.wait_for(r"enrollment at https://")
+        agents = list(await asyncio.gather(*(start_board(board(image, workdir / "boards", n), n) for n in names)))
+        for agent in agents:
+            await agent.wait_for(r"enrolled: serial", timeout=ENROLL_TIMEOUT)
+            await agent.wait_for(r"online \(profile sim", timeout=ENROLL_TIMEOUT)
+        await wait(lambda: all(hub_rows(pg_hub_dir.dir, "SELECT COUNT(*) FROM telemetry WHERE device = ?", (n,))[0][0]
+                               for n in names), SHARE_TIMEOUT, "readings of both enrolled boards in PostgreSQL")
+        assert sorted(r[0] for r in hub_rows(pg_hub_dir.dir, "SELECT device FROM enrolled WHERE enrollment = ?",
+                                             (enrollment,))) == names
+        assert not (pg_hub_dir.dir / "hub.db").exists()
+        code, out, err = await run_cli(HUB, "enroll", "list", "--dir", str(pg_hub_dir.dir), "--json")
+        assert code == 0, err
+        [listed] = [e for e in map(json.loads, out.splitlines()) if e["id"] == enrollment]
+        assert (listed["enrolled"], listed["max_devices"], listed["tags"]) == (2, 2, {"site": "north"})
+        code, out, err = await run_cli(HUB, "export", "--dir", str(pg_hub_dir.dir), "--since", "1h",
+                                       "--device", names[0], "--format", "jsonl")
+        assert code == 0, err
+        exported = [json.loads(line) for line in out.splitlines()]
+        assert exported, "no reading exported"
+        assert {row["device"] for row in exported} == {names[0]}
+    finally:
+        for agent in agents:
+            await agent.stop()
+        await hub.stop()
