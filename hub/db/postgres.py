@@ -541,15 +541,16 @@ class PostgresStore(Listings):
 
     def read_telemetry(self, since: float, until: float, device: str | None = None,
                        metric: str | None = None) -> AsyncGenerator[TelemetryRow, None]:
-        """Readings with since <= ts < until (only those days' partitions are read), by device and seq."""
+        """Readings with since <= ts < until (only those days' partitions are read) in time order, then by
+        device and seq, as the SQLite store gives them (hub/db/export.py)."""
         filters = (("ts >= ?", since), ("ts < ?", until), ("device = ?", device), ("metric = ?", metric))
-        return self._listing(TELEMETRY_COLUMNS, "telemetry", filters, None,
-                             telemetry_row)
+        return self._listing(TELEMETRY_COLUMNS, "telemetry", filters, None, telemetry_row, order="ts, device, seq")
 
     async def _listing(self, columns: str, table: str, filters: tuple[tuple[str, object], ...],
-                       limit: int | None, make: Callable[..., T]) -> AsyncGenerator[T, None]:
-        """Rows of a per-device table, filtered, by device and seq, streamed through a cursor."""
-        query, args = listing_sql(columns, table, filters, limit)
+                       limit: int | None, make: Callable[..., T], order: str = "device, seq",
+                       ) -> AsyncGenerator[T, None]:
+        """Rows of a per-device table, filtered, by device and seq (or `order`), streamed through a cursor."""
+        query, args = listing_sql(columns, table, filters, limit, order)
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 async for row in conn.cursor(PostgresTx.sql(query), *args, prefetch=10_000):

@@ -142,13 +142,14 @@ EVENT_COLUMNS: Final = "device, seq, ts, kind, body"  # event_row's arguments
 
 
 def listing_sql(columns: str, table: str, filters: tuple[tuple[str, object], ...],
-                limit: int | None) -> tuple[str, list[object]]:
-    """A listing of a per-device table by device and seq, with the filters whose value is not None."""
+                limit: int | None, order: str = "device, seq") -> tuple[str, list[object]]:
+    """A listing of a per-device table (by device and seq unless `order` says otherwise), with the
+    filters whose value is not None."""
     active = [(clause, arg) for clause, arg in filters if arg is not None]
     query = f"SELECT {columns} FROM {table}"  # noqa: S608  # names are ours; values are bound
     if active:
         query += " WHERE " + " AND ".join(clause for clause, _ in active)
-    query += " ORDER BY device, seq"
+    query += f" ORDER BY {order}"
     if limit is not None:
         query += f" LIMIT {int(limit)}"
     return query, [arg for _, arg in active]

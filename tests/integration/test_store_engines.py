@@ -113,6 +113,20 @@ async def test_a_large_cycle_goes_in_once_even_when_resent(two: tuple[HubState, 
     assert await rows_of(two[0], "d1") == list(range(1, 20_001))
 
 
+async def test_a_range_read_comes_in_time_order_then_device_and_seq(two: tuple[HubState, HubState]) -> None:
+    """What `edge-hub export` streams: the same rows in the same order from either store."""
+    now = time.time()
+    stamps = {("d1", 1): now - 30, ("d1", 2): now - 10, ("d2", 1): now - 20, ("d2", 2): now - 10,
+              ("d2", 3): now + 5}  # the last: at the range's end, excluded
+    for device in ("d1", "d2"):
+        mine = sorted((s, ts) for (d, s), ts in stamps.items() if d == device)
+        await two[0].commit_ingest(IngestWork(now=now, telemetry=[(device, s, ts, "m", 0.0) for s, ts in mine],
+                                              ranges={device: [(0, len(mine), False)]}))
+    got = [(r.device, r.seq) async for r in two[1].read_telemetry(now - 60, now + 5)]
+    assert got == [("d1", 1), ("d2", 1), ("d1", 2), ("d2", 2)]
+    assert [(r.device, r.seq) async for r in two[1].read_telemetry(now - 60, now + 5, "d2")] == [("d2", 1), ("d2", 2)]
+
+
 async def test_a_seq_used_by_an_event_is_not_stored_again_as_a_reading(two: tuple[HubState, HubState]) -> None:
     a, b = two
     await a.commit_ingest(IngestWork(now=time.time(), events=[("d1", 5, time.time(), "alert", "{}")],
