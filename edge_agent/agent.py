@@ -347,8 +347,11 @@ class Agent:
         while True:
             self._status_now.clear()
             await session.publish(topic, pack(await self.status()), qos=1)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the event is set, and the agent's stop would then wait on this task.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_now.wait(), self.settings.config.uplink.status_interval)
+                async with asyncio.timeout(self.settings.config.uplink.status_interval):
+                    await self._status_now.wait()
 
     # --- lifecycle --------------------------------------------------------------------
 
