@@ -5,8 +5,7 @@ hub.db.store.MIGRATIONS."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
@@ -59,10 +58,6 @@ class EnrollmentRow(msgspec.Struct, frozen=True):
     pending: int
 
 
-async def one(db: Tx, sql: str, args: Sequence[Any] = ()) -> Any:
-    return await db.fetch_one(sql, args)
-
-
 async def insert_enrollment(db: Tx, row: EnrollmentRow, secret_sha256: str) -> None:
     await db.execute(
         "INSERT INTO enrollments(id, secret_sha256, profile, tags, max_devices, expires_at, approve, created_at, "
@@ -76,7 +71,7 @@ async def enrollment(db: Tx, enrollment_id: str) -> tuple[EnrollmentRow, str] | 
     found = await list_enrollments(db, enrollment_id)
     if not found:
         return None
-    digest = await one(db, "SELECT secret_sha256 FROM enrollments WHERE id = ?", (enrollment_id,))
+    digest = await db.fetch_one("SELECT secret_sha256 FROM enrollments WHERE id = ?", (enrollment_id,))
     return found[0], digest[0]
 
 
@@ -106,7 +101,7 @@ async def record_enrolled(db: Tx, device: str, enrollment_id: str, key_id: str, 
 
 
 async def enrolled_count(db: Tx, enrollment_id: str) -> int:
-    return int((await one(db, "SELECT COUNT(*) FROM enrolled WHERE enrollment = ?", (enrollment_id,)))[0])
+    return int((await db.fetch_one("SELECT COUNT(*) FROM enrolled WHERE enrollment = ?", (enrollment_id,)))[0])
 
 
 async def readmit(db: Tx, device: str, by: str, now: float) -> None:
@@ -116,7 +111,7 @@ async def readmit(db: Tx, device: str, by: str, now: float) -> None:
 
 async def take_readmit(db: Tx, device: str) -> str | None:
     """Use up the operator's readmission of `device`: who gave it, or None when there is none."""
-    row = await one(db, "SELECT readmitted_by FROM enroll_readmit WHERE device = ?", (device,))
+    row = await db.fetch_one("SELECT readmitted_by FROM enroll_readmit WHERE device = ?", (device,))
     if row is None:
         return None
     await db.execute("DELETE FROM enroll_readmit WHERE device = ?", (device,))
